@@ -1,0 +1,137 @@
+"""Typed configuration for SRLoRA and its baselines.
+
+Every hyperparameter of the paper (arXiv 2505.12433) is a field here, and so is every choice the
+paper leaves open (see docs/algorithm.md). Validation runs on construction, so a bad value raises
+before any model weight is touched.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional, Union
+
+METHODS = ("srlora", "pissa", "lora")
+
+
+@dataclass
+class SRLoRAConfig:
+    """Configuration of one SRLoRA (or baseline) adapter.
+
+    Paper hyperparameters:
+      r: LoRA rank, the number of trainable rank-1 pairs per module (trainable count never changes).
+      lora_alpha: PEFT's alpha; the scaling is ``s = lora_alpha / r``.
+      r_target: how many singular directions of each pretrained weight may be explored in a run.
+      gamma: fraction of pairs recomposed at a switch; ``r' = round(gamma * r)``.
+      beta1, beta2: EMA factors of the sensitivity and of its uncertainty (AdaLoRA's Eqs.).
+      total_steps: optimizer steps of the run; switches land at ``k * (total_steps // (N+1))``,
+        k = 1..N, with ``N = (r_target - r) // r'``. Or give ``switch_interval`` instead.
+
+    Choices the paper leaves open (defaults from docs/algorithm.md):
+      importance_reset: "module" zeroes a module's whole importance state after its switch (the
+        paper's "reset the importance scores"); "slots" zeroes only the reinitialized pairs.
+      optimizer_state: "zero" zeroes the optimizer moments of the reinitialized slices (ReLoRA);
+        "keep" leaves them (GaLore).
+      svd_method: "exact" (torch.linalg.svd), "randomized" (seeded Halko et al. with
+        ``svd_oversample`` extra columns and ``svd_niter`` power iterations), or "auto"
+        (randomized unless the sketch would be as large as the matrix).
+      svd_seed: seed of the randomized SVD's sketch (same result in every process).
+      keep_original: for float16/bfloat16 base weights, keep a copy of the original weight
+        (on ``offload_device``) so every switch rebuilds the base weight from it in fp32 and the
+        rounding error never grows with the number of switches. Ignored for fp32 weights.
+      offload_device: where the SVD cache, the fused-pair ledger and the original copy live
+        ("cpu" keeps accelerator memory at LoRA's level; None keeps them beside the weight).
+    """
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    r_target: int = 64
+    gamma: float = 0.5
+    beta1: float = 0.85
+    beta2: float = 0.85
+    total_steps: Optional[int] = None
+    switch_interval: Optional[int] = None
+    target_modules: Optional[Union[list[str], str]] = None
+    modules_to_save: Optional[list[str]] = None
+    lora_dropout: float = 0.0
+    method: Literal["srlora", "pissa", "lora"] = "srlora"
+    importance_reset: Literal["module", "slots"] = "module"
+    optimizer_state: Literal["zero", "keep"] = "zero"
+    svd_method: Literal["auto", "exact", "randomized"] = "auto"
+    svd_oversample: int = 16
+    svd_niter: int = 4
+    svd_seed: int = 0
+    keep_original: bool = True
+    offload_device: Optional[str] = "cpu"
+    extra_lora_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"SRLoRAConfig.{name}: {why}")
+
+        if self.method not in METHODS:
+            bad("method", f"must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            bad("r", f"must be an integer >= 1, got {self.r!r}")
+        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
+                and self.lora_alpha > 0):
+            bad("lora_alpha", f"must be a positive finite number, got {self.lora_alpha!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                bad(name, f"must be in [0, 1), got {v!r}")
+        if not (0.0 < self.lora_dropout < 1.0 or self.lora_dropout == 0.0):
+            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+        for name, allowed in (("importance_reset", ("module", "slots")),
+                              ("optimizer_state", ("zero", "keep")),
+                              ("svd_method", ("auto", "exact", "randomized"))):
+            if getattr(self, name) not in allowed:
+                bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.svd_oversample < 0:
+            bad("svd_oversample", f"must be >= 0, got {self.svd_oversample}")
+        if self.svd_niter < 0:
+            bad("svd_niter", f"must be >= 0, got {self.svd_niter}")
+        if self.target_modules is not None and len(self.target_modules) == 0:
+            bad("target_modules", "must name at least one module (or be None for PEFT's defaults)")
+        if self.method != "srlora":
+            return  # the baselines never switch: the fields below do not apply
+        if not (isinstance(self.gamma, (int, float)) and 0.0 < self.gamma <= 1.0):
+            bad("gamma", f"must be in (0, 1], got {self.gamma!r}")
+        if self.r_prime == 0:
+            bad("gamma", f"round(gamma * r) = round({self.gamma} * {self.r}) = 0 pairs per switch; "
+                         "raise gamma or r")
+        if not isinstance(self.r_target, int) or self.r_target < self.r:
+            bad("r_target", f"must be an integer >= r = {self.r}, got {self.r_target!r}")
+        if self.total_steps is not None and (not isinstance(self.total_steps, int)
+                                             or self.total_steps < 1):
+            bad("total_steps", f"must be an integer >= 1, got {self.total_steps!r}")
+        if self.switch_interval is not None and (not isinstance(self.switch_interval, int)
+                                                 or self.switch_interval < 1):
+            bad("switch_interval", f"must be an integer >= 1, got {self.switch_interval!r}")
+
+    @property
+    def r_prime(self) -> int:
+        """Pairs recomposed per module at each switch: round(gamma * r)."""
+        return int(round(self.gamma * self.r))
+
+    @property
+    def scaling(self) -> float:
+        """PEFT's LoRA scaling s = lora_alpha / r."""
+        return self.lora_alpha / self.r
+
+    @property
+    def num_switches(self) -> int:
+        """N_switch = floor((r_target - r) / r'): switch events the schedule plans."""
+        if self.method != "srlora":
+            return 0
+        return (self.r_target - self.r) // self.r_prime
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SRLoRAConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"SRLoRAConfig: unknown field(s) {unknown}")
+        return cls(**d)

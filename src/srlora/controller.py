@@ -1,0 +1,376 @@
+"""The one object that owns SRLoRA's state and schedule.
+
+It holds, per adapted layer: the SVD cache (top ``K = min(r_target, m, n)`` directions of the
+ORIGINAL weight, fp32), the pointer ``p`` of directions consumed, the ledger of fused pairs (fp32
+factors ``FB``/``FA``, so the whole change against the original weight stays low-rank and exact)
+and, for half-precision weights, a copy of the original weight. It holds the importance state of
+all factors, the optimizer-step counter and the switch history. Integrations (the optimizer hook
+here, the Trainer callback, the distributed helpers) only call into it.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from .config import SRLoRAConfig
+from .factors import lowest_pairs, pair_scores, pissa_factors, switch_delta, switch_steps
+from .importance import ImportanceTracker
+from .layers import AdaptedLayer
+from .svd import top_singular_directions
+
+SVDFn = Callable[[list[AdaptedLayer], list[int]], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+def _unwrap_optimizer(optimizer):
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer  # accelerate's AcceleratedOptimizer, Lightning wrappers, ...
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper exposing "
+                        f".optimizer), got {type(optimizer).__name__}")
+    return inner
+
+
+class _ModuleState:
+    """Everything the controller keeps for one adapted layer (tensors and ints)."""
+
+    def __init__(self, layer: AdaptedLayer, K: int, store: torch.device):
+        self.layer = layer
+        self.K = K  # directions available: min(r_target, m, n)
+        self.p = 0  # directions consumed
+        m, n = layer.shape
+        r = layer.r
+        self.U = torch.empty(m, K, device=store)
+        self.S = torch.empty(K, device=store)
+        self.Vh = torch.empty(K, n, device=store)
+        self.FB = torch.zeros(m, max(K - r, 0), device=store)  # fused pairs, valid: [:, :p-r]
+        self.FA = torch.zeros(max(K - r, 0), n, device=store)
+        self.original: Optional[torch.Tensor] = None  # original W (m x n, its dtype) or None
+
+
+class SRLoRAController:
+    """Owns SRLoRA's state and schedule for one PEFT model (adapter ``adapter``).
+
+    Use ``attach(optimizer)`` so that every ``optimizer.step()`` updates importance and switches
+    on schedule; or call ``step()`` yourself once per optimizer step, after the step and before
+    ``zero_grad``.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: SRLoRAConfig, layers: list[AdaptedLayer],
+                 svd_fn: Optional[SVDFn] = None):
+        self.model = model
+        self.config = config
+        self.layers = layers
+        self.global_step = 0
+        self.num_switches = 0
+        self.history: list[dict] = []  # one entry per switch event
+        self._hook = None
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._warned: set[str] = set()
+        self.total_steps = config.total_steps
+        self._switch_steps: Optional[set[int]] = None
+        self.modules: list[_ModuleState] = []
+        if config.method in ("pissa", "srlora"):
+            self._init_svd(svd_fn)
+        params = [p for L in layers for p in (L.lora_A, L.lora_B)]
+        self.importance = ImportanceTracker(params, config.beta1, config.beta2) \
+            if config.method == "srlora" else None
+        self._grad_hook = layers[0].lora_A.register_post_accumulate_grad_hook(
+            self._check_attached) if config.method == "srlora" and layers else None
+
+    # ------------------------------------------------------------------ set-up
+    def _store_device(self, L: AdaptedLayer) -> torch.device:
+        off = self.config.offload_device
+        return torch.device(off) if off is not None else L.base_weight.device
+
+    @torch.no_grad()
+    def _init_svd(self, svd_fn: Optional[SVDFn]) -> None:
+        cfg = self.config
+        ks = [min(cfg.r_target if cfg.method == "srlora" else L.r, *L.shape) for L in self.layers]
+        if svd_fn is None:
+            results = [top_singular_directions(L.W(), k, cfg.svd_method, cfg.svd_oversample,
+                                               cfg.svd_niter, cfg.svd_seed, name=L.name)
+                       for L, k in zip(self.layers, ks)]
+        else:
+            results = svd_fn(self.layers, ks)
+        for L, k, (U, S, Vh) in zip(self.layers, ks, results):
+            st = _ModuleState(L, k, self._store_device(L))
+            st.U.copy_(U)
+            st.S.copy_(S)
+            st.Vh.copy_(Vh)
+            W = L.W()
+            if W.dtype != torch.float32 and cfg.keep_original and cfg.method == "srlora":
+                st.original = W.detach().to(st.U.device, copy=True)
+            r0 = min(L.r, k)
+            B0, A0 = pissa_factors(U[:, :r0], S[:r0], Vh[:r0], L.scaling)
+            B0, A0 = B0.to(W.device), A0.to(W.device)
+            L.B().zero_()
+            L.A().zero_()
+            L.B()[:, :r0] = B0.to(L.B().dtype)
+            L.A()[:r0] = A0.to(L.A().dtype)
+            W.copy_((W.float() - L.scaling * (B0 @ A0)).to(W.dtype))
+            st.p = r0
+            self.modules.append(st)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set the run length (the Trainer callback does this from ``max_steps``)."""
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+        self.total_steps = total_steps
+        self._switch_steps = None
+
+    @property
+    def switch_steps(self) -> list[int]:
+        """The optimizer-step counts after which a switch happens (empty for the baselines)."""
+        if self.config.method != "srlora":
+            return []
+        if self._switch_steps is None:
+            self._switch_steps = set(switch_steps(self.total_steps, self.config.num_switches,
+                                                  self.config.switch_interval))
+        return sorted(self._switch_steps)
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, optimizer) -> "SRLoRAController":
+        """Run ``step()`` after every ``optimizer.step()`` (an optimizer step post-hook).
+
+        Accepts wrappers that expose ``.optimizer`` (accelerate). Checks that the optimizer
+        trains the adapter's factors and that the schedule is known, before hooking in.
+        """
+        inner = _unwrap_optimizer(optimizer)
+        trained = {id(p) for g in inner.param_groups for p in g["params"]}
+        missing = [L.name for L in self.layers if id(L.lora_A) not in trained
+                   or id(L.lora_B) not in trained]
+        if missing:
+            raise ValueError(f"the optimizer does not train the LoRA factors of {len(missing)} "
+                             f"adapted module(s), e.g. {missing[0]!r}; build it from "
+                             "model.parameters() after srlora.wrap()")
+        _ = self.switch_steps  # raises now if the schedule cannot be built
+        self.detach()
+        self._optimizer = inner
+        self._hook = inner.register_step_post_hook(lambda opt, args, kwargs: self.step())
+        return self
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook, self._optimizer = None, None
+
+    @property
+    def attached(self) -> bool:
+        return self._hook is not None
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def _check_attached(self, param) -> None:
+        """Runs at every backward (a grad hook on one factor): warn if nothing will ever step."""
+        if not self.attached and not self._manual:
+            self._warn_once("attach", "SRLoRA: gradients flow into the adapter, but the controller is not "
+                            "attached to an optimizer: no importance is tracked and no switch "
+                            "will happen (this would train plain PiSSA). Call "
+                            "controller.attach(optimizer), or controller.step() after each "
+                            "optimizer step.")
+
+    _manual = False
+
+    # ------------------------------------------------------------------ per step
+    def step(self) -> None:
+        """One optimizer step happened: update importance, count it, switch if scheduled."""
+        if self.config.method != "srlora":
+            self.global_step += 1
+            return
+        if not self.attached:
+            self._manual = True
+        if not self.importance.update():
+            self._warn_once("nograd", "SRLoRA: step() found no gradient on the LoRA factors; "
+                            "call it after optimizer.step() and before zero_grad()")
+        self.global_step += 1
+        if self._switch_steps is None:
+            _ = self.switch_steps
+        if self.global_step in self._switch_steps:
+            self.switch_now()
+
+    # ------------------------------------------------------------------ the switch
+    def pair_scores(self, i: int) -> torch.Tensor:
+        """Per-pair importance of module i (length r, fp32)."""
+        k = 2 * i
+        sA = self.importance.scores(k).reshape(self.layers[i].r, -1)
+        sB = self.importance.scores(k + 1).reshape(-1, self.layers[i].r)
+        return pair_scores(sB, sA)
+
+    @torch.no_grad()
+    def switch_now(self) -> int:
+        """Recompose every module that still has unused directions. Returns how many did.
+
+        Per module: fuse the r' lowest-scoring pairs into the frozen weight, put the next r'
+        unused singular directions in their slots and subtract them from the weight, so
+        ``W + s*B@A`` is unchanged; apply the optimizer-state policy to exactly those slices;
+        reset the importance state.
+        """
+        if self.config.method != "srlora":
+            raise RuntimeError(f"switch_now() applies to method='srlora', not "
+                               f"{self.config.method!r}")
+        if int(self.importance.updates) == 0:
+            self._warn_once("noimp", "SRLoRA: switching before any importance update; the "
+                            "pairs to fuse are chosen by index, not by importance. Is the "
+                            "controller attached to the optimizer?")
+        k = self.config.r_prime
+        event = {"step": self.global_step, "modules": [], "slots": [], "directions": [],
+                 "scores": []}
+        for i, st in enumerate(self.modules):
+            if st.p + k > st.K:
+                continue  # directions exhausted: this module stops switching
+            scores = self.pair_scores(i)
+            low = lowest_pairs(scores, k)
+            self._recompose(i, st, low)
+            event["modules"].append(i)
+            event["slots"].append(low.tolist())
+            event["directions"].append(list(range(st.p - k, st.p)))
+            event["scores"].append(scores.cpu().tolist())
+        if event["modules"]:
+            self.num_switches += 1
+            self.history.append(event)
+        return len(event["modules"])
+
+    def _recompose(self, i: int, st: _ModuleState, low: torch.Tensor) -> None:
+        L, k, s = st.layer, len(low), st.layer.scaling
+        W, B, A = L.W(), L.B(), L.A()
+        dev = W.device
+        lowd = low.to(B.device)
+        B_low, A_low = B[:, lowd].float(), A[lowd].float()
+        U = st.U[:, st.p:st.p + k].to(dev)
+        S = st.S[st.p:st.p + k].to(dev)
+        Vh = st.Vh[st.p:st.p + k].to(dev)
+        B_new, A_new = pissa_factors(U, S, Vh, s)
+        f0 = st.p - L.r  # ledger columns used so far
+        st.FB[:, f0:f0 + k] = B_low.to(st.FB.device)
+        st.FA[f0:f0 + k] = A_low.to(st.FA.device)
+        st.p += k
+        if st.original is not None:
+            W.copy_(self._rebuild_base(st).to(W.dtype))
+        else:
+            W.copy_((W.float() + switch_delta(B_low, A_low, B_new, A_new, s)).to(W.dtype))
+        B[:, lowd] = B_new.to(B.dtype)
+        A[lowd] = A_new.to(A.dtype)
+        self._apply_optimizer_policy(L, lowd)
+        if self.config.importance_reset == "module":
+            self.importance.reset(2 * i)
+            self.importance.reset(2 * i + 1)
+        else:
+            self.importance.reset(2 * i, lowd, dim=0)
+            self.importance.reset(2 * i + 1, lowd, dim=1)
+
+    def _rebuild_base(self, st: _ModuleState) -> torch.Tensor:
+        """``W0 - s*B_sub@A_sub + s*FB@FA`` in fp32, from the original weight: one rounding only."""
+        L, s = st.layer, st.layer.scaling
+        dev = L.W().device
+        Bs, As = pissa_factors(st.U[:, :st.p].to(dev), st.S[:st.p].to(dev),
+                               st.Vh[:st.p].to(dev), s)
+        f = st.p - L.r
+        W = st.original.to(dev).float() - s * (Bs @ As)
+        if f > 0:
+            W += s * (st.FB[:, :f].to(dev) @ st.FA[:f].to(dev))
+        return W
+
+    def _apply_optimizer_policy(self, L: AdaptedLayer, low: torch.Tensor) -> None:
+        if self.config.optimizer_state != "zero" or self._optimizer is None:
+            return
+        for param, dim in ((L.lora_A, 0), (L.lora_B, 1)):
+            state = self._optimizer.state.get(param, {})
+            for v in state.values():
+                if torch.is_tensor(v) and v.shape == param.shape:
+                    v.index_fill_(dim, low.to(v.device), 0.0)
+
+    # ------------------------------------------------------------------ ledger / export helpers
+    def delta_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-rank factors (fp32) of the whole change of module i against its ORIGINAL weight.
+
+        ``W_effective - W0 == s * Bd @ Ad`` with ``Bd = [B | FB | -B_sub]``,
+        ``Ad = [A; FA; A_sub]``, rank ``r + (p - r) + p``. For the LoRA baseline, (B, A).
+        """
+        L = self.layers[i]
+        B, A = L.B().float(), L.A().float()
+        if self.config.method == "lora":
+            return B, A
+        st = self.modules[i]
+        dev = B.device
+        Bs, As = pissa_factors(st.U[:, :st.p].to(dev), st.S[:st.p].to(dev),
+                               st.Vh[:st.p].to(dev), L.scaling)
+        f = st.p - L.r
+        Bd = torch.cat([B, st.FB[:, :f].to(dev), -Bs], dim=1)
+        Ad = torch.cat([A, st.FA[:f].to(dev), As], dim=0)
+        return Bd, Ad
+
+    @property
+    def pointers(self) -> list[int]:
+        return [st.p for st in self.modules]
+
+    @property
+    def importance_updates(self) -> int:
+        return int(self.importance.updates) if self.importance is not None else 0
+
+    @property
+    def skipped_importance_updates(self) -> int:
+        """Steps whose gradients held NaN/Inf and were left out of the importance state."""
+        return int(self.importance.skipped) if self.importance is not None else 0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """All controller state: tensors, ints, strings, lists and dicts only."""
+        sd: dict = {"config": self.config.to_dict(), "global_step": self.global_step,
+                    "num_switches": self.num_switches, "total_steps": self.total_steps,
+                    "history": self.history, "modules": {}}
+        for st in self.modules:
+            m = {"p": st.p, "U": st.U, "S": st.S, "Vh": st.Vh, "FB": st.FB, "FA": st.FA}
+            if st.original is not None:
+                m["original"] = st.original
+            sd["modules"][st.layer.name] = m
+        if self.importance is not None:
+            sd["importance"] = self.importance.flat_state()
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        """Load state saved by ``state_dict()``; checks every key and shape before writing."""
+        from ._errors import CheckpointMismatchError
+        mine = self.config.to_dict()
+        diff = {k: (sd["config"].get(k), v) for k, v in mine.items()
+                if k not in ("total_steps", "offload_device") and sd["config"].get(k) != v}
+        if diff:
+            raise CheckpointMismatchError(f"controller config differs (saved, current): {diff}")
+        names = [st.layer.name for st in self.modules]
+        if sorted(sd["modules"]) != sorted(names):
+            raise CheckpointMismatchError(
+                f"adapted modules differ: saved {len(sd['modules'])}, current {len(names)}; "
+                f"only saved: {sorted(set(sd['modules']) - set(names))[:3]}, only current: "
+                f"{sorted(set(names) - set(sd['modules']))[:3]}")
+        for st in self.modules:
+            m = sd["modules"][st.layer.name]
+            for key in ("U", "S", "Vh", "FB", "FA"):
+                if tuple(m[key].shape) != tuple(getattr(st, key).shape):
+                    raise CheckpointMismatchError(
+                        f"{st.layer.name}.{key}: saved shape {tuple(m[key].shape)}, current "
+                        f"{tuple(getattr(st, key).shape)}")
+        if self.importance is not None:
+            n = sd["importance"]["ibar"].numel()
+            if n != self.importance.numel:
+                raise CheckpointMismatchError(f"importance state has {n} elements, current "
+                                              f"model needs {self.importance.numel}")
+        for st in self.modules:
+            m = sd["modules"][st.layer.name]
+            for key in ("U", "S", "Vh", "FB", "FA"):
+                getattr(st, key).copy_(m[key])
+            st.p = int(m["p"])
+            if st.original is not None and "original" in m:
+                st.original.copy_(m["original"])
+        if self.importance is not None:
+            self.importance.load_flat_state(sd["importance"])
+        self.global_step = int(sd["global_step"])
+        self.num_switches = int(sd["num_switches"])
+        self.total_steps = sd["total_steps"]
+        self._switch_steps = None
+        self.history = list(sd["history"])
