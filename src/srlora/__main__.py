@@ -1,0 +1,5 @@
+import sys
+
+from srlora.cli import main
+
+sys.exit(main())
