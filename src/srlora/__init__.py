@@ -4,8 +4,10 @@ from ._errors import (CheckpointMismatchError, SRLoRAError, SVDInputError,
 from .config import SRLoRAConfig
 from .controller import SRLoRAController
 from .wrap import wrap
+from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = ["SRLoRAConfig", "SRLoRAController", "wrap", "SRLoRAError", "SVDInputError",
-           "UnsupportedModuleError", "CheckpointMismatchError", "__version__"]
+           "UnsupportedModuleError", "CheckpointMismatchError", "__version__",
+           "save_checkpoint", "load_checkpoint", "read_manifest"]
