@@ -5,9 +5,11 @@ from .config import SRLoRAConfig
 from .controller import SRLoRAController
 from .wrap import wrap
 from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from .export import ExportResult, export_adapter, save_merged
 
 __version__ = "0.1.0"
 
 __all__ = ["SRLoRAConfig", "SRLoRAController", "wrap", "SRLoRAError", "SVDInputError",
            "UnsupportedModuleError", "CheckpointMismatchError", "__version__",
-           "save_checkpoint", "load_checkpoint", "read_manifest"]
+           "save_checkpoint", "load_checkpoint", "read_manifest", "export_adapter", "save_merged",
+           "ExportResult"]
