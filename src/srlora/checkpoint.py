@@ -129,13 +129,13 @@ def _normalized(x):
 
 # ---------------------------------------------------------------------- save
 def save_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer=None,
-                    scheduler=None, rng: bool = True) -> Path:
+                    scheduler=None, rng: bool = True, extra: Optional[dict] = None) -> Path:
     """Save everything needed to resume an SRLoRA run exactly, atomically, into directory ``path``.
 
     ``model`` is the PeftModel from ``srlora.wrap`` (default: ``controller.model``). ``optimizer``
     may be an accelerate wrapper. An existing checkpoint at ``path`` is replaced only once the
     new one is complete; an existing directory that is not a checkpoint is refused. Call it on
-    one process only. Returns the checkpoint directory.
+    one process only. ``extra`` (JSON-able) is kept in the manifest. Returns the directory.
     """
     model = _resolve_model(model, controller)
     live = _saved_tensors(model, controller)
@@ -164,6 +164,7 @@ def save_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer
         "optimizer": type(inner).__name__ if inner is not None else None,
         "scheduler": type(scheduler).__name__ if scheduler is not None else None,
         "rng": bool(rng),
+        "extra": _normalized(extra or {}),
     }
     with atomic_directory(Path(path), _is_checkpoint) as tmp:
         save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in live.items()},
