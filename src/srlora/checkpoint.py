@@ -81,8 +81,10 @@ def _fingerprinted(model, controller: SRLoRAController, saved: dict) -> dict[str
 def _fingerprint(t: torch.Tensor) -> list[float]:
     """Two float64 sums that change when the tensor's values (or their order) change."""
     x = t.detach().reshape(-1).double()
-    w = 1.0 + (torch.arange(x.numel(), device=x.device) % 3).double()
-    return [float((x * x).sum()), float((x.abs() * w).sum())]
+    by_position = torch.nn.functional.pad(x.abs(), (0, (-x.numel()) % 3)).reshape(-1, 3).sum(0)
+    return [float((x * x).sum()), float(by_position @ torch.tensor([1.0, 2.0, 3.0],
+                                                                    dtype=torch.float64,
+                                                                    device=x.device))]
 
 
 def _rng_state() -> dict:
