@@ -397,3 +397,18 @@ def test_model_of_another_controller_is_refused(tmp_path):
     a, b = make_run(), make_run()
     with pytest.raises(ValueError, match="not the model this controller adapts"):
         srlora.save_checkpoint(tmp_path / "ck", model=a[0], controller=b[1])
+
+
+def test_docs_examples_run(tmp_path, monkeypatch, capsys):
+    """Every python block of docs/checkpoints.md, in order, in one namespace."""
+    import re
+    doc = (Path(__file__).parents[1] / "docs" / "checkpoints.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) >= 6
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    for code in blocks:
+        exec(compile(code, "docs/checkpoints.md", "exec"), ns)
+    out = capsys.readouterr().out
+    assert "SRLoRA config differs" in out and "'r': (4, 8)" in out
+    assert ns["result"].rank == 32 and ns["small"].rank == 8
