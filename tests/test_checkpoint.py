@@ -117,6 +117,40 @@ def test_resume_is_bitwise(tmp_path, method):
     assert_same_run(straight, resumed)
 
 
+def test_resume_is_bitwise_with_bf16_base_and_original_copies(tmp_path):
+    from conftest import TinyNet
+
+    def build():
+        torch.manual_seed(0)
+        model, ctl = srlora.wrap(TinyNet(dtype=torch.bfloat16), srlora.SRLoRAConfig(
+            r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=12,
+            svd_method="exact"))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ctl.attach(opt)
+        return model, ctl, opt
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            x = torch.randn(8, 32).bfloat16()
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    a = build()
+    assert all(st.original is not None for st in a[1].modules)
+    steps(a[0], a[2], 5)
+    srlora.save_checkpoint(tmp_path / "ck", model=a[0], controller=a[1], optimizer=a[2])
+    steps(a[0], a[2], 7)
+    b = build()
+    srlora.load_checkpoint(tmp_path / "ck", model=b[0], controller=b[1], optimizer=b[2])
+    steps(b[0], b[2], 7)
+    assert a[1].num_switches == 4 and [e["step"] for e in a[1].history] == [2, 4, 6, 8]
+    for (n, p), q in zip(a[0].named_parameters(), b[0].parameters()):
+        assert torch.equal(p, q), n
+    for sa, sb in zip(a[1].modules, b[1].modules):
+        assert torch.equal(sa.original, sb.original) and sa.p == sb.p
+
+
 def test_files_are_safetensors_json_and_weights_only(tmp_path):
     model, ctl, opt, sched = make_run()
     train(model, opt, sched, 3)

@@ -308,3 +308,39 @@ def test_minilm_checkpoint_and_export_figures(tmp_path):
           f"resume bitwise; export rank {res.rank}, output rel. diff {err:.1e}; rank 16: delta "
           f"error {r16.error:.3f}; energy 0.99: ranks {min(e99.ranks.values())}-"
           f"{max(e99.ranks.values())}, error {e99.error:.3f}")
+
+
+def test_bf16_base_export_is_as_accurate_as_the_trained_model(tmp_path):
+    """bf16 base weights: the stored base is rounded, so neither the trained model nor the
+    exported adapter equals the exact fp32 result W0 + s*Bd@Ad; the export must be as close to
+    it as the trained model is (bf16 unit roundoff 2^-8 = 3.9e-3)."""
+    from peft import PeftModel
+
+    def net():
+        torch.manual_seed(0)
+        return TinyNet(dtype=torch.bfloat16)
+
+    model, ctl = srlora.wrap(net(), srlora.SRLoRAConfig(
+        r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=12,
+        svd_method="exact"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctl.attach(opt)
+    g = torch.Generator().manual_seed(0)
+    x, target = torch.randn(8, 32, generator=g).bfloat16(), torch.randn(8, 3, generator=g)
+    for _ in range(12):  # toward a unit-scale target, so outputs do not shrink to rounding level
+        (model(x).float() - target).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert ctl.num_switches == 4
+    srlora.export_adapter(model, ctl, tmp_path / "ad")
+    ref = net().float()
+    with torch.no_grad():
+        for i, L in enumerate(ctl.layers):
+            Bd, Ad = ctl.delta_factors(i)
+            getattr(ref, L.name.split(".")[-1]).weight += L.scaling * Bd @ Ad
+        y_ref = ref(x.float())
+        y = model(x).float()
+        y_ad = PeftModel.from_pretrained(net(), tmp_path / "ad")(x).float()
+        assert rel(y, net()(x).float()) > 1e-1  # trained
+    assert rel(y, y_ref) <= 1e-2 and rel(y_ad, y_ref) <= 1e-2  # measured: 2.0e-3, 2.3e-3
+    assert rel(y_ad, y_ref) <= 1.5 * rel(y, y_ref)
