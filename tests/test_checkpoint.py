@@ -370,6 +370,7 @@ def test_save_killed_between_renames_loads_previous(tmp_path, monkeypatch):
     train(run[0], run[2], run[3], 1)
     srlora.save_checkpoint(tmp_path / "ck", model=run[0], controller=run[1])
     assert srlora.read_manifest(tmp_path / "ck")["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # the old version is gone
 
 
 KILLED_SAVE = textwrap.dedent("""

@@ -76,6 +76,10 @@ def atomic_directory(target: Path, is_ours) -> Iterator[Path]:
     else:
         os.rename(tmp, target)
         _fsync_dir(parent)
+    # left behind by earlier saves that were killed (one save at a time per path): superseded
+    for kind in ("old", "tmp"):
+        for stale in glob.glob(str(parent / f".{glob.escape(target.name)}.{kind}-*")):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def resolve_checkpoint_dir(path: Path) -> tuple[Path, bool]:

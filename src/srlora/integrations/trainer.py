@@ -118,7 +118,7 @@ class SRLoRACallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if args.should_save:  # the process(es) the Trainer saves on
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if not os.path.isdir(ckpt):
                 raise FileNotFoundError(f"SRLoRACallback: the Trainer's checkpoint {ckpt} does "
