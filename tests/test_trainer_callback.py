@@ -206,3 +206,31 @@ def test_attach_unwraps_accelerate_optimizer():
         wrapped.step()
         wrapped.zero_grad()
     assert ctl.global_step == 2 and ctl.importance_updates == 2
+
+
+@pytest.mark.parametrize("layout", ["output_dir", "explicit"])
+def test_resume_without_the_trainer_path(full_run, tmp_path, monkeypatch, layout):
+    """If the Trainer's resume path cannot be read, output_dir/checkpoint-<step> is used, or
+    the path given as SRLoRACallback(resume_from=...)."""
+    from srlora.integrations import trainer as integration
+    monkeypatch.setattr(integration, "_trainer_resume_path", lambda: None)
+    out, _, model, ctl, _ = full_run
+    if layout == "output_dir":
+        shutil.copytree(out / "checkpoint-5", tmp_path / "run" / "checkpoint-5")
+        trainer, m2, c2 = make_trainer(tmp_path / "run")
+        trainer.train(resume_from_checkpoint=True)
+    else:
+        trainer, m2, c2 = make_trainer(tmp_path / "new")
+        explicit = SRLoRACallback(c2, resume_from=str(out / "checkpoint-5"))
+        trainer.callback_handler.callbacks = [
+            explicit if isinstance(cb, SRLoRACallback) else cb
+            for cb in trainer.callback_handler.callbacks]
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-5"))
+    assert_same(model, ctl, m2, c2)
+
+
+def test_second_fresh_train_on_a_used_controller_is_refused(tmp_path):
+    trainer, _, ctl = make_trainer(tmp_path, max_steps=5, save_steps=100)
+    trainer.train()
+    with pytest.raises(ValueError, match="already counted 5 optimizer steps"):
+        trainer.train()
