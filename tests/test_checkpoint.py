@@ -447,3 +447,24 @@ def test_docs_examples_run(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "SRLoRA config differs" in out and "'r': (4, 8)" in out
     assert ns["result"].rank == 32 and ns["small"].rank == 8
+
+
+def test_rng_restored_only_when_saved_or_asked(tmp_path):
+    model, ctl, opt, sched = make_run()
+    srlora.save_checkpoint(tmp_path / "no_rng", model=model, controller=ctl, rng=False)
+    srlora.save_checkpoint(tmp_path / "rng", model=model, controller=ctl)
+    saved = torch.get_rng_state()
+    torch.manual_seed(42)
+    now = torch.get_rng_state()
+    fresh = make_run()
+    torch.set_rng_state(now)
+    srlora.load_checkpoint(tmp_path / "no_rng", model=fresh[0], controller=fresh[1])
+    assert torch.equal(torch.get_rng_state(), now)  # nothing saved: left alone
+    with pytest.raises(CheckpointMismatchError, match="holds no RNG state"):
+        srlora.load_checkpoint(tmp_path / "no_rng", model=fresh[0], controller=fresh[1],
+                               restore_rng=True)
+    srlora.load_checkpoint(tmp_path / "rng", model=fresh[0], controller=fresh[1],
+                           restore_rng=False)
+    assert torch.equal(torch.get_rng_state(), now)
+    srlora.load_checkpoint(tmp_path / "rng", model=fresh[0], controller=fresh[1])
+    assert torch.equal(torch.get_rng_state(), saved)

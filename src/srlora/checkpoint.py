@@ -359,13 +359,15 @@ def _check_scheduler(ssd: Optional[dict], scheduler, manifest: dict) -> None:
 
 # ---------------------------------------------------------------------- load
 def load_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer=None,
-                    scheduler=None, restore_rng: bool = True) -> dict:
+                    scheduler=None, restore_rng: Optional[bool] = None) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` into freshly wrapped objects.
 
     The objects must be built as for the saved run: ``srlora.wrap`` of a fresh copy of the same
     base model with the same config, and an optimizer (and scheduler) built the same way. Every
     file, key, shape, dtype and the config are checked first; on any difference a
-    CheckpointMismatchError names it and nothing has been changed. Returns the manifest.
+    CheckpointMismatchError names it and nothing has been changed. ``restore_rng``: None
+    restores the saved RNG states if the checkpoint has them, True requires them, False leaves
+    the current ones. Returns the manifest.
     """
     model = _resolve_model(model, controller)
     directory, recovered = resolve_checkpoint_dir(Path(path))
@@ -384,6 +386,8 @@ def load_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer
         _check_optimizer(state.get("optimizer"), inner, manifest)
     if scheduler is not None:
         _check_scheduler(state.get("scheduler"), scheduler, manifest)
+    if restore_rng is None:
+        restore_rng = "rng" in state
     if restore_rng and "rng" not in state:
         raise CheckpointMismatchError("restore_rng=True but the checkpoint holds no RNG state "
                                       "(saved with rng=False)")
