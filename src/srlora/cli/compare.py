@@ -69,6 +69,8 @@ def register(sub) -> None:
     a("--loss-threshold", type=float,
       help="loss for 'steps to threshold' (default: the worst final smoothed loss of all runs)")
     a("--out", help="output folder (default runs/compare-<task>)")
+    a("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 can be faster "
+                                  "on a busy machine)")
     a("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -232,6 +234,11 @@ def run(args) -> int:
     from ..experiments.compare import run_compare
 
     cfg = build_config(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads: must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
     _check_out(cfg.out)
     bundle, enc, sp, meta = prepare(cfg)
     n_runs = sum(len(cfg.lrs[m]) for m in cfg.methods) * len(cfg.seeds)

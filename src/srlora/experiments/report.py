@@ -81,7 +81,8 @@ def summarize(runs: list[dict], threshold: Optional[float] = None) -> dict:
         rows.append({
             "method": method, "lr": lr, "seeds": [r["seed"] for r in rs],
             "accuracy": mean_ci([r["final_accuracy"] for r in rs]),
-            "val_accuracy": mean_ci([r["val_accuracy"] for r in rs]),
+            "val_accuracy": mean_ci([r["val_accuracy"] for r in rs
+                                     if r.get("val_accuracy") is not None]),
             "loss_auc": mean_ci([loss_auc(r["train_loss"]) for r in rs]),
             "steps_to_threshold": mean_ci([s for s in reach if s is not None]),
             "reached": sum(s is not None for s in reach),
@@ -99,7 +100,7 @@ def _fmt(mc, scale=1.0, digits=1) -> str:
     return s + (f" ± {h * scale:.{digits}f}" if math.isfinite(h) else "")
 
 
-def _table(rows: list[dict], with_lr_col: bool, n_runs_note: str) -> str:
+def _table(rows: list[dict]) -> str:
     head = ["method", "lr", "test acc %", "val acc %", "loss AUC", "steps to thr", "wall s",
             "seeds"]
     lines = []
@@ -110,6 +111,10 @@ def _table(rows: list[dict], with_lr_col: bool, n_runs_note: str) -> str:
         lines.append([r["method"], f"{r['lr']:g}", _fmt(r["accuracy"], 100),
                       _fmt(r["val_accuracy"], 100), _fmt(r["loss_auc"], 1, 3), reach,
                       _fmt(r["wall_time_s"], 1, 1), str(len(r["seeds"]))])
+    if all(not math.isfinite(r["val_accuracy"][0]) for r in rows):  # no lr grid: no validation
+        head.pop(3)
+        for l in lines:
+            l.pop(3)
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
@@ -127,8 +132,8 @@ def format_report(results: dict, threshold: Optional[float] = None) -> str:
     best_rows = [r for r in rows if best.get(r["method"]) == r["lr"]]
     out = [f"{results.get('config', {}).get('task', '')}: mean ± 95% t-interval over seeds; "
            f"loss threshold {summ['threshold']:.4f} (smoothed over {summ['window']} steps)",
-           _table(best_rows, False, "")]
+           _table(best_rows)]
     if len(rows) > len(best_rows):
         out += ["", "full learning-rate grid (best lr per method chosen on validation accuracy):",
-                _table(rows, True, "")]
+                _table(rows)]
     return "\n".join(out)
