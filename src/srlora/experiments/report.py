@@ -1,0 +1,139 @@
+"""Numbers and the printed table from results.json: means with 95% t-intervals over seeds.
+
+Metrics per run:
+  final accuracy      test accuracy at the last step
+  loss AUC            mean training loss over all optimizer steps (area under the loss curve
+                      divided by the number of steps; lower = converged faster and further)
+  steps to threshold  first optimizer step at which the smoothed training loss (trailing mean
+                      over ``window`` steps) falls to the threshold; the default threshold is the
+                      highest final smoothed loss among the compared runs, so every run reaches it
+  wall time           seconds for the whole run (set-up, training, evaluation)
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+# two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (beyond: normal 1.96 approx.)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        return float("nan")
+    return _T975[df - 1] if df <= 30 else 1.96 + 2.4 / df  # within 0.002 of exact for df > 30
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (nan half-width for a single value)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if len(v) == 1:
+        return float(v[0]), float("nan")
+    return float(v.mean()), float(t975(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def smooth(losses, window: int) -> np.ndarray:
+    """Trailing mean over the last ``window`` values (shorter at the start)."""
+    x = np.asarray(losses, dtype=float)
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    i = np.arange(1, len(x) + 1)
+    lo = np.maximum(0, i - window)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def loss_auc(losses) -> float:
+    return float(np.mean(losses))
+
+
+def steps_to(losses, threshold: float, window: int) -> Optional[int]:
+    """First 1-based optimizer step whose smoothed loss is <= threshold, or None."""
+    hit = np.nonzero(smooth(losses, window) <= threshold)[0]
+    return int(hit[0]) + 1 if len(hit) else None
+
+
+def default_window(steps: int) -> int:
+    return max(1, steps // 20)
+
+
+def default_threshold(runs: list[dict], window: int) -> float:
+    return float(max(smooth(r["train_loss"], window)[-1] for r in runs))
+
+
+def summarize(runs: list[dict], threshold: Optional[float] = None) -> dict:
+    """Per (method, lr): the four metrics as mean and 95% half-width over seeds."""
+    if not runs:
+        return {"rows": [], "threshold": None, "window": None}
+    window = default_window(max(len(r["train_loss"]) for r in runs))
+    if threshold is None:
+        threshold = default_threshold(runs, window)
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    rows = []
+    for (method, lr), rs in groups.items():
+        reach = [steps_to(r["train_loss"], threshold, window) for r in rs]
+        rows.append({
+            "method": method, "lr": lr, "seeds": [r["seed"] for r in rs],
+            "accuracy": mean_ci([r["final_accuracy"] for r in rs]),
+            "val_accuracy": mean_ci([r["val_accuracy"] for r in rs
+                                     if r.get("val_accuracy") is not None]),
+            "loss_auc": mean_ci([loss_auc(r["train_loss"]) for r in rs]),
+            "steps_to_threshold": mean_ci([s for s in reach if s is not None]),
+            "reached": sum(s is not None for s in reach),
+            "wall_time_s": mean_ci([r["wall_time_s"] for r in rs]),
+            "switches": float(np.mean([r["num_switches"] for r in rs])),
+        })
+    return {"rows": rows, "threshold": threshold, "window": window}
+
+
+def _fmt(mc, scale=1.0, digits=1) -> str:
+    m, h = mc
+    if not math.isfinite(m):
+        return "-"
+    s = f"{m * scale:.{digits}f}"
+    return s + (f" ± {h * scale:.{digits}f}" if math.isfinite(h) else "")
+
+
+def _table(rows: list[dict]) -> str:
+    head = ["method", "lr", "test acc %", "val acc %", "loss AUC", "steps to thr", "wall s",
+            "seeds"]
+    lines = []
+    for r in rows:
+        reach = _fmt(r["steps_to_threshold"], 1, 0)
+        if r["reached"] < len(r["seeds"]):
+            reach += f" ({r['reached']}/{len(r['seeds'])} reached)"
+        lines.append([r["method"], f"{r['lr']:g}", _fmt(r["accuracy"], 100),
+                      _fmt(r["val_accuracy"], 100), _fmt(r["loss_auc"], 1, 3), reach,
+                      _fmt(r["wall_time_s"], 1, 1), str(len(r["seeds"]))])
+    if all(not math.isfinite(r["val_accuracy"][0]) for r in rows):  # no lr grid: no validation
+        head.pop(3)
+        for l in lines:
+            l.pop(3)
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+
+
+def format_report(results: dict, threshold: Optional[float] = None) -> str:
+    """The printed report: each method at its best lr, then the full lr grid if there is one."""
+    runs = results["runs"]
+    if not runs:
+        return "no finished runs"
+    summ = summarize(runs, threshold)
+    best = results.get("best_lr") or {}
+    order = {m: i for i, m in enumerate(results.get("config", {}).get("methods", []))}
+    rows = sorted(summ["rows"], key=lambda r: (order.get(r["method"], 99), r["lr"]))
+    best_rows = [r for r in rows if best.get(r["method"]) == r["lr"]]
+    out = [f"{results.get('config', {}).get('task', '')}: mean ± 95% t-interval over seeds; "
+           f"loss threshold {summ['threshold']:.4f} (smoothed over {summ['window']} steps)",
+           _table(best_rows)]
+    if len(rows) > len(best_rows):
+        out += ["", "full learning-rate grid (best lr per method chosen on validation accuracy):",
+                _table(rows)]
+    return "\n".join(out)

@@ -1,0 +1,164 @@
+"""`srlora compare` end to end on a tiny random BERT and a synthetic CSV (seconds, offline)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from srlora.cli import main
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+ENV = dict(os.environ, PYTHONPATH=SRC, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+POS, NEG, FILL = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "dull"], \
+    ["the", "film", "was", "a", "plot", "very", "quite", "story", "acting", "and"]
+
+
+def tiny_model(path):
+    """A randomly initialised 2-layer BERT classifier and a word-level tokenizer, saved."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    os.makedirs(path, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POS + NEG + FILL
+    with open(os.path.join(path, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    BertTokenizer(os.path.join(path, "vocab.txt")).save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
+                     num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    return path
+
+
+def synthetic_csv(path, n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = ["text,label"]
+    for i in range(n):
+        y = int(rng.integers(0, 2))
+        words = list(rng.choice(FILL, 5)) + [rng.choice(POS if y else NEG)]
+        rng.shuffle(words)
+        rows.append(f"{' '.join(words)},{'pos' if y else 'neg'}")
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("compare")
+    return {"model": tiny_model(str(d / "tiny-bert")), "csv": synthetic_csv(str(d / "d.csv"))}
+
+
+def _args(a, out, *extra):
+    return ["compare", "--model", a["model"], "--dataset", a["csv"], "--steps", "12",
+            "--batch-size", "8", "--r", "4", "--r-target", "12", "--eval-every", "4",
+            "--seeds", "0,1", "--out", str(out), "--no-progress", *extra]
+
+
+def test_compare_end_to_end(assets_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "srlora", *_args(
+        assets_dir, out, "--lr", "lora=1e-2,lora=3e-2,pissa=5e-3,srlora=5e-3",
+        "--target-modules", "query,value")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "finished"
+    assert len(res["runs"]) == 2 * (2 + 1 + 1)
+    for r in res["runs"]:
+        assert {"method", "seed", "final_accuracy", "train_loss", "eval_curve", "switch_steps",
+                "wall_time_s", "lr"} <= set(r)
+        assert 0.0 <= r["final_accuracy"] <= 1.0
+        assert len(r["train_loss"]) == 12 and all(np.isfinite(r["train_loss"]))
+        assert [c["step"] for c in r["eval_curve"]] == [4, 8, 12]
+    sr = [r for r in res["runs"] if r["method"] == "srlora"]
+    # r=4, gamma=0.5 -> r'=2; (12-4)//2 = 4 switches at k*floor(12/5) = 2,4,6,8
+    assert all(r["switch_steps"] == [2, 4, 6, 8] for r in sr)
+    assert all(len(r["switches"][0]["slots"][0]) == 2 for r in sr)
+    assert all(r["switch_steps"] == [] for r in res["runs"] if r["method"] != "srlora")
+    assert set(res["best_lr"]) == {"lora", "pissa", "srlora"}
+    assert res["best_lr"]["lora"] in (1e-2, 3e-2)
+    assert res["split"]["test"] + res["split"]["val"] + res["split"]["train"] <= 240
+    for key in ("config", "versions", "hardware", "git_commit"):
+        assert key in res
+    assert res["versions"]["torch"]
+    # same seed -> same data order and head init: the first loss is identical for every method
+    # (adapters start as a no-op: LoRA's B = 0, PiSSA/SRLoRA subtract their init from W)
+    first = {r["method"]: r["train_loss"][0] for r in res["runs"] if r["seed"] == 0}
+    assert max(first.values()) - min(first.values()) < 1e-4, first
+    for png in ("loss.png", "accuracy.png", "importance.png"):
+        assert (out / png).stat().st_size > 5000
+    assert "full learning-rate grid" in proc.stdout
+    for m in ("lora", "pissa", "srlora"):
+        assert m in proc.stdout
+    assert "±" in proc.stdout and (out / "table.txt").exists()
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--task", "nope"], "unknown task"),
+    (["--methods", "lora,dora"], "unknown method"),
+    (["--steps", "0"], "--steps: must be >= 1"),
+    (["--lr", "abc"], "not a number"),
+    (["--lr", "-1"], "must be positive"),
+    (["--seeds", "0,x"], "comma list of integers"),
+    (["--gamma", "0.1"], "--gamma"),
+    (["--r-target", "2"], "--r-target"),
+    (["--target-modules", "nonexistent"], "matches no module"),
+])
+def test_bad_input_exits_2_before_training(assets_dir, tmp_path, capsys, extra, msg):
+    out = tmp_path / "o"
+    args = _args(assets_dir, out, *extra)
+    if extra[0] == "--task":  # a task name is only used without --dataset
+        args = ["compare", "--task", "nope", "--out", str(out)]
+    assert main(args) == 2
+    assert msg in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+
+
+def test_unknown_model_and_missing_columns_exit_2(assets_dir, tmp_path, capsys):
+    args = _args(assets_dir, tmp_path / "o")
+    bad_model = list(args)
+    bad_model[bad_model.index("--model") + 1] = str(tmp_path / "no-such-model")
+    assert main(bad_model) == 2
+    assert "cannot load it" in capsys.readouterr().err
+    csv = tmp_path / "cols.csv"
+    csv.write_text("sentence,label\na b,1\nc d,0\n")
+    bad_data = list(args)
+    bad_data[bad_data.index("--dataset") + 1] = str(csv)
+    assert main(bad_data) == 2
+    assert "missing column(s) ['text']" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_unwritable_out_exits_2(assets_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(_args(assets_dir, blocker / "sub")) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_interrupt_keeps_finished_runs(assets_dir, tmp_path):
+    """Ctrl-C during the third run: results.json holds the two finished runs."""
+    from srlora.cli.compare import build_config, prepare
+    from srlora.cli import build_parser
+    from srlora.experiments.compare import run_compare
+
+    args = build_parser().parse_args(_args(assets_dir, tmp_path / "o", "--methods",
+                                           "lora,srlora", "--lr", "1e-2"))
+    cfg = build_config(args)
+    bundle, enc, sp, meta = prepare(cfg)
+    calls = {"n": 0}
+
+    def interrupt(step, model, controller, optimizer, scheduler):
+        calls["n"] += 1
+        if calls["n"] == 2 * cfg.steps + 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cfg, bundle, enc, sp, meta, progress=False, log=lambda s: None,
+                    callback=interrupt)
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["status"] == "interrupted"
+    assert [(r["method"], r["seed"]) for r in res["runs"]] == [("lora", 0), ("srlora", 0)]
