@@ -71,6 +71,12 @@ def register(sub) -> None:
     a("--out", help="output folder (default runs/compare-<task>)")
     a("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 can be faster "
                                   "on a busy machine)")
+    a("--save-every", type=int, default=0,
+      help="checkpoint each run every N optimizer steps (and at its end) under "
+           "OUT/checkpoints/; 0 = none (default)")
+    a("--resume", action="store_true",
+      help="continue the comparison in --out: keep its finished runs, continue an unfinished "
+           "run from its last checkpoint")
     a("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -153,6 +159,8 @@ def build_config(args):
                         ("--image-size", args.image_size, 16)):
         if v is not None and v < lo:
             raise UsageError(f"{flag}: must be >= {lo}, got {v}")
+    if getattr(args, "save_every", 0) < 0:
+        raise UsageError(f"--save-every: must be >= 0, got {args.save_every}")
     if args.head_lr is not None and not (math.isfinite(args.head_lr) and args.head_lr > 0):
         raise UsageError(f"--head-lr: must be positive, got {args.head_lr}")
     if not 0.0 <= args.warmup < 1.0:
@@ -178,7 +186,7 @@ def build_config(args):
         max_train=pick(args.max_train, "max_train"), max_val=pick(args.max_val, "max_val"),
         max_test=pick(args.max_test, "max_test"),
         model=args.model or (TASKS[task_name].model if task_name in TASKS else "minilm"),
-        dataset=args.dataset or "")
+        dataset=args.dataset or "", save_every=getattr(args, "save_every", 0) or 0)
     if args.target_modules is not None and not cfg.target_modules:
         raise UsageError("--target-modules: empty")
     import srlora
@@ -246,7 +254,12 @@ def run(args) -> int:
           f"{sp.info['val']} val / {sp.info['test']} test | {n_runs} runs of {cfg.steps} steps "
           f"x {cfg.batch_size} | results in {cfg.out}", flush=True)
     try:
-        results = run_compare(cfg, bundle, enc, sp, meta, progress=not args.no_progress)
+        results = run_compare(cfg, bundle, enc, sp, meta, progress=not args.no_progress,
+                              resume=args.resume)
+    except ValueError as e:
+        if str(e).startswith("--resume"):
+            raise UsageError(str(e)) from None
+        raise
     except KeyboardInterrupt:
         import json
         with open(os.path.join(cfg.out, "results.json")) as f:

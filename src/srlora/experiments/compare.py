@@ -51,6 +51,7 @@ class CompareConfig:
     max_test: Optional[int] = None
     model: str = ""
     dataset: str = ""
+    save_every: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -123,14 +124,23 @@ def plan(cfg: CompareConfig) -> list[tuple[str, float, int]]:
     return [(m, lr, s) for s in cfg.seeds for m in cfg.methods for lr in cfg.lrs[m]]
 
 
+def run_dir(cfg: CompareConfig, method: str, lr: float, seed: int) -> str:
+    """Where the checkpoints of one run live: ``<out>/checkpoints/<method>-lr<lr>-seed<seed>``."""
+    return os.path.join(cfg.out, "checkpoints", f"{method}-lr{lr:g}-seed{seed}")
+
+
 def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bool = True,
                 log: Callable[[str], None] = print,
-                callback: Optional[runner.Callback] = None) -> dict:
+                callback: Optional[runner.Callback] = None, resume: bool = False) -> dict:
     """Run every (method, lr, seed), writing results.json after each; returns the results.
 
     On KeyboardInterrupt the finished runs are saved with ``status: "interrupted"`` and the
-    interrupt is re-raised.
+    interrupt is re-raised. With ``cfg.save_every`` each run checkpoints under
+    ``run_dir(...)``; ``resume=True`` keeps the finished runs of an earlier results.json in
+    ``cfg.out`` (same config required) and continues an unfinished run from its last checkpoint.
     """
+    from . import checkpointing
+
     os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, "results.json")
     t0 = time.time()
@@ -138,8 +148,20 @@ def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bo
                "versions": versions(), "hardware": hardware(), "git_commit": git_commit(),
                "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "wall_time_s": 0.0}
+    done = set()
+    if resume and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        mine = {k: v for k, v in asdict(cfg).items() if k not in ("save_every", "out")}
+        theirs = {k: v for k, v in old.get("config", {}).items() if k in mine}
+        if theirs != mine:
+            diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+            raise ValueError(f"--resume: {path} was made with other settings ({', '.join(diff)})")
+        results["runs"] = old["runs"]
+        results["best_lr"] = select_best_lr(old["runs"]) if old["runs"] else {}
+        done = {(r["method"], r["lr"], r["seed"]) for r in old["runs"]}
     write_json(path, results)
-    jobs = plan(cfg)
+    jobs = [j for j in plan(cfg) if j not in done]
     grid = any(len(v) > 1 for v in cfg.lrs.values())  # validation is needed only to pick an lr
     try:
         for k, (method, lr, seed) in enumerate(jobs, 1):
@@ -148,8 +170,12 @@ def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bo
                 batch_size=cfg.batch_size, r=cfg.r, lora_alpha=cfg.lora_alpha,
                 r_target=cfg.r_target, gamma=cfg.gamma, target_modules=cfg.target_modules,
                 eval_every=cfg.eval_every, eval_size=cfg.eval_size, warmup=cfg.warmup,
-                schedule=cfg.schedule, head_lr=cfg.head_lr, eval_val=grid, callback=callback, progress=progress,
-                desc=f"[{k}/{len(jobs)}] {method} seed={seed} lr={lr:g}")
+                schedule=cfg.schedule, head_lr=cfg.head_lr, eval_val=grid, callback=callback,
+                progress=progress, desc=f"[{k}/{len(jobs)}] {method} seed={seed} lr={lr:g}",
+                checkpoint_dir=run_dir(cfg, method, lr, seed) if cfg.save_every else None,
+                save_every=cfg.save_every,
+                resume_from=checkpointing.latest(run_dir(cfg, method, lr, seed))
+                if resume else None)
             results["runs"].append(rec)
             results["best_lr"] = select_best_lr(results["runs"])
             results["wall_time_s"] = time.time() - t0

@@ -75,7 +75,8 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
             eval_every: int = 25, eval_size: Optional[int] = None, warmup: float = 0.1,
             schedule: str = "constant", clip: float = 1.0, head_lr: Optional[float] = None,
             eval_val: bool = True, callback: Optional[Callback] = None, progress: bool = True,
-            desc: str = "") -> dict:
+            desc: str = "", checkpoint_dir: Optional[str] = None, save_every: int = 0,
+            resume_from: Optional[str] = None) -> dict:
     """Train one adapter and return its record (losses per optimizer step, curves, switches).
 
     ``split`` has ``train``/``val``/``test`` index arrays into ``enc``. The eval curve is taken
@@ -84,6 +85,8 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     ``lr`` drives the LoRA factors; the fully trained head (``modules_to_save``) uses ``head_lr``
     (default ``lr``), so with a fixed ``head_lr`` methods differ only in the adapter.
     ``callback(step, model, controller, optimizer, scheduler)`` runs after every optimizer step.
+    With ``checkpoint_dir`` and ``save_every`` a checkpoint is written every ``save_every`` steps;
+    ``resume_from`` (a checkpoint of this same run) continues it exactly where it stopped.
     """
     t0 = time.perf_counter()
     base = bundle.make(seed)
@@ -105,15 +108,23 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     torch.manual_seed(seed)  # dropout draws: identical for every method
     setup_s = time.perf_counter() - t0
 
-    losses, curve = [], []
+    losses, curve, start = [], [], 1
+    if resume_from:
+        from . import checkpointing
+        saved = checkpointing.load(resume_from, model, controller, optimizer, scheduler)
+        losses, curve = list(saved.get("losses", [])), list(saved.get("curve", []))
+        start = controller.global_step + 1
+        if len(losses) != controller.global_step:
+            raise ValueError(f"{resume_from}: holds {len(losses)} losses for step "
+                             f"{controller.global_step}; not a checkpoint of this runner")
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc=desc or f"{method} seed={seed} lr={lr:g}", leave=False,
-                   dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=start - 1, desc=desc or f"{method} seed={seed} lr={lr:g}",
+                   leave=False, dynamic_ncols=True)
     t1 = time.perf_counter()
     eval_s = 0.0
-    for step in range(1, steps + 1):
+    for step in range(start, steps + 1):
         inputs, labels = enc.batch(split.train[order[step - 1]])
         bundle.train_mode(model)
         loss = F.cross_entropy(bundle.logits(model, inputs).float(), labels)
@@ -134,6 +145,10 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
             eval_s += time.perf_counter() - te
         if callback is not None:
             callback(step, model, controller, optimizer, scheduler)
+        if checkpoint_dir and save_every and (step % save_every == 0 or step == steps):
+            from . import checkpointing
+            checkpointing.save(checkpoint_dir, step, model, controller, optimizer, scheduler,
+                               {"losses": losses, "curve": curve})
         if bar is not None:
             bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", sw=controller.num_switches)
             bar.update(1)
