@@ -25,8 +25,10 @@ SVDFn = Callable[[list[AdaptedLayer], list[int]], list[tuple[torch.Tensor, torch
 
 def _unwrap_optimizer(optimizer):
     inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer  # accelerate's AcceleratedOptimizer, Lightning wrappers, ...
+    while getattr(inner, "optimizer", None) is not None and inner.optimizer is not inner:
+        # accelerate's AcceleratedOptimizer (itself a torch Optimizer subclass, whose step()
+        # only calls the inner one's when gradients sync), Lightning wrappers, ...
+        inner = inner.optimizer
     if not isinstance(inner, torch.optim.Optimizer):
         raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper exposing "
                         f".optimizer), got {type(optimizer).__name__}")
