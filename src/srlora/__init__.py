@@ -1,11 +1,13 @@
 """srlora: SRLoRA (arXiv 2505.12433) on PEFT's LoRA layers, with LoRA and PiSSA baselines."""
 from ._errors import (CheckpointMismatchError, SRLoRAError, SVDInputError,
-                      UnsupportedModuleError)
+                      UnsupportedEngineError, UnsupportedModuleError)
 from .config import SRLoRAConfig
 from .controller import SRLoRAController
 from .wrap import wrap
+from . import distributed
 
 __version__ = "0.1.0"
 
 __all__ = ["SRLoRAConfig", "SRLoRAController", "wrap", "SRLoRAError", "SVDInputError",
-           "UnsupportedModuleError", "CheckpointMismatchError", "__version__"]
+           "UnsupportedModuleError", "UnsupportedEngineError", "CheckpointMismatchError",
+           "distributed", "__version__"]
