@@ -224,3 +224,37 @@ def test_fsdp1_flat_parameters_refused():
 
     flat = FlatParameter(torch.zeros(6), requires_grad=True)
     assert "FSDP" in sharding_reason(None, torch.optim.SGD([flat], lr=0.1))
+
+
+# ------------------------------------------------------------------ the documented examples
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_example(cmd: list[str]) -> str:
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_example():
+    out = _run_example(["torchrun", "--standalone", "--nproc_per_node", "2",
+                        "examples/torchrun_train.py", "--steps", "20"])
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("replicas identical:") and "on 2 ranks" in last, out[-2000:]
+    assert "20 optimizer steps and 6 switches" in last
+
+
+@pytest.mark.slow
+def test_accelerate_example_with_gradient_accumulation():
+    out = _run_example(["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                        "no", "examples/accelerate_train.py", "--steps", "12",
+                        "--grad-accum", "2"])
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("replicas identical:") and "on 2 ranks" in last, out[-2000:]
+    assert "12 optimizer steps (24 micro-batches per rank) and 6 switches" in last
