@@ -153,7 +153,8 @@ def main(argv=None) -> int:
         checked.append((step, assert_replicas_identical(ddp, controller)))
 
     losses = train_steps(ddp, optimizer, controller, 0, SAVE_AT, rank, world, on_switch)
-    torch.save(snapshot(ddp, controller, optimizer), os.path.join(a.out, f"state{SAVE_AT}_rank{rank}.pt"))
+    torch.save(snapshot(ddp, controller, optimizer),
+               os.path.join(a.out, f"state{SAVE_AT}_rank{rank}.pt"))
     if rank == 0:
         save_training_state(os.path.join(a.out, "ckpt.pt"), peft_model, controller, optimizer)
     losses += train_steps(ddp, optimizer, controller, SAVE_AT, TOTAL_STEPS, rank, world, on_switch)

@@ -55,7 +55,7 @@ def assign_owners(costs: list[float], world_size: int) -> list[int]:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and raw bytes: equal digests mean bitwise-equal tensors."""
+    """SHA-256 of a tensor's dtype, shape and raw bytes: equal digests, bitwise-equal tensors."""
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     flat = t.detach().contiguous().reshape(-1)
     if flat.numel():
@@ -107,10 +107,12 @@ def shared_svd_fn(config, group=None, check_inputs: bool = True):
     the number of ranks. Every rank must call ``srlora.wrap`` (it is a collective).
     ``check_inputs`` first compares the targeted weights across ranks (SHA-256) and raises
     ReplicaMismatchError if a rank loaded a different checkpoint. After the call,
-    ``fn.stats`` holds ``owners``, ``computed`` (module indices this rank decomposed) and timings.
+    ``fn.stats`` holds ``owners``, ``computed`` (module indices this rank decomposed) and
+    timings in seconds (``check_s``, ``svd_s``, ``broadcast_s``).
     """
     def fn(layers, ks):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
+        t = time.perf_counter()
         if check_inputs:
             _check_same(dict((L.name, tensor_digest(L.W())) for L in layers),
                         "target weight(s) before the SVD set-up",
@@ -118,6 +120,7 @@ def shared_svd_fn(config, group=None, check_inputs: bool = True):
         ks = [min(k, *L.shape) for L, k in zip(layers, ks)]
         owners = assign_owners([L.shape[0] * L.shape[1] * k for L, k in zip(layers, ks)], world)
         t0 = time.perf_counter()
+        check_s = t0 - t
         mine = {i: top_singular_directions(L.W(), k, config.svd_method, config.svd_oversample,
                                            config.svd_niter, config.svd_seed, name=L.name)
                 for i, (L, k) in enumerate(zip(layers, ks)) if owners[i] == rank}
@@ -134,7 +137,7 @@ def shared_svd_fn(config, group=None, check_inputs: bool = True):
             results.append((buf[:m * k].view(m, k), buf[m * k:m * k + k],
                             buf[m * k + k:].view(k, n)))
         fn.stats = {"owners": owners, "computed": [i for i, o in enumerate(owners) if o == rank],
-                    "svd_s": t1 - t0, "broadcast_s": time.perf_counter() - t1}
+                    "svd_s": t1 - t0, "broadcast_s": time.perf_counter() - t1, "check_s": check_s}
         return results
 
     fn.stats = {}
