@@ -135,6 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("--world-size", type=int, required=True)
     ap.add_argument("--init-method", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--hard-exit", action="store_true",
+                    help="os._exit(0) once done (forked workers: skips teardown of DDP/gloo "
+                         "objects, which can hang in a forked child)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=a.init_method, rank=a.rank,
@@ -182,7 +185,12 @@ def main(argv=None) -> int:
         report["diverged_inputs"] = str(e)
     with open(os.path.join(a.out, f"report_rank{rank}.json"), "w") as f:
         json.dump(report, f)
+    dist.barrier()
     dist.destroy_process_group()
+    if a.hard_exit:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

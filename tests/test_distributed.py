@@ -23,11 +23,12 @@ from srlora.distributed import (assign_owners, check_engine, replica_state, shar
 ATOL, RTOL = 1e-6, 1e-5  # fp32; measured worst case 2.4e-7 absolute (tests/dist_worker.py model)
 
 
-def _launch(out: str, world: int = 2, timeout: float = 240.0) -> None:
+def _launch(out: str, world: int = 2, timeout: float = 120.0) -> None:
     ctx = mp.get_context("fork")
     init = f"file://{out}/store"
     procs = [ctx.Process(target=w.main, args=([f"--rank={r}", f"--world-size={world}",
-                                               f"--init-method={init}", f"--out={out}"],))
+                                               f"--init-method={init}", f"--out={out}",
+                                               "--hard-exit"],))
              for r in range(world)]
     for p in procs:
         p.start()
