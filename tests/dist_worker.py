@@ -2,13 +2,15 @@
 
 Importable (model, data, training loop, checkpoint helpers) and runnable as one rank:
     python tests/dist_worker.py --rank R --world-size 2 --init-method file:///tmp/store --out DIR
-Each rank trains on its half of every global batch under DDP (gloo, CPU), checks the replicas at
+Each rank trains on its half of every global batch under DDP (gloo, CPU), with gradient
+accumulation under no_sync(), checks the replicas at
 every switch, and saves under DIR: its replica state at step SAVE_AT and at the end, the
 checkpoint at SAVE_AT (rank 0), and a JSON report.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,6 +25,7 @@ from srlora.distributed import (ReplicaMismatchError, assert_replicas_identical,
 
 D_IN, D_H, D_OUT = 24, 32, 4
 GLOBAL_BATCH = 16
+ACCUM = 2          # micro-batches per optimizer step (gradient accumulation)
 TOTAL_STEPS = 28   # switches after steps 4, 8, 12, 16, 20, 24
 SAVE_AT = 14       # checkpoint between the third and fourth switch
 
@@ -64,17 +67,25 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 def train_steps(model, optimizer, controller, start: int, stop: int, rank: int = 0,
                 world: int = 1, on_switch=None) -> list[float]:
-    """Steps [start, stop): each rank takes its contiguous share of the global batch."""
+    """Steps [start, stop): each rank takes its contiguous share of the global batch, in ACCUM
+    micro-batches; under DDP all but the last run in no_sync(), so the gradients are reduced once,
+    before the optimizer step (and SRLoRA's hook) sees them."""
     b = GLOBAL_BATCH // world
     losses = []
     for step in range(start, stop):
         x, y = global_batch(step)
-        loss = F.cross_entropy(model(x[rank * b:(rank + 1) * b]), y[rank * b:(rank + 1) * b])
-        loss.backward()
+        xs, ys = x[rank * b:(rank + 1) * b].chunk(ACCUM), y[rank * b:(rank + 1) * b].chunk(ACCUM)
+        loss = 0.0
+        for j, (xj, yj) in enumerate(zip(xs, ys)):
+            local = j < ACCUM - 1 and hasattr(model, "no_sync")
+            with model.no_sync() if local else contextlib.nullcontext():
+                part = F.cross_entropy(model(xj), yj) / ACCUM
+                part.backward()
+            loss += part.item()
         before = controller.num_switches
         optimizer.step()  # the controller's post-hook: importance, step count, switch
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss)
         if on_switch is not None and controller.num_switches != before:
             on_switch(step + 1)
     return losses
