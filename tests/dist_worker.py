@@ -3,9 +3,9 @@
 Importable (model, data, training loop, checkpoint helpers) and runnable as one rank:
     python tests/dist_worker.py --rank R --world-size 2 --init-method file:///tmp/store --out DIR
 Each rank trains on its half of every global batch under DDP (gloo, CPU), with gradient
-accumulation under no_sync(), checks the replicas at
-every switch, and saves under DIR: its replica state at step SAVE_AT and at the end, the
-checkpoint at SAVE_AT (rank 0), and a JSON report.
+accumulation under no_sync(), checks the replicas at every switch, and saves under DIR: its
+replica state at step SAVE_AT and at the end, the checkpoint at SAVE_AT (rank 0), and a JSON
+report.
 """
 from __future__ import annotations
 
