@@ -159,6 +159,19 @@ def test_wrap_refused_under_accelerate_fsdp_or_deepspeed_launch(monkeypatch):
     srlora.wrap(w.build_base(), srlora.SRLoRAConfig(r=4, target_modules=["fc1"], method="lora"))
 
 
+def test_accelerator_with_sharded_engine_refused(monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    Accelerator(cpu=True)
+    assert sharding_reason() is None
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        monkeypatch.setitem(AcceleratorState._shared_state, "distributed_type", kind)
+        with pytest.raises(srlora.UnsupportedEngineError, match=kind.name):
+            srlora.wrap(w.build_base(), w.config())
+
+
 def test_deepspeed_objects_refused():
     engine_cls = type("DeepSpeedEngine", (torch.nn.Module,),
                       {"__module__": "deepspeed.runtime.engine"})
