@@ -112,7 +112,7 @@ def _checkpoint_params(peft_model, controller) -> dict[str, torch.Tensor]:
 def save_training_state(path: str, peft_model, controller, optimizer) -> None:
     """Rank 0 saves what a resume needs. Uses srlora.save_checkpoint once the library has it."""
     if hasattr(srlora, "save_checkpoint"):
-        srlora.save_checkpoint(path, peft_model, controller, optimizer)
+        srlora.save_checkpoint(path, model=peft_model, controller=controller, optimizer=optimizer)
         return
     torch.save({"params": _checkpoint_params(peft_model, controller),
                 "controller": controller.state_dict(), "optimizer": optimizer.state_dict()}, path)
@@ -120,7 +120,7 @@ def save_training_state(path: str, peft_model, controller, optimizer) -> None:
 
 def load_training_state(path: str, peft_model, controller, optimizer) -> None:
     if hasattr(srlora, "load_checkpoint"):
-        srlora.load_checkpoint(path, peft_model, controller, optimizer)
+        srlora.load_checkpoint(path, model=peft_model, controller=controller, optimizer=optimizer)
         return
     sd = torch.load(path, weights_only=False)
     params = dict(peft_model.named_parameters())
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     torch.save(snapshot(ddp, controller, optimizer),
                os.path.join(a.out, f"state{SAVE_AT}_rank{rank}.pt"))
     if rank == 0:
-        save_training_state(os.path.join(a.out, "ckpt.pt"), peft_model, controller, optimizer)
+        save_training_state(os.path.join(a.out, "ckpt"), peft_model, controller, optimizer)
     losses += train_steps(ddp, optimizer, controller, SAVE_AT, TOTAL_STEPS, rank, world, on_switch)
     torch.save(snapshot(ddp, controller, optimizer), os.path.join(a.out, f"final_rank{rank}.pt"))
     report.update(losses=losses, checked=checked, switches=controller.num_switches,

@@ -114,7 +114,7 @@ def test_two_processes_match_one_process(run2):
 
 def test_resume_in_one_process_from_distributed_checkpoint(run2):
     model, controller, optimizer = w.new_run()
-    w.load_training_state(os.path.join(run2["out"], "ckpt.pt"), model, controller, optimizer)
+    w.load_training_state(os.path.join(run2["out"], "ckpt"), model, controller, optimizer)
     saved = run2["load"](f"state{w.SAVE_AT}_rank0.pt")
     now = replica_state(model, controller, optimizer)
     assert sorted(now) == sorted(saved)
