@@ -4,10 +4,13 @@ from ._errors import (CheckpointMismatchError, SRLoRAError, SVDInputError,
 from .config import SRLoRAConfig
 from .controller import SRLoRAController
 from .wrap import wrap
+from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from .export import ExportResult, export_adapter, save_merged
 from . import distributed
 
 __version__ = "0.1.0"
 
 __all__ = ["SRLoRAConfig", "SRLoRAController", "wrap", "SRLoRAError", "SVDInputError",
            "UnsupportedModuleError", "UnsupportedEngineError", "CheckpointMismatchError",
-           "distributed", "__version__"]
+           "__version__", "save_checkpoint", "load_checkpoint", "read_manifest", "export_adapter",
+           "save_merged", "ExportResult", "distributed"]

@@ -25,10 +25,11 @@ SVDFn = Callable[[list[AdaptedLayer], list[int]], list[tuple[torch.Tensor, torch
 
 def _unwrap_optimizer(optimizer):
     inner = optimizer
-    while getattr(inner, "optimizer", None) is not None and inner.optimizer is not inner:
-        # accelerate's AcceleratedOptimizer (itself a torch Optimizer subclass, whose step()
-        # only calls the inner one's when gradients sync), Lightning wrappers, ...
-        inner = inner.optimizer
+    # accelerate's AcceleratedOptimizer (itself a torch.optim.Optimizer subclass that never runs
+    # Optimizer.__init__), Lightning wrappers, ...: hook the innermost optimizer
+    while (nxt := getattr(inner, "optimizer", None)) is not None and nxt is not inner \
+            and hasattr(nxt, "param_groups"):
+        inner = nxt
     if not isinstance(inner, torch.optim.Optimizer):
         raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper exposing "
                         f".optimizer), got {type(optimizer).__name__}")

@@ -62,6 +62,9 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
         check_engine(model)  # FSDP / DeepSpeed: refused before the model is touched
     pcfg = lora_config(config)
     targets = _targets(model, pcfg)
+    if any(type(m).__name__ == "Conv1D" for _, m in targets) and \
+            "fan_in_fan_out" not in config.extra_lora_kwargs:
+        pcfg.fan_in_fan_out = True  # GPT-2's Conv1D stores W transposed
     if not targets:
         raise SRLoRAError(f"SRLoRAConfig.target_modules = {config.target_modules!r} matches "
                           f"no module of {type(model).__name__}")

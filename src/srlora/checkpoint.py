@@ -1,0 +1,407 @@
+"""Exact checkpoint and resume: ``save_checkpoint`` / ``load_checkpoint``.
+
+SRLoRA writes into the frozen weights (the PiSSA residual at init, fused pairs at each switch),
+so an adapter file alone cannot rebuild a run. A checkpoint directory holds everything:
+
+  model.safetensors       adapted base weights, every trainable tensor (LoRA factors,
+                          modules_to_save), buffers
+  controller.safetensors  the controller's tensors (SVD cache, ledger, original copies,
+                          importance state)
+  controller.json         the controller's plain data (pointers, step counters, history)
+  training_state.pt       optimizer, scheduler and RNG states; loads with weights_only=True
+  manifest.json           format version, config, module shapes, step, file sizes + SHA-256,
+                          a fingerprint of the frozen weights it does not store
+
+Saving writes a temporary directory and renames it into place. Loading reads and checks
+everything (checksums, keys, shapes, dtypes, config, base-model fingerprint, optimizer layout)
+before it writes anything into the live objects, and raises CheckpointMismatchError naming the
+difference otherwise.
+"""
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ._ckpt_io import (MANIFEST, atomic_directory, check_weights_only, fsync_file, join_tensors,
+                       resolve_checkpoint_dir, sha256_file, split_tensors, verify_files,
+                       write_json)
+from ._errors import CheckpointMismatchError
+from .controller import SRLoRAController, _unwrap_optimizer
+
+FORMAT = "srlora-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+CONTROLLER_TENSORS = "controller.safetensors"
+CONTROLLER_JSON = "controller.json"
+TRAINING_STATE = "training_state.pt"
+_CONFIG_MAY_DIFFER = ("total_steps", "offload_device")
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_manifest"]
+
+
+# ---------------------------------------------------------------------- what is saved
+def _resolve_model(model, controller: SRLoRAController):
+    if not isinstance(controller, SRLoRAController):
+        raise TypeError(f"controller must be an SRLoRAController, got {type(controller).__name__}")
+    if model is None:
+        return controller.model
+    if model is not controller.model:
+        raise ValueError("model is not the model this controller adapts (pass the PeftModel "
+                         "returned by srlora.wrap together with its controller)")
+    return model
+
+
+def _saved_tensors(model, controller: SRLoRAController) -> dict[str, torch.Tensor]:
+    """Live tensors a checkpoint stores: adapted base weights, trainable parameters, buffers."""
+    base = {id(L.base_weight) for L in controller.layers}
+    out = {name: p for name, p in model.named_parameters() if p.requires_grad or id(p) in base}
+    out.update(dict(model.named_buffers()))
+    return out
+
+
+def _fingerprinted(model, controller: SRLoRAController, saved: dict) -> dict[str, torch.Tensor]:
+    """Frozen weights the checkpoint relies on without storing: they must match on load.
+
+    For method='lora' the adapted base weights never change, so they are checked too.
+    """
+    out = {n: p for n, p in model.named_parameters() if n not in saved}
+    if controller.config.method == "lora":
+        base = {id(L.base_weight) for L in controller.layers}
+        out.update({n: p for n, p in model.named_parameters() if id(p) in base})
+    return out
+
+
+@torch.no_grad()
+def _fingerprint(t: torch.Tensor) -> list[float]:
+    """Two float64 sums that change when the tensor's values (or their order) change."""
+    x = t.detach().reshape(-1).double()
+    by_position = torch.nn.functional.pad(x.abs(), (0, (-x.numel()) % 3)).reshape(-1, 3).sum(0)
+    return [float((x * x).sum()), float(by_position @ torch.tensor([1.0, 2.0, 3.0],
+                                                                    dtype=torch.float64,
+                                                                    device=x.device))]
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate())}
+    try:
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos),
+                          int(has_gauss), float(cached)]
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    if "numpy" in state:
+        import numpy as np
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            warnings.warn(f"checkpoint holds CUDA RNG states of {len(state['cuda'])} devices, "
+                          f"this process sees {torch.cuda.device_count()}: CUDA RNG not restored",
+                          RuntimeWarning, stacklevel=3)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _normalized(x):
+    return json.loads(json.dumps(x))
+
+
+# ---------------------------------------------------------------------- save
+def save_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer=None,
+                    scheduler=None, rng: bool = True, extra: Optional[dict] = None) -> Path:
+    """Save everything needed to resume an SRLoRA run exactly, atomically, into directory ``path``.
+
+    ``model`` is the PeftModel from ``srlora.wrap`` (default: ``controller.model``). ``optimizer``
+    may be an accelerate wrapper. An existing checkpoint at ``path`` is replaced only once the
+    new one is complete; an existing directory that is not a checkpoint is refused. Call it on
+    one process only. ``extra`` (JSON-able) is kept in the manifest. Returns the directory.
+    """
+    model = _resolve_model(model, controller)
+    live = _saved_tensors(model, controller)
+    skeleton, ctensors = split_tensors(controller.state_dict())
+    state: dict = {}
+    inner = _unwrap_optimizer(optimizer) if optimizer is not None else None
+    if inner is not None:
+        state["optimizer"] = inner.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if rng:
+        state["rng"] = _rng_state()
+    check_weights_only(state, "training state")  # raises before anything is written
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "srlora_version": _version(), "torch_version": torch.__version__,
+        "step": controller.global_step, "num_switches": controller.num_switches,
+        "config": _normalized(controller.config.to_dict()),
+        "modules": {L.name: {"shape": list(L.shape), "r": L.r, "scaling": L.scaling,
+                             "base_dtype": str(L.base_weight.dtype).replace("torch.", "")}
+                    for L in controller.layers},
+        "model_tensors": {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                          for k, t in live.items()},
+        "base_fingerprint": {n: _fingerprint(p) for n, p in
+                             _fingerprinted(model, controller, live).items()},
+        "optimizer": type(inner).__name__ if inner is not None else None,
+        "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+        "rng": bool(rng),
+        "extra": _normalized(extra or {}),
+    }
+    with atomic_directory(Path(path), _is_checkpoint) as tmp:
+        save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in live.items()},
+                  str(tmp / MODEL_FILE))
+        save_file(ctensors, str(tmp / CONTROLLER_TENSORS))
+        write_json(tmp / CONTROLLER_JSON, skeleton)
+        names = [MODEL_FILE, CONTROLLER_TENSORS, CONTROLLER_JSON]
+        if state:
+            torch.save(state, tmp / TRAINING_STATE)
+            names.append(TRAINING_STATE)
+        for n in names:
+            fsync_file(tmp / n)
+        manifest["files"] = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
+                             for n in names}
+        write_json(tmp / MANIFEST, manifest)  # last: a directory without it is incomplete
+    return Path(path)
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+# ---------------------------------------------------------------------- load: read + check
+def read_manifest(path) -> dict:
+    """The manifest of the checkpoint at ``path`` (format, config, step, modules, files)."""
+    directory, _ = resolve_checkpoint_dir(Path(path))
+    return _read_manifest(directory)
+
+
+def _read_manifest(directory: Path) -> dict:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointMismatchError(f"{directory / MANIFEST} is not valid JSON ({e}): "
+                                      "corrupted checkpoint") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{directory} is not an srlora checkpoint")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointMismatchError(f"checkpoint format version {manifest.get('format_version')}"
+                                      f", this srlora reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def _read_files(directory: Path, manifest: dict) -> tuple[dict, dict, dict]:
+    verify_files(directory, manifest["files"])
+    try:
+        saved_model = load_file(str(directory / MODEL_FILE))
+        ctrl = join_tensors(json.loads((directory / CONTROLLER_JSON).read_text(encoding="utf-8")),
+                            load_file(str(directory / CONTROLLER_TENSORS)))
+        state = (torch.load(directory / TRAINING_STATE, weights_only=True, map_location="cpu")
+                 if TRAINING_STATE in manifest["files"] else {})
+    except CheckpointMismatchError:
+        raise
+    except Exception as e:  # unreadable despite matching checksums: written by something else
+        raise CheckpointMismatchError(f"cannot read checkpoint {directory}: {e}") from e
+    return saved_model, ctrl, state
+
+
+def _first(names, k: int = 3) -> list:
+    return sorted(names)[:k]
+
+
+def _check_config(manifest: dict, controller: SRLoRAController) -> None:
+    mine = _normalized(controller.config.to_dict())
+    saved = manifest["config"]
+    diff = {k: (saved.get(k), v) for k, v in mine.items()
+            if k not in _CONFIG_MAY_DIFFER and saved.get(k) != v}
+    if diff:
+        raise CheckpointMismatchError(f"SRLoRA config differs, field: (saved, current): {diff}")
+    saved_mods = manifest["modules"]
+    names = [L.name for L in controller.layers]
+    if set(saved_mods) != set(names):
+        raise CheckpointMismatchError(
+            f"adapted modules differ: only in checkpoint {_first(set(saved_mods) - set(names))}, "
+            f"only in model {_first(set(names) - set(saved_mods))}")
+    for L in controller.layers:
+        s = saved_mods[L.name]
+        if tuple(s["shape"]) != tuple(L.shape) or s["r"] != L.r:
+            raise CheckpointMismatchError(f"module {L.name}: saved shape {tuple(s['shape'])} "
+                                          f"rank {s['r']}, model has {tuple(L.shape)} rank {L.r}")
+
+
+def _check_model_tensors(saved: dict, live: dict) -> None:
+    if set(saved) != set(live):
+        raise CheckpointMismatchError(
+            f"model tensors differ: only in checkpoint {_first(set(saved) - set(live))}, only in "
+            f"model {_first(set(live) - set(saved))} (a different model or adapter config?)")
+    for k, t in live.items():
+        s = saved[k]
+        if tuple(s.shape) != tuple(t.shape) or s.dtype != t.dtype:
+            raise CheckpointMismatchError(f"tensor {k}: saved {tuple(s.shape)} {s.dtype}, "
+                                          f"model has {tuple(t.shape)} {t.dtype}")
+
+
+def _check_base(manifest: dict, model, controller: SRLoRAController, live: dict) -> None:
+    saved_fp = manifest["base_fingerprint"]
+    current = _fingerprinted(model, controller, live)
+    if set(saved_fp) != set(current):
+        raise CheckpointMismatchError(
+            f"frozen weights differ: only in checkpoint {_first(set(saved_fp) - set(current))}, "
+            f"only in model {_first(set(current) - set(saved_fp))}")
+    for name, p in current.items():
+        now = _fingerprint(p)
+        if any(abs(a - b) > 1e-6 * max(abs(a), abs(b)) + 1e-12 for a, b in zip(saved_fp[name], now)):
+            raise CheckpointMismatchError(
+                f"frozen weight {name} differs from the one the checkpoint was saved on: load "
+                "into a fresh srlora.wrap of the same base model")
+
+
+def _check_controller(sd: dict, controller: SRLoRAController) -> None:
+    for key in ("global_step", "num_switches", "history", "modules"):
+        if key not in sd:
+            raise CheckpointMismatchError(f"controller state lacks {key!r}")
+    if set(sd["modules"]) != {st.layer.name for st in controller.modules}:
+        raise CheckpointMismatchError("controller state covers other modules than the model's")
+    for st in controller.modules:
+        m, name = sd["modules"][st.layer.name], st.layer.name
+        for key in ("U", "S", "Vh", "FB", "FA"):
+            if key not in m or tuple(m[key].shape) != tuple(getattr(st, key).shape):
+                raise CheckpointMismatchError(
+                    f"{name}.{key}: saved {tuple(m[key].shape) if key in m else 'nothing'}, "
+                    f"current {tuple(getattr(st, key).shape)}")
+        if not (isinstance(m.get("p"), int) and min(st.layer.r, st.K) <= m["p"] <= st.K
+                or controller.config.method == "lora"):
+            raise CheckpointMismatchError(f"{name}: pointer {m.get('p')!r} out of range "
+                                          f"[{min(st.layer.r, st.K)}, {st.K}]")
+        if (st.original is not None) != ("original" in m):
+            raise CheckpointMismatchError(f"{name}: original-weight copy present in "
+                                          f"{'model' if st.original is not None else 'checkpoint'}"
+                                          " only (keep_original or base dtype differs)")
+        if st.original is not None and m["original"].shape != st.original.shape:
+            raise CheckpointMismatchError(f"{name}.original: saved {tuple(m['original'].shape)}, "
+                                          f"current {tuple(st.original.shape)}")
+        # same base model: the SVD of the original weight is the same (to SVD rounding)
+        if not torch.allclose(m["S"].float(), st.S.float().cpu(), rtol=1e-3,
+                              atol=1e-6 * float(st.S.abs().max().clamp_min(1e-30))):
+            raise CheckpointMismatchError(
+                f"{name}: the singular values of the original weight differ from the saved ones:"
+                " the checkpoint was made on another base model")
+    if controller.importance is not None:
+        imp = sd.get("importance")
+        if imp is None or any(k not in imp for k in ("ibar", "ubar", "updates", "skipped")):
+            raise CheckpointMismatchError("controller state lacks the importance state")
+        for key in ("ibar", "ubar"):
+            if imp[key].numel() != controller.importance.numel:
+                raise CheckpointMismatchError(f"importance {key} has {imp[key].numel()} elements, "
+                                              f"the model needs {controller.importance.numel}")
+
+
+def _check_optimizer(osd: Optional[dict], inner: torch.optim.Optimizer, manifest: dict) -> None:
+    if osd is None:
+        raise CheckpointMismatchError("an optimizer was given but the checkpoint holds no "
+                                      "optimizer state")
+    if manifest["optimizer"] != type(inner).__name__:
+        raise CheckpointMismatchError(f"optimizer differs: saved {manifest['optimizer']}, "
+                                      f"current {type(inner).__name__}")
+    groups, saved_groups = inner.param_groups, osd["param_groups"]
+    if len(saved_groups) != len(groups):
+        raise CheckpointMismatchError(f"optimizer has {len(groups)} parameter groups, the "
+                                      f"checkpoint {len(saved_groups)}")
+    for i, (sg, g) in enumerate(zip(saved_groups, groups)):
+        if len(sg["params"]) != len(g["params"]):
+            raise CheckpointMismatchError(f"optimizer group {i}: {len(g['params'])} parameters, "
+                                          f"the checkpoint {len(sg['params'])}")
+    by_index = dict(zip([i for sg in saved_groups for i in sg["params"]],
+                        [p for g in groups for p in g["params"]]))
+    for idx, st in osd["state"].items():
+        p = by_index.get(idx)
+        if p is None:
+            raise CheckpointMismatchError(f"optimizer state for unknown parameter index {idx}")
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                raise CheckpointMismatchError(f"optimizer state {k!r} of parameter {idx}: saved "
+                                              f"{tuple(v.shape)}, parameter {tuple(p.shape)}")
+
+
+def _check_scheduler(ssd: Optional[dict], scheduler, manifest: dict) -> None:
+    if ssd is None:
+        raise CheckpointMismatchError("a scheduler was given but the checkpoint holds no "
+                                      "scheduler state")
+    if manifest["scheduler"] != type(scheduler).__name__:
+        raise CheckpointMismatchError(f"scheduler differs: saved {manifest['scheduler']}, "
+                                      f"current {type(scheduler).__name__}")
+    mine = scheduler.state_dict()
+    if set(ssd) != set(mine):
+        raise CheckpointMismatchError(f"scheduler state keys differ: saved {sorted(ssd)}, "
+                                      f"current {sorted(mine)}")
+
+
+# ---------------------------------------------------------------------- load
+def load_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer=None,
+                    scheduler=None, restore_rng: Optional[bool] = None) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` into freshly wrapped objects.
+
+    The objects must be built as for the saved run: ``srlora.wrap`` of a fresh copy of the same
+    base model with the same config, and an optimizer (and scheduler) built the same way. Every
+    file, key, shape, dtype and the config are checked first; on any difference a
+    CheckpointMismatchError names it and nothing has been changed. ``restore_rng``: None
+    restores the saved RNG states if the checkpoint has them, True requires them, False leaves
+    the current ones. Returns the manifest.
+    """
+    model = _resolve_model(model, controller)
+    directory, recovered = resolve_checkpoint_dir(Path(path))
+    if recovered:
+        warnings.warn(f"{path} is missing (a save was interrupted while replacing it); loading "
+                      f"the previous checkpoint from {directory}", RuntimeWarning, stacklevel=2)
+    manifest = _read_manifest(directory)
+    saved_model, ctrl, state = _read_files(directory, manifest)
+    live = _saved_tensors(model, controller)
+    _check_config(manifest, controller)
+    _check_model_tensors(saved_model, live)
+    _check_base(manifest, model, controller, live)
+    _check_controller(ctrl, controller)
+    inner = _unwrap_optimizer(optimizer) if optimizer is not None else None
+    if inner is not None:
+        _check_optimizer(state.get("optimizer"), inner, manifest)
+    if scheduler is not None:
+        _check_scheduler(state.get("scheduler"), scheduler, manifest)
+    if restore_rng is None:
+        restore_rng = "rng" in state
+    if restore_rng and "rng" not in state:
+        raise CheckpointMismatchError("restore_rng=True but the checkpoint holds no RNG state "
+                                      "(saved with rng=False)")
+    # everything checked: write
+    with torch.no_grad():
+        for k, t in live.items():
+            t.copy_(saved_model[k])
+    ctrl["config"] = controller.config.to_dict() | {k: ctrl["config"].get(k)
+                                                    for k in _CONFIG_MAY_DIFFER}
+    controller.load_state_dict(ctrl)
+    if inner is not None:
+        inner.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        _set_rng_state(state["rng"])
+    return manifest

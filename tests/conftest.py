@@ -1,0 +1,55 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+class TinyNet(nn.Module):
+    """Two adaptable linears named like BERT's attention projections, and a head."""
+
+    def __init__(self, d_in=32, d_hidden=24, d_out=3, dtype=torch.float32):
+        super().__init__()
+        self.query = nn.Linear(d_in, d_hidden, dtype=dtype)
+        self.value = nn.Linear(d_hidden, d_in, dtype=dtype)
+        self.head = nn.Linear(d_in, d_out, dtype=dtype)
+
+    def forward(self, x):
+        return self.head(self.value(torch.tanh(self.query(x))))
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative Frobenius difference |a-b| / |b| in fp64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def tiny_bert(num_labels=2, **kw):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32, num_labels=num_labels, **kw)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def train_steps(model, controller, x, steps, lr=1e-2, attach=True):
+    """A few AdamW steps on a fixed batch with the controller attached; returns the optimizer."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    if attach:
+        controller.attach(opt)
+    for _ in range(steps):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
