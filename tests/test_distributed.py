@@ -274,3 +274,16 @@ def test_accelerate_example_with_gradient_accumulation():
     last = out.strip().splitlines()[-1]
     assert last.startswith("replicas identical:") and "on 2 ranks" in last, out[-2000:]
     assert "12 optimizer steps (24 micro-batches per rank) and 6 switches" in last
+
+
+def test_docs_excerpts_are_in_the_examples():
+    import re
+
+    text = open(os.path.join(ROOT, "docs", "distributed.md")).read()
+    blocks = re.findall(r"```python\n# excerpt of (\S+)\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    for path, body in blocks:
+        source = {line.strip() for line in open(os.path.join(ROOT, path))}
+        for line in body.splitlines():
+            if line.strip() and not line.strip().startswith("# ..."):
+                assert line.strip() in source, f"{path}: {line.strip()!r}"
