@@ -102,33 +102,14 @@ def effective_weights(controller) -> list[torch.Tensor]:
     return [L.W().float() + L.scaling * L.B().float() @ L.A().float() for L in controller.layers]
 
 
-# ---------------------------------------------------------------- checkpoint (until srlora has one)
-def _checkpoint_params(peft_model, controller) -> dict[str, torch.Tensor]:
-    adapted = {id(L.base_weight) for L in controller.layers}
-    return {n: p.detach().clone() for n, p in peft_model.named_parameters()
-            if p.requires_grad or id(p) in adapted}
-
-
+# ---------------------------------------------------------------- checkpoint
 def save_training_state(path: str, peft_model, controller, optimizer) -> None:
-    """Rank 0 saves what a resume needs. Uses srlora.save_checkpoint once the library has it."""
-    if hasattr(srlora, "save_checkpoint"):
-        srlora.save_checkpoint(path, model=peft_model, controller=controller, optimizer=optimizer)
-        return
-    torch.save({"params": _checkpoint_params(peft_model, controller),
-                "controller": controller.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    """Rank 0 saves what a resume needs (every rank holds the same state)."""
+    srlora.save_checkpoint(path, model=peft_model, controller=controller, optimizer=optimizer)
 
 
 def load_training_state(path: str, peft_model, controller, optimizer) -> None:
-    if hasattr(srlora, "load_checkpoint"):
-        srlora.load_checkpoint(path, model=peft_model, controller=controller, optimizer=optimizer)
-        return
-    sd = torch.load(path, weights_only=False)
-    params = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for name, t in sd["params"].items():
-            params[name].copy_(t)
-    controller.load_state_dict(sd["controller"])
-    optimizer.load_state_dict(sd["optimizer"])
+    srlora.load_checkpoint(path, model=peft_model, controller=controller, optimizer=optimizer)
 
 
 def snapshot(model, controller, optimizer) -> dict:
