@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -66,7 +67,7 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def train_steps(model, optimizer, controller, start: int, stop: int, rank: int = 0,
-                world: int = 1, on_switch=None) -> list[float]:
+                world: int = 1, on_switch=None, dtype=torch.float32) -> list[float]:
     """Steps [start, stop): each rank takes its contiguous share of the global batch, in ACCUM
     micro-batches; under DDP all but the last run in no_sync(), so the gradients are reduced once,
     before the optimizer step (and SRLoRA's hook) sees them."""
@@ -79,7 +80,7 @@ def train_steps(model, optimizer, controller, start: int, stop: int, rank: int =
         for j, (xj, yj) in enumerate(zip(xs, ys)):
             local = j < ACCUM - 1 and hasattr(model, "no_sync")
             with model.no_sync() if local else contextlib.nullcontext():
-                part = F.cross_entropy(model(xj), yj) / ACCUM
+                part = F.cross_entropy(model(xj.to(dtype)).float(), yj) / ACCUM
                 part.backward()
             loss += part.item()
         before = controller.num_switches
@@ -157,6 +158,17 @@ def main(argv=None) -> int:
     report.update(losses=losses, checked=checked, switches=controller.num_switches,
                   change=[float((w - b).norm() / b.norm())
                           for w, b in zip(effective_weights(controller), before)])
+
+    # bf16 base weights: the controller keeps fp32 originals and rebuilds W from them at switches
+    bf_model, bf_ctl = srlora.wrap(build_base().to(torch.bfloat16),
+                                   dataclasses.replace(config(), total_steps=12))
+    bf_opt = make_optimizer(bf_model)
+    bf_ctl.attach(bf_opt)
+    bf_ddp = DDP(bf_model)
+    train_steps(bf_ddp, bf_opt, bf_ctl, 0, 12, rank, world, dtype=torch.bfloat16)
+    report["bf16"] = {"switches": bf_ctl.num_switches,
+                      "checked": assert_replicas_identical(bf_ddp, bf_ctl)}
+    torch.save(snapshot(bf_ddp, bf_ctl, bf_opt), os.path.join(a.out, f"bf16_rank{rank}.pt"))
 
     # the check must fail when one rank differs by one ulp in one element
     with torch.no_grad():

@@ -90,6 +90,16 @@ def test_ranks_bitwise_identical_after_every_switch(run2):
         assert not bad, f"{name}: differ across ranks: {bad[:5]}"
 
 
+def test_bf16_base_weights_bitwise_identical(run2):
+    assert run2["reports"][0]["bf16"]["switches"] == 6
+    s0, s1 = run2["load"]("bf16_rank0.pt"), run2["load"]("bf16_rank1.pt")
+    originals = [k for k in s0 if k.endswith("/original")]
+    assert len(originals) == 3 and all(s0[k].dtype == torch.bfloat16 for k in originals)
+    assert all(s0[k].dtype == torch.bfloat16 for k in s0 if k.startswith("base/"))
+    bad = [k for k in s0 if not _bitwise_equal(s0[k], s1[k])]
+    assert not bad, f"differ across ranks: {bad[:5]}"
+
+
 def test_replica_check_catches_one_ulp_and_different_checkpoints(run2):
     for rep in run2["reports"]:
         assert "1 of" in rep["perturbed"] and "fc2.lora_B" in rep["perturbed"]
