@@ -187,6 +187,21 @@ def main(argv=None) -> int:
         report["diverged_inputs"] = None
     except ReplicaMismatchError as e:
         report["diverged_inputs"] = str(e)
+    # ... and an SVD that fails on one rank must raise on every rank (no rank left waiting)
+    import srlora.distributed as sd
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected SVD failure")
+
+    real, sd.top_singular_directions = sd.top_singular_directions, (broken if rank == 1 else
+                                                                    sd.top_singular_directions)
+    try:
+        srlora.wrap(build_base(), config())
+        report["svd_failure"] = None
+    except RuntimeError as e:
+        report["svd_failure"] = str(e)
+    finally:
+        sd.top_singular_directions = real
     with open(os.path.join(a.out, f"report_rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.barrier()

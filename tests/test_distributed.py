@@ -107,6 +107,12 @@ def test_replica_check_catches_one_ulp_and_different_checkpoints(run2):
         assert "target weight(s) before the SVD set-up differ" in rep["diverged_inputs"]
 
 
+def test_svd_failure_on_one_rank_raises_on_every_rank(run2):
+    r0, r1 = run2["reports"]
+    assert "failed on another rank" in r0["svd_failure"]
+    assert r1["svd_failure"] == "injected SVD failure"
+
+
 def test_svd_set_up_split_across_ranks(run2):
     s0, s1 = (rep["svd"] for rep in run2["reports"])
     costs = [32 * 24 * 16, 32 * 32 * 16, 4 * 32 * 4]  # m * n * k of fc1, fc2, head

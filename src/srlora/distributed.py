@@ -112,20 +112,31 @@ def shared_svd_fn(config, group=None, check_inputs: bool = True):
     """
     def fn(layers, ks):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        t = time.perf_counter()
+        dev, results = _comm_device(group), []
+        start = time.perf_counter()
         if check_inputs:
-            _check_same(dict((L.name, tensor_digest(L.W())) for L in layers),
+            _check_same({L.name: tensor_digest(L.W()) for L in layers},
                         "target weight(s) before the SVD set-up",
-                        "load the same checkpoint (and seed) on every rank", group)
+                        "Load the same checkpoint (and seed) on every rank.", group)
         ks = [min(k, *L.shape) for L, k in zip(layers, ks)]
         owners = assign_owners([L.shape[0] * L.shape[1] * k for L, k in zip(layers, ks)], world)
         t0 = time.perf_counter()
-        check_s = t0 - t
-        mine = {i: top_singular_directions(L.W(), k, config.svd_method, config.svd_oversample,
-                                           config.svd_niter, config.svd_seed, name=L.name)
-                for i, (L, k) in enumerate(zip(layers, ks)) if owners[i] == rank}
+        error, mine = None, {}
+        try:
+            for i, (L, k) in enumerate(zip(layers, ks)):
+                if owners[i] == rank:
+                    mine[i] = top_singular_directions(L.W(), k, config.svd_method,
+                                                      config.svd_oversample, config.svd_niter,
+                                                      config.svd_seed, name=L.name)
+        except Exception as e:  # tell the other ranks before they wait on our broadcasts
+            error = e
+        failed = torch.tensor([0.0 if error is None else 1.0], device=dev)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RuntimeError("SRLoRA's SVD set-up failed on another rank (see its error)")
         t1 = time.perf_counter()
-        dev, results = _comm_device(group), []
         for i, (L, k) in enumerate(zip(layers, ks)):
             m, n = L.shape
             if i in mine:
@@ -137,7 +148,8 @@ def shared_svd_fn(config, group=None, check_inputs: bool = True):
             results.append((buf[:m * k].view(m, k), buf[m * k:m * k + k],
                             buf[m * k + k:].view(k, n)))
         fn.stats = {"owners": owners, "computed": [i for i, o in enumerate(owners) if o == rank],
-                    "svd_s": t1 - t0, "broadcast_s": time.perf_counter() - t1, "check_s": check_s}
+                    "check_s": t0 - start, "svd_s": t1 - t0,
+                    "broadcast_s": time.perf_counter() - t1}
         return results
 
     fn.stats = {}
