@@ -1,12 +1,18 @@
 import os
 
-import pytest
-import torch
+# One thread per process: on a loaded 2-core machine OpenMP's spinning makes 2-thread LAPACK
+# calls (SVD, QR) up to 100x slower; the tests' tensors are small enough that 1 thread loses
+# nothing. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(1)
 
 
 class TinyNet(nn.Module):
