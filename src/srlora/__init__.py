@@ -1,15 +1,16 @@
 """srlora: SRLoRA (arXiv 2505.12433) on PEFT's LoRA layers, with LoRA and PiSSA baselines."""
 from ._errors import (CheckpointMismatchError, SRLoRAError, SVDInputError,
-                      UnsupportedModuleError)
+                      UnsupportedEngineError, UnsupportedModuleError)
 from .config import SRLoRAConfig
 from .controller import SRLoRAController
 from .wrap import wrap
 from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from .export import ExportResult, export_adapter, save_merged
+from . import distributed
 
 __version__ = "0.1.0"
 
 __all__ = ["SRLoRAConfig", "SRLoRAController", "wrap", "SRLoRAError", "SVDInputError",
-           "UnsupportedModuleError", "CheckpointMismatchError", "__version__",
-           "save_checkpoint", "load_checkpoint", "read_manifest", "export_adapter", "save_merged",
-           "ExportResult"]
+           "UnsupportedModuleError", "UnsupportedEngineError", "CheckpointMismatchError",
+           "__version__", "save_checkpoint", "load_checkpoint", "read_manifest", "export_adapter",
+           "save_merged", "ExportResult", "distributed"]

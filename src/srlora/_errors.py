@@ -15,3 +15,7 @@ class UnsupportedModuleError(SRLoRAError):
 
 class CheckpointMismatchError(SRLoRAError):
     """A checkpoint does not fit the objects it is loaded into."""
+
+
+class UnsupportedEngineError(SRLoRAError):
+    """The training engine shards the weights SRLoRA rewrites (FSDP, DeepSpeed ZeRO)."""

@@ -141,6 +141,9 @@ class SRLoRAController:
         Accepts wrappers that expose ``.optimizer`` (accelerate). Checks that the optimizer
         trains the adapter's factors and that the schedule is known, before hooking in.
         """
+        if self.config.method == "srlora":
+            from .distributed import check_engine
+            check_engine(self.model, optimizer)  # FSDP / DeepSpeed: refused, naming what works
         inner = _unwrap_optimizer(optimizer)
         trained = {id(p) for g in inner.param_groups for p in g["params"]}
         missing = [L.name for L in self.layers if id(L.lora_A) not in trained
@@ -217,6 +220,8 @@ class SRLoRAController:
         if self.config.method != "srlora":
             raise RuntimeError(f"switch_now() applies to method='srlora', not "
                                f"{self.config.method!r}")
+        from .distributed import check_engine
+        check_engine(self.model)  # parameters sharded since set-up: refuse before any edit
         if int(self.importance.updates) == 0:
             self._warn_once("noimp", "SRLoRA: switching before any importance update; the "
                             "pairs to fuse are chosen by index, not by importance. Is the "

@@ -57,6 +57,9 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
     if config.target_modules is None:
         from dataclasses import replace
         config = replace(config, target_modules=_default_targets(model))
+    if config.method == "srlora":
+        from .distributed import check_engine
+        check_engine(model)  # FSDP / DeepSpeed: refused before the model is touched
     pcfg = lora_config(config)
     targets = _targets(model, pcfg)
     if any(type(m).__name__ == "Conv1D" for _, m in targets) and \
@@ -80,5 +83,8 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
     if config.method != "lora":
         for L in layers:
             check_supported(L.name, L.layer.get_base_layer())
+    if svd_fn is None and config.method != "lora":
+        from .distributed import default_svd_fn
+        svd_fn = default_svd_fn(config)  # under torch.distributed: computed once, broadcast
     controller = SRLoRAController(peft_model, config, layers, svd_fn=svd_fn)
     return peft_model, controller
