@@ -180,16 +180,22 @@ def srlora_config(shape: Shape, total_steps: int, switch_interval: Optional[int]
                         switch_interval=switch_interval)
 
 
+MIN_SWITCH_INTERVAL = 5
+
+
 def schedule_for(shape: Shape, total_steps: int) -> Optional[int]:
     """None (the real schedule over ``total_steps``) if it fits, else an explicit interval.
 
-    The real schedule needs ``total_steps // (N_switch + 1) >= 1``; a short benchmark of a large
-    ``r_target`` does not have that many steps, so it switches every ``total_steps // 8`` steps.
+    The real schedule switches every ``total_steps // (N_switch + 1)`` steps. A short benchmark
+    of a large ``r_target`` (llama-1b: N_switch = 126) would switch at nearly every step, which
+    no real run does; below ``MIN_SWITCH_INTERVAL`` steps the benchmark switches every
+    ``max(MIN_SWITCH_INTERVAL, total_steps // 8)`` steps instead (still far denser than a real
+    run, so the amortized figure overstates the switch cost).
     """
     n = srlora_config(shape, total_steps).num_switches
-    if total_steps // (n + 1) >= 1:
+    if total_steps // (n + 1) >= MIN_SWITCH_INTERVAL:
         return None
-    return max(1, total_steps // 8)
+    return max(MIN_SWITCH_INTERVAL, total_steps // 8)
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -344,11 +350,12 @@ def setup_times(base: torch.nn.Module, shape: Shape, device: torch.device, total
                                                  {"init_lora_weights": "pissa"}),
                     ("peft_pissa_niter4_init_s", {"init_lora_weights": "pissa_niter_4"})):
         m = copy.deepcopy(base)
-        _, out[key] = _timed(lambda: get_peft_model(m, lora_config(shape, **kw)), device)
+        out[key] = _timed(lambda: get_peft_model(m, lora_config(shape, **kw)), device)[1]
         del m
+        gc.collect()
     m = copy.deepcopy(base)
     cfg = srlora_config(shape, total_steps, schedule_for(shape, total_steps))
-    _, out["srlora_wrap_s"] = _timed(lambda: wrap(m, cfg), device)
+    out["srlora_wrap_s"] = _timed(lambda: wrap(m, cfg), device)[1]
     del m
     gc.collect()
     out["srlora_svd_speedup_vs_pissa_exact"] = (out["peft_pissa_exact_init_s"]
