@@ -1,6 +1,8 @@
 """``srlora bench``: correctness of what it reports (no timing assertions) and a smoke run."""
 import json
 import math
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,10 +95,20 @@ def test_memory_child_in_process(one_thread):
     assert lo["switches"] == 0 and sr["switches"] >= 1  # the schedule ran in the child
 
 
+def _docs_smoke_command() -> list[str]:
+    """The smoke command shown in docs/benchmarks.md (the example must run as a test)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    lines = [ln for ln in doc.splitlines() if ln.startswith("srlora bench --shape tiny")]
+    assert len(lines) == 1, "docs/benchmarks.md must show exactly one tiny smoke command"
+    return shlex.split(lines[0])[1:]
+
+
 def test_bench_smoke_tiny(tmp_path, capsys, one_thread):
     out = tmp_path / "r.json"
-    rc = main(["bench", "--shape", "tiny", "--warmup", "1", "--blocks", "2",
-               "--steps-per-block", "6", "--no-memory", "--threads", "1", "--json", str(out)])
+    argv = _docs_smoke_command()
+    assert argv == ["bench", "--shape", "tiny", "--warmup", "1", "--blocks", "2",
+                    "--steps-per-block", "6", "--no-memory", "--threads", "1"]
+    rc = main(argv + ["--json", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
     assert "| target | value | result |" in table and "srlora bench: tiny" in table
