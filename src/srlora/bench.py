@@ -462,6 +462,9 @@ def _warm_linalg(shape: Shape, device: torch.device) -> None:
 def memory_child(spec: dict) -> dict:
     """Peak memory of one method ("lora" or "srlora") set up and trained ``steps`` steps.
 
+    SRLoRA switches every ``steps // 2`` steps here, so its peak covers set-up, steps and
+    switches.
+
     CPU: resident set size (VmHWM) above the process after the base model was built, its peak
     reset before the adapter goes in. CUDA: ``torch.cuda.max_memory_allocated`` (absolute,
     weights included), peak reset after the base model was built. In both, the SVD runs once
@@ -488,9 +491,9 @@ def memory_child(spec: dict) -> dict:
     controller = None
     if spec["method"] == "lora":
         model = get_peft_model(base, lora_config(shape))
-    else:
-        total = spec["total_steps"]
-        model, controller = wrap(base, srlora_config(shape, total, schedule_for(shape, total)))
+    else:  # switch inside the measured steps, so the peak includes a switch's buffers
+        model, controller = wrap(base, srlora_config(shape, spec["total_steps"],
+                                                     max(1, spec["steps"] // 2)))
     opt = torch.optim.AdamW(trainable(model), lr=spec["lr"])
     if controller is not None:
         controller.attach(opt)
