@@ -1,9 +1,10 @@
 """Per-element importance of the LoRA factors, updated with a handful of batched ops per step.
 
 All state lives in flat fp32 buffers (one per device); each LoRA tensor owns a view into them.
-A step is: one ``_foreach_mul`` (w*g), one ``_foreach_copy_`` into the flat buffer, and a few
-whole-buffer ops, whatever the number of modules. Nothing syncs with the host: a step whose
-gradients hold NaN/Inf is skipped (state kept) and counted on the device.
+A step is: one ``_foreach_copy_`` (g into the flat buffer), one ``_foreach_mul_`` (by w), and a
+few in-place whole-buffer ops, whatever the number of modules; ``|w*g|`` is formed in fp32.
+Nothing syncs with the host: a step whose gradients hold NaN/Inf is skipped (state kept) and
+counted on the device.
 """
 from __future__ import annotations
 
@@ -12,6 +13,29 @@ from collections import defaultdict
 import torch
 
 from .factors import ema_importance
+
+
+def ema_inplace(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor, beta1: float,
+                beta2: float) -> None:
+    """``factors.ema_importance`` written into ``ibar``/``ubar`` in place (bitwise the same).
+
+    Overwrites ``sensitivity`` (it becomes ``|I - ibar'|``); allocates nothing.
+    """
+    ibar.lerp_(sensitivity, 1.0 - beta1)
+    ubar.lerp_(sensitivity.sub_(ibar).abs_(), 1.0 - beta2)
+
+
+def ema_masked(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor,
+               work: torch.Tensor, finite: torch.Tensor, beta1: float, beta2: float) -> None:
+    """As :func:`ema_inplace` where the 0-dim bool ``finite`` is true, else leave the state as is.
+
+    Decides on the device, without a host sync. Overwrites ``sensitivity`` and ``work``.
+    """
+    torch.lerp(ibar, sensitivity, 1.0 - beta1, out=work)  # ibar'
+    torch.lerp(ubar, torch.sub(sensitivity, work, out=sensitivity).abs_(), 1.0 - beta2,
+               out=sensitivity)  # ubar'
+    torch.where(finite, work, ibar, out=ibar)
+    torch.where(finite, sensitivity, ubar, out=ubar)
 
 
 class ImportanceTracker:
@@ -25,6 +49,8 @@ class ImportanceTracker:
             groups[p.device].append(i)
         self._groups = []  # (param indices, ibar, ubar, scratch, views of the three)
         self._view_of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._params_of: list[list[torch.nn.Parameter]] = []  # per group, in buffer order
+        self._work: list = []  # per group: a second scratch buffer (accelerators only)
         for device, idx in groups.items():
             total = sum(self.params[i].numel() for i in idx)
             ibar = torch.zeros(total, dtype=torch.float32, device=device)
@@ -40,29 +66,47 @@ class ImportanceTracker:
                 self._view_of[i] = (vi[-1], vu[-1])
                 off += p.numel()
             self._groups.append((idx, ibar, ubar, scratch, vs))
+            self._params_of.append([self.params[i] for i in idx])
+            self._work.append(None if device.type == "cpu" else torch.empty_like(ibar))
         dev = self.params[0].device if self.params else torch.device("cpu")
         self.updates = torch.zeros((), dtype=torch.long, device=dev)
         self.skipped = torch.zeros((), dtype=torch.long, device=dev)
 
     @torch.no_grad()
     def update(self) -> bool:
-        """Fold the current gradients into the state. Returns False if no gradient was present."""
+        """Fold the current gradients into the state. Returns False if no gradient was present.
+
+        Per device group: two ``_foreach`` ops write ``|w*g|`` into the flat scratch buffer, then
+        a few whole-buffer passes, all in place into preallocated buffers (on the CPU a fresh
+        buffer per step costs page faults that can exceed the arithmetic, and ``torch.where``
+        with a 0-dim condition is slow, so the CPU path branches on the finiteness flag; on an
+        accelerator :func:`ema_masked` decides on the device). The result equals
+        ``factors.ema_importance`` on the flat buffers, applied only when every ``|w*g|`` is
+        finite.
+        """
         any_grad = False
-        for idx, ibar, ubar, scratch, views in self._groups:
-            pairs = [(self.params[i], self.params[i].grad, v) for i, v in zip(idx, views)]
-            live = [(p, g, v) for p, g, v in pairs if g is not None]
-            if not live:
-                continue
-            any_grad = True
-            if len(live) < len(pairs):
+        for (_, ibar, ubar, scratch, views), params, work in zip(self._groups, self._params_of,
+                                                                 self._work):
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                live = [(p, g, v) for p, g, v in zip(params, grads, views) if g is not None]
+                if not live:
+                    continue
                 scratch.zero_()  # parameters without a gradient contribute I = 0
-            ws, gs, vs = zip(*live)
-            torch._foreach_copy_(list(vs), torch._foreach_mul(list(ws), list(gs)))
-            scratch.abs_()
-            finite = torch.isfinite(scratch).all()
-            new_i, new_u = ema_importance(ibar, ubar, scratch, self.beta1, self.beta2)
-            ibar.copy_(torch.where(finite, new_i, ibar))
-            ubar.copy_(torch.where(finite, new_u, ubar))
+                ws, gs, vs = (list(t) for t in zip(*live))
+            else:
+                ws, gs, vs = params, grads, views
+            any_grad = True
+            torch._foreach_copy_(vs, gs)
+            torch._foreach_mul_(vs, ws)
+            scratch.abs_()  # I = |w * g|
+            # scratch >= 0, so its max is finite iff every entry is (max propagates NaN)
+            finite = torch.isfinite(scratch.max())
+            if work is None:  # CPU: no host sync to avoid, so branch instead of torch.where
+                if bool(finite):
+                    ema_inplace(ibar, ubar, scratch, self.beta1, self.beta2)
+            else:
+                ema_masked(ibar, ubar, scratch, work, finite, self.beta1, self.beta2)
             f = finite.to(self.updates.device)
             self.updates += f
             self.skipped += ~f

@@ -1,0 +1,60 @@
+"""``srlora bench``: SRLoRA against PEFT LoRA / PiSSA in one run (see docs/benchmarks.md)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from . import UsageError
+
+
+def register(subparsers) -> None:
+    from ..bench import SHAPES, BenchOptions
+
+    d = BenchOptions()
+    p = subparsers.add_parser(
+        "bench", help="time SRLoRA against PEFT LoRA and PiSSA (step, set-up, switch, memory)",
+        description="Interleaved step timing of PEFT LoRA vs SRLoRA in one process, PEFT PiSSA "
+                    "init vs srlora.wrap, switch cost, peak memory (one child process per "
+                    "method) and SVD accuracy; prints a markdown table with pass/fail per target.")
+    p.add_argument("--shape", default=d.shape, choices=sorted(SHAPES),
+                   help="model shape (llama-1b needs --device cuda; tiny is for smoke tests)")
+    p.add_argument("--device", default=d.device, choices=("cpu", "cuda"))
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per model")
+    p.add_argument("--blocks", type=int, default=d.blocks, help="timed blocks")
+    p.add_argument("--steps-per-block", type=int, default=d.steps_per_block,
+                   help="interleaved steps per model in each block")
+    p.add_argument("--r-target", type=int, default=None, help="override the shape's r_target")
+    p.add_argument("--batch", type=int, default=None, help="override the shape's batch size")
+    p.add_argument("--seq", type=int, default=None, help="override the shape's sequence length")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    p.add_argument("--memory-steps", type=int, default=d.memory_steps,
+                   help="training steps in each memory child")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--json", type=Path, default=None, help="also write the full result here")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..bench import BenchOptions, check_device, format_report, resolve_shape, run_bench
+
+    opts = BenchOptions(shape=args.shape, device=args.device, warmup=args.warmup,
+                        blocks=args.blocks, steps_per_block=args.steps_per_block,
+                        r_target=args.r_target, batch=args.batch, seq=args.seq,
+                        threads=args.threads, memory=not args.no_memory,
+                        memory_steps=args.memory_steps, seed=args.seed)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    try:  # every input check before any work starts
+        check_device(opts.device)
+        resolve_shape(opts)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    result = run_bench(opts, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_report(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
