@@ -150,6 +150,8 @@ def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bo
                 eval_every=cfg.eval_every, eval_size=cfg.eval_size, warmup=cfg.warmup,
                 schedule=cfg.schedule, head_lr=cfg.head_lr, eval_val=grid, callback=callback, progress=progress,
                 desc=f"[{k}/{len(jobs)}] {method} seed={seed} lr={lr:g}")
+            rec["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") \
+                else None  # a busy machine explains a slow run
             results["runs"].append(rec)
             results["best_lr"] = select_best_lr(results["runs"])
             results["wall_time_s"] = time.time() - t0
