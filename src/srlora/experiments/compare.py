@@ -176,6 +176,8 @@ def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bo
                 save_every=cfg.save_every,
                 resume_from=checkpointing.latest(run_dir(cfg, method, lr, seed))
                 if resume else None)
+            rec["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") \
+                else None  # a busy machine explains a slow run
             results["runs"].append(rec)
             results["best_lr"] = select_best_lr(results["runs"])
             results["wall_time_s"] = time.time() - t0

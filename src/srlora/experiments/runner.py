@@ -89,6 +89,7 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     ``resume_from`` (a checkpoint of this same run) continues it exactly where it stopped.
     """
     t0 = time.perf_counter()
+    torch.manual_seed(seed)  # LoRA's random A init draws from the global generator
     base = bundle.make(seed)
     cfg = srlora.SRLoRAConfig(method=method, r=r, lora_alpha=lora_alpha, r_target=r_target,
                               gamma=gamma, total_steps=steps,

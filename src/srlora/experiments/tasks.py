@@ -272,28 +272,29 @@ class TaskSpec:
 
 
 _TEXT = dict(seeds="0,1,2", batch_size=16, max_len=64, r=8, lora_alpha=16, gamma=0.5,
-             eval_every=25, max_train=None, max_val=500, max_test=1000)
+             eval_every=25, eval_size=200, max_train=None, max_val=500, max_test=1000,
+             lr="1e-3", head_lr=1e-3)
 _IMAGE = dict(seeds="0,1,2", batch_size=32, image_size=64, r=4, lora_alpha=8, gamma=0.5,
-              eval_every=25, max_train=None, max_val=500, max_test=1000)
+              eval_every=25, eval_size=200, max_train=None, max_val=500, max_test=1000,
+              lr="1e-3", head_lr=1e-3)
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("rt-polarity", "text", load_rt_polarity, "minilm",
-             dict(_TEXT, steps=300, r_target=32, lr="lora=1e-3,pissa=2e-4,srlora=2e-4"),
+             dict(_TEXT, steps=100, r_target=32),
              "Rotten Tomatoes sentence polarity (fresh/rotten), MiniLM", ("rt",)),
     TaskSpec("rt-subjectivity", "text", load_rt_subjectivity, "minilm",
-             dict(_TEXT, steps=200, r_target=32, lr="lora=1e-3,pissa=2e-4,srlora=2e-4"),
+             dict(_TEXT, steps=100, r_target=32),
              "Rotten Tomatoes subjectivity (plot vs review sentences), MiniLM", ("rt",)),
     TaskSpec("bbc-news", "text", load_bbc_news, "minilm",
-             dict(_TEXT, steps=300, max_len=256, batch_size=8, r_target=32,
-                  lr="lora=1e-3,pissa=2e-4,srlora=2e-4", max_test=445),
+             dict(_TEXT, steps=150, max_len=256, batch_size=8, r_target=32, max_test=445),
              "BBC News topic (5 classes), MiniLM; --model smollm2 for SmolLM2-135M", ("bbc",)),
     TaskSpec("fashion-mnist", "image", load_fashion_mnist, "efficientnet-lite0",
-             dict(_IMAGE, steps=200, r_target=16, lr="lora=1e-3,pissa=5e-4,srlora=5e-4"),
+             dict(_IMAGE, steps=200, r_target=16),
              "Fashion-MNIST (10 classes), EfficientNet-Lite0, LoRA on its 1x1 convs",
              ("fashion-mnist",)),
     TaskSpec("mnist", "image", load_mnist, "efficientnet-lite0",
-             dict(_IMAGE, steps=200, r_target=16, lr="lora=1e-3,pissa=5e-4,srlora=5e-4"),
+             dict(_IMAGE, steps=200, r_target=16),
              "MNIST 5k (10 classes), EfficientNet-Lite0, LoRA on its 1x1 convs", ("mnist5k",)),
 ]}
 
-CUSTOM_DEFAULTS = dict(_TEXT, steps=300, r_target=32, lr="lora=1e-3,pissa=2e-4,srlora=2e-4")
+CUSTOM_DEFAULTS = dict(_TEXT, steps=100, r_target=32)
