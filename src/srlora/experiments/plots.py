@@ -113,7 +113,12 @@ def plot_importance(results: dict, path: str) -> bool:
     ax.scatter(xx, yy, marker="x", color="red", s=12, lw=1)
     for k in range(1, len(names)):
         ax.axhline(k * r - 0.5, color="white", lw=0.6)
-    short = [n.replace("base_model.model.", "") for n in names]
+    parts = [n.replace("base_model.model.", "").split(".") for n in names]
+    common = 0  # drop the dotted prefix every module shares (e.g. "bert.encoder.")
+    while len(parts) > 1 and all(len(p) > common + 1 and p[common] == parts[0][common]
+                                 for p in parts):
+        common += 1
+    short = [".".join(p[common:]) for p in parts]
     ax.set_yticks([k * r + (r - 1) / 2 for k in range(len(names))], short, fontsize=6)
     ax.set_xticks(range(grid.shape[1]), [str(e["step"]) for e in run["switches"]], fontsize=7)
     ax.set_xlabel("switch at optimizer step")
