@@ -32,7 +32,7 @@ from ._ckpt_io import (MANIFEST, atomic_directory, check_weights_only, fsync_fil
                        resolve_checkpoint_dir, sha256_file, split_tensors, verify_files,
                        write_json)
 from ._errors import CheckpointMismatchError
-from .controller import SRLoRAController, _unwrap_optimizer
+from .controller import SRLoRAController, unwrap_optimizer
 
 FORMAT = "srlora-checkpoint"
 FORMAT_VERSION = 1
@@ -143,7 +143,7 @@ def save_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer
     live = _saved_tensors(model, controller)
     skeleton, ctensors = split_tensors(controller.state_dict())
     state: dict = {}
-    inner = _unwrap_optimizer(optimizer) if optimizer is not None else None
+    inner = unwrap_optimizer(optimizer) if optimizer is not None else None
     if inner is not None:
         state["optimizer"] = inner.state_dict()
     if scheduler is not None:
@@ -381,7 +381,7 @@ def load_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer
     _check_model_tensors(saved_model, live)
     _check_base(manifest, model, controller, live)
     _check_controller(ctrl, controller)
-    inner = _unwrap_optimizer(optimizer) if optimizer is not None else None
+    inner = unwrap_optimizer(optimizer) if optimizer is not None else None
     if inner is not None:
         _check_optimizer(state.get("optimizer"), inner, manifest)
     if scheduler is not None:

@@ -23,7 +23,8 @@ from .svd import top_singular_directions
 SVDFn = Callable[[list[AdaptedLayer], list[int]], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
-def _unwrap_optimizer(optimizer):
+def unwrap_optimizer(optimizer):
+    """The innermost torch optimizer behind wrappers that expose ``.optimizer``."""
     inner = optimizer
     # accelerate's AcceleratedOptimizer (itself a torch.optim.Optimizer subclass that never runs
     # Optimizer.__init__), Lightning wrappers, ...: hook the innermost optimizer
@@ -72,6 +73,7 @@ class SRLoRAController:
         self._hook = None
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._warned: set[str] = set()
+        self._manual = False  # step() called by the user instead of an attached hook
         self.total_steps = config.total_steps
         self._switch_steps: Optional[set[int]] = None
         self.modules: list[_ModuleState] = []
@@ -144,7 +146,7 @@ class SRLoRAController:
         if self.config.method == "srlora":
             from .distributed import check_engine
             check_engine(self.model, optimizer)  # FSDP / DeepSpeed: refused, naming what works
-        inner = _unwrap_optimizer(optimizer)
+        inner = unwrap_optimizer(optimizer)
         trained = {id(p) for g in inner.param_groups for p in g["params"]}
         missing = [L.name for L in self.layers if id(L.lora_A) not in trained
                    or id(L.lora_B) not in trained]
@@ -180,8 +182,6 @@ class SRLoRAController:
                             "will happen (this would train plain PiSSA). Call "
                             "controller.attach(optimizer), or controller.step() after each "
                             "optimizer step.")
-
-    _manual = False
 
     # ------------------------------------------------------------------ per step
     def step(self) -> None:
@@ -272,12 +272,17 @@ class SRLoRAController:
             self.importance.reset(2 * i, lowd, dim=0)
             self.importance.reset(2 * i + 1, lowd, dim=1)
 
+    @staticmethod
+    def _subtracted_factors(st: _ModuleState, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """PiSSA factors of directions ``0 .. p-1``: everything ever subtracted from W0."""
+        return pissa_factors(st.U[:, :st.p].to(dev), st.S[:st.p].to(dev),
+                             st.Vh[:st.p].to(dev), st.layer.scaling)
+
     def _rebuild_base(self, st: _ModuleState) -> torch.Tensor:
         """``W0 - s*B_sub@A_sub + s*FB@FA`` in fp32, from the original weight: one rounding only."""
         L, s = st.layer, st.layer.scaling
         dev = L.W().device
-        Bs, As = pissa_factors(st.U[:, :st.p].to(dev), st.S[:st.p].to(dev),
-                               st.Vh[:st.p].to(dev), s)
+        Bs, As = self._subtracted_factors(st, dev)
         f = st.p - L.r
         W = st.original.to(dev).float() - s * (Bs @ As)
         if f > 0:
@@ -306,8 +311,7 @@ class SRLoRAController:
             return B, A
         st = self.modules[i]
         dev = B.device
-        Bs, As = pissa_factors(st.U[:, :st.p].to(dev), st.S[:st.p].to(dev),
-                               st.Vh[:st.p].to(dev), L.scaling)
+        Bs, As = self._subtracted_factors(st, dev)
         f = st.p - L.r
         Bd = torch.cat([B, st.FB[:, :f].to(dev), -Bs], dim=1)
         Ad = torch.cat([A, st.FA[:f].to(dev), As], dim=0)

@@ -187,8 +187,8 @@ def replica_state(model, controller, optimizer=None) -> dict:
             out[f"trainable/{name}"] = p.detach()
     opt = optimizer if optimizer is not None else controller._optimizer
     if opt is not None:
-        from .controller import _unwrap_optimizer
-        _flatten("optimizer", _unwrap_optimizer(opt).state_dict()["state"], out)
+        from .controller import unwrap_optimizer
+        _flatten("optimizer", unwrap_optimizer(opt).state_dict()["state"], out)
     return out
 
 

@@ -12,8 +12,6 @@ from collections import defaultdict
 
 import torch
 
-from .factors import ema_importance
-
 
 def ema_inplace(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor, beta1: float,
                 beta2: float) -> None:
@@ -125,10 +123,6 @@ class ImportanceTracker:
                 v.zero_()
             else:
                 v.index_fill_(dim, index.to(v.device), 0.0)
-
-    def state_dict(self) -> dict:
-        return {"ibar": [g[1] for g in self._groups], "ubar": [g[2] for g in self._groups],
-                "updates": self.updates, "skipped": self.skipped}
 
     def flat_state(self) -> dict[str, torch.Tensor]:
         """The state as flat tensors (one per device group, concatenated on the CPU)."""
