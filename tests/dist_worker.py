@@ -193,15 +193,15 @@ def main(argv=None) -> int:
     def broken(*args, **kwargs):
         raise RuntimeError("injected SVD failure")
 
-    real, sd.top_singular_directions = sd.top_singular_directions, (broken if rank == 1 else
-                                                                    sd.top_singular_directions)
+    real = sd.top_singular_directions_many
+    sd.top_singular_directions_many = broken if rank == 1 else real
     try:
         srlora.wrap(build_base(), config())
         report["svd_failure"] = None
     except RuntimeError as e:
         report["svd_failure"] = str(e)
     finally:
-        sd.top_singular_directions = real
+        sd.top_singular_directions_many = real
     with open(os.path.join(a.out, f"report_rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.barrier()

@@ -132,7 +132,10 @@ def test_bench_smoke_tiny(tmp_path, capsys, one_thread):
     assert svd["sv_rel_error_max"] < 1e-5
     assert r["memory"] is None
     names = [t["target"] for t in r["targets"]]
-    assert len(names) == 7 and all(t["pass"] in (True, False, None) for t in r["targets"])
+    assert len(names) == 8 and all(t["pass"] in (True, False, None) for t in r["targets"])
+    prof = st["switch_profile"]  # the later switches until tiny's 6 are all done
+    assert prof["switches"] == 4 and len(prof["times_s"]) == 4
+    assert prof["pointer_after"] == [10, 12, 14, 16] and prof["max_s"] > 0
     assert [t["pass"] for t in r["targets"] if "memory" in t["target"]] == [None, None]
     assert r["machine"]["torch"] == torch.__version__ and r["machine"]["threads"] == 1
 

@@ -18,7 +18,7 @@ from .config import SRLoRAConfig
 from .factors import lowest_pairs, pair_scores, pissa_factors, switch_delta, switch_steps
 from .importance import ImportanceTracker
 from .layers import AdaptedLayer
-from .svd import top_singular_directions
+from .svd import top_singular_directions_many
 
 SVDFn = Callable[[list[AdaptedLayer], list[int]], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
@@ -46,12 +46,25 @@ class _ModuleState:
         self.p = 0  # directions consumed
         m, n = layer.shape
         r = layer.r
-        self.U = torch.empty(m, K, device=store)
-        self.S = torch.empty(K, device=store)
-        self.Vh = torch.empty(K, n, device=store)
-        self.FB = torch.zeros(m, max(K - r, 0), device=store)  # fused pairs, valid: [:, :p-r]
-        self.FA = torch.zeros(max(K - r, 0), n, device=store)
+        # host memory for a model on an accelerator is pinned: a switch's copies run at full
+        # bus speed, and host-to-device copies need not wait for the host
+        self.pin = store.type == "cpu" and layer.base_weight.device.type == "cuda"
+        kw = {"device": store, "pin_memory": self.pin}
+        self.U = torch.empty(m, K, **kw)
+        self.S = torch.empty(K, **kw)
+        self.Vh = torch.empty(K, n, **kw)
+        self.FB = torch.zeros(m, max(K - r, 0), **kw)  # fused pairs, valid: [:, :p-r]
+        self.FA = torch.zeros(max(K - r, 0), n, **kw)
         self.original: Optional[torch.Tensor] = None  # original W (m x n, its dtype) or None
+
+    def keep_original(self, W: torch.Tensor) -> None:
+        self.original = torch.empty(W.shape, dtype=W.dtype, device=self.U.device,
+                                    pin_memory=self.pin)
+        self.original.copy_(W.detach())
+
+    def fetch(self, t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        """``t`` (a slice of this module's stored state) on ``dev``, copied asynchronously."""
+        return t.to(dev, non_blocking=self.pin)
 
 
 class SRLoRAController:
@@ -95,9 +108,9 @@ class SRLoRAController:
         cfg = self.config
         ks = [min(cfg.r_target if cfg.method == "srlora" else L.r, *L.shape) for L in self.layers]
         if svd_fn is None:
-            results = [top_singular_directions(L.W(), k, cfg.svd_method, cfg.svd_oversample,
-                                               cfg.svd_niter, cfg.svd_seed, name=L.name)
-                       for L, k in zip(self.layers, ks)]
+            results = top_singular_directions_many(
+                [L.W() for L in self.layers], ks, cfg.svd_method, cfg.svd_oversample,
+                cfg.svd_niter, cfg.svd_seed, names=[L.name for L in self.layers])
         else:
             results = svd_fn(self.layers, ks)
         for L, k, (U, S, Vh) in zip(self.layers, ks, results):
@@ -107,7 +120,7 @@ class SRLoRAController:
             st.Vh.copy_(Vh)
             W = L.W()
             if W.dtype != torch.float32 and cfg.keep_original and cfg.method == "srlora":
-                st.original = W.detach().to(st.U.device, copy=True)
+                st.keep_original(W)
             r0 = min(L.r, k)
             B0, A0 = pissa_factors(U[:, :r0], S[:r0], Vh[:r0], L.scaling)
             B0, A0 = B0.to(W.device), A0.to(W.device)
@@ -250,9 +263,9 @@ class SRLoRAController:
         dev = W.device
         lowd = low.to(B.device)
         B_low, A_low = B[:, lowd].float(), A[lowd].float()
-        U = st.U[:, st.p:st.p + k].to(dev)
-        S = st.S[st.p:st.p + k].to(dev)
-        Vh = st.Vh[st.p:st.p + k].to(dev)
+        U = st.fetch(st.U[:, st.p:st.p + k], dev)
+        S = st.fetch(st.S[st.p:st.p + k], dev)
+        Vh = st.fetch(st.Vh[st.p:st.p + k], dev)
         B_new, A_new = pissa_factors(U, S, Vh, s)
         f0 = st.p - L.r  # ledger columns used so far
         st.FB[:, f0:f0 + k] = B_low.to(st.FB.device)
@@ -275,8 +288,8 @@ class SRLoRAController:
     @staticmethod
     def _subtracted_factors(st: _ModuleState, dev) -> tuple[torch.Tensor, torch.Tensor]:
         """PiSSA factors of directions ``0 .. p-1``: everything ever subtracted from W0."""
-        return pissa_factors(st.U[:, :st.p].to(dev), st.S[:st.p].to(dev),
-                             st.Vh[:st.p].to(dev), st.layer.scaling)
+        return pissa_factors(st.fetch(st.U[:, :st.p], dev), st.fetch(st.S[:st.p], dev),
+                             st.fetch(st.Vh[:st.p], dev), st.layer.scaling)
 
     def _rebuild_base(self, st: _ModuleState) -> torch.Tensor:
         """``W0 - s*B_sub@A_sub + s*FB@FA`` in fp32, from the original weight: one rounding only."""
@@ -284,9 +297,9 @@ class SRLoRAController:
         dev = L.W().device
         Bs, As = self._subtracted_factors(st, dev)
         f = st.p - L.r
-        W = st.original.to(dev).float() - s * (Bs @ As)
+        W = st.fetch(st.original, dev).float() - s * (Bs @ As)
         if f > 0:
-            W += s * (st.FB[:, :f].to(dev) @ st.FA[:f].to(dev))
+            W += s * (st.fetch(st.FB[:, :f], dev) @ st.fetch(st.FA[:f], dev))
         return W
 
     def _apply_optimizer_policy(self, L: AdaptedLayer, low: torch.Tensor) -> None:

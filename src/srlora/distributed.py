@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ._errors import UnsupportedEngineError
-from .svd import top_singular_directions
+from .svd import top_singular_directions_many
 
 SUPPORTED_ENGINES = ("DistributedDataParallel launched with torchrun, Accelerate with its "
                      "multi-process DDP (accelerate launch --multi_gpu, or --cpu), or a "
@@ -123,11 +123,11 @@ def shared_svd_fn(config, group=None, check_inputs: bool = True):
         t0 = time.perf_counter()
         error, mine = None, {}
         try:
-            for i, (L, k) in enumerate(zip(layers, ks)):
-                if owners[i] == rank:
-                    mine[i] = top_singular_directions(L.W(), k, config.svd_method,
-                                                      config.svd_oversample, config.svd_niter,
-                                                      config.svd_seed, name=L.name)
+            own = [i for i in range(len(layers)) if owners[i] == rank]
+            mine = dict(zip(own, top_singular_directions_many(
+                [layers[i].W() for i in own], [ks[i] for i in own], config.svd_method,
+                config.svd_oversample, config.svd_niter, config.svd_seed,
+                names=[layers[i].name for i in own])))
         except Exception as e:  # tell the other ranks before they wait on our broadcasts
             error = e
         failed = torch.tensor([0.0 if error is None else 1.0], device=dev)

@@ -8,20 +8,24 @@ arithmetic. The error is ``max |W_eff - W_ref| / max |W0|`` with ``W_eff = W + s
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
 def measure_fusion_error(dtype: torch.dtype = torch.bfloat16, switches: int = 50,
-                         keep_original: bool = True, m: int = 128, seed: int = 0) -> dict:
+                         keep_original: bool = True, m: int = 128, seed: int = 0,
+                         device: str = "cpu", offload_device: Optional[str] = "cpu") -> dict:
     from .config import SRLoRAConfig
     from .wrap import wrap
 
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(m, m, bias=False)).to(dtype)
-    W0 = net[0].weight.detach().double().clone()
+    net = torch.nn.Sequential(torch.nn.Linear(m, m, bias=False)).to(dtype).to(device)
+    W0 = net[0].weight.detach().double().cpu().clone()
     r, k = 4, 2
     cfg = SRLoRAConfig(r=r, lora_alpha=8, r_target=r + k * switches, target_modules=["0"],
-                       total_steps=10 ** 6, svd_method="exact", keep_original=keep_original)
+                       total_steps=10 ** 6, svd_method="exact", keep_original=keep_original,
+                       offload_device=offload_device)
     model, ctl = wrap(net, cfg)
     L = ctl.layers[0]
     s = L.scaling
@@ -31,14 +35,14 @@ def measure_fusion_error(dtype: torch.dtype = torch.bfloat16, switches: int = 50
     errors = []
     for _ in range(switches):
         with torch.no_grad():  # a "training" update of the factors, mirrored in fp64
-            dB = 0.05 * torch.randn(L.B().shape, generator=gen) * L.B().abs().mean()
-            dA = 0.05 * torch.randn(L.A().shape, generator=gen) * L.A().abs().mean()
-            B0, A0 = L.B().double().clone(), L.A().double().clone()
-            L.B().add_(dB.to(L.B().dtype))
-            L.A().add_(dA.to(L.A().dtype))
-            ref += s * (L.B().double() @ L.A().double() - B0 @ A0)
+            dB = 0.05 * torch.randn(L.B().shape, generator=gen) * L.B().abs().mean().cpu()
+            dA = 0.05 * torch.randn(L.A().shape, generator=gen) * L.A().abs().mean().cpu()
+            B0, A0 = L.B().double().cpu(), L.A().double().cpu()
+            L.B().add_(dB.to(L.B().device, L.B().dtype))
+            L.A().add_(dA.to(L.A().device, L.A().dtype))
+            ref += s * (L.B().double().cpu() @ L.A().double().cpu() - B0 @ A0)
         ctl.switch_now()
-        eff = L.W().double() + s * L.B().double() @ L.A().double()
+        eff = (L.W().double() + s * L.B().double() @ L.A().double()).cpu()
         errors.append(float((eff - ref).abs().max() / W0.abs().max()))
     return {"dtype": str(dtype).replace("torch.", ""), "keep_original": keep_original,
             "switches": switches, "error_after_1": errors[0], "error_after_all": errors[-1],

@@ -2,52 +2,127 @@
 
 Shape legend: W is ``m x n`` (out x in); k directions are kept: U ``m x k``, S ``k``, Vh ``k x n``,
 with ``W ≈ U diag(S) Vh`` and S sorted descending. Only these slices are ever computed and kept.
+
+The randomized SVD works on a batch (``b x m x n``) as well as on one matrix, and
+:func:`top_singular_directions_many` stacks modules of one shape so that a model's set-up is a
+few batched matrix products instead of hundreds of small calls (what an accelerator needs).
 """
 from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional, Sequence
 
 import torch
 
 from ._errors import SVDInputError
+
+# The small (q x q) problem at the end of the randomized SVD: "svd" (torch.linalg.svd of the
+# triangular factor) or "eigh" (fp64 eigendecomposition of its Gram matrix). Per device type;
+# the benchmark times both.
+SMALL_SOLVER = {"cpu": "svd", "cuda": "svd"}
+# Largest stack of fp32 weights one batched call handles (bytes), per device type.
+BATCH_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 
 
 def _canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip each singular pair so the largest-magnitude entry of its U column is positive.
 
     Keeps ``U diag(S) Vh`` unchanged and removes the sign freedom of the SVD, so two
-    back-ends (exact, randomized) or two processes agree on the vectors themselves.
+    back-ends (exact, randomized) or two processes agree on the vectors themselves. Batched.
     """
-    idx = U.abs().argmax(dim=0)
-    signs = torch.sign(U.gather(0, idx[None, :]).squeeze(0))
+    idx = U.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(U.gather(-2, idx))  # (..., 1, k)
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return U * signs[None, :], Vh * signs[:, None]
+    return U * signs, Vh * signs.mT
 
 
 def exact_top_svd(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact SVD (torch.linalg.svd) truncated to the top k directions."""
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    U, Vh = _canonical_signs(U[:, :k], Vh[:k])
-    return U.contiguous(), S[:k].contiguous(), Vh.contiguous()
+    U, Vh = _canonical_signs(U[..., :k], Vh[..., :k, :])
+    return U.contiguous(), S[..., :k].contiguous(), Vh.contiguous()
+
+
+def cholesky_qr2(Y: torch.Tensor, tol: float = 1e-4
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``Y = Q R`` by CholeskyQR2 (two Cholesky passes: matrix products, batched).
+
+    Returns ``(Q, R)`` with ``R`` upper triangular, or ``(None, None)`` when ``Y`` is too
+    ill-conditioned for it (a failed Cholesky, a non-finite value, or ``|QᵀQ - I| > tol``):
+    the caller then uses Householder QR. One host sync.
+    """
+    Q, R, bad = Y, None, torch.zeros((), dtype=torch.bool, device=Y.device)
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
+        bad = bad | (info != 0).any()
+        Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)  # Q L^-T
+        R = L.mT if R is None else L.mT @ R
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    err = (Q.mT @ Q - eye).abs().amax()
+    if bool(bad | ~torch.isfinite(err) | (err > tol)):
+        return None, None
+    return Q, R
+
+
+def orthonormal_basis(Y: torch.Tensor, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Y = Q R`` with orthonormal columns in ``Q``: CholeskyQR2, else Householder QR."""
+    Q, R = cholesky_qr2(Y, tol)
+    if Q is None:
+        Q, R = torch.linalg.qr(Y)
+    return Q, R
+
+
+def _small_svd(R: torch.Tensor, solver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of the small square ``R`` (``q x q``, batched): ``R = Ur diag(S) Vrh``, S descending."""
+    if solver == "svd":
+        return torch.linalg.svd(R)
+    # eigh of RᵀR in fp64: RᵀR = Vr S² Vrᵀ; Ur = R Vr / S (columns with S ~ 0: left as computed)
+    lam, Vr = torch.linalg.eigh(R.double().mT @ R.double())
+    lam, Vr = lam.flip(-1).clamp_min(0), Vr.flip(-1)
+    S = lam.sqrt()
+    Ur = (R.double() @ Vr) / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
+    return Ur.to(R.dtype), S.to(R.dtype), Vr.mT.to(R.dtype)
 
 
 def randomized_top_svd(W: torch.Tensor, k: int, oversample: int = 16, niter: int = 4,
-                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       seed: int = 0, small: Optional[str] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized SVD (Halko, Martinsson, Tropp 2011, Alg. 4.4) with a seeded sketch.
 
-    Sketch width ``q = k + oversample``; ``niter`` power iterations, each re-orthonormalized by QR
-    (stable where torch.svd_lowrank is not). The Gaussian sketch comes from a CPU generator seeded
-    with ``seed``, so every process and every device draws the same matrix.
+    ``W`` is ``m x n`` or a batch ``b x m x n`` (every matrix gets the same sketch, so a batch
+    gives what one call per matrix gives, up to rounding). Sketch width
+    ``q = k + oversample``; ``niter`` power iterations, each re-orthonormalized (CholeskyQR2,
+    Householder QR where that is too ill-conditioned; stable where torch.svd_lowrank is not).
+    Then ``QᵀW = R₂ᵀ Q₂ᵀ`` (a QR of its transpose) and the SVD of the small ``q x q`` factor.
+    The Gaussian sketch comes from a CPU generator seeded with ``seed``, so every process and
+    every device draws the same matrix.
     """
-    m, n = W.shape
+    m, n = W.shape[-2:]
     q = min(k + oversample, m, n)
+    small = small or SMALL_SOLVER.get(W.device.type, "svd")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, q, generator=gen, dtype=torch.float32).to(W.device)
-    Q, _ = torch.linalg.qr(W @ omega)
+    Q, _ = orthonormal_basis(W @ omega)
     for _ in range(niter):
-        Z, _ = torch.linalg.qr(W.T @ Q)
-        Q, _ = torch.linalg.qr(W @ Z)
-    Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
-    U, Vh = _canonical_signs((Q @ Ub)[:, :k], Vh[:k])
-    return U.contiguous(), S[:k].contiguous(), Vh.contiguous()
+        Z, _ = orthonormal_basis(W.mT @ Q)
+        Q, _ = orthonormal_basis(W @ Z)
+    Q2, R2 = orthonormal_basis(W.mT @ Q, tol=1e-5)  # QᵀW = R2ᵀ Q2ᵀ  (q x n)
+    Ur, S, Vrh = _small_svd(R2.mT, small)  # R2ᵀ = Ur S Vrh
+    U, Vh = _canonical_signs((Q @ Ur)[..., :k], (Vrh @ Q2.mT)[..., :k, :])
+    return U.contiguous(), S[..., :k].contiguous(), Vh.contiguous()
+
+
+def _check_finite(W: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(W).all():
+        bad = int((~torch.isfinite(W)).sum())
+        raise SVDInputError(f"{name}: {bad} NaN/Inf value(s) in the weight; SRLoRA's SVD needs a "
+                            "finite weight (check the checkpoint or the model's dtype)")
+
+
+def _method_for(method: str, k: int, oversample: int, m: int, n: int) -> str:
+    if method == "auto":
+        return "exact" if k + oversample >= min(m, n) else "randomized"
+    return method
 
 
 def top_singular_directions(W: torch.Tensor, k: int, method: str = "auto", oversample: int = 16,
@@ -59,14 +134,10 @@ def top_singular_directions(W: torch.Tensor, k: int, method: str = "auto", overs
     Raises SVDInputError on NaN/Inf. Falls back from a failed GPU SVD to the CPU.
     """
     W = W.detach().to(torch.float32)
-    if not torch.isfinite(W).all():
-        bad = int((~torch.isfinite(W)).sum())
-        raise SVDInputError(f"{name}: {bad} NaN/Inf value(s) in the weight; SRLoRA's SVD needs a "
-                            "finite weight (check the checkpoint or the model's dtype)")
-    m, n = W.shape
+    _check_finite(W, name)
+    m, n = W.shape[-2:]
     k = min(k, m, n)
-    if method == "auto":
-        method = "exact" if k + oversample >= min(m, n) else "randomized"
+    method = _method_for(method, k, oversample, m, n)
     try:
         if method == "exact":
             return exact_top_svd(W, k)
@@ -76,6 +147,53 @@ def top_singular_directions(W: torch.Tensor, k: int, method: str = "auto", overs
             raise
         out = top_singular_directions(W.cpu(), k, method, oversample, niter, seed, name)
         return tuple(t.to(W.device) for t in out)  # type: ignore[return-value]
+
+
+def top_singular_directions_many(weights: Sequence[torch.Tensor], ks: Sequence[int],
+                                 method: str = "auto", oversample: int = 16, niter: int = 4,
+                                 seed: int = 0, names: Optional[Sequence[str]] = None,
+                                 batch_bytes: Optional[int] = None
+                                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`top_singular_directions` of every weight, matrices of one shape stacked in batches.
+
+    Weights with the same shape, k, device and method go through one batched call, in stacks of
+    at most ``batch_bytes`` of fp32 (default ``BATCH_BYTES`` for the device type). Every weight
+    is checked for NaN/Inf first (SVDInputError naming it), before any SVD runs. Results come
+    back in input order.
+    """
+    names = list(names) if names is not None else [f"weight {i}" for i in range(len(weights))]
+    if not (len(weights) == len(ks) == len(names)):
+        raise ValueError(f"{len(weights)} weights, {len(ks)} ks, {len(names)} names")
+    for W, name in zip(weights, names):
+        _check_finite(W.detach(), name)
+    groups: dict = defaultdict(list)
+    for i, (W, k) in enumerate(zip(weights, ks)):
+        m, n = W.shape
+        kk = min(k, m, n)
+        groups[(m, n, kk, W.device, _method_for(method, kk, oversample, m, n))].append(i)
+    out: list = [None] * len(weights)
+    for (m, n, k, device, meth), idx in groups.items():
+        budget = batch_bytes if batch_bytes is not None else BATCH_BYTES.get(device.type, 1 << 30)
+        per = max(1, budget // (4 * m * n))
+        for c in range(0, len(idx), per):
+            chunk = idx[c:c + per]
+            if meth == "exact" or len(chunk) == 1:
+                for i in chunk:
+                    out[i] = top_singular_directions(weights[i], k, meth, oversample, niter,
+                                                     seed, names[i])
+                continue
+            Wb = torch.stack([weights[i].detach().to(torch.float32) for i in chunk])
+            try:
+                U, S, Vh = randomized_top_svd(Wb, k, oversample, niter, seed)
+            except RuntimeError:  # e.g. cusolver failing: one matrix at a time (with fallback)
+                for i in chunk:
+                    out[i] = top_singular_directions(weights[i], k, meth, oversample, niter,
+                                                     seed, names[i])
+                continue
+            del Wb
+            for j, i in enumerate(chunk):
+                out[i] = (U[j].clone(), S[j].clone(), Vh[j].clone())
+    return out
 
 
 def subspace_error(U_ref: torch.Tensor, U: torch.Tensor) -> float:

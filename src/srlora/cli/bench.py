@@ -33,6 +33,16 @@ def register(subparsers) -> None:
     p.add_argument("--memory-steps", type=int, default=d.memory_steps,
                    help="training steps in each memory child")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--offload", default=d.offload, choices=("cpu", "device"),
+                   help="where SRLoRA keeps its SVD cache, fused-pair ledger and (half "
+                   "precision) original weights: host memory (the default, offload_device="
+                   "'cpu') or the model's device (offload_device=None)")
+    p.add_argument("--no-keep-original", action="store_true",
+                   help="half precision: fuse into the weight in place instead of rebuilding "
+                   "it from the original at each switch (keep_original=False)")
+    p.add_argument("--setup-variants", action="store_true",
+                   help="also time srlora.wrap with one SVD call per module and with the "
+                   "fp64-eigh small solver")
     p.add_argument("--json", type=Path, default=None, help="also write the full result here")
     p.set_defaults(func=run)
 
@@ -44,7 +54,9 @@ def run(args) -> int:
                         blocks=args.blocks, steps_per_block=args.steps_per_block,
                         r_target=args.r_target, batch=args.batch, seq=args.seq,
                         threads=args.threads, memory=not args.no_memory,
-                        memory_steps=args.memory_steps, seed=args.seed)
+                        memory_steps=args.memory_steps, seed=args.seed,
+                        offload=args.offload, keep_original=not args.no_keep_original,
+                        setup_variants=args.setup_variants)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     try:  # every input check before any work starts

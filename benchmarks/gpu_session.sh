@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks behind docs/benchmarks.md's llama-1b section, in one call.
+# Runs in the repository root of a machine with one CUDA GPU and no network. The wheels of the
+# project's pinned peft and transformers travel in .whl/ (see docs/benchmarks.md); results go
+# to $OUT (default: ./gpu-out).
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  python3 -c "import sys, torch, peft, transformers; print(sys.version.split()[0], torch.__version__, torch.version.cuda, peft.__version__, transformers.__version__, torch.cuda.get_device_name())"
+  nproc; free -g | head -2
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== 1. correctness on cuda (tests/test_devices.py on cpu and cuda, tests/test_svd.py)"
+SRLORA_TEST_DEVICES=cpu,cuda timeout 100 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_devices.py tests/test_svd.py 2>&1 | tee "$OUT/tests.log" | tail -4
+
+echo "== 2. the bench's code paths on cuda, tiny shape (seconds)"
+timeout 90 python3 -m srlora bench --shape tiny --device cuda --warmup 1 --blocks 2 \
+  --steps-per-block 4 --setup-variants 2>&1 | tee "$OUT/tiny.md" | tail -12
+
+echo "== 3. llama-1b, the default settings (state in pinned host memory)"
+timeout ${BENCH_TIMEOUT:-300} python3 -m srlora bench --shape llama-1b --device cuda \
+  --warmup 5 --blocks 3 --steps-per-block 20 --setup-variants \
+  --json "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.md" | tail -45
+
+echo "== 4. llama-1b, SRLoRA state on the GPU (offload_device=None), no memory children"
+timeout ${VARIANT_TIMEOUT:-120} python3 -m srlora bench --shape llama-1b --device cuda \
+  --warmup 3 --blocks 2 --steps-per-block 10 --no-memory --offload device \
+  --json "$OUT/llama-1b-state-on-gpu.json" 2>&1 | tee "$OUT/llama-1b-state-on-gpu.md" | tail -30
