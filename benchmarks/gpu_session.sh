@@ -19,20 +19,19 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
   nproc; free -g | head -2
 } 2>&1 | tee "$OUT/env.txt"
 
-echo "== 1. correctness on cuda (tests/test_devices.py on cpu and cuda, tests/test_svd.py)"
-SRLORA_TEST_DEVICES=cpu,cuda timeout 100 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_devices.py tests/test_svd.py 2>&1 | tee "$OUT/tests.log" | tail -4
+echo "== 1. correctness on cuda (tests/test_devices.py on cpu and cuda; svd; precision)"
+SRLORA_TEST_DEVICES=cpu,cuda timeout 45 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_devices.py tests/test_svd.py tests/test_precision.py 2>&1 | tee "$OUT/tests.log" | tail -3
 
-echo "== 2. the bench's code paths on cuda, tiny shape (seconds)"
-timeout 90 python3 -m srlora bench --shape tiny --device cuda --warmup 1 --blocks 2 \
-  --steps-per-block 4 --setup-variants 2>&1 | tee "$OUT/tiny.md" | tail -12
+echo "== 2. where the set-up SVD spends its time (llama-1b shapes)"
+timeout 45 python3 benchmarks/svd_phases.py --device cuda 2>&1 | tee "$OUT/svd_phases.md" | tail -8
 
-echo "== 3. llama-1b, the default settings (state in pinned host memory)"
-timeout ${BENCH_TIMEOUT:-300} python3 -m srlora bench --shape llama-1b --device cuda \
+echo "== 3. llama-1b, the defaults (state in host memory, half_fusion=residual)"
+timeout ${BENCH_TIMEOUT:-280} python3 -m srlora bench --shape llama-1b --device cuda \
   --warmup 5 --blocks 3 --steps-per-block 20 --setup-variants \
-  --json "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.md" | tail -45
+  --json "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.md" | tail -32
 
-echo "== 4. llama-1b, SRLoRA state on the GPU (offload_device=None), no memory children"
-timeout ${VARIANT_TIMEOUT:-120} python3 -m srlora bench --shape llama-1b --device cuda \
-  --warmup 3 --blocks 2 --steps-per-block 10 --no-memory --offload device \
-  --json "$OUT/llama-1b-state-on-gpu.json" 2>&1 | tee "$OUT/llama-1b-state-on-gpu.md" | tail -30
+echo "== 4. llama-1b, half_fusion=original (rebuild from the original copy), no memory children"
+timeout ${VARIANT_TIMEOUT:-90} python3 -m srlora bench --shape llama-1b --device cuda \
+  --warmup 3 --blocks 2 --steps-per-block 10 --no-memory --half-fusion original \
+  --json "$OUT/llama-1b-original.json" 2>&1 | tee "$OUT/llama-1b-original.md" | tail -14

@@ -117,14 +117,15 @@ def test_resume_is_bitwise(tmp_path, method):
     assert_same_run(straight, resumed)
 
 
-def test_resume_is_bitwise_with_bf16_base_and_original_copies(tmp_path):
+@pytest.mark.parametrize("fusion, key", [("residual", "residual"), ("original", "original")])
+def test_resume_is_bitwise_with_bf16_base_and_its_half_precision_state(tmp_path, fusion, key):
     from conftest import TinyNet
 
     def build():
         torch.manual_seed(0)
         model, ctl = srlora.wrap(TinyNet(dtype=torch.bfloat16), srlora.SRLoRAConfig(
             r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=12,
-            svd_method="exact"))
+            svd_method="exact", half_fusion=fusion))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ctl.attach(opt)
         return model, ctl, opt
@@ -137,7 +138,7 @@ def test_resume_is_bitwise_with_bf16_base_and_original_copies(tmp_path):
             opt.zero_grad()
 
     a = build()
-    assert all(st.original is not None for st in a[1].modules)
+    assert all(getattr(st, key) is not None for st in a[1].modules)
     steps(a[0], a[2], 5)
     srlora.save_checkpoint(tmp_path / "ck", model=a[0], controller=a[1], optimizer=a[2])
     steps(a[0], a[2], 7)
@@ -148,7 +149,7 @@ def test_resume_is_bitwise_with_bf16_base_and_original_copies(tmp_path):
     for (n, p), q in zip(a[0].named_parameters(), b[0].parameters()):
         assert torch.equal(p, q), n
     for sa, sb in zip(a[1].modules, b[1].modules):
-        assert torch.equal(sa.original, sb.original) and sa.p == sb.p
+        assert torch.equal(getattr(sa, key), getattr(sb, key)) and sa.p == sb.p
 
 
 def test_files_are_safetensors_json_and_weights_only(tmp_path):

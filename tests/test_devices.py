@@ -42,9 +42,10 @@ def test_batched_svd_on_device_matches_exact(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("offload", OFFLOAD)
+@pytest.mark.parametrize("fusion", ["residual", "original"])
 @pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -8), (torch.float32, 1e-6)])
-def test_switches_keep_the_effective_weight_to_one_rounding(device, offload, dtype, ulp):
-    res = measure_fusion_error(dtype, switches=12, keep_original=True, m=48, device=device,
+def test_switches_keep_the_effective_weight_to_one_rounding(device, offload, dtype, ulp, fusion):
+    res = measure_fusion_error(dtype, switches=12, fusion=fusion, m=48, device=device,
                                offload_device=offload)
     # one rounding of the stored weight against the fp64 reference, however many switches
     assert res["error_after_all"] <= 2 * ulp

@@ -6,10 +6,11 @@ import torch
 from srlora.precision import measure_fusion_error
 
 
+@pytest.mark.parametrize("fusion", ["residual", "original"])
 @pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)])
-def test_error_does_not_grow_with_switches(dtype, ulp):
-    kept = measure_fusion_error(dtype, switches=20, keep_original=True, m=64)
-    naive = measure_fusion_error(dtype, switches=20, keep_original=False, m=64)
+def test_error_does_not_grow_with_switches(dtype, ulp, fusion):
+    kept = measure_fusion_error(dtype, switches=20, fusion=fusion, m=64)
+    naive = measure_fusion_error(dtype, switches=20, fusion="inplace", m=64)
     # one rounding of the stored weight, whatever the number of switches
     assert max(kept["errors"]) <= 1.5 * kept["error_after_1"]
     assert kept["error_after_all"] <= 2 * ulp
@@ -18,5 +19,26 @@ def test_error_does_not_grow_with_switches(dtype, ulp):
 
 
 def test_fp32_base_is_exact_to_fp32_rounding():
-    res = measure_fusion_error(torch.float32, switches=20, keep_original=True, m=64)
+    res = measure_fusion_error(torch.float32, switches=20, m=64)
     assert res["error_after_all"] <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_residual_split_and_join_carry_8_more_bits(dtype):
+    from srlora.factors import join_residual, spacing, split_residual
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    W = torch.randn(300, 70, generator=g) * torch.logspace(-6, 2, 70)  # many binades
+    W[0, :3] = torch.tensor([0.0, 1e-30, -2.0 ** -20])  # zero and (for fp16) subnormal values
+    hi, q = split_residual(W, dtype)
+    assert hi.dtype == dtype and q.dtype == torch.int8
+    assert torch.equal(hi, W.to(dtype))  # the weight itself is the usual rounding
+    back = join_residual(hi, q)
+    err = (back - W).abs()
+    assert (err <= spacing(hi) / 508 * (1 + 1e-6) + 1e-45).all()
+    assert (err < (hi.float() - W).abs() + 1e-45).float().mean() > 0.99  # far closer than hi
+    # spacing: the gap to the next value of the format away from zero (at a power of two the
+    # gap below is half of it; round to nearest never leaves more than half the larger gap)
+    h = hi[hi != 0]
+    away = torch.nextafter(h, torch.where(h > 0, float("inf"), float("-inf")).to(dtype))
+    assert torch.equal(spacing(h), (away.float() - h.float()).abs())

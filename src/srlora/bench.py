@@ -91,7 +91,7 @@ class BenchOptions:
     seed: int = 0
     lr: float = 1e-4
     offload: str = "cpu"  # where SRLoRA keeps cache, ledger, originals: "cpu" or "device"
-    keep_original: bool = True
+    half_fusion: str = "residual"
     setup_variants: bool = False  # also time srlora.wrap unbatched and with the eigh solver
 
 
@@ -186,9 +186,9 @@ def srlora_config(shape: Shape, total_steps: int, switch_interval: Optional[int]
 
 
 def state_options(opts: BenchOptions) -> dict:
-    """The SRLoRAConfig fields that ``--offload`` and ``--no-keep-original`` set."""
+    """The SRLoRAConfig fields that ``--offload`` and ``--half-fusion`` set."""
     return {"offload_device": "cpu" if opts.offload == "cpu" else None,
-            "keep_original": opts.keep_original}
+            "half_fusion": opts.half_fusion}
 
 
 @contextmanager
@@ -406,7 +406,7 @@ def setup_times(base: torch.nn.Module, shape: Shape, device: torch.device, total
     """Wall time of putting the adapter in: PEFT LoRA, PEFT PiSSA (exact, niter 4), srlora.wrap.
 
     Each starts from a deep copy of ``base`` (the copy is not timed). With ``variants``, also
-    srlora.wrap with one SVD call per module (no stacking) and with the fp64-eigh small solver.
+    srlora.wrap with one SVD call per module (no stacking) and with the other small solver.
     """
     from peft import get_peft_model
 
@@ -421,8 +421,12 @@ def setup_times(base: torch.nn.Module, shape: Shape, device: torch.device, total
     cfg = srlora_config(shape, total_steps, schedule_for(shape, total_steps), **(extra or {}))
     runs = [("srlora_wrap_s", {})]
     if variants:
+        from .svd import SMALL_SOLVER
+
+        other = "svd" if SMALL_SOLVER.get(device.type, "svd") == "eigh" else "eigh"
+        out["small_solver"] = {"default": SMALL_SOLVER.get(device.type, "svd"), "other": other}
         runs += [("srlora_wrap_unbatched_s", {"batch_bytes": 0}),
-                 ("srlora_wrap_eigh_s", {"small": "eigh"})]
+                 ("srlora_wrap_other_solver_s", {"small": other})]
     for key, settings in runs:
         m = copy.deepcopy(base)
         with svd_settings(device.type, **settings):
@@ -779,8 +783,8 @@ def format_report(result: dict) -> str:
                            result["memory"])
     m = result["machine"]
     o = result["options"]
-    state = ("" if o.get("offload", "cpu") == "cpu" and o.get("keep_original", True) else
-             f"; SRLoRA state on {o.get('offload')}, keep_original={o.get('keep_original')}")
+    state = ("" if o.get("offload", "cpu") == "cpu" and o.get("half_fusion") == "residual" else
+             f"; SRLoRA state on {o.get('offload')}, half_fusion={o.get('half_fusion')}")
     lines = [f"### srlora bench: {s['name']} ({result['modules']} adapted modules, r={s['r']}, "
              f"r_target={s['r_target']}, batch {s['batch']}x{s['seq']}, {s['dtype']}, "
              f"{result['options']['device']}{state})",
@@ -820,9 +824,10 @@ def format_report(result: dict) -> str:
              f"{_fmt(su['peft_pissa_niter4_init_s'], 's')} | {_fmt(su['srlora_wrap_s'], 's')} |"
              f" {_fmt(su['srlora_svd_speedup_vs_pissa_exact'], 'x')} faster than exact |"]
     if "srlora_wrap_unbatched_s" in su:
-        lines.append(f"| srlora.wrap variants: one SVD call per module / fp64-eigh small solver | "
+        lines.append(f"| srlora.wrap variants: one SVD call per module / small solver "
+                     f"{su['small_solver']['other']} instead of {su['small_solver']['default']} | "
                      f"- | {_fmt(su['srlora_wrap_unbatched_s'], 's')} / "
-                     f"{_fmt(su['srlora_wrap_eigh_s'], 's')} | - |")
+                     f"{_fmt(su['srlora_wrap_other_solver_s'], 's')} | - |")
     lines += [
              f"| SVD of one matrix: full torch.linalg.svd / srlora top-{svd['k']} "
              f"({svd['method']}), median | {_fmt(svd['full_svd_median_s'], 'ms')} | "

@@ -5,7 +5,7 @@ so an adapter file alone cannot rebuild a run. A checkpoint directory holds ever
 
   model.safetensors       adapted base weights, every trainable tensor (LoRA factors,
                           modules_to_save), buffers
-  controller.safetensors  the controller's tensors (SVD cache, ledger, original copies,
+  controller.safetensors  the controller's tensors (SVD cache, ledger, residuals/originals,
                           importance state)
   controller.json         the controller's plain data (pointers, step counters, history)
   training_state.pt       optimizer, scheduler and RNG states; loads with weights_only=True
@@ -294,13 +294,17 @@ def _check_controller(sd: dict, controller: SRLoRAController) -> None:
                 or controller.config.method == "lora"):
             raise CheckpointMismatchError(f"{name}: pointer {m.get('p')!r} out of range "
                                           f"[{min(st.layer.r, st.K)}, {st.K}]")
-        if (st.original is not None) != ("original" in m):
-            raise CheckpointMismatchError(f"{name}: original-weight copy present in "
-                                          f"{'model' if st.original is not None else 'checkpoint'}"
-                                          " only (keep_original or base dtype differs)")
-        if st.original is not None and m["original"].shape != st.original.shape:
-            raise CheckpointMismatchError(f"{name}.original: saved {tuple(m['original'].shape)}, "
-                                          f"current {tuple(st.original.shape)}")
+        for key in ("original", "residual"):  # half-precision state (half_fusion)
+            mine = getattr(st, key)
+            if (mine is not None) != (key in m):
+                raise CheckpointMismatchError(
+                    f"{name}: {key} of the half-precision weight present in "
+                    f"{'model' if mine is not None else 'checkpoint'} only (half_fusion or base "
+                    "dtype differs)")
+            if mine is not None and (m[key].shape != mine.shape or m[key].dtype != mine.dtype):
+                raise CheckpointMismatchError(
+                    f"{name}.{key}: saved {tuple(m[key].shape)} {m[key].dtype}, current "
+                    f"{tuple(mine.shape)} {mine.dtype}")
         # same base model: the SVD of the original weight is the same (to SVD rounding)
         if not torch.allclose(m["S"].float(), st.S.float().cpu(), rtol=1e-3,
                               atol=1e-6 * float(st.S.abs().max().clamp_min(1e-30))):

@@ -35,9 +35,14 @@ class SRLoRAConfig:
         ``svd_oversample`` extra columns and ``svd_niter`` power iterations), or "auto"
         (randomized unless the sketch would be as large as the matrix).
       svd_seed: seed of the randomized SVD's sketch (same result in every process).
-      keep_original: for float16/bfloat16 base weights, keep a copy of the original weight
-        (on ``offload_device``) so every switch rebuilds the base weight from it in fp32 and the
-        rounding error never grows with the number of switches. Ignored for fp32 weights.
+      half_fusion: how a float16/bfloat16 base weight takes a switch's change (ignored for
+        fp32 weights, which are updated in place). "residual" (default): beside the weight,
+        an int8 residual of its last rounding (1 byte per weight element, on the weight's
+        device) carries 8 more bits, so the change is applied to a ~16-bit-mantissa value and
+        rounded once; no host transfer. "original": keep a copy of the original weight (on
+        ``offload_device``) and rebuild the weight from it and all fused/subtracted factors in
+        fp32 at every switch (one rounding, exact; moves the copy and the factors to the
+        device at each switch). "inplace": round at every switch (the error grows).
       offload_device: where the SVD cache, the fused-pair ledger and the original copy live
         ("cpu" keeps accelerator memory at LoRA's level; None keeps them beside the weight).
     """
@@ -60,7 +65,7 @@ class SRLoRAConfig:
     svd_oversample: int = 16
     svd_niter: int = 4
     svd_seed: int = 0
-    keep_original: bool = True
+    half_fusion: Literal["residual", "original", "inplace"] = "residual"
     offload_device: Optional[str] = "cpu"
     extra_lora_kwargs: dict = field(default_factory=dict)
 
@@ -83,7 +88,8 @@ class SRLoRAConfig:
             bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
         for name, allowed in (("importance_reset", ("module", "slots")),
                               ("optimizer_state", ("zero", "keep")),
-                              ("svd_method", ("auto", "exact", "randomized"))):
+                              ("svd_method", ("auto", "exact", "randomized")),
+                              ("half_fusion", ("residual", "original", "inplace"))):
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
         if self.svd_oversample < 0:

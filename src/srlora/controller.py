@@ -15,7 +15,8 @@ from typing import Callable, Optional
 import torch
 
 from .config import SRLoRAConfig
-from .factors import lowest_pairs, pair_scores, pissa_factors, switch_delta, switch_steps
+from .factors import (join_residual, lowest_pairs, pair_scores, pissa_factors, split_residual,
+                      switch_delta, switch_steps)
 from .importance import ImportanceTracker
 from .layers import AdaptedLayer
 from .svd import top_singular_directions_many
@@ -46,9 +47,9 @@ class _ModuleState:
         self.p = 0  # directions consumed
         m, n = layer.shape
         r = layer.r
-        # host memory for a model on an accelerator is pinned: a switch's copies run at full
-        # bus speed, and host-to-device copies need not wait for the host
-        self.pin = store.type == "cpu" and layer.base_weight.device.type == "cuda"
+        # host memory is pinned only for what a switch copies back whole (half_fusion=
+        # "original"); pinning costs about a second per GB at set-up
+        self.pin = False
         kw = {"device": store, "pin_memory": self.pin}
         self.U = torch.empty(m, K, **kw)
         self.S = torch.empty(K, **kw)
@@ -56,15 +57,17 @@ class _ModuleState:
         self.FB = torch.zeros(m, max(K - r, 0), **kw)  # fused pairs, valid: [:, :p-r]
         self.FA = torch.zeros(max(K - r, 0), n, **kw)
         self.original: Optional[torch.Tensor] = None  # original W (m x n, its dtype) or None
+        self.residual: Optional[torch.Tensor] = None  # int8 rounding residual of W, or None
 
     def keep_original(self, W: torch.Tensor) -> None:
         self.original = torch.empty(W.shape, dtype=W.dtype, device=self.U.device,
                                     pin_memory=self.pin)
         self.original.copy_(W.detach())
 
-    def fetch(self, t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-        """``t`` (a slice of this module's stored state) on ``dev``, copied asynchronously."""
-        return t.to(dev, non_blocking=self.pin)
+    @staticmethod
+    def fetch(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        """``t`` (a slice of this module's stored state) on ``dev``; async from pinned memory."""
+        return t.to(dev, non_blocking=t.device.type == "cpu" and t.is_pinned())
 
 
 class SRLoRAController:
@@ -119,7 +122,9 @@ class SRLoRAController:
             st.S.copy_(S)
             st.Vh.copy_(Vh)
             W = L.W()
-            if W.dtype != torch.float32 and cfg.keep_original and cfg.method == "srlora":
+            half = W.dtype != torch.float32 and cfg.method == "srlora"
+            if half and cfg.half_fusion == "original":
+                st.pin = st.U.device.type == "cpu" and W.device.type == "cuda"
                 st.keep_original(W)
             r0 = min(L.r, k)
             B0, A0 = pissa_factors(U[:, :r0], S[:r0], Vh[:r0], L.scaling)
@@ -128,7 +133,12 @@ class SRLoRAController:
             L.A().zero_()
             L.B()[:, :r0] = B0.to(L.B().dtype)
             L.A()[:r0] = A0.to(L.A().dtype)
-            W.copy_((W.float() - L.scaling * (B0 @ A0)).to(W.dtype))
+            W_res = W.float() - L.scaling * (B0 @ A0)
+            if half and cfg.half_fusion == "residual":
+                hi, st.residual = split_residual(W_res, W.dtype)
+                W.copy_(hi)
+            else:
+                W.copy_(W_res.to(W.dtype))
             st.p = r0
             self.modules.append(st)
 
@@ -240,50 +250,100 @@ class SRLoRAController:
                             "pairs to fuse are chosen by index, not by importance. Is the "
                             "controller attached to the optimizer?")
         k = self.config.r_prime
-        event = {"step": self.global_step, "modules": [], "slots": [], "directions": [],
-                 "scores": []}
-        for i, st in enumerate(self.modules):
-            if st.p + k > st.K:
-                continue  # directions exhausted: this module stops switching
-            scores = self.pair_scores(i)
-            low = lowest_pairs(scores, k)
-            self._recompose(i, st, low)
-            event["modules"].append(i)
-            event["slots"].append(low.tolist())
-            event["directions"].append(list(range(st.p - k, st.p)))
-            event["scores"].append(scores.cpu().tolist())
-        if event["modules"]:
-            self.num_switches += 1
-            self.history.append(event)
-        return len(event["modules"])
+        todo = [i for i, st in enumerate(self.modules) if st.p + k <= st.K]  # others: exhausted
+        if not todo:
+            return 0
+        # everything is queued on the device; the host waits twice per switch (new directions
+        # in, fused pairs and the history out), not once per module
+        new_dirs = self._next_directions(todo, k)
+        chosen, scores, fused = [], [], []
+        for i in todo:
+            sc = self.pair_scores(i)
+            low = lowest_pairs(sc, k)
+            fused.append(self._recompose(i, self.modules[i], low, *new_dirs[i]))
+            chosen.append(low)
+            scores.append(sc)
+        self._write_ledger(todo, fused)
+        dev0 = chosen[0].device
+        low_cpu = torch.stack([t.to(dev0) for t in chosen]).cpu().tolist()
+        sc_cpu = torch.stack([t.to(dev0) for t in scores]).cpu().tolist()
+        self.num_switches += 1
+        self.history.append({
+            "step": self.global_step, "modules": todo, "slots": low_cpu,
+            "directions": [list(range(self.modules[i].p - k, self.modules[i].p)) for i in todo],
+            "scores": sc_cpu})
+        return len(todo)
 
-    def _recompose(self, i: int, st: _ModuleState, low: torch.Tensor) -> None:
+    def _next_directions(self, todo: list[int], k: int) -> dict:
+        """Directions ``p .. p+k-1`` of each module in ``todo``, on its weight's device.
+
+        Gathered into one buffer per (store, weight) device pair and copied in one go.
+        """
+        groups: dict = {}
+        for i in todo:
+            st = self.modules[i]
+            groups.setdefault((st.U.device, st.layer.W().device), []).append(i)
+        out = {}
+        for (_, dev), idx in groups.items():
+            parts = []
+            for i in idx:
+                st = self.modules[i]
+                parts += [st.U[:, st.p:st.p + k].reshape(-1), st.S[st.p:st.p + k],
+                          st.Vh[st.p:st.p + k].reshape(-1)]
+            flat = torch.cat(parts).to(dev)
+            off = 0
+            for i in idx:
+                (m, n), st = self.modules[i].layer.shape, self.modules[i]
+                U = flat[off:off + m * k].view(m, k)
+                S = flat[off + m * k:off + m * k + k]
+                Vh = flat[off + m * k + k:off + m * k + k + k * n].view(k, n)
+                out[i] = (U, S, Vh)
+                off += m * k + k + k * n
+        return out
+
+    def _write_ledger(self, todo: list[int], fused: list) -> None:
+        """Store each module's fused pairs (fp32) in its ledger, columns ``p-r-k .. p-r-1``."""
+        for i, pair in zip(todo, fused):
+            if pair is None:
+                continue  # half_fusion="original" wrote it before its rebuild
+            (B_low, A_low), st = pair, self.modules[i]
+            k = B_low.shape[1]
+            f0 = st.p - st.layer.r - k
+            st.FB[:, f0:f0 + k] = B_low.to(st.FB.device)
+            st.FA[f0:f0 + k] = A_low.to(st.FA.device)
+
+    def _recompose(self, i: int, st: _ModuleState, low: torch.Tensor, U: torch.Tensor,
+                   S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One module's switch on the device; returns the fused pairs for the ledger."""
         L, k, s = st.layer, len(low), st.layer.scaling
         W, B, A = L.W(), L.B(), L.A()
-        dev = W.device
         lowd = low.to(B.device)
         B_low, A_low = B[:, lowd].float(), A[lowd].float()
-        U = st.fetch(st.U[:, st.p:st.p + k], dev)
-        S = st.fetch(st.S[st.p:st.p + k], dev)
-        Vh = st.fetch(st.Vh[st.p:st.p + k], dev)
         B_new, A_new = pissa_factors(U, S, Vh, s)
-        f0 = st.p - L.r  # ledger columns used so far
-        st.FB[:, f0:f0 + k] = B_low.to(st.FB.device)
-        st.FA[f0:f0 + k] = A_low.to(st.FA.device)
         st.p += k
-        if st.original is not None:
+        if st.original is not None:  # half_fusion="original": rebuild from W0 and all factors
+            f = st.p - L.r
+            st.FB[:, f - k:f] = B_low.to(st.FB.device)  # the rebuild reads this switch's too
+            st.FA[f - k:f] = A_low.to(st.FA.device)
             W.copy_(self._rebuild_base(st).to(W.dtype))
+        elif st.residual is not None:  # half_fusion="residual": 8 more bits beside W
+            hi, q = split_residual(join_residual(W, st.residual)
+                                   + switch_delta(B_low, A_low, B_new, A_new, s), W.dtype)
+            W.copy_(hi)
+            st.residual.copy_(q)
         else:
             W.copy_((W.float() + switch_delta(B_low, A_low, B_new, A_new, s)).to(W.dtype))
         B[:, lowd] = B_new.to(B.dtype)
         A[lowd] = A_new.to(A.dtype)
         self._apply_optimizer_policy(L, lowd)
+        fused = None if st.original is not None else (B_low, A_low)
         if self.config.importance_reset == "module":
             self.importance.reset(2 * i)
             self.importance.reset(2 * i + 1)
         else:
             self.importance.reset(2 * i, lowd, dim=0)
             self.importance.reset(2 * i + 1, lowd, dim=1)
+        return fused
 
     @staticmethod
     def _subtracted_factors(st: _ModuleState, dev) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,6 +413,8 @@ class SRLoRAController:
             m = {"p": st.p, "U": st.U, "S": st.S, "Vh": st.Vh, "FB": st.FB, "FA": st.FA}
             if st.original is not None:
                 m["original"] = st.original
+            if st.residual is not None:
+                m["residual"] = st.residual
             sd["modules"][st.layer.name] = m
         if self.importance is not None:
             sd["importance"] = self.importance.flat_state()
@@ -392,6 +454,8 @@ class SRLoRAController:
             st.p = int(m["p"])
             if st.original is not None and "original" in m:
                 st.original.copy_(m["original"])
+            if st.residual is not None and "residual" in m:
+                st.residual.copy_(m["residual"])
         if self.importance is not None:
             self.importance.load_flat_state(sd["importance"])
         self.global_step = int(sd["global_step"])

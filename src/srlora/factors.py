@@ -6,6 +6,8 @@ with ``A[j, :]``, and the adapter adds ``s * B @ A`` to the frozen weight W.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -30,8 +32,8 @@ def lowest_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     A stable sort makes the choice a pure function of the scores: identical on every process.
     """
-    order = torch.sort(scores.detach().cpu(), stable=True).indices[:k]
-    return torch.sort(order).values
+    order = torch.sort(scores.detach(), stable=True).indices[:k]
+    return torch.sort(order).values  # on the scores' device: no host sync
 
 
 def switch_delta(B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
@@ -42,6 +44,37 @@ def switch_delta(B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
     effective weight, and so the model's output, is unchanged.
     """
     return scaling * (B_low @ A_low - B_new @ A_new)
+
+
+RESIDUAL_STEPS = 254  # int8 residual: units of spacing(hi) / 254, so |q| <= 127
+
+
+def spacing(hi: torch.Tensor) -> torch.Tensor:
+    """Distance (fp32) from each value of the half-precision ``hi`` to the next one up in
+    magnitude within its binade: ``2**(e - p)`` for ``|hi| = f * 2**e``, ``f`` in [0.5, 1),
+    ``p`` the format's significand bits; the subnormal spacing for zeros and subnormals."""
+    fi = torch.finfo(hi.dtype)
+    p = 1 - round(math.log2(fi.eps))  # significand bits: bf16 8, fp16 11
+    tiny = fi.smallest_normal * 2.0 ** -(p - 1)
+    _, e = torch.frexp(hi.float())
+    ulp = torch.ldexp(torch.ones(hi.shape, device=hi.device), e - p)
+    return torch.where(hi == 0, tiny, ulp.clamp_min(tiny))
+
+
+def split_residual(W: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W`` (fp32) as ``hi`` (rounded to ``dtype``) and an int8 residual ``q``.
+
+    ``join_residual(hi, q)`` equals ``W`` to within ``spacing(hi) / 508``: about 8 more bits
+    than ``hi`` alone (round to nearest leaves ``|W - hi| <= spacing(hi) / 2``, so |q| <= 127).
+    """
+    hi = W.to(dtype)
+    q = torch.round((W - hi.float()) / spacing(hi) * RESIDUAL_STEPS).clamp_(-127, 127)  # no-op clamp
+    return hi, q.to(torch.int8)
+
+
+def join_residual(hi: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The fp32 value that ``split_residual`` stored as ``hi`` and ``q``."""
+    return hi.float() + q.float() * (spacing(hi) / RESIDUAL_STEPS)
 
 
 def ema_importance(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor,

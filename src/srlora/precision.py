@@ -14,7 +14,7 @@ import torch
 
 
 def measure_fusion_error(dtype: torch.dtype = torch.bfloat16, switches: int = 50,
-                         keep_original: bool = True, m: int = 128, seed: int = 0,
+                         fusion: str = "residual", m: int = 128, seed: int = 0,
                          device: str = "cpu", offload_device: Optional[str] = "cpu") -> dict:
     from .config import SRLoRAConfig
     from .wrap import wrap
@@ -24,7 +24,7 @@ def measure_fusion_error(dtype: torch.dtype = torch.bfloat16, switches: int = 50
     W0 = net[0].weight.detach().double().cpu().clone()
     r, k = 4, 2
     cfg = SRLoRAConfig(r=r, lora_alpha=8, r_target=r + k * switches, target_modules=["0"],
-                       total_steps=10 ** 6, svd_method="exact", keep_original=keep_original,
+                       total_steps=10 ** 6, svd_method="exact", half_fusion=fusion,
                        offload_device=offload_device)
     model, ctl = wrap(net, cfg)
     L = ctl.layers[0]
@@ -44,7 +44,7 @@ def measure_fusion_error(dtype: torch.dtype = torch.bfloat16, switches: int = 50
         ctl.switch_now()
         eff = (L.W().double() + s * L.B().double() @ L.A().double()).cpu()
         errors.append(float((eff - ref).abs().max() / W0.abs().max()))
-    return {"dtype": str(dtype).replace("torch.", ""), "keep_original": keep_original,
+    return {"dtype": str(dtype).replace("torch.", ""), "fusion": fusion,
             "switches": switches, "error_after_1": errors[0], "error_after_all": errors[-1],
             "errors": errors}
 
@@ -52,11 +52,12 @@ def measure_fusion_error(dtype: torch.dtype = torch.bfloat16, switches: int = 50
 def main() -> None:
     print("| base dtype | fusion | rel. max error after 1 switch | after 50 switches |")
     print("|---|---|---|---|")
+    how = {"residual": "int8 residual beside the weight (default)",
+           "original": "rebuilt from the original copy", "inplace": "in place, fp32 math"}
     for dtype in (torch.bfloat16, torch.float16):
-        for keep in (True, False):
-            res = measure_fusion_error(dtype, 50, keep)
-            how = "rebuilt from original (default)" if keep else "in place, fp32 math"
-            print(f"| {res['dtype']} | {how} | {res['error_after_1']:.2e} | "
+        for fusion in ("residual", "original", "inplace"):
+            res = measure_fusion_error(dtype, 50, fusion)
+            print(f"| {res['dtype']} | {how[fusion]} | {res['error_after_1']:.2e} | "
                   f"{res['error_after_all']:.2e} |")
 
 

@@ -19,7 +19,8 @@ from ._errors import SVDInputError
 # The small (q x q) problem at the end of the randomized SVD: "svd" (torch.linalg.svd of the
 # triangular factor) or "eigh" (fp64 eigendecomposition of its Gram matrix). Per device type;
 # the benchmark times both.
-SMALL_SOLVER = {"cpu": "svd", "cuda": "svd"}
+SMALL_SOLVER = {"cpu": "svd", "cuda": "eigh"}
+ITER_TOL, FINAL_TOL = 1e-2, 1e-5  # |QᵀQ - I| of the bases inside / at the end of the iterations
 # Largest stack of fp32 weights one batched call handles (bytes), per device type.
 BATCH_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
 
@@ -43,30 +44,40 @@ def exact_top_svd(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     return U.contiguous(), S[..., :k].contiguous(), Vh.contiguous()
 
 
-def cholesky_qr2(Y: torch.Tensor, tol: float = 1e-4
-                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``Y = Q R`` by CholeskyQR2 (two Cholesky passes: matrix products, batched).
+def cholesky_qr(Y: torch.Tensor, tol: float = 1e-4, passes: int = 2
+                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``Y = Q R`` by CholeskyQR (Gram matrix, Cholesky, triangular solve: batched products).
 
-    Returns ``(Q, R)`` with ``R`` upper triangular, or ``(None, None)`` when ``Y`` is too
-    ill-conditioned for it (a failed Cholesky, a non-finite value, or ``|QᵀQ - I| > tol``):
-    the caller then uses Householder QR. One host sync.
+    After each pass ``|QᵀQ - I|`` is measured; a second pass (CholeskyQR2) runs only when the
+    first is not within ``tol``. Returns ``(Q, R)`` with ``R`` upper triangular, or
+    ``(None, None)`` when ``Y`` is too ill-conditioned (a failed Cholesky, a non-finite value,
+    or still beyond ``tol`` after ``passes``): the caller then uses Householder QR. One host
+    sync per pass.
     """
-    Q, R, bad = Y, None, torch.zeros((), dtype=torch.bool, device=Y.device)
-    for _ in range(2):
+    Q, R = Y, None
+    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
+    for _ in range(passes):
         L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
-        bad = bad | (info != 0).any()
         Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)  # Q L^-T
         R = L.mT if R is None else L.mT @ R
-    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-    err = (Q.mT @ Q - eye).abs().amax()
-    if bool(bad | ~torch.isfinite(err) | (err > tol)):
-        return None, None
-    return Q, R
+        err = (Q.mT @ Q - eye).abs().amax()
+        bad = (info != 0).any() | ~torch.isfinite(err)
+        if bool(bad):
+            return None, None
+        if float(err) <= tol:
+            return Q, R
+    return None, None
+
+
+def cholesky_qr2(Y: torch.Tensor, tol: float = 1e-4
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """:func:`cholesky_qr` with up to two passes (CholeskyQR2)."""
+    return cholesky_qr(Y, tol, passes=2)
 
 
 def orthonormal_basis(Y: torch.Tensor, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Y = Q R`` with orthonormal columns in ``Q``: CholeskyQR2, else Householder QR."""
-    Q, R = cholesky_qr2(Y, tol)
+    """``Y = Q R`` with orthonormal columns in ``Q`` to ``tol``: CholeskyQR, else Householder."""
+    Q, R = cholesky_qr(Y, tol)
     if Q is None:
         Q, R = torch.linalg.qr(Y)
     return Q, R
@@ -91,7 +102,7 @@ def randomized_top_svd(W: torch.Tensor, k: int, oversample: int = 16, niter: int
 
     ``W`` is ``m x n`` or a batch ``b x m x n`` (every matrix gets the same sketch, so a batch
     gives what one call per matrix gives, up to rounding). Sketch width
-    ``q = k + oversample``; ``niter`` power iterations, each re-orthonormalized (CholeskyQR2,
+    ``q = k + oversample``; ``niter`` power iterations, each re-orthonormalized (CholeskyQR,
     Householder QR where that is too ill-conditioned; stable where torch.svd_lowrank is not).
     Then ``QᵀW = R₂ᵀ Q₂ᵀ`` (a QR of its transpose) and the SVD of the small ``q x q`` factor.
     The Gaussian sketch comes from a CPU generator seeded with ``seed``, so every process and
@@ -102,11 +113,13 @@ def randomized_top_svd(W: torch.Tensor, k: int, oversample: int = 16, niter: int
     small = small or SMALL_SOLVER.get(W.device.type, "svd")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, q, generator=gen, dtype=torch.float32).to(W.device)
-    Q, _ = orthonormal_basis(W @ omega)
-    for _ in range(niter):
-        Z, _ = orthonormal_basis(W.mT @ Q)
-        Q, _ = orthonormal_basis(W @ Z)
-    Q2, R2 = orthonormal_basis(W.mT @ Q, tol=1e-5)  # QᵀW = R2ᵀ Q2ᵀ  (q x n)
+    # the power iterations only need the span: a basis orthonormal to 1e-2 keeps it (one
+    # CholeskyQR pass when W is well conditioned); the last two bases are orthonormal to 1e-5
+    Q, _ = orthonormal_basis(W @ omega, ITER_TOL if niter else FINAL_TOL)
+    for it in range(niter):
+        Z, _ = orthonormal_basis(W.mT @ Q, ITER_TOL)
+        Q, _ = orthonormal_basis(W @ Z, ITER_TOL if it < niter - 1 else FINAL_TOL)
+    Q2, R2 = orthonormal_basis(W.mT @ Q, FINAL_TOL)  # QᵀW = R2ᵀ Q2ᵀ  (q x n)
     Ur, S, Vrh = _small_svd(R2.mT, small)  # R2ᵀ = Ur S Vrh
     U, Vh = _canonical_signs((Q @ Ur)[..., :k], (Vrh @ Q2.mT)[..., :k, :])
     return U.contiguous(), S[..., :k].contiguous(), Vh.contiguous()

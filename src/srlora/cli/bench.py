@@ -37,12 +37,12 @@ def register(subparsers) -> None:
                    help="where SRLoRA keeps its SVD cache, fused-pair ledger and (half "
                    "precision) original weights: host memory (the default, offload_device="
                    "'cpu') or the model's device (offload_device=None)")
-    p.add_argument("--no-keep-original", action="store_true",
-                   help="half precision: fuse into the weight in place instead of rebuilding "
-                   "it from the original at each switch (keep_original=False)")
+    p.add_argument("--half-fusion", default=d.half_fusion,
+                   choices=("residual", "original", "inplace"),
+                   help="how a half-precision weight takes a switch (SRLoRAConfig.half_fusion)")
     p.add_argument("--setup-variants", action="store_true",
                    help="also time srlora.wrap with one SVD call per module and with the "
-                   "fp64-eigh small solver")
+                   "other small solver (svd / fp64 eigh)")
     p.add_argument("--json", type=Path, default=None, help="also write the full result here")
     p.set_defaults(func=run)
 
@@ -55,7 +55,7 @@ def run(args) -> int:
                         r_target=args.r_target, batch=args.batch, seq=args.seq,
                         threads=args.threads, memory=not args.no_memory,
                         memory_steps=args.memory_steps, seed=args.seed,
-                        offload=args.offload, keep_original=not args.no_keep_original,
+                        offload=args.offload, half_fusion=args.half_fusion,
                         setup_variants=args.setup_variants)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
