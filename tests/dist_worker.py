@@ -159,7 +159,7 @@ def main(argv=None) -> int:
                   change=[float((w - b).norm() / b.norm())
                           for w, b in zip(effective_weights(controller), before)])
 
-    # bf16 base weights: the controller keeps fp32 originals and rebuilds W from them at switches
+    # bf16 base weights: the controller keeps an int8 residual of each weight's rounding
     bf_model, bf_ctl = srlora.wrap(build_base().to(torch.bfloat16),
                                    dataclasses.replace(config(), total_steps=12))
     bf_opt = make_optimizer(bf_model)

@@ -93,8 +93,8 @@ def test_ranks_bitwise_identical_after_every_switch(run2):
 def test_bf16_base_weights_bitwise_identical(run2):
     assert run2["reports"][0]["bf16"]["switches"] == 6
     s0, s1 = run2["load"]("bf16_rank0.pt"), run2["load"]("bf16_rank1.pt")
-    originals = [k for k in s0 if k.endswith("/original")]
-    assert len(originals) == 3 and all(s0[k].dtype == torch.bfloat16 for k in originals)
+    residuals = [k for k in s0 if k.endswith("/residual")]  # half_fusion="residual"
+    assert len(residuals) == 3 and all(s0[k].dtype == torch.int8 for k in residuals)
     assert all(s0[k].dtype == torch.bfloat16 for k in s0 if k.startswith("base/"))
     bad = [k for k in s0 if not _bitwise_equal(s0[k], s1[k])]
     assert not bad, f"differ across ranks: {bad[:5]}"
