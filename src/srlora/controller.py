@@ -47,22 +47,27 @@ class _ModuleState:
         self.p = 0  # directions consumed
         m, n = layer.shape
         r = layer.r
-        # host memory is pinned only for what a switch copies back whole (half_fusion=
-        # "original"); pinning costs about a second per GB at set-up
-        self.pin = False
-        kw = {"device": store, "pin_memory": self.pin}
-        self.U = torch.empty(m, K, **kw)
-        self.S = torch.empty(K, **kw)
-        self.Vh = torch.empty(K, n, **kw)
-        self.FB = torch.zeros(m, max(K - r, 0), **kw)  # fused pairs, valid: [:, :p-r]
-        self.FA = torch.zeros(max(K - r, 0), n, **kw)
+        self.U = torch.empty(m, K, device=store)
+        self.S = torch.empty(K, device=store)
+        self.Vh = torch.empty(K, n, device=store)
+        self.FB = torch.zeros(m, max(K - r, 0), device=store)  # fused pairs, valid: [:, :p-r]
+        self.FA = torch.zeros(max(K - r, 0), n, device=store)
         self.original: Optional[torch.Tensor] = None  # original W (m x n, its dtype) or None
         self.residual: Optional[torch.Tensor] = None  # int8 rounding residual of W, or None
 
     def keep_original(self, W: torch.Tensor) -> None:
-        self.original = torch.empty(W.shape, dtype=W.dtype, device=self.U.device,
-                                    pin_memory=self.pin)
+        """Copy ``W`` to the store; pinned when the store is host memory and W is on CUDA (every
+        switch copies it back whole; pinning costs about a second per GB, so nothing else is)."""
+        pin = self.U.device.type == "cpu" and W.device.type == "cuda"
+        self.original = torch.empty(W.shape, dtype=W.dtype, device=self.U.device, pin_memory=pin)
         self.original.copy_(W.detach())
+
+    def store_fused(self, B_low: torch.Tensor, A_low: torch.Tensor) -> None:
+        """Write the pairs fused by the switch that just advanced ``p`` into the ledger."""
+        k = B_low.shape[1]
+        f0 = self.p - self.layer.r - k
+        self.FB[:, f0:f0 + k] = B_low.to(self.FB.device)
+        self.FA[f0:f0 + k] = A_low.to(self.FA.device)
 
     @staticmethod
     def fetch(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
@@ -124,7 +129,6 @@ class SRLoRAController:
             W = L.W()
             half = W.dtype != torch.float32 and cfg.method == "srlora"
             if half and cfg.half_fusion == "original":
-                st.pin = st.U.device.type == "cpu" and W.device.type == "cuda"
                 st.keep_original(W)
             r0 = min(L.r, k)
             B0, A0 = pissa_factors(U[:, :r0], S[:r0], Vh[:r0], L.scaling)
@@ -302,29 +306,26 @@ class SRLoRAController:
         return out
 
     def _write_ledger(self, todo: list[int], fused: list) -> None:
-        """Store each module's fused pairs (fp32) in its ledger, columns ``p-r-k .. p-r-1``."""
+        """Store each module's fused pairs (fp32) in its ledger (one host sync for all)."""
         for i, pair in zip(todo, fused):
-            if pair is None:
-                continue  # half_fusion="original" wrote it before its rebuild
-            (B_low, A_low), st = pair, self.modules[i]
-            k = B_low.shape[1]
-            f0 = st.p - st.layer.r - k
-            st.FB[:, f0:f0 + k] = B_low.to(st.FB.device)
-            st.FA[f0:f0 + k] = A_low.to(st.FA.device)
+            if pair is not None:  # None: half_fusion="original" stored them before its rebuild
+                self.modules[i].store_fused(*pair)
 
     def _recompose(self, i: int, st: _ModuleState, low: torch.Tensor, U: torch.Tensor,
-                   S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One module's switch on the device; returns the fused pairs for the ledger."""
+                   S: torch.Tensor, Vh: torch.Tensor
+                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """One module's switch, queued on the device; returns the fused pairs for the ledger
+        (None if already stored)."""
         L, k, s = st.layer, len(low), st.layer.scaling
         W, B, A = L.W(), L.B(), L.A()
         lowd = low.to(B.device)
         B_low, A_low = B[:, lowd].float(), A[lowd].float()
         B_new, A_new = pissa_factors(U, S, Vh, s)
         st.p += k
+        fused: Optional[tuple] = (B_low, A_low)
         if st.original is not None:  # half_fusion="original": rebuild from W0 and all factors
-            f = st.p - L.r
-            st.FB[:, f - k:f] = B_low.to(st.FB.device)  # the rebuild reads this switch's too
-            st.FA[f - k:f] = A_low.to(st.FA.device)
+            st.store_fused(B_low, A_low)  # the rebuild reads this switch's pairs too
+            fused = None
             W.copy_(self._rebuild_base(st).to(W.dtype))
         elif st.residual is not None:  # half_fusion="residual": 8 more bits beside W
             hi, q = split_residual(join_residual(W, st.residual)
@@ -336,7 +337,6 @@ class SRLoRAController:
         B[:, lowd] = B_new.to(B.dtype)
         A[lowd] = A_new.to(A.dtype)
         self._apply_optimizer_policy(L, lowd)
-        fused = None if st.original is not None else (B_low, A_low)
         if self.config.importance_reset == "module":
             self.importance.reset(2 * i)
             self.importance.reset(2 * i + 1)
