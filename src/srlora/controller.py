@@ -3,7 +3,8 @@
 It holds, per adapted layer: the SVD cache (top ``K = min(r_target, m, n)`` directions of the
 ORIGINAL weight, fp32), the pointer ``p`` of directions consumed, the ledger of fused pairs (fp32
 factors ``FB``/``FA``, so the whole change against the original weight stays low-rank and exact)
-and, for half-precision weights, a copy of the original weight. It holds the importance state of
+and, for half-precision weights, an int8 residual of the weight's rounding (or a copy of the
+original weight, ``half_fusion="original"``). It holds the importance state of
 all factors, the optimizer-step counter and the switch history. Integrations (the optimizer hook
 here, the Trainer callback, the distributed helpers) only call into it.
 """
