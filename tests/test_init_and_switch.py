@@ -216,3 +216,16 @@ def _check_switch_after_training(model, ctl, fwd):
     y1 = fwd().detach()
     assert ctl.switch_now() == len(ctl.layers)
     assert rel(fwd(), y1) <= 1e-5
+
+
+def test_switch_factors_are_the_switch_delta_in_one_product():
+    from srlora.factors import switch_delta, switch_factors
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B1, A1, B2, A2 = (torch.randn(s, generator=g, dtype=torch.float64)
+                      for s in ((20, 3), (3, 30), (20, 3), (3, 30)))
+    Bc, Ac = switch_factors(B1, A1, B2, A2)
+    assert Bc.shape == (20, 6) and Ac.shape == (6, 30)
+    W = torch.randn(20, 30, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(W.clone().addmm_(Bc, Ac, alpha=0.5),
+                               W + switch_delta(B1, A1, B2, A2, 0.5), rtol=1e-12, atol=1e-12)

@@ -1,5 +1,7 @@
 """Half-precision bases: the fused state is rebuilt in fp32 from the original weight, so the
 rounding error of the effective weight does not grow with the number of switches."""
+import math
+
 import pytest
 import torch
 
@@ -23,6 +25,24 @@ def test_fp32_base_is_exact_to_fp32_rounding():
     assert res["error_after_all"] <= 1e-5
 
 
+def _spacing_by_frexp(hi):
+    """Slow reference: 2**(e - p) from frexp, the subnormal spacing for zeros/subnormals."""
+    fi = torch.finfo(hi.dtype)
+    p = 1 - round(math.log2(fi.eps))
+    tiny = fi.smallest_normal * 2.0 ** -(p - 1)
+    _, e = torch.frexp(hi.float())
+    return torch.where(hi == 0, tiny, torch.ldexp(torch.ones(hi.shape), e - p).clamp_min(tiny))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_spacing_from_exponent_bits_equals_frexp_on_every_value(dtype):
+    from srlora.factors import spacing
+
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[torch.isfinite(every)]  # 65,280 (bf16) / 63,488 (fp16) finite values
+    assert torch.equal(spacing(every), _spacing_by_frexp(every))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_residual_split_and_join_carry_8_more_bits(dtype):
     from srlora.factors import join_residual, spacing, split_residual
@@ -30,10 +50,14 @@ def test_residual_split_and_join_carry_8_more_bits(dtype):
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     W = torch.randn(300, 70, generator=g) * torch.logspace(-6, 2, 70)  # many binades
     W[0, :3] = torch.tensor([0.0, 1e-30, -2.0 ** -20])  # zero and (for fp16) subnormal values
-    hi, q = split_residual(W, dtype)
+    hi, q = split_residual(W.clone(), dtype)  # split_residual overwrites its input
     assert hi.dtype == dtype and q.dtype == torch.int8
     assert torch.equal(hi, W.to(dtype))  # the weight itself is the usual rounding
+    # the in-place forms compute exactly the textbook expressions
+    sp = _spacing_by_frexp(hi)
+    assert torch.equal(q, torch.round((W - hi.float()) / sp * 254).to(torch.int8))
     back = join_residual(hi, q)
+    assert torch.equal(back, hi.float() + q.float() * (sp / 254))
     err = (back - W).abs()
     assert (err <= spacing(hi) / 508 * (1 + 1e-6) + 1e-45).all()
     assert (err < (hi.float() - W).abs() + 1e-45).float().mean() > 0.99  # far closer than hi

@@ -17,7 +17,7 @@ import torch
 
 from .config import SRLoRAConfig
 from .factors import (join_residual, lowest_pairs, pair_scores, pissa_factors, split_residual,
-                      switch_delta, switch_steps)
+                      switch_delta, switch_factors, switch_steps)
 from .importance import ImportanceTracker
 from .layers import AdaptedLayer
 from .svd import top_singular_directions_many
@@ -329,11 +329,14 @@ class SRLoRAController:
             fused = None
             W.copy_(self._rebuild_base(st).to(W.dtype))
         elif st.residual is not None:  # half_fusion="residual": 8 more bits beside W
-            hi, q = split_residual(join_residual(W, st.residual)
-                                   + switch_delta(B_low, A_low, B_new, A_new, s), W.dtype)
+            W32 = join_residual(W, st.residual).addmm_(*switch_factors(B_low, A_low, B_new,
+                                                                       A_new), alpha=s)
+            hi, q = split_residual(W32, W.dtype)
             W.copy_(hi)
             st.residual.copy_(q)
-        else:
+        elif W.dtype == torch.float32:
+            W.addmm_(*switch_factors(B_low, A_low, B_new, A_new), alpha=s)
+        else:  # half_fusion="inplace": round at every switch
             W.copy_((W.float() + switch_delta(B_low, A_low, B_new, A_new, s)).to(W.dtype))
         B[:, lowd] = B_new.to(B.dtype)
         A[lowd] = A_new.to(A.dtype)

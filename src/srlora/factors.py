@@ -49,16 +49,34 @@ def switch_delta(B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
 RESIDUAL_STEPS = 254  # int8 residual: units of spacing(hi) / 254, so |q| <= 127
 
 
+def switch_factors(B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
+                   A_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B_low | -B_new]`` and ``[A_low ; A_new]``: one rank-2k product equal to
+    ``B_low @ A_low - B_new @ A_new``, so a switch is one ``addmm_`` into the weight
+    (``W.addmm_(Bc, Ac, alpha=s)`` is ``W + switch_delta(...)`` up to fp32 rounding)."""
+    return torch.cat([B_low, -B_new], dim=1), torch.cat([A_low, A_new], dim=0)
+
+
+def _float_bits(dtype: torch.dtype) -> tuple[int, int]:
+    """(exponent bias, fraction bits) of a 16-bit float format."""
+    fi = torch.finfo(dtype)
+    m = -round(math.log2(fi.eps))  # fraction bits: bf16 7, fp16 10
+    bias = 1 - round(math.log2(fi.smallest_normal))  # bf16 127, fp16 15
+    return bias, m
+
+
 def spacing(hi: torch.Tensor) -> torch.Tensor:
-    """Distance (fp32) from each value of the half-precision ``hi`` to the next one up in
-    magnitude within its binade: ``2**(e - p)`` for ``|hi| = f * 2**e``, ``f`` in [0.5, 1),
-    ``p`` the format's significand bits; the subnormal spacing for zeros and subnormals."""
-    fi = torch.finfo(hi.dtype)
-    p = 1 - round(math.log2(fi.eps))  # significand bits: bf16 8, fp16 11
-    tiny = fi.smallest_normal * 2.0 ** -(p - 1)
-    _, e = torch.frexp(hi.float())
-    ulp = torch.ldexp(torch.ones(hi.shape, device=hi.device), e - p)
-    return torch.where(hi == 0, tiny, ulp.clamp_min(tiny))
+    """Distance (fp32) from each value of the 16-bit float ``hi`` to the next one away from
+    zero: ``2**(E - bias - m)`` for biased exponent ``E`` and ``m`` fraction bits; the subnormal
+    spacing ``2**(1 - bias - m)`` for zeros and subnormals. Read off the exponent bits: a few
+    integer passes, no float math (``tests/test_precision.py`` checks all 65,536 values)."""
+    bias, m = _float_bits(hi.dtype)
+    E = ((hi.view(torch.int16).int() >> m) & ((1 << (15 - m)) - 1)).clamp_(min=1)
+    field = E.add_(127 - bias - m)  # the spacing's fp32 exponent field
+    if 1 - bias - m + 127 >= 1:  # every spacing is a normal fp32 number (fp16)
+        return field.bitwise_left_shift_(23).view(torch.float32)
+    sub = torch.bitwise_left_shift(torch.ones_like(field), (field + 22).clamp_(min=0))
+    return torch.where(field >= 1, field << 23, sub).view(torch.float32)
 
 
 def split_residual(W: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,15 +84,16 @@ def split_residual(W: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
 
     ``join_residual(hi, q)`` equals ``W`` to within ``spacing(hi) / 508``: about 8 more bits
     than ``hi`` alone (round to nearest leaves ``|W - hi| <= spacing(hi) / 2``, so |q| <= 127).
+    Overwrites ``W`` (it becomes the scaled residual): ``q = round((W - hi) / spacing * 254)``.
     """
     hi = W.to(dtype)
-    q = torch.round((W - hi.float()) / spacing(hi) * RESIDUAL_STEPS).clamp_(-127, 127)  # no-op clamp
+    q = W.sub_(hi).div_(spacing(hi)).mul_(RESIDUAL_STEPS).round_()
     return hi, q.to(torch.int8)
 
 
 def join_residual(hi: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The fp32 value that ``split_residual`` stored as ``hi`` and ``q``."""
-    return hi.float() + q.float() * (spacing(hi) / RESIDUAL_STEPS)
+    """The fp32 value ``hi + q * spacing(hi) / 254`` that ``split_residual`` stored (new tensor)."""
+    return spacing(hi).div_(RESIDUAL_STEPS).mul_(q).add_(hi)
 
 
 def ema_importance(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor,
