@@ -21,9 +21,10 @@ def _task_help() -> str:
         d = t.defaults
         size = (f"max_len={d['max_len']}" if t.kind == "text" else
                 f"image_size={d['image_size']}")
+        lr = d["lr"] if "=" not in d["lr"] else f"({d['lr']})"  # per-method lrs in brackets
         lines.append(f"  {t.name:16s} {t.what}\n{'':19s}steps={d['steps']} batch={d['batch_size']} "
-                     f"lr={d['lr']} head_lr={d.get('head_lr')} r={d['r']} r_target={d['r_target']} "
-                     f"seeds={d['seeds']}\n{'':19s}{size} eval_every={d['eval_every']} "
+                     f"r={d['r']} r_target={d['r_target']} seeds={d['seeds']}\n{'':19s}"
+                     f"lr={lr} head_lr={d.get('head_lr'):g} {size} eval_every={d['eval_every']} "
                      f"eval_size={d['eval_size']} max_test={d['max_test'] or 'all'}")
     lines.append("  --dataset FILE   any local CSV/TSV/JSONL with 'text' and 'label' columns (or a "
                  "hub dataset name); text defaults as rt-polarity")
