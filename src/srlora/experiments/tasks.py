@@ -293,7 +293,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              "Fashion-MNIST (10 classes), EfficientNet-Lite0, LoRA on its 1x1 convs",
              ("fashion-mnist",)),
     TaskSpec("mnist", "image", load_mnist, "efficientnet-lite0",
-             dict(_IMAGE, steps=100, r_target=16, lr="lora=3e-3,pissa=1e-3,srlora=3e-3"),
+             dict(_IMAGE, steps=100, r_target=16, lr="lora=3e-3,pissa=1e-3,srlora=3e-4"),
              "MNIST 5k (10 classes), EfficientNet-Lite0, LoRA on its 1x1 convs", ("mnist5k",)),
 ]}
 
