@@ -1,6 +1,7 @@
 """`srlora compare` end to end on a tiny random BERT and a synthetic CSV (seconds, offline)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -183,3 +184,28 @@ def test_run_one_is_seeded_whatever_the_global_rng(assets_dir):
     c = run_one(bundle, enc, sp, seed=1, **kw)["train_loss"]
     assert a == b
     assert a != c
+
+
+def test_task_defaults_resolve_and_are_listed_in_help():
+    """Every built-in task's defaults resolve (its lr string gives one lr per method, also with a
+    partial --lr override) and `srlora compare --help` prints them."""
+    from srlora.cli import build_parser
+    from srlora.cli.compare import METHODS, _task_help, build_config, parse_lrs
+    from srlora.experiments.tasks import TASKS
+
+    help_text = _task_help()
+    for name, t in TASKS.items():
+        d = t.defaults
+        lrs = parse_lrs("", list(METHODS), d["lr"])
+        assert all(len(lrs[m]) == 1 for m in METHODS), (name, lrs)
+        assert parse_lrs("srlora=5e-2", list(METHODS), d["lr"])["srlora"] == [5e-2]
+        assert parse_lrs("5e-2", list(METHODS), d["lr"]) == {m: [5e-2] for m in METHODS}
+        block = re.split(r"\n  (?=\S)", help_text.split(f"  {name} ")[1])[0]
+        for key, shown in (("steps", d["steps"]), ("batch", d["batch_size"]), ("r", d["r"]),
+                           ("r_target", d["r_target"]), ("seeds", d["seeds"]),
+                           ("eval_every", d["eval_every"]), ("eval_size", d["eval_size"])):
+            assert f" {key}={shown}" in block, (name, key, block)
+        assert d["lr"] in block and ("max_len" if t.kind == "text" else "image_size") in block
+        cfg = build_config(build_parser().parse_args(["compare", "--task", name,
+                                                      "--out", os.devnull]))
+        assert cfg.steps == d["steps"] and cfg.lrs == lrs and cfg.max_test == d["max_test"]

@@ -19,9 +19,13 @@ def _task_help() -> str:
     lines = ["built-in tasks (offline; assets installed on first use) and their defaults:"]
     for t in TASKS.values():
         d = t.defaults
+        size = (f"max_len={d['max_len']}" if t.kind == "text" else
+                f"image_size={d['image_size']}")
+        lr = d["lr"] if "=" not in d["lr"] else f"({d['lr']})"  # per-method lrs in brackets
         lines.append(f"  {t.name:16s} {t.what}\n{'':19s}steps={d['steps']} batch={d['batch_size']} "
-                     f"lr={d['lr']} head_lr={d.get('head_lr')} r={d['r']} r_target={d['r_target']} seeds={d['seeds']} "
-                     f"eval_every={d['eval_every']}")
+                     f"r={d['r']} r_target={d['r_target']} seeds={d['seeds']}\n{'':19s}"
+                     f"lr={lr} head_lr={d.get('head_lr'):g} {size} eval_every={d['eval_every']} "
+                     f"eval_size={d['eval_size']} max_test={d['max_test'] or 'all'}")
     lines.append("  --dataset FILE   any local CSV/TSV/JSONL with 'text' and 'label' columns (or a "
                  "hub dataset name); text defaults as rt-polarity")
     return "\n".join(lines)
@@ -55,8 +59,8 @@ def register(sub) -> None:
     a("--gamma", type=float, help="SRLoRA: fraction of pairs recomposed per switch (default 0.5)")
     a("--target-modules", help="comma list of module names (default: the model's usual targets)")
     a("--eval-every", type=int, help="eval-curve interval in optimizer steps (default per task)")
-    a("--eval-size", type=int, help="test examples used for the eval curve (default 300; the final "
-                                    "accuracy uses the whole test part)")
+    a("--eval-size", type=int, help="test examples used for the eval curve (default per task; the "
+                                    "final accuracy uses the whole test part)")
     a("--max-train", type=int, help="cap on training examples")
     a("--max-val", type=int, help="cap on validation examples (default 500)")
     a("--max-test", type=int, help="cap on test examples (default per task)")

@@ -286,14 +286,14 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              dict(_TEXT, steps=100, r_target=32),
              "Rotten Tomatoes subjectivity (plot vs review sentences), MiniLM", ("rt",)),
     TaskSpec("bbc-news", "text", load_bbc_news, "minilm",
-             dict(_TEXT, steps=150, max_len=256, batch_size=8, r_target=32, max_test=445),
+             dict(_TEXT, steps=100, max_len=64, batch_size=8, r_target=32, max_test=None),
              "BBC News topic (5 classes), MiniLM; --model smollm2 for SmolLM2-135M", ("bbc",)),
     TaskSpec("fashion-mnist", "image", load_fashion_mnist, "efficientnet-lite0",
-             dict(_IMAGE, steps=200, r_target=16),
+             dict(_IMAGE, steps=100, r_target=16, lr="3e-4"),
              "Fashion-MNIST (10 classes), EfficientNet-Lite0, LoRA on its 1x1 convs",
              ("fashion-mnist",)),
     TaskSpec("mnist", "image", load_mnist, "efficientnet-lite0",
-             dict(_IMAGE, steps=200, r_target=16),
+             dict(_IMAGE, steps=100, r_target=16, lr="lora=3e-3,pissa=1e-3,srlora=3e-4"),
              "MNIST 5k (10 classes), EfficientNet-Lite0, LoRA on its 1x1 convs", ("mnist5k",)),
 ]}
 
