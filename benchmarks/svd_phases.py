@@ -72,10 +72,10 @@ for label, (b, m, n) in groups.items():
     total = time.perf_counter() - t
     stats.clear(), counts.clear()
 
-    def both_small(R, which):  # time each solver on the same small factor
+    def both_small(R, which, k):  # time each solver on the same small factor
         for name in ("eigh", "svd"):
-            timed(name, real_small)(R, name)
-        return real_small(R, which)
+            timed(name, real_small)(R, name, k)
+        return real_small(R, which, k)
 
     S.orthonormal_basis, S._small_svd = timed("bases", cholesky_passes), both_small
     for c in chunks:

@@ -84,10 +84,11 @@ def test_cholesky_qr2_refuses_rank_deficient_input_and_householder_takes_over():
     assert torch.allclose(Q @ R, Yd, atol=1e-4)
 
 
-def test_rank_deficient_weight_still_gives_orthonormal_directions():
+@pytest.mark.parametrize("small", ["svd", "eigh"])
+def test_rank_deficient_weight_still_gives_orthonormal_directions(small):
     torch.manual_seed(3)
     W = torch.randn(60, 5) @ torch.randn(5, 70)  # rank 5, asked for 12
-    U, S, Vh = randomized_top_svd(W, 12, oversample=4, niter=2)
+    U, S, Vh = randomized_top_svd(W, 12, oversample=4, niter=2, small=small)
     assert torch.allclose(U.T @ U, torch.eye(12), atol=1e-4)
     assert float(S[5:].max()) < 1e-4 * float(S[0])
     assert float(((U * S) @ Vh - W).norm() / W.norm()) < 1e-5

@@ -83,16 +83,22 @@ def orthonormal_basis(Y: torch.Tensor, tol: float = 1e-4) -> tuple[torch.Tensor,
     return Q, R
 
 
-def _small_svd(R: torch.Tensor, solver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of the small square ``R`` (``q x q``, batched): ``R = Ur diag(S) Vrh``, S descending."""
-    if solver == "svd":
-        return torch.linalg.svd(R)
-    # eigh of RᵀR in fp64: RᵀR = Vr S² Vrᵀ; Ur = R Vr / S (columns with S ~ 0: left as computed)
-    lam, Vr = torch.linalg.eigh(R.double().mT @ R.double())
-    lam, Vr = lam.flip(-1).clamp_min(0), Vr.flip(-1)
-    S = lam.sqrt()
-    Ur = (R.double() @ Vr) / S.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
-    return Ur.to(R.dtype), S.to(R.dtype), Vr.mT.to(R.dtype)
+def _small_svd(R: torch.Tensor, solver: str, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of the small square ``R`` (``q x q``, batched): ``R = Ur diag(S) Vrh``, S descending.
+
+    "eigh": eigenvectors of ``RᵀR`` in fp64 (``RᵀR = Vr S² Vrᵀ``, ``Ur = R Vr / S``); when one
+    of the first ``k`` singular values is below 1e-6 of the largest (a rank-deficient weight),
+    ``Ur`` would not be orthonormal there, and the SVD is used instead (one host sync).
+    """
+    if solver == "eigh":
+        lam, Vr = torch.linalg.eigh(R.double().mT @ R.double())
+        lam, Vr = lam.flip(-1).clamp_min(0), Vr.flip(-1)
+        S = lam.sqrt()
+        if not bool((S[..., k - 1] <= 1e-6 * S[..., 0]).any()):
+            Ur = (R.double() @ Vr) / S.unsqueeze(-2)
+            return Ur.to(R.dtype), S.to(R.dtype), Vr.mT.to(R.dtype)
+    return torch.linalg.svd(R)
 
 
 def randomized_top_svd(W: torch.Tensor, k: int, oversample: int = 16, niter: int = 4,
@@ -120,7 +126,7 @@ def randomized_top_svd(W: torch.Tensor, k: int, oversample: int = 16, niter: int
         Z, _ = orthonormal_basis(W.mT @ Q, ITER_TOL)
         Q, _ = orthonormal_basis(W @ Z, ITER_TOL if it < niter - 1 else FINAL_TOL)
     Q2, R2 = orthonormal_basis(W.mT @ Q, FINAL_TOL)  # QᵀW = R2ᵀ Q2ᵀ  (q x n)
-    Ur, S, Vrh = _small_svd(R2.mT, small)  # R2ᵀ = Ur S Vrh
+    Ur, S, Vrh = _small_svd(R2.mT, small, k)  # R2ᵀ = Ur S Vrh
     U, Vh = _canonical_signs((Q @ Ur)[..., :k], (Vrh @ Q2.mT)[..., :k, :])
     return U.contiguous(), S[..., :k].contiguous(), Vh.contiguous()
 
