@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from srlora.svd import (cholesky_qr2, orthonormal_basis, randomized_top_svd, subspace_error,
+from srlora.svd import (cholesky_qr, orthonormal_basis, randomized_top_svd, subspace_error,
                         top_singular_directions, top_singular_directions_many)
 
 
@@ -68,13 +68,13 @@ def test_many_checks_every_weight_before_any_svd():
 
 def test_cholesky_qr2_refuses_rank_deficient_input_and_householder_takes_over():
     Y = torch.randn(50, 10, dtype=torch.float32)
-    Q, R = cholesky_qr2(Y)
+    Q, R = cholesky_qr(Y, passes=2)
     assert Q is not None
     assert torch.allclose(Q @ R, Y, atol=1e-5)
     assert torch.allclose(Q.T @ Q, torch.eye(10), atol=1e-5)
     Yd = Y.clone()
     Yd[:, 7] = 0.0  # a zero column: the Gram matrix is singular, Cholesky breaks down
-    assert cholesky_qr2(Yd)[0] is None
+    assert cholesky_qr(Yd, passes=2)[0] is None
     Q, R = orthonormal_basis(Yd)  # Householder takes over
     assert torch.allclose(Q.T @ Q, torch.eye(10), atol=1e-5)
     assert torch.allclose(Q @ R, Yd, atol=1e-5)

@@ -9,6 +9,7 @@ few batched matrix products instead of hundreds of small calls (what an accelera
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -61,18 +62,12 @@ def cholesky_qr(Y: torch.Tensor, tol: float = 1e-4, passes: int = 2
         Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)  # Q L^-T
         R = L.mT if R is None else L.mT @ R
         err = (Q.mT @ Q - eye).abs().amax()
-        bad = (info != 0).any() | ~torch.isfinite(err)
-        if bool(bad):
+        failed, err = torch.stack([(info != 0).any().to(err.dtype), err]).tolist()  # one sync
+        if failed or not math.isfinite(err):  # Cholesky broke down, or NaN/Inf appeared
             return None, None
-        if float(err) <= tol:
+        if err <= tol:
             return Q, R
     return None, None
-
-
-def cholesky_qr2(Y: torch.Tensor, tol: float = 1e-4
-                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """:func:`cholesky_qr` with up to two passes (CholeskyQR2)."""
-    return cholesky_qr(Y, tol, passes=2)
 
 
 def orthonormal_basis(Y: torch.Tensor, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
