@@ -163,7 +163,7 @@ def test_files_are_safetensors_json_and_weights_only(tmp_path):
     state = torch.load(tmp_path / "ck" / "training_state.pt", weights_only=True)
     assert set(state) == {"optimizer", "scheduler", "rng"}
     man = json.loads((tmp_path / "ck" / "manifest.json").read_text())
-    assert man["format_version"] == 1 and man["step"] == 3
+    assert man["format_version"] == 2 and man["step"] == 3
     assert man["config"]["r"] == 4 and len(man["modules"]) == 4
     assert all(v["shape"] == [32, 32] for v in man["modules"].values())
     # every adapted base weight and every trainable tensor is in the model file

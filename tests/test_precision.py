@@ -43,13 +43,17 @@ def test_spacing_from_exponent_bits_equals_frexp_on_every_value(dtype):
     assert torch.equal(spacing(every), _spacing_by_frexp(every))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_residual_split_and_join_carry_8_more_bits(dtype):
+def _values_over_many_binades(g):
+    W = torch.randn(300, 70, generator=g) * torch.logspace(-6, 2, 70)
+    W[0, :3] = torch.tensor([0.0, 1e-30, -2.0 ** -20])  # zero and (for fp16) subnormal values
+    return W
+
+
+def test_fp16_residual_split_and_join_carry_8_more_bits():
     from srlora.factors import join_residual, spacing, split_residual
 
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
-    W = torch.randn(300, 70, generator=g) * torch.logspace(-6, 2, 70)  # many binades
-    W[0, :3] = torch.tensor([0.0, 1e-30, -2.0 ** -20])  # zero and (for fp16) subnormal values
+    dtype = torch.float16
+    W = _values_over_many_binades(torch.Generator().manual_seed(torch.seed() % 2**31))
     hi, q = split_residual(W.clone(), dtype)  # split_residual overwrites its input
     assert hi.dtype == dtype and q.dtype == torch.int8
     assert torch.equal(hi, W.to(dtype))  # the weight itself is the usual rounding
@@ -58,11 +62,51 @@ def test_residual_split_and_join_carry_8_more_bits(dtype):
     assert torch.equal(q, torch.round((W - hi.float()) / sp * 254).to(torch.int8))
     back = join_residual(hi, q)
     assert torch.equal(back, hi.float() + q.float() * (sp / 254))
-    err = (back - W).abs()
-    assert (err <= spacing(hi) / 508 * (1 + 1e-6) + 1e-45).all()
-    assert (err < (hi.float() - W).abs() + 1e-45).float().mean() > 0.99  # far closer than hi
+    err = (back.double() - W.double()).abs()
+    # q is within half a step (spacing / 508); forming ``back`` in fp32 rounds once more
+    half_ulp = (torch.nextafter(back.abs(), torch.tensor(float("inf"))) - back.abs()) / 2
+    assert (err <= spacing(hi).double() / 508 + half_ulp.double()).all()
+    assert (err < (hi.double() - W.double()).abs() + 1e-45).float().mean() > 0.99  # closer than hi
     # spacing: the gap to the next value of the format away from zero (at a power of two the
     # gap below is half of it; round to nearest never leaves more than half the larger gap)
     h = hi[hi != 0]
     away = torch.nextafter(h, torch.where(h > 0, float("inf"), float("-inf")).to(dtype))
     assert torch.equal(spacing(h), (away.float() - h.float()).abs())
+
+
+def _bf16_nearest_ties_away(W):
+    """Slow reference: the bf16 neighbour of W nearer in fp64, the larger magnitude on a tie."""
+    toward0 = (W.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)  # exact
+    inf = torch.where(W > 0, float("inf"), float("-inf")).to(torch.bfloat16)
+    away = torch.nextafter(toward0, inf)
+    d0 = (W.double() - toward0.double()).abs()
+    d1 = (W.double() - away.double()).abs()
+    return torch.where(d1 <= d0, away, toward0)
+
+
+@pytest.mark.parametrize("byte_views", [True, False])
+def test_bf16_residual_split_and_join_carry_8_more_bits(byte_views):
+    from srlora.factors import _split_bf16_, join_residual, spacing, split_residual
+
+    W = _values_over_many_binades(torch.Generator().manual_seed(torch.seed() % 2**31))
+    W.view(-1)[:64] = W.view(-1)[:64].to(torch.bfloat16).float() + torch.where(  # exact ties
+        W.view(-1)[:64] > 0, 1.0, -1.0) * spacing(W.view(-1)[:64].to(torch.bfloat16)) / 2
+    W[0, :3] = torch.tensor([0.0, 1e-30, -2.0 ** -20])
+    hi = torch.empty(W.shape, dtype=torch.bfloat16)
+    q = torch.empty(W.shape, dtype=torch.int8)
+    _split_bf16_(W.clone(), hi, q, byte_views=byte_views)  # overwrites its input
+    # the weight is W rounded to nearest (ties away from zero: <= spacing / 2 either way)
+    assert torch.equal(hi, _bf16_nearest_ties_away(W))
+    assert (hi != W.to(torch.bfloat16)).any()  # some ties that round-half-even sends the other way
+    assert ((W - hi.float()).abs() <= spacing(hi) / 2).all()
+    # the residual is bits 8..15 of W; the join is W with its low 8 bits replaced by 0x80
+    assert torch.equal(q, ((W.view(torch.int32) >> 8) & 255).to(torch.uint8).view(torch.int8))
+    back = join_residual(hi, q)
+    assert torch.equal(back.view(torch.int32), (W.view(torch.int32) & -256) | 128)
+    err = (back.double() - W.double()).abs()
+    assert (err <= spacing(hi).double() / 512).all()
+    assert (err < (hi.double() - W.double()).abs() + 1e-45).float().mean() > 0.99
+    hi2, q2 = split_residual(W.clone(), torch.bfloat16)  # the allocating form, same values
+    assert torch.equal(hi2, hi) and torch.equal(q2, q)
+    hi3, q3 = split_residual(back.clone(), torch.bfloat16)  # a stored value splits to itself
+    assert torch.equal(hi3, hi) and torch.equal(q3, q)

@@ -35,7 +35,7 @@ from ._errors import CheckpointMismatchError
 from .controller import SRLoRAController, unwrap_optimizer
 
 FORMAT = "srlora-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bf16 residuals hold bits 8..15 of the fp32 value (1: spacing units)
 MODEL_FILE = "model.safetensors"
 CONTROLLER_TENSORS = "controller.safetensors"
 CONTROLLER_JSON = "controller.json"

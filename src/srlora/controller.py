@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import SRLoRAConfig
-from .factors import (join_residual, lowest_pairs, pair_scores, pissa_factors, split_residual,
+from .factors import (join_residual, lowest_pairs, pair_scores, pissa_factors, split_residual_,
                       switch_delta, switch_factors, switch_steps)
 from .importance import ImportanceTracker
 from .layers import AdaptedLayer
@@ -140,8 +140,8 @@ class SRLoRAController:
             L.A()[:r0] = A0.to(L.A().dtype)
             W_res = W.float() - L.scaling * (B0 @ A0)
             if half and cfg.half_fusion == "residual":
-                hi, st.residual = split_residual(W_res, W.dtype)
-                W.copy_(hi)
+                st.residual = torch.empty(W.shape, dtype=torch.int8, device=W.device)
+                split_residual_(W_res, W, st.residual)
             else:
                 W.copy_(W_res.to(W.dtype))
             st.p = r0
@@ -331,9 +331,7 @@ class SRLoRAController:
         elif st.residual is not None:  # half_fusion="residual": 8 more bits beside W
             W32 = join_residual(W, st.residual).addmm_(*switch_factors(B_low, A_low, B_new,
                                                                        A_new), alpha=s)
-            hi, q = split_residual(W32, W.dtype)
-            W.copy_(hi)
-            st.residual.copy_(q)
+            split_residual_(W32, W, st.residual)
         elif W.dtype == torch.float32:
             W.addmm_(*switch_factors(B_low, A_low, B_new, A_new), alpha=s)
         else:  # half_fusion="inplace": round at every switch

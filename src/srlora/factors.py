@@ -7,6 +7,7 @@ with ``A[j, :]``, and the adapter adds ``s * B @ A`` to the frozen weight W.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -46,7 +47,7 @@ def switch_delta(B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
     return scaling * (B_low @ A_low - B_new @ A_new)
 
 
-RESIDUAL_STEPS = 254  # int8 residual: units of spacing(hi) / 254, so |q| <= 127
+RESIDUAL_STEPS = 254  # fp16's int8 residual: units of spacing(hi) / 254, so |q| <= 127
 
 
 def switch_factors(B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
@@ -80,20 +81,67 @@ def spacing(hi: torch.Tensor) -> torch.Tensor:
 
 
 def split_residual(W: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W`` (fp32) as ``hi`` (rounded to ``dtype``) and an int8 residual ``q``.
+    """``W`` (fp32) as ``hi`` (rounded to ``dtype``) and an int8 residual ``q``, new tensors.
 
-    ``join_residual(hi, q)`` equals ``W`` to within ``spacing(hi) / 508``: about 8 more bits
-    than ``hi`` alone (round to nearest leaves ``|W - hi| <= spacing(hi) / 2``, so |q| <= 127).
-    Overwrites ``W`` (it becomes the scaled residual): ``q = round((W - hi) / spacing * 254)``.
+    ``join_residual(hi, q)`` equals ``W`` to within ``spacing(hi) / 508`` (bf16: ``/ 512``): about
+    8 more bits than ``hi`` alone. Overwrites ``W``. See :func:`split_residual_`.
     """
-    hi = W.to(dtype)
-    q = W.sub_(hi).div_(spacing(hi)).mul_(RESIDUAL_STEPS).round_()
-    return hi, q.to(torch.int8)
+    hi = torch.empty(W.shape, dtype=dtype, device=W.device)
+    q = torch.empty(W.shape, dtype=torch.int8, device=W.device)
+    split_residual_(W, hi, q)
+    return hi, q
+
+
+def split_residual_(W: torch.Tensor, hi: torch.Tensor, q: torch.Tensor) -> None:
+    """Write ``W`` (fp32, contiguous; overwritten) into the 16-bit ``hi`` and int8 ``q`` in place.
+
+    bf16 (:func:`_split_bf16_`): integer passes on W's bits. fp16: ``hi`` = W rounded to nearest
+    (even), ``q = round((W - hi) / spacing(hi) * 254)``; round to nearest leaves
+    ``|W - hi| <= spacing(hi) / 2``, so |q| <= 127.
+    """
+    if hi.dtype == torch.bfloat16:
+        _split_bf16_(W, hi, q)
+        return
+    h = W.to(hi.dtype)
+    hi.copy_(h)
+    q.copy_(W.sub_(h).div_(spacing(h)).mul_(RESIDUAL_STEPS).round_())
 
 
 def join_residual(hi: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The fp32 value ``hi + q * spacing(hi) / 254`` that ``split_residual`` stored (new tensor)."""
+    """The fp32 value that :func:`split_residual_` stored (new tensor): for bf16
+    :func:`_join_bf16`, for fp16 ``hi + q * spacing(hi) / 254``."""
+    if hi.dtype == torch.bfloat16:
+        return _join_bf16(hi, q)
     return spacing(hi).div_(RESIDUAL_STEPS).mul_(q).add_(hi)
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _split_bf16_(W: torch.Tensor, hi: torch.Tensor, q: torch.Tensor,
+                 byte_views: bool = _LITTLE_ENDIAN) -> None:
+    """bf16 is the upper half of fp32's bits, so the split is integer work on ``b``, W's bits:
+    ``hi = (b + 0x8000) >> 16`` (W rounded to nearest, ties away from zero) and ``q`` = bits
+    8..15 of ``b`` (as int8). Then ``b == (hi << 16) + 256*q + l`` with ``0 <= l < 256``
+    whichever way hi rounded (rounding up adds 0x10000 to hi's part and flips bit 15, which
+    ``q``'s sign absorbs), so :func:`_join_bf16`, which takes ``l = 128``, is within 128 fp32
+    ulps of W: ``spacing(hi) / 512``. Three passes over W; with ``byte_views`` (little-endian
+    memory, W's last dimension contiguous) ``q`` and ``hi`` are copied from byte and half-word
+    views of ``b``, no temporaries.
+    """
+    b = W.view(torch.int32)
+    if byte_views and W.dim() > 0 and W.stride(-1) == 1:
+        q.copy_(W.view(torch.int8)[..., 1::4])
+        hi.view(torch.int16).copy_(b.add_(0x8000).view(torch.int16)[..., 1::2])
+    else:
+        q.copy_(b >> 8)  # int32 -> int8 keeps the low byte
+        hi.view(torch.int16).copy_(b.add_(0x8000).bitwise_right_shift_(16))
+
+
+def _join_bf16(hi: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``(hi << 16) + 256*q + 128`` read as fp32: the value :func:`_split_bf16_` stored."""
+    x = hi.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
+    return x.add_(q, alpha=256).add_(128).view(torch.float32)
 
 
 def ema_importance(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor,
