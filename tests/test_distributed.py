@@ -251,6 +251,22 @@ def test_fsdp2_refused_at_wrap_attach_and_switch(one_process_group):
     assert torch.equal(controller.layers[0].base_weight.full_tensor(), W0)
 
 
+def test_sharding_after_a_switch_is_refused_at_the_next(one_process_group):
+    """The switch walks the model again only when the parameters it edits changed identity:
+    FSDP2 sharding after a first switch must still be caught at the next one."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, controller = srlora.wrap(w.build_base(), w.config())
+    controller.importance.updates += 1  # scores do not matter here
+    assert controller.switch_now() > 0  # walked once, parameters remembered
+    assert controller.switch_now() > 0  # same parameters: no walk, still switches
+    fully_shard(model)
+    W0 = controller.layers[0].base_weight.full_tensor().clone()
+    with pytest.raises(srlora.UnsupportedEngineError, match="FSDP"):
+        controller.switch_now()
+    assert torch.equal(controller.layers[0].base_weight.full_tensor(), W0)
+
+
 def test_fsdp1_flat_parameters_refused():
     from torch.distributed.fsdp._flat_param import FlatParameter
 

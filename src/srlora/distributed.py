@@ -296,9 +296,12 @@ def sharding_reason(model=None, optimizer=None) -> Optional[str]:
             or (_optimizer_reason(optimizer) if optimizer is not None else None))
 
 
-def check_engine(model=None, optimizer=None) -> None:
-    """Raise UnsupportedEngineError if SRLoRA would run on sharded parameters (FSDP, DeepSpeed)."""
-    reason = sharding_reason(model, optimizer)
+def check_engine(model=None, optimizer=None, params=None) -> None:
+    """Raise UnsupportedEngineError if SRLoRA would run on sharded parameters (FSDP, DeepSpeed).
+
+    ``params``: also check these parameters one by one (without walking a model)."""
+    reason = sharding_reason(model, optimizer) or next(
+        (r for r in map(_param_reason, params or ()) if r), None)
     if reason:
         raise UnsupportedEngineError(
             f"SRLoRA does not support {reason}: each switch rewrites whole frozen weights and "

@@ -17,23 +17,25 @@ def pissa_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: f
     """Factors of k singular directions, scaled as PEFT's PiSSA does.
 
     Returns ``B = U sqrt(S/s)`` (m x k) and ``A = sqrt(S/s) Vh`` (k x n), so that
-    ``s * B @ A == U diag(S) Vh`` (to float rounding).
+    ``s * B @ A == U diag(S) Vh`` (to float rounding). Leading batch dimensions pass through.
     """
     root = torch.sqrt(S / scaling)
-    return U * root[None, :], root[:, None] * Vh
+    return U * root.unsqueeze(-2), root.unsqueeze(-1) * Vh
 
 
 def pair_scores(score_B: torch.Tensor, score_A: torch.Tensor) -> torch.Tensor:
-    """Per-pair importance ``S_j = mean_i score_B[i, j] + mean_l score_A[j, l]`` (length r)."""
-    return score_B.mean(dim=0) + score_A.mean(dim=1)
+    """Per-pair importance ``S_j = mean_i score_B[i, j] + mean_l score_A[j, l]`` (length r;
+    leading batch dimensions pass through)."""
+    return score_B.mean(dim=-2) + score_A.mean(dim=-1)
 
 
 def lowest_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k lowest scores, ties broken by lower index, returned in ascending index order.
+    """Indices of the k lowest scores, ties broken by lower index, returned in ascending index order
+    (along the last dimension; leading batch dimensions pass through).
 
     A stable sort makes the choice a pure function of the scores: identical on every process.
     """
-    order = torch.sort(scores.detach(), stable=True).indices[:k]
+    order = torch.sort(scores.detach(), stable=True).indices[..., :k]
     return torch.sort(order).values  # on the scores' device: no host sync
 
 
@@ -54,8 +56,9 @@ def switch_factors(B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor
                    A_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B_low | -B_new]`` and ``[A_low ; A_new]``: one rank-2k product equal to
     ``B_low @ A_low - B_new @ A_new``, so a switch is one ``addmm_`` into the weight
-    (``W.addmm_(Bc, Ac, alpha=s)`` is ``W + switch_delta(...)`` up to fp32 rounding)."""
-    return torch.cat([B_low, -B_new], dim=1), torch.cat([A_low, A_new], dim=0)
+    (``W.addmm_(Bc, Ac, alpha=s)`` is ``W + switch_delta(...)`` up to fp32 rounding). Leading
+    batch dimensions pass through."""
+    return torch.cat([B_low, -B_new], dim=-1), torch.cat([A_low, A_new], dim=-2)
 
 
 def _float_bits(dtype: torch.dtype) -> tuple[int, int]:

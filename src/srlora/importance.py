@@ -115,6 +115,16 @@ class ImportanceTracker:
         vi, vu = self._view_of[i]
         return vi * vu
 
+    def scores_many(self, ids: list[int]) -> torch.Tensor:
+        """Element scores of parameters ``ids`` (one shape, one device), stacked: ``G x shape``."""
+        vi = torch.stack([self._view_of[i][0] for i in ids])
+        return vi.mul_(torch.stack([self._view_of[i][1] for i in ids]))
+
+    @torch.no_grad()
+    def reset_many(self, ids: list[int]) -> None:
+        """Zero the whole state of parameters ``ids`` (one ``_foreach`` op)."""
+        torch._foreach_zero_([v for i in ids for v in self._view_of[i]])
+
     @torch.no_grad()
     def reset(self, i: int, index: torch.Tensor | None = None, dim: int = 0) -> None:
         """Zero the state of parameter i, or only its slices ``index`` along ``dim``."""

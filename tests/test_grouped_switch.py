@@ -1,0 +1,75 @@
+"""The switch stacks modules of one shape: every module of a group must still get its own slots,
+directions, weight change, ledger entry, optimizer-state and importance resets. Checked module by
+module against the fp64 loop reference."""
+import pytest
+import torch
+from conftest import rel, tiny_bert
+
+import srlora
+from srlora.reference import reference_switch
+
+
+@pytest.mark.parametrize("reset", ["module", "slots"])
+def test_each_module_of_a_stacked_group_matches_the_reference(reset):
+    bert = tiny_bert()  # 2 layers: query/key/value/dense 32x32 (8, one group), intermediate 64x32
+    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, gamma=0.5, total_steps=10_000,
+                              svd_method="exact", importance_reset=reset,
+                              target_modules=["query", "key", "value", "dense"])
+    model, ctl = srlora.wrap(bert, cfg)
+    shapes = [L.shape for L in ctl.layers]
+    assert shapes.count((32, 32)) >= 8 and len(set(shapes)) == 3  # stacked groups and others
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctl.attach(opt)
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids = torch.randint(0, 100, (4, 12), generator=g)
+    for _ in range(3):
+        model(input_ids=ids).logits.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    fresh = ctl.layers[3]  # a module of the big group whose optimizer state is not there yet
+    for p in (fresh.lora_A, fresh.lora_B):
+        opt.state.pop(p)
+    before = []
+    for i, L in enumerate(ctl.layers):
+        st = ctl.modules[i]
+        before.append(dict(W=L.W().clone(), B=L.B().clone(), A=L.A().clone(), p=st.p,
+                           scores=ctl.pair_scores(i).clone(),
+                           opt={id(p): {k: v.clone() for k, v in opt.state[p].items()
+                                        if torch.is_tensor(v) and v.shape == p.shape}
+                                for p in (L.lora_A, L.lora_B) if p in opt.state}))
+    y = model(input_ids=ids).logits.detach()
+    assert ctl.switch_now() == len(ctl.layers)
+    assert rel(model(input_ids=ids).logits, y) <= 1e-5
+    k = cfg.r_prime
+    for i, (L, b) in enumerate(zip(ctl.layers, before)):
+        st = ctl.modules[i]
+        W, B, A, chosen, p = reference_switch(b["W"], b["B"], b["A"], b["scores"], st.U, st.S,
+                                              st.Vh, b["p"], k, L.scaling)
+        assert ctl.history[-1]["slots"][i] == chosen and st.p == p
+        assert rel(L.B(), B) <= 1e-6 and rel(L.A(), A) <= 1e-6
+        assert (L.W().double() - W).abs().max() <= 1e-5 * W.abs().max()  # fp32 rounding
+        f = st.p - L.r  # the ledger holds this switch's fused pairs, as they were trained
+        torch.testing.assert_close(st.FB[:, f - k:f], b["B"][:, chosen], rtol=0, atol=0)
+        torch.testing.assert_close(st.FA[f - k:f], b["A"][chosen], rtol=0, atol=0)
+        hit = torch.zeros(L.r, dtype=torch.bool)
+        hit[chosen] = True
+        for p_, dim in ((L.lora_A, 0), (L.lora_B, 1)):
+            sc = ctl.importance.scores(ctl.layers.index(L) * 2 + (dim == 1))
+            sel = [slice(None)] * p_.dim()
+            sel[dim] = hit if reset == "slots" else slice(None)
+            assert torch.count_nonzero(sc[tuple(sel)]) == 0
+            if reset == "slots":
+                sel[dim] = ~hit
+                assert torch.count_nonzero(sc[tuple(sel)]) > 0  # the rest kept its state
+            if L is fresh:
+                assert p_ not in opt.state
+                continue
+            for key, old in b["opt"][id(p_)].items():
+                new = opt.state[p_][key]
+                sel[dim] = hit
+                assert torch.count_nonzero(old[tuple(sel)]) > 0
+                assert torch.count_nonzero(new[tuple(sel)]) == 0
+                sel[dim] = ~hit
+                assert torch.equal(new[tuple(sel)], old[tuple(sel)])
+    slots = ctl.history[-1]["slots"]
+    assert len({tuple(s) for s in slots}) > 1  # modules of a group chose different slots
