@@ -229,3 +229,34 @@ def test_switch_factors_are_the_switch_delta_in_one_product():
     W = torch.randn(20, 30, generator=g, dtype=torch.float64)
     torch.testing.assert_close(W.clone().addmm_(Bc, Ac, alpha=0.5),
                                W + switch_delta(B1, A1, B2, A2, 0.5), rtol=1e-12, atol=1e-12)
+
+
+def test_ledger_state_is_the_written_part_and_loads_back(tiny_net):
+    from srlora import CheckpointMismatchError
+
+    twin = copy.deepcopy(tiny_net)
+    model, ctl = srlora.wrap(tiny_net, cfg())
+    k = ctl.config.r_prime
+    sd = ctl.state_dict()
+    assert all(m["FB"].shape[1] == 0 and m["FA"].shape[0] == 0 for m in sd["modules"].values())
+    train_steps(model, ctl, torch.randn(8, 32), steps=2)
+    ctl.switch_now()
+    ctl.switch_now()
+    sd = ctl.state_dict()
+    for L, st in zip(ctl.layers, ctl.modules):
+        m, n = L.shape
+        assert sd["modules"][L.name]["FB"].shape == (m, 2 * k)
+        assert sd["modules"][L.name]["FA"].shape == (2 * k, n)
+    _, fresh = srlora.wrap(twin, cfg())
+    bad = copy.deepcopy(sd)
+    name = ctl.layers[0].name
+    bad["modules"][name]["FB"] = bad["modules"][name]["FB"][:, :k]  # one switch short
+    U0 = fresh.modules[0].U.clone()
+    with pytest.raises(CheckpointMismatchError, match="FB"):
+        fresh.load_state_dict(bad)
+    assert fresh.pointers == [4, 4] and torch.equal(fresh.modules[0].U, U0)  # nothing written
+    fresh.load_state_dict(sd)
+    assert fresh.pointers == ctl.pointers
+    for a, b in zip(fresh.modules, ctl.modules):
+        assert torch.equal(a.FB, b.FB) and torch.equal(a.FA, b.FA)
+        assert torch.equal(a.U, b.U)

@@ -524,7 +524,8 @@ def memory_child(spec: dict) -> dict:
     """Peak memory of one method ("lora" or "srlora") set up and trained ``steps`` steps.
 
     SRLoRA switches every ``steps // 2`` steps here, so its peak covers set-up, steps and
-    switches.
+    switches; after the steps it calls ``switch_now()`` until every direction is used, so the
+    peak also holds the fused-pair ledger at its end-of-run size (it fills as pairs are fused).
 
     CPU: resident set size (VmHWM) above the process after the base model was built, its peak
     reset before the adapter goes in. CUDA: ``torch.cuda.max_memory_allocated`` (absolute,
@@ -563,6 +564,8 @@ def memory_child(spec: dict) -> dict:
         loss_of(shape, model, ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    while controller is not None and controller.switch_now():
+        pass  # to the end of the run: the ledger at its full size
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -593,7 +596,8 @@ def memory_summary(lora: dict, sr: dict, cache_bytes: int, device: torch.device,
     """SRLoRA's peak against ``1.03 x`` LoRA's plus the SVD cache allowance.
 
     ``pass`` uses the issue's allowance (SVD cache only); ``pass_with_ledger`` also allows the
-    fused-pair ledger, which SRLoRA keeps (same size as the cache, zero-filled up front) so that
+    fused-pair ledger, which SRLoRA keeps (up to the size of the cache, filled as pairs are fused;
+    the memory child runs every remaining switch, so its peak holds the full ledger) so that
     the export to a plain LoRA stays exact. With ``offload_device="cpu"`` (the default) both
     live in host memory, off the accelerator.
 

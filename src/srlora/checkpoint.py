@@ -285,15 +285,15 @@ def _check_controller(sd: dict, controller: SRLoRAController) -> None:
         raise CheckpointMismatchError("controller state covers other modules than the model's")
     for st in controller.modules:
         m, name = sd["modules"][st.layer.name], st.layer.name
-        for key in ("U", "S", "Vh", "FB", "FA"):
-            if key not in m or tuple(m[key].shape) != tuple(getattr(st, key).shape):
-                raise CheckpointMismatchError(
-                    f"{name}.{key}: saved {tuple(m[key].shape) if key in m else 'nothing'}, "
-                    f"current {tuple(getattr(st, key).shape)}")
         if not (isinstance(m.get("p"), int) and min(st.layer.r, st.K) <= m["p"] <= st.K
                 or controller.config.method == "lora"):
             raise CheckpointMismatchError(f"{name}: pointer {m.get('p')!r} out of range "
                                           f"[{min(st.layer.r, st.K)}, {st.K}]")
+        for key, want in st.state_shapes(m["p"]).items():  # the ledger: its written part
+            if key not in m or tuple(m[key].shape) != want:
+                raise CheckpointMismatchError(
+                    f"{name}.{key}: saved {tuple(m[key].shape) if key in m else 'nothing'}, "
+                    f"expected {want} at pointer {m['p']}")
         for key in ("original", "residual"):  # half-precision state (half_fusion)
             mine = getattr(st, key)
             if (mine is not None) != (key in m):

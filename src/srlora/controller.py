@@ -51,8 +51,11 @@ class _ModuleState:
         self.U = torch.empty(m, K, device=store)
         self.S = torch.empty(K, device=store)
         self.Vh = torch.empty(K, n, device=store)
-        self.FB = torch.zeros(m, max(K - r, 0), device=store)  # fused pairs, valid: [:, :p-r]
-        self.FA = torch.zeros(max(K - r, 0), n, device=store)
+        # the ledger of fused pairs is written front to back, one switch's rows at a time, and
+        # only its written prefix is read: nothing fills it up front (1.2 GiB of zeros for a 1B
+        # model at r_target 512), and in host memory its pages are touched as pairs are fused
+        self._FBt = torch.empty(max(K - r, 0), m, device=store)  # fused B columns, as rows
+        self._FA = torch.empty(max(K - r, 0), n, device=store)
         self.original: Optional[torch.Tensor] = None  # original W (m x n, its dtype) or None
         self.residual: Optional[torch.Tensor] = None  # int8 rounding residual of W, or None
 
@@ -63,12 +66,44 @@ class _ModuleState:
         self.original = torch.empty(W.shape, dtype=W.dtype, device=self.U.device, pin_memory=pin)
         self.original.copy_(W.detach())
 
+    def fused(self, p: Optional[int] = None) -> int:
+        """Pairs in the ledger at pointer ``p`` (default: now): ``p - r``, at least 0."""
+        return max((self.p if p is None else p) - self.layer.r, 0)
+
+    @property
+    def FB(self) -> torch.Tensor:
+        """The fused B columns, ``m x fused()`` (a view of the written ledger)."""
+        return self._FBt[:self.fused()].T
+
+    @property
+    def FA(self) -> torch.Tensor:
+        """The fused A rows, ``fused() x n`` (a view of the written ledger)."""
+        return self._FA[:self.fused()]
+
+    def state_shapes(self, p: int) -> dict[str, tuple]:
+        """Shapes of this module's ``state_dict`` tensors at pointer ``p``."""
+        (m, n), f = self.layer.shape, self.fused(p)
+        return {"U": (m, self.K), "S": (self.K,), "Vh": (self.K, n), "FB": (m, f), "FA": (f, n)}
+
     def store_fused(self, B_low: torch.Tensor, A_low: torch.Tensor) -> None:
         """Write the pairs fused by the switch that just advanced ``p`` into the ledger."""
         k = B_low.shape[1]
-        f0 = self.p - self.layer.r - k
-        self.FB[:, f0:f0 + k] = B_low.to(self.FB.device)
-        self.FA[f0:f0 + k] = A_low.to(self.FA.device)
+        f0 = self.fused() - k
+        self._FBt[f0:f0 + k] = B_low.T.to(self._FBt.device)
+        self._FA[f0:f0 + k] = A_low.to(self._FA.device)
+
+    def load(self, m: dict) -> None:
+        """Write a checked ``state_dict`` entry of this module (its shapes match ``p``)."""
+        for key in ("U", "S", "Vh"):
+            getattr(self, key).copy_(m[key])
+        self.p = int(m["p"])
+        f = self.fused()
+        self._FBt[:f].copy_(m["FB"].T)
+        self._FA[:f].copy_(m["FA"])
+        if self.original is not None and "original" in m:
+            self.original.copy_(m["original"])
+        if self.residual is not None and "residual" in m:
+            self.residual.copy_(m["residual"])
 
     @staticmethod
     def fetch(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
@@ -321,7 +356,7 @@ class SRLoRAController:
         """Store each module's fused pairs (fp32) in its ledger: one copy to each store device."""
         by_store: dict = {}
         for i in todo:
-            by_store.setdefault(self.modules[i].FB.device, []).append(i)
+            by_store.setdefault(self.modules[i]._FA.device, []).append(i)
         for store, idx in by_store.items():
             flat = torch.cat([t.reshape(-1) for i in idx for t in picked[i][2:]]).to(store)
             off = 0
@@ -400,10 +435,9 @@ class SRLoRAController:
         L, s = st.layer, st.layer.scaling
         dev = L.W().device
         Bs, As = self._subtracted_factors(st, dev)
-        f = st.p - L.r
         W = st.fetch(st.original, dev).float() - s * (Bs @ As)
-        if f > 0:
-            W += s * (st.fetch(st.FB[:, :f], dev) @ st.fetch(st.FA[:f], dev))
+        if st.fused() > 0:
+            W += s * (st.fetch(st.FB, dev) @ st.fetch(st.FA, dev))
         return W
 
     def _apply_optimizer_policy(self, Ls: list[AdaptedLayer], rows: torch.Tensor,
@@ -444,9 +478,8 @@ class SRLoRAController:
         st = self.modules[i]
         dev = B.device
         Bs, As = self._subtracted_factors(st, dev)
-        f = st.p - L.r
-        Bd = torch.cat([B, st.FB[:, :f].to(dev), -Bs], dim=1)
-        Ad = torch.cat([A, st.FA[:f].to(dev), As], dim=0)
+        Bd = torch.cat([B, st.FB.to(dev), -Bs], dim=1)
+        Ad = torch.cat([A, st.FA.to(dev), As], dim=0)
         return Bd, Ad
 
     @property
@@ -496,25 +529,22 @@ class SRLoRAController:
                 f"{sorted(set(names) - set(sd['modules']))[:3]}")
         for st in self.modules:
             m = sd["modules"][st.layer.name]
-            for key in ("U", "S", "Vh", "FB", "FA"):
-                if tuple(m[key].shape) != tuple(getattr(st, key).shape):
+            p = m.get("p")
+            if not (isinstance(p, int) and min(st.layer.r, st.K) <= p <= st.K):
+                raise CheckpointMismatchError(f"{st.layer.name}: pointer {p!r} out of range "
+                                              f"[{min(st.layer.r, st.K)}, {st.K}]")
+            for key, want in st.state_shapes(p).items():
+                if tuple(m[key].shape) != want:
                     raise CheckpointMismatchError(
-                        f"{st.layer.name}.{key}: saved shape {tuple(m[key].shape)}, current "
-                        f"{tuple(getattr(st, key).shape)}")
+                        f"{st.layer.name}.{key}: saved shape {tuple(m[key].shape)}, expected "
+                        f"{want} (pointer {p})")
         if self.importance is not None:
             n = sd["importance"]["ibar"].numel()
             if n != self.importance.numel:
                 raise CheckpointMismatchError(f"importance state has {n} elements, current "
                                               f"model needs {self.importance.numel}")
         for st in self.modules:
-            m = sd["modules"][st.layer.name]
-            for key in ("U", "S", "Vh", "FB", "FA"):
-                getattr(st, key).copy_(m[key])
-            st.p = int(m["p"])
-            if st.original is not None and "original" in m:
-                st.original.copy_(m["original"])
-            if st.residual is not None and "residual" in m:
-                st.residual.copy_(m["residual"])
+            st.load(sd["modules"][st.layer.name])
         if self.importance is not None:
             self.importance.load_flat_state(sd["importance"])
         self.global_step = int(sd["global_step"])
