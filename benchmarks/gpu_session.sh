@@ -26,11 +26,13 @@ SRLORA_TEST_DEVICES=cpu,cuda timeout 45 python3 -m pytest -q -p no:cacheprovider
 echo "== 2. where the set-up SVD spends its time (llama-1b shapes)"
 timeout 45 python3 benchmarks/svd_phases.py --device cuda 2>&1 | tee "$OUT/svd_phases.md" | tail -8
 
-echo "== 2b. one bf16 weight's residual switch (this tree only: no git checkout here)"
-timeout 30 python3 benchmarks/residual_switch.py --device cuda 2>&1 | tee "$OUT/residual_switch.txt" | tail -2
+echo "== 2b. one bf16 weight's residual switch (against .whl/factors_before.py when carried:"
+echo "   git show 9efa649:src/srlora/factors.py > .whl/factors_before.py; no git checkout there)"
+timeout 30 python3 benchmarks/residual_switch.py --device cuda --before .whl/factors_before.py \
+  2>&1 | tee "$OUT/residual_switch.txt" | tail -2
 
 echo "== 3. llama-1b, the defaults (state in host memory, half_fusion=residual)"
-timeout ${BENCH_TIMEOUT:-280} python3 -m srlora bench --shape llama-1b --device cuda \
+timeout ${BENCH_TIMEOUT:-300} python3 -m srlora bench --shape llama-1b --device cuda \
   --warmup 5 --blocks 3 --steps-per-block 20 --setup-variants \
   --json "$OUT/llama-1b.json" 2>&1 | tee "$OUT/llama-1b.md" | tail -32
 

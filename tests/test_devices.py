@@ -101,3 +101,36 @@ def test_importance_on_device_equals_the_cpu_path(device):
     for i in range(len(shapes)):
         assert t_cpu.scores(i).abs().sum() > 0
         torch.testing.assert_close(t_dev.scores(i).cpu(), t_cpu.scores(i), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_conv1d_residual_switch_on_transposed_weights(device):
+    """GPT-2's Conv1D weights are seen transposed (W is a non-contiguous view): the residual's
+    join and split must take the strided path and still keep the stored fp32 value."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from srlora.factors import join_residual
+
+    torch.manual_seed(torch.seed() % 2**31)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4,
+                                     n_positions=16)).to(device, torch.bfloat16)
+    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, target_modules=["c_attn", "c_fc"],
+                              total_steps=10_000, svd_method="exact")
+    model, ctl = srlora.wrap(gpt, cfg)
+    assert all(not L.W().is_contiguous() for L in ctl.layers)
+    ids = torch.randint(0, 50, (2, 10), device=device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctl.attach(opt)
+    for _ in range(2):
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    def effective():  # the stored fp32 weight plus the adapter, in fp64
+        return [join_residual(L.W(), st.residual).double() + L.scaling * L.B().double()
+                @ L.A().double() for L, st in zip(ctl.layers, ctl.modules)]
+
+    before = effective()
+    assert ctl.switch_now() == len(ctl.layers)
+    for old, new in zip(before, effective()):  # the 8 extra bits: 2**-16 of a value, plus
+        assert (new - old).abs().max() <= 2e-5 * old.abs().max()  # fp32 rounding of the change
