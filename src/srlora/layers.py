@@ -8,6 +8,7 @@ optimizer, DDP and compiled graphs keep their references.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -56,17 +57,24 @@ class AdaptedLayer:
     layer: nn.Module  # a peft.tuners.lora.LoraLayer
     adapter: str = "default"
 
+    # the modules are looked up once (PEFT's wrappers do not change after injection); their
+    # parameters are read live at every call, so a replaced parameter is always the one seen
+    @cached_property
+    def _modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return (self.layer.get_base_layer(), self.layer.lora_A[self.adapter],
+                self.layer.lora_B[self.adapter])
+
     @property
     def base_weight(self) -> nn.Parameter:
-        return self.layer.get_base_layer().weight
+        return self._modules[0].weight
 
     @property
     def lora_A(self) -> nn.Parameter:
-        return self.layer.lora_A[self.adapter].weight
+        return self._modules[1].weight
 
     @property
     def lora_B(self) -> nn.Parameter:
-        return self.layer.lora_B[self.adapter].weight
+        return self._modules[2].weight
 
     @property
     def scaling(self) -> float:
