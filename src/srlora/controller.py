@@ -20,6 +20,7 @@ from .factors import (join_residual, lowest_pairs, pair_scores, pissa_factors, s
                       switch_delta, switch_factors, switch_steps)
 from .importance import ImportanceTracker
 from .layers import AdaptedLayer
+from .module_state import ModuleState
 from .svd import top_singular_directions_many
 
 SVDFn = Callable[[list[AdaptedLayer], list[int]], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
@@ -37,78 +38,6 @@ def unwrap_optimizer(optimizer):
         raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper exposing "
                         f".optimizer), got {type(optimizer).__name__}")
     return inner
-
-
-class _ModuleState:
-    """Everything the controller keeps for one adapted layer (tensors and ints)."""
-
-    def __init__(self, layer: AdaptedLayer, K: int, store: torch.device):
-        self.layer = layer
-        self.K = K  # directions available: min(r_target, m, n)
-        self.p = 0  # directions consumed
-        m, n = layer.shape
-        r = layer.r
-        self.U = torch.empty(m, K, device=store)
-        self.S = torch.empty(K, device=store)
-        self.Vh = torch.empty(K, n, device=store)
-        # the ledger of fused pairs is written front to back, one switch's rows at a time, and
-        # only its written prefix is read: nothing fills it up front (1.2 GiB of zeros for a 1B
-        # model at r_target 512), and in host memory its pages are touched as pairs are fused
-        self._FBt = torch.empty(max(K - r, 0), m, device=store)  # fused B columns, as rows
-        self._FA = torch.empty(max(K - r, 0), n, device=store)
-        self.original: Optional[torch.Tensor] = None  # original W (m x n, its dtype) or None
-        self.residual: Optional[torch.Tensor] = None  # int8 rounding residual of W, or None
-
-    def keep_original(self, W: torch.Tensor) -> None:
-        """Copy ``W`` to the store; pinned when the store is host memory and W is on CUDA (every
-        switch copies it back whole; pinning costs about a second per GB, so nothing else is)."""
-        pin = self.U.device.type == "cpu" and W.device.type == "cuda"
-        self.original = torch.empty(W.shape, dtype=W.dtype, device=self.U.device, pin_memory=pin)
-        self.original.copy_(W.detach())
-
-    def fused(self, p: Optional[int] = None) -> int:
-        """Pairs in the ledger at pointer ``p`` (default: now): ``p - r``, at least 0."""
-        return max((self.p if p is None else p) - self.layer.r, 0)
-
-    @property
-    def FB(self) -> torch.Tensor:
-        """The fused B columns, ``m x fused()`` (a view of the written ledger)."""
-        return self._FBt[:self.fused()].T
-
-    @property
-    def FA(self) -> torch.Tensor:
-        """The fused A rows, ``fused() x n`` (a view of the written ledger)."""
-        return self._FA[:self.fused()]
-
-    def state_shapes(self, p: int) -> dict[str, tuple]:
-        """Shapes of this module's ``state_dict`` tensors at pointer ``p``."""
-        (m, n), f = self.layer.shape, self.fused(p)
-        return {"U": (m, self.K), "S": (self.K,), "Vh": (self.K, n), "FB": (m, f), "FA": (f, n)}
-
-    def store_fused(self, B_low: torch.Tensor, A_low: torch.Tensor) -> None:
-        """Write the pairs fused by the switch that just advanced ``p`` into the ledger."""
-        k = B_low.shape[1]
-        f0 = self.fused() - k
-        self._FBt[f0:f0 + k] = B_low.T.to(self._FBt.device)
-        self._FA[f0:f0 + k] = A_low.to(self._FA.device)
-
-    def load(self, m: dict) -> None:
-        """Write a checked ``state_dict`` entry of this module (its shapes match ``p``)."""
-        for key in ("U", "S", "Vh"):
-            getattr(self, key).copy_(m[key])
-        self.p = int(m["p"])
-        f = self.fused()
-        self._FBt[:f].copy_(m["FB"].T)
-        self._FA[:f].copy_(m["FA"])
-        if self.original is not None and "original" in m:
-            self.original.copy_(m["original"])
-        if self.residual is not None and "residual" in m:
-            self.residual.copy_(m["residual"])
-
-    @staticmethod
-    def fetch(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-        """``t`` (a slice of this module's stored state) on ``dev``; async from pinned memory."""
-        return t.to(dev, non_blocking=t.device.type == "cpu" and t.is_pinned())
 
 
 class SRLoRAController:
@@ -134,7 +63,7 @@ class SRLoRAController:
         self.total_steps = config.total_steps
         self._switch_steps: Optional[set[int]] = None
         self._engine_walked: Optional[list] = None  # edited parameters at the last model walk
-        self.modules: list[_ModuleState] = []
+        self.modules: list[ModuleState] = []
         if config.method in ("pissa", "srlora"):
             self._init_svd(svd_fn)
         params = [p for L in layers for p in (L.lora_A, L.lora_B)]
@@ -159,7 +88,7 @@ class SRLoRAController:
         else:
             results = svd_fn(self.layers, ks)
         for L, k, (U, S, Vh) in zip(self.layers, ks, results):
-            st = _ModuleState(L, k, self._store_device(L))
+            st = ModuleState(L, k, self._store_device(L))
             st.U.copy_(U)
             st.S.copy_(S)
             st.Vh.copy_(Vh)
@@ -407,7 +336,7 @@ class SRLoRAController:
                 self.importance.reset(2 * i + 1, low[g], dim=1)
         return [(low[g], sc[g], B_low[g], A_low[g]) for g in range(G)]
 
-    def _fuse(self, st: _ModuleState, k: int, s: float, Bc: torch.Tensor, Ac: torch.Tensor,
+    def _fuse(self, st: ModuleState, k: int, s: float, Bc: torch.Tensor, Ac: torch.Tensor,
               B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
               A_new: torch.Tensor) -> None:
         """Add ``s*(B_low@A_low - B_new@A_new)`` (``= s*Bc@Ac``) to one frozen weight; advance p."""
@@ -425,12 +354,12 @@ class SRLoRAController:
             W.copy_((W.float() + switch_delta(B_low, A_low, B_new, A_new, s)).to(W.dtype))
 
     @staticmethod
-    def _subtracted_factors(st: _ModuleState, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    def _subtracted_factors(st: ModuleState, dev) -> tuple[torch.Tensor, torch.Tensor]:
         """PiSSA factors of directions ``0 .. p-1``: everything ever subtracted from W0."""
         return pissa_factors(st.fetch(st.U[:, :st.p], dev), st.fetch(st.S[:st.p], dev),
                              st.fetch(st.Vh[:st.p], dev), st.layer.scaling)
 
-    def _rebuild_base(self, st: _ModuleState) -> torch.Tensor:
+    def _rebuild_base(self, st: ModuleState) -> torch.Tensor:
         """``W0 - s*B_sub@A_sub + s*FB@FA`` in fp32, from the original weight: one rounding only."""
         L, s = st.layer, st.layer.scaling
         dev = L.W().device
