@@ -19,9 +19,10 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
   nproc; free -g | head -2
 } 2>&1 | tee "$OUT/env.txt"
 
-echo "== 1. correctness on cuda (tests/test_devices.py on cpu and cuda; svd; precision)"
-SRLORA_TEST_DEVICES=cpu,cuda timeout 45 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_devices.py tests/test_svd.py tests/test_precision.py 2>&1 | tee "$OUT/tests.log" | tail -3
+echo "== 1. correctness on cuda (test_devices and test_grouped_switch on cpu and cuda; svd; precision)"
+SRLORA_TEST_DEVICES=cpu,cuda timeout 60 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_devices.py tests/test_grouped_switch.py tests/test_svd.py tests/test_precision.py \
+  2>&1 | tee "$OUT/tests.log" | tail -3
 
 echo "== 2. where the set-up SVD spends its time (llama-1b shapes)"
 timeout 45 python3 benchmarks/svd_phases.py --device cuda 2>&1 | tee "$OUT/svd_phases.md" | tail -8

@@ -1,6 +1,8 @@
 """The switch stacks modules of one shape: every module of a group must still get its own slots,
 directions, weight change, ledger entry, optimizer-state and importance resets. Checked module by
 module against the fp64 loop reference."""
+import os
+
 import pytest
 import torch
 from conftest import rel, tiny_bert
@@ -9,9 +11,13 @@ import srlora
 from srlora.reference import reference_switch
 
 
+DEVICES = os.environ.get("SRLORA_TEST_DEVICES", "cpu").split(",")  # as tests/test_devices.py
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reset", ["module", "slots"])
-def test_each_module_of_a_stacked_group_matches_the_reference(reset):
-    bert = tiny_bert()  # 2 layers: query/key/value/dense 32x32 (8, one group), intermediate 64x32
+def test_each_module_of_a_stacked_group_matches_the_reference(reset, device):
+    bert = tiny_bert().to(device)  # 2 layers: query/key/value/dense 32x32 (8: one group), ...
     cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, gamma=0.5, total_steps=10_000,
                               svd_method="exact", importance_reset=reset,
                               target_modules=["query", "key", "value", "dense"])
@@ -21,7 +27,7 @@ def test_each_module_of_a_stacked_group_matches_the_reference(reset):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ctl.attach(opt)
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
-    ids = torch.randint(0, 100, (4, 12), generator=g)
+    ids = torch.randint(0, 100, (4, 12), generator=g).to(device)
     for _ in range(3):
         model(input_ids=ids).logits.pow(2).mean().backward()
         opt.step()
@@ -29,12 +35,15 @@ def test_each_module_of_a_stacked_group_matches_the_reference(reset):
     fresh = ctl.layers[3]  # a module of the big group whose optimizer state is not there yet
     for p in (fresh.lora_A, fresh.lora_B):
         opt.state.pop(p)
+    def snap(t):  # a copy on the CPU (``.cpu()`` of a CPU tensor would alias it)
+        return t.detach().to("cpu", copy=True)
+
     before = []
     for i, L in enumerate(ctl.layers):
         st = ctl.modules[i]
-        before.append(dict(W=L.W().clone(), B=L.B().clone(), A=L.A().clone(), p=st.p,
-                           scores=ctl.pair_scores(i).clone(),
-                           opt={id(p): {k: v.clone() for k, v in opt.state[p].items()
+        before.append(dict(W=snap(L.W()), B=snap(L.B()), A=snap(L.A()), p=st.p,
+                           scores=snap(ctl.pair_scores(i)),
+                           opt={id(p): {k: snap(v) for k, v in opt.state[p].items()
                                         if torch.is_tensor(v) and v.shape == p.shape}
                                 for p in (L.lora_A, L.lora_B) if p in opt.state}))
     y = model(input_ids=ids).logits.detach()
@@ -43,18 +52,18 @@ def test_each_module_of_a_stacked_group_matches_the_reference(reset):
     k = cfg.r_prime
     for i, (L, b) in enumerate(zip(ctl.layers, before)):
         st = ctl.modules[i]
-        W, B, A, chosen, p = reference_switch(b["W"], b["B"], b["A"], b["scores"], st.U, st.S,
-                                              st.Vh, b["p"], k, L.scaling)
+        W, B, A, chosen, p = reference_switch(b["W"], b["B"], b["A"], b["scores"], st.U.cpu(),
+                                              st.S.cpu(), st.Vh.cpu(), b["p"], k, L.scaling)
         assert ctl.history[-1]["slots"][i] == chosen and st.p == p
-        assert rel(L.B(), B) <= 1e-6 and rel(L.A(), A) <= 1e-6
-        assert (L.W().double() - W).abs().max() <= 1e-5 * W.abs().max()  # fp32 rounding
+        assert rel(L.B().cpu(), B) <= 1e-6 and rel(L.A().cpu(), A) <= 1e-6
+        assert (L.W().cpu().double() - W).abs().max() <= 1e-5 * W.abs().max()  # fp32 rounding
         f = st.p - L.r  # the ledger holds this switch's fused pairs, as they were trained
-        torch.testing.assert_close(st.FB[:, f - k:f], b["B"][:, chosen], rtol=0, atol=0)
-        torch.testing.assert_close(st.FA[f - k:f], b["A"][chosen], rtol=0, atol=0)
+        torch.testing.assert_close(st.FB[:, f - k:f].cpu(), b["B"][:, chosen], rtol=0, atol=0)
+        torch.testing.assert_close(st.FA[f - k:f].cpu(), b["A"][chosen], rtol=0, atol=0)
         hit = torch.zeros(L.r, dtype=torch.bool)
         hit[chosen] = True
         for p_, dim in ((L.lora_A, 0), (L.lora_B, 1)):
-            sc = ctl.importance.scores(ctl.layers.index(L) * 2 + (dim == 1))
+            sc = ctl.importance.scores(ctl.layers.index(L) * 2 + (dim == 1)).cpu()
             sel = [slice(None)] * p_.dim()
             sel[dim] = hit if reset == "slots" else slice(None)
             assert torch.count_nonzero(sc[tuple(sel)]) == 0
@@ -65,7 +74,7 @@ def test_each_module_of_a_stacked_group_matches_the_reference(reset):
                 assert p_ not in opt.state
                 continue
             for key, old in b["opt"][id(p_)].items():
-                new = opt.state[p_][key]
+                new = opt.state[p_][key].cpu()
                 sel[dim] = hit
                 assert torch.count_nonzero(old[tuple(sel)]) > 0
                 assert torch.count_nonzero(new[tuple(sel)]) == 0
