@@ -1,8 +1,8 @@
 """Per-element importance of the LoRA factors, updated with a handful of batched ops per step.
 
 All state lives in flat fp32 buffers (one per device); each LoRA tensor owns a view into them.
-A step is: one ``_foreach_copy_`` (g into the flat buffer), one ``_foreach_mul_`` (by w), and a
-few in-place whole-buffer ops, whatever the number of modules; ``|w*g|`` is formed in fp32.
+A step is: one ``_foreach_addcmul_`` (``0 + g*w`` into the zeroed flat buffer) and a few in-place
+whole-buffer ops, whatever the number of modules; ``|w*g|`` is formed in fp32.
 Nothing syncs with the host: a step whose gradients hold NaN/Inf is skipped (state kept) and
 counted on the device.
 """
@@ -74,7 +74,7 @@ class ImportanceTracker:
     def update(self) -> bool:
         """Fold the current gradients into the state. Returns False if no gradient was present.
 
-        Per device group: two ``_foreach`` ops write ``|w*g|`` into the flat scratch buffer, then
+        Per device group: one ``_foreach`` op writes ``w*g`` into the zeroed flat scratch buffer, then
         a few whole-buffer passes, all in place into preallocated buffers (on the CPU a fresh
         buffer per step costs page faults that can exceed the arithmetic, and ``torch.where``
         with a 0-dim condition is slow, so the CPU path branches on the finiteness flag; on an
@@ -90,13 +90,12 @@ class ImportanceTracker:
                 live = [(p, g, v) for p, g, v in zip(params, grads, views) if g is not None]
                 if not live:
                     continue
-                scratch.zero_()  # parameters without a gradient contribute I = 0
                 ws, gs, vs = (list(t) for t in zip(*live))
             else:
                 ws, gs, vs = params, grads, views
             any_grad = True
-            torch._foreach_copy_(vs, gs)
-            torch._foreach_mul_(vs, ws)
+            scratch.zero_()  # parameters without a gradient contribute I = 0
+            torch._foreach_addcmul_(vs, gs, ws)  # 0 + g*w: the product, rounded once, in fp32
             scratch.abs_()  # I = |w * g|
             # scratch >= 0, so its max is finite iff every entry is (max propagates NaN)
             finite = torch.isfinite(scratch.max())
