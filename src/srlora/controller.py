@@ -285,7 +285,7 @@ class SRLoRAController:
         """Store each module's fused pairs (fp32) in its ledger: one copy to each store device."""
         by_store: dict = {}
         for i in todo:
-            by_store.setdefault(self.modules[i]._FA.device, []).append(i)
+            by_store.setdefault(self.modules[i].U.device, []).append(i)  # the store
         for store, idx in by_store.items():
             flat = torch.cat([t.reshape(-1) for i in idx for t in picked[i][2:]]).to(store)
             off = 0

@@ -96,7 +96,7 @@ def split_residual(W: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
 
 
 def split_residual_(W: torch.Tensor, hi: torch.Tensor, q: torch.Tensor) -> None:
-    """Write ``W`` (fp32, contiguous; overwritten) into the 16-bit ``hi`` and int8 ``q`` in place.
+    """Write ``W`` (fp32; overwritten) into the 16-bit ``hi`` and int8 ``q`` (same shape) in place.
 
     bf16 (:func:`_split_bf16_`): integer passes on W's bits. fp16: ``hi`` = W rounded to nearest
     (even), ``q = round((W - hi) / spacing(hi) * 254)``; round to nearest leaves
