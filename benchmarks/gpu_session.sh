@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks behind docs/benchmarks.md's llama-1b section, in one call.
 # Runs in the repository root of a machine with one CUDA GPU and no network. The wheels of the
-# project's pinned peft and transformers travel in .whl/ (see docs/benchmarks.md); results go
+# project's pinned peft and transformers travel in .whl/ (docs/benchmarks.md, "Changed since the
+# H200 run", has the commands that fill it); results go
 # to $OUT (default: ./gpu-out).
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
