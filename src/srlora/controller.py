@@ -196,10 +196,7 @@ class SRLoRAController:
     # ------------------------------------------------------------------ the switch
     def pair_scores(self, i: int) -> torch.Tensor:
         """Per-pair importance of module i (length r, fp32)."""
-        k = 2 * i
-        sA = self.importance.scores(k).reshape(self.layers[i].r, -1)
-        sB = self.importance.scores(k + 1).reshape(-1, self.layers[i].r)
-        return pair_scores(sB, sA)
+        return self._pair_scores_many([i])[0]
 
     @torch.no_grad()
     def switch_now(self) -> int:
