@@ -15,15 +15,23 @@ DEVICES = os.environ.get("SRLORA_TEST_DEVICES", "cpu").split(",")  # as tests/te
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reset", ["module", "slots"])
-def test_each_module_of_a_stacked_group_matches_the_reference(reset, device):
+@pytest.mark.parametrize("reset,split", [("module", False), ("slots", False), ("module", True)])
+def test_each_module_of_a_stacked_group_matches_the_reference(reset, split, device):
+    """``split``: one 32x32 module gets another lora_alpha, so its state stack (shape, rank,
+    store) is switched as two groups and the module-by-module paths of reading directions and
+    writing the ledger run instead of the one-slice ones."""
     bert = tiny_bert().to(device)  # 2 layers: query/key/value/dense 32x32 (8: one group), ...
+    extra = {"alpha_pattern": {"layer.1.attention.self.key": 4}} if split else {}
     cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, gamma=0.5, total_steps=10_000,
                               svd_method="exact", importance_reset=reset,
-                              target_modules=["query", "key", "value", "dense"])
+                              target_modules=["query", "key", "value", "dense"],
+                              extra_lora_kwargs=extra)
     model, ctl = srlora.wrap(bert, cfg)
     shapes = [L.shape for L in ctl.layers]
     assert shapes.count((32, 32)) >= 8 and len(set(shapes)) == 3  # stacked groups and others
+    groups = ctl._switch_groups(list(range(len(ctl.layers))))
+    whole = [ctl.modules[idx[0]].stack.is_whole([ctl.modules[i] for i in idx]) for idx in groups]
+    assert len(groups) == 3 + split and all(whole) != split  # a split stack: not whole
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ctl.attach(opt)
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
@@ -82,3 +90,43 @@ def test_each_module_of_a_stacked_group_matches_the_reference(reset, device):
                 assert torch.equal(new[tuple(sel)], old[tuple(sel)])
     slots = ctl.history[-1]["slots"]
     assert len({tuple(s) for s in slots}) > 1  # modules of a group chose different slots
+
+
+def test_stack_slices_equal_the_module_by_module_paths():
+    """``next_directions`` / ``write_ledger`` on a whole stack (one slice) and on parts of it or
+    members at another pointer (module by module) give the same values; a result is a copy."""
+    from srlora.module_state import next_directions, write_ledger
+
+    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, total_steps=10_000,
+                              svd_method="exact", target_modules=["query", "key", "value"])
+    _, ctl = srlora.wrap(tiny_bert(), cfg)
+    sts = ctl.modules[0].stack.members
+    assert len(sts) == 6 and all(st.stack is sts[0].stack for st in ctl.modules)
+    k = 2
+    whole = next_directions(sts, k, torch.device("cpu"))
+    assert sts[0].stack.is_whole(sts)
+    for part in (sts[1::2], sts[::-1]):
+        assert not sts[0].stack.is_whole(part)
+        got = next_directions(part, k, torch.device("cpu"))
+        for t, w in zip(got, whole):
+            assert torch.equal(t, w[[sts.index(st) for st in part]])
+    for g, st in enumerate(sts):  # the values are the cache's directions p .. p+k-1
+        assert torch.equal(whole[0][g], st.U[:, st.p:st.p + k])
+        assert torch.equal(whole[2][g], st.Vh[st.p:st.p + k])
+    whole[0].zero_()
+    assert all(st.U[:, st.p:st.p + k].abs().sum() > 0 for st in sts)  # the cache is untouched
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    (m, n), G = sts[0].layer.shape, len(sts)
+    B_low, A_low = torch.randn(G, m, k, generator=g), torch.randn(G, k, n, generator=g)
+    for st in sts:
+        st.p += k
+    write_ledger(sts, B_low, A_low)  # one slice per factor
+    for gi, st in enumerate(sts):
+        assert torch.equal(st.FB, B_low[gi]) and torch.equal(st.FA, A_low[gi])
+    sts[2].p += k  # out of step: is_whole is false and only the given members are written
+    assert not sts[0].stack.is_whole(sts)
+    write_ledger(sts[2:3], 2 * B_low[2:3], 2 * A_low[2:3])
+    assert torch.equal(sts[2].FB, torch.cat([B_low[2], 2 * B_low[2]], dim=1))
+    assert torch.equal(sts[2].FA, torch.cat([A_low[2], 2 * A_low[2]]))
+    assert all(torch.equal(st.FB, B_low[gi]) for gi, st in enumerate(sts) if gi != 2)

@@ -11,6 +11,7 @@ here, the Trainer callback, the distributed helpers) only call into it.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Callable, Optional
 
 import torch
@@ -20,7 +21,7 @@ from .factors import (join_residual, lowest_pairs, pair_scores, pissa_factors, s
                       switch_delta, switch_factors, switch_steps)
 from .importance import ImportanceTracker
 from .layers import AdaptedLayer
-from .module_state import ModuleState
+from .module_state import ModuleState, StateStack, next_directions, write_ledger
 from .svd import top_singular_directions_many
 
 SVDFn = Callable[[list[AdaptedLayer], list[int]], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
@@ -87,8 +88,11 @@ class SRLoRAController:
                 cfg.svd_niter, cfg.svd_seed, names=[L.name for L in self.layers])
         else:
             results = svd_fn(self.layers, ks)
-        for L, k, (U, S, Vh) in zip(self.layers, ks, results):
-            st = ModuleState(L, k, self._store_device(L))
+        # modules of one shape, K, rank and store keep their cache and ledger in one stack
+        keys = [(L.shape, k, L.r, self._store_device(L)) for L, k in zip(self.layers, ks)]
+        stacks = {key: StateStack(G, *key) for key, G in Counter(keys).items()}
+        for L, k, key, (U, S, Vh) in zip(self.layers, ks, keys, results):
+            st = ModuleState(L, k, stacks[key])
             st.U.copy_(U)
             st.S.copy_(S)
             st.Vh.copy_(Vh)
@@ -221,13 +225,12 @@ class SRLoRAController:
             return 0
         # everything is queued on the device; modules of one shape are switched together, and
         # the host waits on the device twice per switch (directions in, choices and ledger out)
-        picked: dict[int, tuple] = {}  # module -> (slots, scores, B_low, A_low) on the device
-        for idx, dirs in self._next_directions(self._switch_groups(todo), k):
-            picked.update(zip(idx, self._recompose_group(idx, k, *dirs)))
-        self._write_ledger([i for i in todo if self.modules[i].original is None], picked)
-        dev0 = picked[todo[0]][0].device
-        low_cpu = torch.stack([picked[i][0].to(dev0) for i in todo]).cpu().tolist()
-        sc_cpu = torch.stack([picked[i][1].to(dev0) for i in todo]).cpu().tolist()
+        done = [(idx, self._recompose_group(idx, k)) for idx in self._switch_groups(todo)]
+        self._write_ledger(done)
+        order, dev0 = [i for idx, _ in done for i in idx], done[0][1][0].device
+        low = dict(zip(order, torch.cat([rec[0].to(dev0) for _, rec in done]).cpu().tolist()))
+        sc = dict(zip(order, torch.cat([rec[1].to(dev0) for _, rec in done]).cpu().tolist()))
+        low_cpu, sc_cpu = [low[i] for i in todo], [sc[i] for i in todo]
         self.num_switches += 1
         self.history.append({
             "step": self.global_step, "modules": todo, "slots": low_cpu,
@@ -254,43 +257,33 @@ class SRLoRAController:
         check_engine(params=edited)
 
     def _switch_groups(self, todo: list[int]) -> list[list[int]]:
-        """``todo`` split into groups that can be stacked: same shapes, dtypes, device, scaling
-        (so a 112-module Llama is 3 groups, not 112 rounds of small ops)."""
+        """``todo`` split into groups that can be stacked: one state stack (so one shape, rank
+        and store), and the same dtypes, devices and scaling (so a 112-module Llama is 3 groups,
+        not 112 rounds of small ops)."""
         groups: dict = {}
         for i in todo:
             L = self.layers[i]
-            key = tuple((tuple(t.shape), t.dtype, t.device) for t in (L.W(), L.B(), L.A())) \
-                + (L.scaling, self.modules[i].U.device)
+            key = (id(self.modules[i].stack), L.scaling) + tuple(
+                (t.dtype, t.device) for t in (L.base_weight, L.lora_A, L.lora_B))
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
-    def _next_directions(self, groups: list[list[int]], k: int):
-        """Per group: directions ``p .. p+k-1`` of each module, stacked on the weights' device
-        (``G x m x k``, ``G x k``, ``G x k x n``): one gather and one copy per group."""
-        for idx in groups:
-            sts = [self.modules[i] for i in idx]
-            G, (m, n) = len(idx), sts[0].layer.shape
-            flat = torch.cat([t.reshape(-1) for t in
-                              [st.U[:, st.p:st.p + k] for st in sts]
-                              + [st.S[st.p:st.p + k] for st in sts]
-                              + [st.Vh[st.p:st.p + k] for st in sts]])
-            flat = flat.to(sts[0].layer.W().device)
-            U, S, Vh = flat.split([G * m * k, G * k, G * k * n])
-            yield idx, (U.view(G, m, k), S.view(G, k), Vh.view(G, k, n))
-
-    def _write_ledger(self, todo: list[int], picked: dict) -> None:
-        """Store each module's fused pairs (fp32) in its ledger: one copy to each store device."""
+    def _write_ledger(self, done: list[tuple[list[int], tuple]]) -> None:
+        """Store each group's fused pairs (fp32) in its ledger: one copy to each store device,
+        then one write per factor and stack (groups whose weights are rebuilt from their
+        originals wrote theirs during the switch)."""
         by_store: dict = {}
-        for i in todo:
-            by_store.setdefault(self.modules[i].U.device, []).append(i)  # the store
-        for store, idx in by_store.items():
-            flat = torch.cat([t.reshape(-1) for i in idx for t in picked[i][2:]]).to(store)
+        for idx, rec in done:
+            sts = [self.modules[i] for i in idx]
+            if all(st.original is None for st in sts):
+                by_store.setdefault(sts[0].U.device, []).append((sts, rec[2], rec[3]))
+        for store, items in by_store.items():
+            flat = torch.cat([t.reshape(-1) for _, B, A in items for t in (B, A)]).to(store)
             off = 0
-            for i in idx:
-                B_low, A_low = picked[i][2:]
-                nb, na = B_low.numel(), A_low.numel()
-                self.modules[i].store_fused(flat[off:off + nb].view(B_low.shape),
-                                            flat[off + nb:off + nb + na].view(A_low.shape))
+            for sts, B, A in items:
+                nb, na = B.numel(), A.numel()
+                write_ledger(sts, flat[off:off + nb].view(B.shape),
+                             flat[off + nb:off + nb + na].view(A.shape))
                 off += nb + na
 
     def _pair_scores_many(self, idx: list[int]) -> torch.Tensor:
@@ -300,38 +293,42 @@ class SRLoRAController:
         sB = self.importance.scores_many([2 * i + 1 for i in idx]).reshape(G, -1, r)
         return pair_scores(sB, sA)
 
-    def _recompose_group(self, idx: list[int], k: int, U: torch.Tensor, S: torch.Tensor,
-                         Vh: torch.Tensor) -> list[tuple]:
+    def _recompose_group(self, idx: list[int], k: int) -> tuple[torch.Tensor, ...]:
         """The switch of the modules ``idx`` (one group), queued on the device.
 
         Stacked over the group: the scores, the choice of slots, the fused and the new factors,
         the writes of B and A. Per module: the frozen weight's change (:meth:`_fuse`) and the
-        optimizer-state policy. Returns per module ``(slots, scores, B_low, A_low)``.
+        optimizer-state policy. Returns ``(slots, scores, B_low, A_low)``, stacked
+        (``G x k``, ``G x r``, ``G x m x k``, ``G x k x n``).
         """
         Ls = [self.layers[i] for i in idx]
         s = Ls[0].scaling
         Bs, As = [L.B() for L in Ls], [L.A() for L in Ls]
         B, A = torch.stack(Bs), torch.stack(As)  # G x m x r, G x r x n
-        (G, m, _), n = B.shape, A.shape[2]
+        G = B.shape[0]
         sc = self._pair_scores_many(idx)
         low = lowest_pairs(sc, k).to(B.device)  # G x k, ascending
-        cols, rows = low[:, None, :].expand(G, m, k), low[:, :, None].expand(G, k, n)
-        B_low, A_low = B.gather(2, cols).float(), A.gather(1, rows).float()
-        B_new, A_new = pissa_factors(U, S, Vh, s)
+        at = (torch.arange(G, device=B.device)[:, None], low)  # (g, slot) index pairs, G x k
+        B_low, A_low = B.transpose(1, 2)[at].transpose(1, 2).float(), A[at].float()
+        B_new, A_new = pissa_factors(*next_directions([self.modules[i] for i in idx], k,
+                                                      B.device), s)
         Bc, Ac = switch_factors(B_low, A_low, B_new, A_new)
         for g, i in enumerate(idx):
             self._fuse(self.modules[i], k, s, Bc[g], Ac[g], B_low[g], A_low[g], B_new[g],
                        A_new[g])
-        torch._foreach_copy_(Bs, list(B.scatter_(2, cols, B_new.to(B.dtype)).unbind(0)))
-        torch._foreach_copy_(As, list(A.scatter_(1, rows, A_new.to(A.dtype)).unbind(0)))
-        self._apply_optimizer_policy(Ls, rows, cols)
+        B.transpose(1, 2)[at] = B_new.transpose(1, 2).to(B.dtype)
+        A[at] = A_new.to(A.dtype)
+        torch._foreach_copy_(Bs + As, list(B.unbind(0)) + list(A.unbind(0)))
+        hit = torch.zeros(G, Ls[0].r, dtype=torch.bool, device=B.device)
+        hit[at] = True  # the reinitialized slots
+        self._apply_optimizer_policy(Ls, hit)
         if self.config.importance_reset == "module":
             self.importance.reset_many([j for i in idx for j in (2 * i, 2 * i + 1)])
         else:
             for g, i in enumerate(idx):
                 self.importance.reset(2 * i, low[g], dim=0)
                 self.importance.reset(2 * i + 1, low[g], dim=1)
-        return [(low[g], sc[g], B_low[g], A_low[g]) for g in range(G)]
+        return low, sc, B_low, A_low
 
     def _fuse(self, st: ModuleState, k: int, s: float, Bc: torch.Tensor, Ac: torch.Tensor,
               B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
@@ -366,18 +363,17 @@ class SRLoRAController:
             W += s * (st.fetch(st.FB, dev) @ st.fetch(st.FA, dev))
         return W
 
-    def _apply_optimizer_policy(self, Ls: list[AdaptedLayer], rows: torch.Tensor,
-                                cols: torch.Tensor) -> None:
+    def _apply_optimizer_policy(self, Ls: list[AdaptedLayer], hit: torch.Tensor) -> None:
         """``optimizer_state="zero"``: zero the optimizer state (every parameter-shaped tensor:
-        Adam's moments, SGD's momentum, ...) of the reinitialized rows of A and columns of B.
-        Per group and state key: the 2-D views stacked, one ``scatter_`` of zeros, one
-        ``_foreach_copy_`` back (``rows``/``cols``: the gather indices, ``G x k x n``/``G x m x k``).
+        Adam's moments, SGD's momentum, ...) of the reinitialized rows of A and columns of B
+        (``hit``: ``G x r``, true at the reinitialized slots). Per group and state key: the 2-D
+        views stacked, one ``masked_fill_`` of zeros, one ``_foreach_copy_`` back.
         """
         if self.config.optimizer_state != "zero" or self._optimizer is None:
             return
         state = self._optimizer.state
-        for params, dim, index in (([L.lora_A for L in Ls], 1, rows),
-                                   ([L.lora_B for L in Ls], 2, cols)):
+        for params, mask in (([L.lora_A for L in Ls], hit[:, :, None]),  # rows of A
+                             ([L.lora_B for L in Ls], hit[:, None, :])):  # columns of B
             per_key: dict = {}  # state key -> (group positions, 2-D views)
             for g, p in enumerate(params):
                 for key, v in state.get(p, {}).items():
@@ -386,8 +382,8 @@ class SRLoRAController:
                         gs.append(g)
                         vs.append(v.view(v.shape[0], -1))
             for gs, vs in per_key.values():
-                at = index if len(gs) == len(params) else index[gs]
-                zeroed = torch.stack(vs).scatter_(dim, at.to(vs[0].device), 0.0)
+                at = mask if len(gs) == len(params) else mask[gs]
+                zeroed = torch.stack(vs).masked_fill_(at.to(vs[0].device), 0.0)
                 torch._foreach_copy_(vs, list(zeroed.unbind(0)))
 
     # ------------------------------------------------------------------ ledger / export helpers

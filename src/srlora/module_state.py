@@ -1,31 +1,56 @@
 """What the controller keeps for one adapted layer: the SVD cache, the pointer, the ledger of
-fused pairs and the half-precision state (int8 residual or original copy)."""
+fused pairs and the half-precision state (int8 residual or original copy).
+
+The cache and ledger of the modules that share a shape, rank and store live in one
+:class:`StateStack`; each :class:`ModuleState` holds views of its row of it, so a switch reads
+the next directions of a whole stack with one slice and writes its ledger with another.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from .layers import AdaptedLayer
 
 
+class StateStack:
+    """SVD caches and ledgers of ``G`` modules with one ``m x n`` shape, one rank ``r`` and one
+    ``K``, stacked on the store device (``G x m x K``, ``G x K``, ``G x K x n``, and the ledger
+    ``G x (K-r) x m`` for the fused B columns as rows, ``G x (K-r) x n`` for the fused A rows).
+
+    Nothing fills the ledger up front (1.2 GiB of zeros for a 1B model at r_target 512): it is
+    written front to back, one switch's rows at a time, only its written prefix is read, and in
+    host memory its pages are touched as pairs are fused.
+    """
+
+    def __init__(self, G: int, shape: tuple[int, int], K: int, r: int, store: torch.device):
+        m, n = shape
+        self.U = torch.empty(G, m, K, device=store)
+        self.S = torch.empty(G, K, device=store)
+        self.Vh = torch.empty(G, K, n, device=store)
+        self.FBt = torch.empty(G, max(K - r, 0), m, device=store)
+        self.FA = torch.empty(G, max(K - r, 0), n, device=store)
+        self.members: list[ModuleState] = []
+
+    def is_whole(self, sts: Sequence["ModuleState"]) -> bool:
+        """``sts`` are all members, in order, at one pointer: one slice of the stack serves them."""
+        return len(sts) == len(self.members) and all(
+            a is b and a.p == sts[0].p for a, b in zip(sts, self.members))
+
+
 class ModuleState:
     """Everything the controller keeps for one adapted layer (tensors and ints)."""
 
-    def __init__(self, layer: AdaptedLayer, K: int, store: torch.device):
+    def __init__(self, layer: AdaptedLayer, K: int, stack: StateStack):
         self.layer = layer
         self.K = K  # directions available: min(r_target, m, n)
         self.p = 0  # directions consumed
-        m, n = layer.shape
-        r = layer.r
-        self.U = torch.empty(m, K, device=store)
-        self.S = torch.empty(K, device=store)
-        self.Vh = torch.empty(K, n, device=store)
-        # the ledger of fused pairs is written front to back, one switch's rows at a time, and
-        # only its written prefix is read: nothing fills it up front (1.2 GiB of zeros for a 1B
-        # model at r_target 512), and in host memory its pages are touched as pairs are fused
-        self._FBt = torch.empty(max(K - r, 0), m, device=store)  # fused B columns, as rows
-        self._FA = torch.empty(max(K - r, 0), n, device=store)
+        self.stack = stack
+        g = len(stack.members)
+        stack.members.append(self)
+        self.U, self.S, self.Vh = stack.U[g], stack.S[g], stack.Vh[g]
+        self._FBt, self._FA = stack.FBt[g], stack.FA[g]  # the ledger, written front to back
         self.original: Optional[torch.Tensor] = None  # original W (m x n, its dtype) or None
         self.residual: Optional[torch.Tensor] = None  # int8 rounding residual of W, or None
 
@@ -79,3 +104,33 @@ class ModuleState:
     def fetch(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
         """``t`` (a slice of this module's stored state) on ``dev``; async from pinned memory."""
         return t.to(dev, non_blocking=t.device.type == "cpu" and t.is_pinned())
+
+
+def next_directions(sts: Sequence[ModuleState], k: int, dev: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Directions ``p .. p+k-1`` of each module of ``sts`` (one shape, one store), stacked on
+    ``dev``: ``G x m x k``, ``G x k``, ``G x k x n``. One slice of their stack when ``sts`` is
+    the whole stack; otherwise gathered module by module (same values). Always copies: the
+    caller may write into the result, never into the cache."""
+    stack, p = sts[0].stack, sts[0].p
+    if stack.is_whole(sts):
+        parts = (stack.U[:, :, p:p + k], stack.S[:, p:p + k], stack.Vh[:, p:p + k])
+    else:
+        parts = (torch.stack([st.U[:, st.p:st.p + k] for st in sts]),
+                 torch.stack([st.S[st.p:st.p + k] for st in sts]),
+                 torch.stack([st.Vh[st.p:st.p + k] for st in sts]))
+    return tuple(t.to(dev, copy=True) for t in parts)  # type: ignore[return-value]
+
+
+def write_ledger(sts: Sequence[ModuleState], B_low: torch.Tensor, A_low: torch.Tensor) -> None:
+    """Store the pairs just fused by each module of ``sts`` (``p`` already advanced; ``B_low``
+    ``G x m x k``, ``A_low`` ``G x k x n``, on the store device): one write per factor when
+    ``sts`` is the whole stack, else module by module (same values)."""
+    stack, k = sts[0].stack, B_low.shape[2]
+    if stack.is_whole(sts):
+        f0 = sts[0].fused() - k
+        stack.FBt[:, f0:f0 + k] = B_low.transpose(1, 2)
+        stack.FA[:, f0:f0 + k] = A_low
+    else:
+        for st, b, a in zip(sts, B_low, A_low):
+            st.store_fused(b, a)
