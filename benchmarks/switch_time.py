@@ -1,63 +1,133 @@
-"""Median time of ``controller.switch_now()`` on a small Llama-shaped model, for before/after runs.
+"""Median time of ``controller.switch_now()``, for before/after comparisons.
 
 Uses only the public API (``srlora.wrap``, ``SRLoRAConfig``, ``switch_now``), so the same script
-times any commit: check the old one out in a worktree and put its ``src`` first on PYTHONPATH:
+times any commit. Two ways to compare:
 
-    git worktree add /tmp/old 9efa649
-    PYTHONPATH=/tmp/old/src python benchmarks/switch_time.py    # before
-    PYTHONPATH=src python benchmarks/switch_time.py             # this tree
+- one version per process: check the old commit out in a worktree and put its ``src`` first on
+  PYTHONPATH (runs minutes apart: on a shared VM the load can change in between)
 
-The model: Llama with random weights (default hidden 512, 4 layers, intermediate 1408, bf16),
-r = 8 on all 7 projections (28 modules), r_target 64 (14 switches of r' = 4), two AdamW steps so
-that importance and optimizer state exist, then every switch timed.
+      git worktree add /tmp/old 9efa649
+      PYTHONPATH=/tmp/old/src python benchmarks/switch_time.py    # before
+      PYTHONPATH=src python benchmarks/switch_time.py             # this tree
+
+- both in one process, interleaved (before, after, after, before, ...), with the median of the
+  paired ratios: ``--before /tmp/old/src`` loads that tree's package as ``srlora_before``
+
+      PYTHONPATH=src python benchmarks/switch_time.py --model many-small --before /tmp/old/src
+
+Models: ``llama`` (default): Llama with random weights (hidden 512, 4 layers, intermediate 1408,
+bf16), r = 8 on all 7 projections (28 modules), r_target 64 (14 switches of r' = 4);
+``many-small``: the bench's many-small BERT (24 layers, hidden 128, 144 modules, fp32 unless
+--dtype), r_target 128 (30 switches). Two AdamW steps first, so that importance and optimizer
+state exist; then every switch is timed.
 """
 import argparse
+import importlib.util
+import shutil
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 p = argparse.ArgumentParser()
+p.add_argument("--model", choices=["llama", "many-small"], default="llama")
 p.add_argument("--hidden", type=int, default=512)
 p.add_argument("--layers", type=int, default=4)
 p.add_argument("--intermediate", type=int, default=1408)
-p.add_argument("--dtype", default="bfloat16")
-p.add_argument("--r-target", type=int, default=64)
+p.add_argument("--dtype", default=None, help="default: bfloat16 (llama), float32 (many-small)")
+p.add_argument("--r-target", type=int, default=None, help="default: 64 (llama), 128 (many-small)")
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--device", default="cpu")
+p.add_argument("--before", default=None, help="a src/ directory of another commit")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 
 import srlora  # noqa: E402  (after the thread setting)
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 dev = torch.device(a.device)
+dtype = getattr(torch, a.dtype or ("bfloat16" if a.model == "llama" else "float32"))
+r_target = a.r_target or (64 if a.model == "llama" else 128)
 sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=1000, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                  num_hidden_layers=a.layers, num_attention_heads=8, num_key_value_heads=8,
-                  max_position_embeddings=128)
-model = LlamaForCausalLM(cfg).to(dev, getattr(torch, a.dtype))
-targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-model, ctl = srlora.wrap(model, srlora.SRLoRAConfig(r=8, lora_alpha=16, r_target=a.r_target,
-                                                    target_modules=targets, total_steps=10**6))
-opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-ctl.attach(opt)
-ids = torch.randint(0, 1000, (2, 64), device=dev)
-for _ in range(2):
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad()
-times = []
-while True:
+
+
+def load_before(src: str):
+    """The package under ``src``/srlora, imported as ``srlora_before`` (its imports are
+    relative, so a renamed copy is self-contained)."""
+    tmp = Path(tempfile.mkdtemp()) / "srlora_before"
+    shutil.copytree(Path(src) / "srlora", tmp)
+    spec = importlib.util.spec_from_file_location("srlora_before", tmp / "__init__.py",
+                                                  submodule_search_locations=[str(tmp)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["srlora_before"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build(pkg):
+    """(controller, pkg file) for package ``pkg`` after two AdamW steps."""
+    torch.manual_seed(0)
+    if a.model == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=1000, hidden_size=a.hidden, intermediate_size=a.intermediate,
+                          num_hidden_layers=a.layers, num_attention_heads=8,
+                          num_key_value_heads=8, max_position_embeddings=128)
+        model = LlamaForCausalLM(cfg).to(dev, dtype)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        ids = torch.randint(0, 1000, (2, 64), device=dev)
+
+        def loss(m):
+            return m(input_ids=ids, labels=ids).loss
+    else:
+        from srlora.bench.shapes import SHAPES, build_base_model, loss_of, make_batch
+
+        shape = SHAPES["many-small"]
+        model = build_base_model(shape, dev).to(dtype)
+        targets = list(shape.targets)
+        ids = make_batch(shape, dev)
+
+        def loss(m):
+            return loss_of(shape, m, ids)
+    model, ctl = pkg.wrap(model, pkg.SRLoRAConfig(r=8, lora_alpha=16, r_target=r_target,
+                                                  target_modules=targets, total_steps=10**6))
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    ctl.attach(opt)
+    for _ in range(2):
+        loss(model).backward()
+        opt.step()
+        opt.zero_grad()
+    return ctl
+
+
+def timed_switch(ctl):
     sync()
     t = time.perf_counter()
     n = ctl.switch_now()
     sync()
-    if not n:
+    return (time.perf_counter() - t) if n else None
+
+
+runs = {"this tree": build(srlora)}
+if a.before:
+    runs = {"before": build(load_before(a.before)), **runs}
+times: dict = {k: [] for k in runs}
+names = list(runs)
+while True:
+    order = names if len(times[names[0]]) % 2 == 0 else names[::-1]
+    got = {k: timed_switch(runs[k]) for k in order}
+    if any(t is None for t in got.values()):
         break
-    times.append(time.perf_counter() - t)
-print(f"srlora at {srlora.__file__}: {len(ctl.layers)} modules, {len(times)} switches, "
-      f"{a.dtype} on {dev} with {a.threads} thread(s): switch_now() median "
-      f"{1e3 * statistics.median(times):.1f} ms, min {1e3 * min(times):.1f}, "
-      f"max {1e3 * max(times):.1f}")
+    for k, t in got.items():
+        times[k].append(t)
+ctl = runs["this tree"]
+print(f"{a.model}: {len(ctl.layers)} modules, {len(times['this tree'])} switches, "
+      f"{str(dtype).removeprefix('torch.')} on {dev} with {a.threads} thread(s)")
+for k, ts in times.items():
+    print(f"  {k}: switch_now() median {1e3 * statistics.median(ts):.1f} ms, "
+          f"min {1e3 * min(ts):.1f}, max {1e3 * max(ts):.1f}")
+if a.before:
+    ratio = statistics.median([b / a_ for a_, b in zip(times["before"], times["this tree"])])
+    print(f"  this tree / before, median of paired ratios: {ratio:.3f}")
