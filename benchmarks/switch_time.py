@@ -28,9 +28,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", choices=["llama", "many-small"], default="llama")
@@ -42,6 +44,8 @@ p.add_argument("--r-target", type=int, default=None, help="default: 64 (llama), 
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--device", default="cpu")
 p.add_argument("--before", default=None, help="a src/ directory of another commit")
+p.add_argument("--count-ops", action="store_true",
+               help="also count the ATen ops one switch dispatches (a proxy for kernel launches)")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 
@@ -102,6 +106,30 @@ def build(pkg):
     return ctl
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops that do work (not views, not allocations); on a GPU each is about
+    one kernel launch (or a D2H/H2D copy). Ops called inside another op's kernel (e.g. a CPU
+    ``_foreach`` falling back to a loop) are not seen, as on a GPU they are one launch."""
+
+    FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in self.FREE:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted_switch(ctl) -> Counter:
+    with OpCounter() as c:
+        ctl.switch_now()
+    return c.ops
+
+
 def timed_switch(ctl):
     sync()
     t = time.perf_counter()
@@ -131,3 +159,11 @@ for k, ts in times.items():
 if a.before:
     ratio = statistics.median([b / a_ for a_, b in zip(times["before"], times["this tree"])])
     print(f"  this tree / before, median of paired ratios: {ratio:.3f}")
+if a.count_ops:  # on fresh controllers: the timed ones have used every direction
+    for k, pkg in (("before", sys.modules.get("srlora_before")), ("this tree", srlora)):
+        if pkg is None:
+            continue
+        ops = counted_switch(build(pkg))
+        total, n = sum(ops.values()), len(ctl.layers)
+        print(f"  {k}: one switch dispatches {total} ATen ops ({total / n:.1f} per module); "
+              f"most: " + ", ".join(f"{name} {c}" for name, c in ops.most_common(6)))
