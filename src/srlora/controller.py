@@ -24,7 +24,8 @@ from .layers import AdaptedLayer
 from .module_state import ModuleState, StateStack, next_directions, write_ledger
 from .svd import top_singular_directions_many
 
-SVDFn = Callable[[list[AdaptedLayer], list[int]], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+Directions = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U, S, Vh
+SVDFn = Callable[[list[AdaptedLayer], list[int]], list[Directions]]
 
 
 def unwrap_optimizer(optimizer):
@@ -174,9 +175,10 @@ class SRLoRAController:
     def _check_attached(self, param) -> None:
         """Runs at every backward (a grad hook on one factor): warn if nothing will ever step."""
         if not self.attached and not self._manual:
-            self._warn_once("attach", "SRLoRA: gradients flow into the adapter, but the controller is not "
-                            "attached to an optimizer: no importance is tracked and no switch "
-                            "will happen (this would train plain PiSSA). Call "
+            self._warn_once("attach", "SRLoRA: gradients flow into the adapter, but the "
+                            "controller is not attached to an optimizer: no importance is "
+                            "tracked and no switch will happen (this would train plain PiSSA). "
+                            "Call "
                             "controller.attach(optimizer), or controller.step() after each "
                             "optimizer step.")
 
