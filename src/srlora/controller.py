@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -26,6 +26,17 @@ from .svd import top_singular_directions_many
 
 Directions = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U, S, Vh
 SVDFn = Callable[[list[AdaptedLayer], list[int]], list[Directions]]
+
+
+class GroupSwitch(NamedTuple):
+    """What one group's switch chose and fused, stacked over its modules ``idx`` (on the
+    device): ``slots`` G x k, ``scores`` G x r, ``B_low`` G x m x k, ``A_low`` G x k x n."""
+
+    idx: list[int]
+    slots: torch.Tensor
+    scores: torch.Tensor
+    B_low: torch.Tensor
+    A_low: torch.Tensor
 
 
 def unwrap_optimizer(optimizer):
@@ -227,11 +238,11 @@ class SRLoRAController:
             return 0
         # everything is queued on the device; modules of one shape are switched together, and
         # the host waits on the device twice per switch (directions in, choices and ledger out)
-        done = [(idx, self._recompose_group(idx, k)) for idx in self._switch_groups(todo)]
+        done = [self._recompose_group(idx, k) for idx in self._switch_groups(todo)]
         self._write_ledger(done)
-        order, dev0 = [i for idx, _ in done for i in idx], done[0][1][0].device
-        low = dict(zip(order, torch.cat([rec[0].to(dev0) for _, rec in done]).cpu().tolist()))
-        sc = dict(zip(order, torch.cat([rec[1].to(dev0) for _, rec in done]).cpu().tolist()))
+        order, dev0 = [i for g in done for i in g.idx], done[0].slots.device
+        low = dict(zip(order, torch.cat([g.slots.to(dev0) for g in done]).cpu().tolist()))
+        sc = dict(zip(order, torch.cat([g.scores.to(dev0) for g in done]).cpu().tolist()))
         low_cpu, sc_cpu = [low[i] for i in todo], [sc[i] for i in todo]
         self.num_switches += 1
         self.history.append({
@@ -270,15 +281,15 @@ class SRLoRAController:
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
-    def _write_ledger(self, done: list[tuple[list[int], tuple]]) -> None:
+    def _write_ledger(self, done: list[GroupSwitch]) -> None:
         """Store each group's fused pairs (fp32) in its ledger: one copy to each store device,
         then one write per factor and stack (groups whose weights are rebuilt from their
         originals wrote theirs during the switch)."""
         by_store: dict = {}
-        for idx, rec in done:
-            sts = [self.modules[i] for i in idx]
+        for g in done:
+            sts = [self.modules[i] for i in g.idx]
             if all(st.original is None for st in sts):
-                by_store.setdefault(sts[0].U.device, []).append((sts, rec[2], rec[3]))
+                by_store.setdefault(sts[0].U.device, []).append((sts, g.B_low, g.A_low))
         for store, items in by_store.items():
             flat = torch.cat([t.reshape(-1) for _, B, A in items for t in (B, A)]).to(store)
             off = 0
@@ -295,13 +306,12 @@ class SRLoRAController:
         sB = self.importance.scores_many([2 * i + 1 for i in idx]).reshape(G, -1, r)
         return pair_scores(sB, sA)
 
-    def _recompose_group(self, idx: list[int], k: int) -> tuple[torch.Tensor, ...]:
+    def _recompose_group(self, idx: list[int], k: int) -> GroupSwitch:
         """The switch of the modules ``idx`` (one group), queued on the device.
 
         Stacked over the group: the scores, the choice of slots, the fused and the new factors,
         the writes of B and A. Per module: the frozen weight's change (:meth:`_fuse`) and the
-        optimizer-state policy. Returns ``(slots, scores, B_low, A_low)``, stacked
-        (``G x k``, ``G x r``, ``G x m x k``, ``G x k x n``).
+        optimizer-state policy.
         """
         Ls = [self.layers[i] for i in idx]
         s = Ls[0].scaling
@@ -330,7 +340,7 @@ class SRLoRAController:
             for g, i in enumerate(idx):
                 self.importance.reset(2 * i, low[g], dim=0)
                 self.importance.reset(2 * i + 1, low[g], dim=1)
-        return low, sc, B_low, A_low
+        return GroupSwitch(idx, low, sc, B_low, A_low)
 
     def _fuse(self, st: ModuleState, k: int, s: float, Bc: torch.Tensor, Ac: torch.Tensor,
               B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
