@@ -88,7 +88,9 @@ def test_importance_on_device_equals_the_cpu_path(device):
     shapes = [(8, 40), (40, 8), (8, 12)]
     cpu = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     dev = [torch.nn.Parameter(p.detach().to(device)) for p in cpu]
-    t_cpu, t_dev = ImportanceTracker(cpu, 0.85, 0.85), ImportanceTracker(dev, 0.85, 0.85)
+    names = [f"p{i}" for i in range(len(shapes))]
+    t_cpu = ImportanceTracker(dict(zip(names, cpu)), 0.85, 0.85)
+    t_dev = ImportanceTracker(dict(zip(names, dev)), 0.85, 0.85)
     for step in range(5):
         for a, b in zip(cpu, dev):
             a.grad = torch.randn(a.shape)
@@ -98,9 +100,9 @@ def test_importance_on_device_equals_the_cpu_path(device):
         t_cpu.update()
         t_dev.update()
     assert int(t_cpu.skipped) == int(t_dev.skipped) == 1
-    for i in range(len(shapes)):
-        assert t_cpu.scores(i).abs().sum() > 0
-        torch.testing.assert_close(t_dev.scores(i).cpu(), t_cpu.scores(i), rtol=1e-6, atol=0)
+    for n in names:
+        assert t_cpu.scores(n).abs().sum() > 0
+        torch.testing.assert_close(t_dev.scores(n).cpu(), t_cpu.scores(n), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

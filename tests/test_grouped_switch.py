@@ -9,6 +9,7 @@ from conftest import rel, tiny_bert
 
 import srlora
 from srlora.reference import reference_switch
+from srlora.switch import switch_groups
 
 
 DEVICES = os.environ.get("SRLORA_TEST_DEVICES", "cpu").split(",")  # as tests/test_devices.py
@@ -29,7 +30,7 @@ def test_each_module_of_a_stacked_group_matches_the_reference(reset, split, devi
     model, ctl = srlora.wrap(bert, cfg)
     shapes = [L.shape for L in ctl.layers]
     assert shapes.count((32, 32)) >= 8 and len(set(shapes)) == 3  # stacked groups and others
-    groups = ctl._switch_groups(list(range(len(ctl.layers))))
+    groups = switch_groups(ctl, list(range(len(ctl.layers))))
     whole = [ctl.modules[idx[0]].stack.is_whole([ctl.modules[i] for i in idx]) for idx in groups]
     assert len(groups) == 3 + split and all(whole) != split  # a split stack: not whole
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -71,7 +72,7 @@ def test_each_module_of_a_stacked_group_matches_the_reference(reset, split, devi
         hit = torch.zeros(L.r, dtype=torch.bool)
         hit[chosen] = True
         for p_, dim in ((L.lora_A, 0), (L.lora_B, 1)):
-            sc = ctl.importance.scores(ctl.layers.index(L) * 2 + (dim == 1)).cpu()
+            sc = ctl.importance.scores(ctl.importance_name(ctl.layers.index(L), "B" if dim == 1 else "A")).cpu()
             sel = [slice(None)] * p_.dim()
             sel[dim] = hit if reset == "slots" else slice(None)
             assert torch.count_nonzero(sc[tuple(sel)]) == 0

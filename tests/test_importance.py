@@ -13,7 +13,8 @@ from srlora.reference import (reference_importance_step, reference_pair_scores,
 def make(**kw):
     torch.manual_seed(0)
     base = dict(r=4, lora_alpha=8, r_target=12, gamma=0.5, target_modules=["query", "value"],
-                total_steps=10_000, svd_method="exact", beta1=0.85, beta2=0.85)
+                total_steps=10_000, svd_method="exact", beta1=0.85, beta2=0.85,
+                optimizer_state="keep")  # gradients set by hand: no optimizer
     base.update(kw)
     net = TinyNet(d_in=12, d_hidden=10)
     W0 = {n: getattr(net, n).weight.detach().double().clone() for n in ("query", "value")}
@@ -49,8 +50,8 @@ def test_fast_path_agrees_with_reference_over_steps_and_switches(reset):
                                                          L.lora_B.grad, 0.85, 0.85)
         for i, L in enumerate(ctl.layers):
             R = ref[L.name]
-            assert rel(ctl.importance.scores(2 * i), R["iA"] * R["uA"]) <= 1e-5
-            assert rel(ctl.importance.scores(2 * i + 1), R["iB"] * R["uB"]) <= 1e-5
+            assert rel(ctl.importance.scores(ctl.importance_name(i, "A")), R["iA"] * R["uA"]) <= 1e-5
+            assert rel(ctl.importance.scores(ctl.importance_name(i, "B")), R["iB"] * R["uB"]) <= 1e-5
         if step in (2, 5):
             expected = {}
             for i, L in enumerate(ctl.layers):
@@ -82,19 +83,21 @@ def test_fast_path_agrees_with_reference_over_steps_and_switches(reset):
 
 def test_nan_gradient_is_skipped_and_counted(tiny_net):
     model, ctl = srlora.wrap(tiny_net, srlora.SRLoRAConfig(
-        r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=100))
+        r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=100,
+        optimizer_state="keep"))
     for L in ctl.layers:
         for prm in (L.lora_A, L.lora_B):
             prm.grad = torch.randn(prm.shape)
     ctl.step()
-    snap = [ctl.importance.scores(i).clone() for i in range(4)]
+    names = list(ctl.importance.params)
+    snap = [ctl.importance.scores(n).clone() for n in names]
     ctl.layers[0].lora_A.grad[0, 0] = float("nan")
     ctl.layers[1].lora_B.grad[1, 1] = float("inf")
     ctl.step()
     assert ctl.skipped_importance_updates == 1 and ctl.importance_updates == 1
-    for i in range(4):
-        assert torch.equal(ctl.importance.scores(i), snap[i])
-        assert torch.isfinite(ctl.importance.scores(i)).all()
+    for n, before in zip(names, snap):
+        assert torch.equal(ctl.importance.scores(n), before)
+        assert torch.isfinite(ctl.importance.scores(n)).all()
     assert ctl.global_step == 2  # the optimizer step itself is still counted
 
 
@@ -126,7 +129,7 @@ def test_importance_sees_unscaled_gradients_under_grad_scaler(tiny_net):
     L = ctl.layers[0]
     true_grad = torch.autograd.grad(model(x).sum(), L.lora_A)[0]
     # beta1 = 0: ibar = |w*g|; with lr=0 the weights are unchanged by the step
-    assert rel(ctl.importance._view_of[0][0], (L.lora_A * true_grad).abs()) <= 1e-6
+    assert rel(ctl.importance.state_of(ctl.importance_name(0, "A"))[0], (L.lora_A * true_grad).abs()) <= 1e-6
 
 
 def test_warns_when_never_attached(tiny_net):

@@ -135,7 +135,7 @@ def test_importance_sees_clipped_gradients(tmp_path):
             if state.global_step == 0:
                 imp = ctl.importance
                 seen["ibar"] = imp.flat_state()["ibar"].clone()
-                seen["I"] = torch.cat([(p.detach() * p.grad).abs().flatten() for p in imp.params])
+                seen["I"] = torch.cat([(p.detach() * p.grad).abs().flatten() for p in imp.params.values()])
                 grads = [p.grad for p in kw["model"].parameters() if p.grad is not None]
                 seen["norm"] = float(torch.linalg.vector_norm(
                     torch.stack([torch.linalg.vector_norm(g) for g in grads])))

@@ -32,7 +32,8 @@ from ._ckpt_io import (MANIFEST, atomic_directory, check_weights_only, fsync_fil
                        resolve_checkpoint_dir, sha256_file, split_tensors, verify_files,
                        write_json)
 from ._errors import CheckpointMismatchError
-from .controller import SRLoRAController, unwrap_optimizer
+from .controller import SRLoRAController
+from .engines import unwrap_optimizer
 
 FORMAT = "srlora-checkpoint"
 FORMAT_VERSION = 2  # 2: bf16 residuals hold bits 8..15 of the fp32 value (1: spacing units)

@@ -16,20 +16,15 @@ whole frozen weights and LoRA factors in place, which needs every rank to hold t
 from __future__ import annotations
 
 import hashlib
-import os
-import sys
 import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from ._errors import UnsupportedEngineError
+from .engines import check_engine, sharding_reason, unwrap_optimizer  # noqa: F401 (re-exported)
 from .svd import top_singular_directions_many
 
-SUPPORTED_ENGINES = ("DistributedDataParallel launched with torchrun, Accelerate with its "
-                     "multi-process DDP (accelerate launch --multi_gpu, or --cpu), or a "
-                     "single process")
 
 
 class ReplicaMismatchError(RuntimeError):
@@ -185,9 +180,8 @@ def replica_state(model, controller, optimizer=None) -> dict:
     for name, p in model.named_parameters():
         if p.requires_grad:
             out[f"trainable/{name}"] = p.detach()
-    opt = optimizer if optimizer is not None else controller._optimizer
+    opt = optimizer if optimizer is not None else controller.optimizer
     if opt is not None:
-        from .controller import unwrap_optimizer
         _flatten("optimizer", unwrap_optimizer(opt).state_dict()["state"], out)
     return out
 
@@ -218,93 +212,3 @@ def assert_replicas_identical(model, controller, optimizer=None, group=None) -> 
     return _check_same({k: value_digest(v) for k, v in state.items()},
                        "SRLoRA state entries", "The replicas have diverged; this is a bug "
                        "(or the model was changed on one rank only): please report it.", group)
-
-
-# ---------------------------------------------------------------------- engine checks
-def _module_origin(obj) -> str:
-    return type(obj).__module__ or ""
-
-
-def _param_reason(p) -> Optional[str]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - old torch
-        DTensor = ()
-    if DTensor and isinstance(p, DTensor):
-        return "FSDP2 / tensor parallelism (DTensor parameters)"
-    if getattr(p, "_is_flat_param", False):
-        return "FSDP (FullyShardedDataParallel flat parameters)"
-    if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
-        return "DeepSpeed ZeRO-3 (partitioned parameters)"
-    return None
-
-
-def _module_reason(model) -> Optional[str]:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-    except ImportError:  # pragma: no cover
-        FSDP1 = ()
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch < 2.6
-        FSDPModule = ()
-    for m in model.modules():
-        if (FSDP1 and isinstance(m, FSDP1)) or (FSDPModule and isinstance(m, FSDPModule)):
-            return f"FSDP ({type(m).__name__})"
-        if _module_origin(m).startswith("deepspeed"):
-            return f"DeepSpeed ({type(m).__name__})"
-    for p in model.parameters():
-        reason = _param_reason(p)
-        if reason:
-            return reason
-    return None
-
-
-def _optimizer_reason(optimizer) -> Optional[str]:
-    seen, opt = 0, optimizer
-    while opt is not None and seen < 8:
-        name = type(opt).__name__
-        if _module_origin(opt).startswith("deepspeed") or "DeepSpeed" in name:
-            return f"DeepSpeed (optimizer {name})"
-        for g in getattr(opt, "param_groups", None) or []:
-            for p in g.get("params", []):
-                reason = _param_reason(p)
-                if reason:
-                    return reason
-        opt, seen = getattr(opt, "optimizer", None), seen + 1
-    return None
-
-
-def _launcher_reason() -> Optional[str]:
-    true = ("1", "true", "yes")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in true:
-        return "FSDP (accelerate launch with an FSDP config: ACCELERATE_USE_FSDP is set)"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in true:
-        return "DeepSpeed (accelerate launch with DeepSpeed: ACCELERATE_USE_DEEPSPEED is set)"
-    if "accelerate.state" in sys.modules:
-        shared = getattr(sys.modules["accelerate.state"].AcceleratorState, "_shared_state", {})
-        kind = str(shared.get("distributed_type", ""))
-        for engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            if kind.endswith(engine):
-                return f"{engine} (the Accelerator was created with distributed_type={engine})"
-    return None
-
-
-def sharding_reason(model=None, optimizer=None) -> Optional[str]:
-    """Name of the sharded engine ``model``/``optimizer``/the launcher uses, or None."""
-    return (_launcher_reason() or (_module_reason(model) if model is not None else None)
-            or (_optimizer_reason(optimizer) if optimizer is not None else None))
-
-
-def check_engine(model=None, optimizer=None, params=None) -> None:
-    """Raise UnsupportedEngineError if SRLoRA would run on sharded parameters (FSDP, DeepSpeed).
-
-    ``params``: also check these parameters one by one (without walking a model)."""
-    reason = sharding_reason(model, optimizer) or next(
-        (r for r in map(_param_reason, params or ()) if r), None)
-    if reason:
-        raise UnsupportedEngineError(
-            f"SRLoRA does not support {reason}: each switch rewrites whole frozen weights and "
-            "LoRA factors in place, outside the optimizer, which needs every rank to hold them "
-            f"unsharded. Supported: {SUPPORTED_ENGINES}. (method='lora' and 'pissa' never "
-            "switch and are not refused.)")

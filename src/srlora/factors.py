@@ -147,18 +147,6 @@ def _join_bf16(hi: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return x.add_(q, alpha=256).add_(128).view(torch.float32)
 
 
-def ema_importance(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor,
-                   beta1: float, beta2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of AdaLoRA's smoothed sensitivity and uncertainty (paper Eqs. 3-6).
-
-    ``ibar' = b1*ibar + (1-b1)*I``; ``ubar' = b2*ubar + (1-b2)*|I - ibar'|``, I = |w*g|.
-    The element score is ``ibar' * ubar'``.
-    """
-    ibar_new = torch.lerp(ibar, sensitivity, 1.0 - beta1)
-    ubar_new = torch.lerp(ubar, (sensitivity - ibar_new).abs(), 1.0 - beta2)
-    return ibar_new, ubar_new
-
-
 def switch_steps(total_steps: int | None, num_switches: int, interval: int | None) -> list[int]:
     """Optimizer steps (1-based counts) after which a switch happens.
 

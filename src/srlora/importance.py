@@ -9,26 +9,26 @@ counted on the device.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Optional
 
 import torch
 
 
-def ema_inplace(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor, beta1: float,
-                beta2: float) -> None:
-    """``factors.ema_importance`` written into ``ibar``/``ubar`` in place (bitwise the same).
+def ema_(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor, beta1: float,
+         beta2: float, finite: Optional[torch.Tensor] = None,
+         work: Optional[torch.Tensor] = None) -> None:
+    """One step of AdaLoRA's smoothed sensitivity and uncertainty (paper Eqs. 3-6), in place.
 
-    Overwrites ``sensitivity`` (it becomes ``|I - ibar'|``); allocates nothing.
+    ``ibar' = b1*ibar + (1-b1)*I``; ``ubar' = b2*ubar + (1-b2)*|I - ibar'|`` with ``I`` =
+    ``sensitivity`` (``|w*g|``); the element score is ``ibar' * ubar'``. Overwrites
+    ``sensitivity``. With ``finite`` (a 0-dim bool tensor) the step is applied only where it is
+    true, decided on the tensors' device without a host sync (``work``: a scratch buffer like
+    ``ibar``); the values written are bitwise those of the unmasked step.
     """
-    ibar.lerp_(sensitivity, 1.0 - beta1)
-    ubar.lerp_(sensitivity.sub_(ibar).abs_(), 1.0 - beta2)
-
-
-def ema_masked(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor,
-               work: torch.Tensor, finite: torch.Tensor, beta1: float, beta2: float) -> None:
-    """As :func:`ema_inplace` where the 0-dim bool ``finite`` is true, else leave the state as is.
-
-    Decides on the device, without a host sync. Overwrites ``sensitivity`` and ``work``.
-    """
+    if finite is None:
+        ibar.lerp_(sensitivity, 1.0 - beta1)
+        ubar.lerp_(sensitivity.sub_(ibar).abs_(), 1.0 - beta2)
+        return
     torch.lerp(ibar, sensitivity, 1.0 - beta1, out=work)  # ibar'
     torch.lerp(ubar, torch.sub(sensitivity, work, out=sensitivity).abs_(), 1.0 - beta2,
                out=sensitivity)  # ubar'
@@ -37,36 +37,37 @@ def ema_masked(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor
 
 
 class ImportanceTracker:
-    """Smoothed sensitivity ``ibar`` and uncertainty ``ubar`` for a list of parameters."""
+    """Smoothed sensitivity ``ibar`` and uncertainty ``ubar`` of named parameters.
 
-    def __init__(self, params: list[torch.nn.Parameter], beta1: float, beta2: float):
-        self.params = list(params)
+    ``params`` maps a name (the controller uses ``"<module>.lora_A"`` / ``"<module>.lora_B"``) to
+    its parameter; every method addresses the state by those names.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], beta1: float, beta2: float):
+        self.params = dict(params)
         self.beta1, self.beta2 = beta1, beta2
-        groups: dict[torch.device, list[int]] = defaultdict(list)
-        for i, p in enumerate(self.params):
-            groups[p.device].append(i)
-        self._groups = []  # (param indices, ibar, ubar, scratch, views of the three)
-        self._view_of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._params_of: list[list[torch.nn.Parameter]] = []  # per group, in buffer order
-        self._work: list = []  # per group: a second scratch buffer (accelerators only)
-        for device, idx in groups.items():
-            total = sum(self.params[i].numel() for i in idx)
+        groups: dict[torch.device, list[str]] = defaultdict(list)
+        for name, p in self.params.items():
+            groups[p.device].append(name)
+        self._groups = []  # per device: (names, ibar, ubar, scratch, scratch views, params, work)
+        self._view_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for device, names in groups.items():
+            total = sum(self.params[k].numel() for k in names)
             ibar = torch.zeros(total, dtype=torch.float32, device=device)
-            ubar = torch.zeros_like(ibar)
-            scratch = torch.zeros_like(ibar)
-            vi, vu, vs, off = [], [], [], 0
-            for i in idx:
-                p = self.params[i]
+            ubar, scratch = torch.zeros_like(ibar), torch.zeros_like(ibar)
+            views, off = [], 0
+            for k in names:
+                p = self.params[k]
                 sl = slice(off, off + p.numel())
-                vi.append(ibar[sl].view(p.shape))
-                vu.append(ubar[sl].view(p.shape))
-                vs.append(scratch[sl].view(p.shape))
-                self._view_of[i] = (vi[-1], vu[-1])
+                self._view_of[k] = (ibar[sl].view(p.shape), ubar[sl].view(p.shape))
+                views.append(scratch[sl].view(p.shape))
                 off += p.numel()
-            self._groups.append((idx, ibar, ubar, scratch, vs))
-            self._params_of.append([self.params[i] for i in idx])
-            self._work.append(None if device.type == "cpu" else torch.empty_like(ibar))
-        dev = self.params[0].device if self.params else torch.device("cpu")
+            # on the host a branch on the finiteness flag costs nothing; on an accelerator the
+            # masked update (a second scratch buffer) avoids a host sync per step
+            work = None if device.type == "cpu" else torch.empty_like(ibar)
+            self._groups.append((names, ibar, ubar, scratch, views,
+                                 [self.params[k] for k in names], work))
+        dev = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self.updates = torch.zeros((), dtype=torch.long, device=dev)
         self.skipped = torch.zeros((), dtype=torch.long, device=dev)
 
@@ -74,17 +75,14 @@ class ImportanceTracker:
     def update(self) -> bool:
         """Fold the current gradients into the state. Returns False if no gradient was present.
 
-        Per device group: one ``_foreach`` op writes ``w*g`` into the zeroed flat scratch buffer, then
-        a few whole-buffer passes, all in place into preallocated buffers (on the CPU a fresh
-        buffer per step costs page faults that can exceed the arithmetic, and ``torch.where``
-        with a 0-dim condition is slow, so the CPU path branches on the finiteness flag; on an
-        accelerator :func:`ema_masked` decides on the device). The result equals
-        ``factors.ema_importance`` on the flat buffers, applied only when every ``|w*g|`` is
-        finite.
+        Per device group: one ``_foreach`` op writes ``w*g`` into the zeroed flat scratch buffer,
+        then a few whole-buffer passes, all in place into preallocated buffers (on the CPU a
+        fresh buffer per step costs page faults that can exceed the arithmetic). The step
+        (:func:`ema_`) is applied only when every ``|w*g|`` is finite; otherwise the state is
+        kept and the step counted in ``skipped``.
         """
         any_grad = False
-        for (_, ibar, ubar, scratch, views), params, work in zip(self._groups, self._params_of,
-                                                                 self._work):
+        for _, ibar, ubar, scratch, views, params, work in self._groups:
             grads = [p.grad for p in params]
             if any(g is None for g in grads):
                 live = [(p, g, v) for p, g, v in zip(params, grads, views) if g is not None]
@@ -99,35 +97,39 @@ class ImportanceTracker:
             scratch.abs_()  # I = |w * g|
             # scratch >= 0, so its max is finite iff every entry is (max propagates NaN)
             finite = torch.isfinite(scratch.max())
-            if work is None:  # CPU: no host sync to avoid, so branch instead of torch.where
+            if ibar.device.type == "cpu":
                 if bool(finite):
-                    ema_inplace(ibar, ubar, scratch, self.beta1, self.beta2)
+                    ema_(ibar, ubar, scratch, self.beta1, self.beta2)
             else:
-                ema_masked(ibar, ubar, scratch, work, finite, self.beta1, self.beta2)
+                ema_(ibar, ubar, scratch, self.beta1, self.beta2, finite, work)
             f = finite.to(self.updates.device)
             self.updates += f
             self.skipped += ~f
         return any_grad
 
-    def scores(self, i: int) -> torch.Tensor:
-        """Element scores ``ibar * ubar`` of parameter i, in its shape (fp32)."""
-        vi, vu = self._view_of[i]
+    def scores(self, name: str) -> torch.Tensor:
+        """Element scores ``ibar * ubar`` of parameter ``name``, in its shape (fp32)."""
+        vi, vu = self._view_of[name]
         return vi * vu
 
-    def scores_many(self, ids: list[int]) -> torch.Tensor:
-        """Element scores of parameters ``ids`` (one shape, one device), stacked: ``G x shape``."""
-        vi = torch.stack([self._view_of[i][0] for i in ids])
-        return vi.mul_(torch.stack([self._view_of[i][1] for i in ids]))
+    def scores_many(self, names: list[str]) -> torch.Tensor:
+        """Element scores of parameters ``names`` (one shape, one device): ``G x shape``."""
+        vi = torch.stack([self._view_of[k][0] for k in names])
+        return vi.mul_(torch.stack([self._view_of[k][1] for k in names]))
+
+    def state_of(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of ``(ibar, ubar)`` of parameter ``name`` (writing into them edits the state)."""
+        return self._view_of[name]
 
     @torch.no_grad()
-    def reset_many(self, ids: list[int]) -> None:
-        """Zero the whole state of parameters ``ids`` (one ``_foreach`` op)."""
-        torch._foreach_zero_([v for i in ids for v in self._view_of[i]])
+    def reset_many(self, names: list[str]) -> None:
+        """Zero the whole state of parameters ``names`` (one ``_foreach`` op)."""
+        torch._foreach_zero_([v for k in names for v in self._view_of[k]])
 
     @torch.no_grad()
-    def reset(self, i: int, index: torch.Tensor | None = None, dim: int = 0) -> None:
-        """Zero the state of parameter i, or only its slices ``index`` along ``dim``."""
-        for v in self._view_of[i]:
+    def reset(self, name: str, index: Optional[torch.Tensor] = None, dim: int = 0) -> None:
+        """Zero the state of parameter ``name``, or only its slices ``index`` along ``dim``."""
+        for v in self._view_of[name]:
             if index is None:
                 v.zero_()
             else:
@@ -144,7 +146,7 @@ class ImportanceTracker:
     @torch.no_grad()
     def load_flat_state(self, state: dict[str, torch.Tensor]) -> None:
         off = 0
-        for _, ibar, ubar, _, _ in self._groups:
+        for _, ibar, ubar, *_ in self._groups:
             n = ibar.numel()
             ibar.copy_(state["ibar"][off:off + n])
             ubar.copy_(state["ubar"][off:off + n])

@@ -26,6 +26,7 @@ class StateStack:
 
     def __init__(self, G: int, shape: tuple[int, int], K: int, r: int, store: torch.device):
         m, n = shape
+        self.shape, self.K, self.r = (m, n), K, r
         self.U = torch.empty(G, m, K, device=store)
         self.S = torch.empty(G, K, device=store)
         self.Vh = torch.empty(G, K, n, device=store)

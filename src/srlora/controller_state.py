@@ -1,0 +1,108 @@
+"""The controller's state as a plain dict, and the one check of a saved state against a live
+controller (used by ``controller.load_state_dict`` and by ``load_checkpoint`` before anything is
+written)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ._errors import CheckpointMismatchError
+
+if TYPE_CHECKING:
+    from .controller import SRLoRAController
+
+CONFIG_MAY_DIFFER = ("total_steps", "offload_device")  # may change between save and resume
+
+
+def state_dict(ctl: "SRLoRAController") -> dict:
+    """All controller state: tensors, ints, strings, lists and dicts only."""
+    sd: dict = {"config": ctl.config.to_dict(), "global_step": ctl.global_step,
+                "num_switches": ctl.num_switches, "total_steps": ctl.total_steps,
+                "history": ctl.history, "modules": {}}
+    for st in ctl.modules:
+        m = {"p": st.p, "U": st.U, "S": st.S, "Vh": st.Vh, "FB": st.FB, "FA": st.FA}
+        if st.original is not None:
+            m["original"] = st.original
+        if st.residual is not None:
+            m["residual"] = st.residual
+        sd["modules"][st.layer.name] = m
+    if ctl.importance is not None:
+        sd["importance"] = ctl.importance.flat_state()
+    return sd
+
+
+def _first(names, k: int = 3) -> list:
+    return sorted(names)[:k]
+
+
+def check_state(ctl: "SRLoRAController", sd: dict) -> None:
+    """Raise CheckpointMismatchError naming the first difference between ``sd`` and what
+    ``ctl`` can load: keys, config, modules, pointers, shapes, half-precision state, the base
+    model's singular values, the importance state. Reads only."""
+    for key in ("config", "global_step", "num_switches", "history", "modules"):
+        if key not in sd:
+            raise CheckpointMismatchError(f"controller state lacks {key!r}")
+    mine = ctl.config.to_dict()
+    diff = {k: (sd["config"].get(k), v) for k, v in mine.items()
+            if k not in CONFIG_MAY_DIFFER and sd["config"].get(k) != v}
+    if diff:
+        raise CheckpointMismatchError(f"controller config differs, field: (saved, current): "
+                                      f"{diff}")
+    names = [st.layer.name for st in ctl.modules]
+    if set(sd["modules"]) != set(names):
+        raise CheckpointMismatchError(
+            f"adapted modules differ: only saved {_first(set(sd['modules']) - set(names))}, "
+            f"only current {_first(set(names) - set(sd['modules']))}")
+    for st in ctl.modules:
+        m, name = sd["modules"][st.layer.name], st.layer.name
+        p = m.get("p")
+        if not (isinstance(p, int) and not isinstance(p, bool)
+                and min(st.layer.r, st.K) <= p <= st.K):
+            raise CheckpointMismatchError(f"{name}: pointer {p!r} out of range "
+                                          f"[{min(st.layer.r, st.K)}, {st.K}]")
+        for key, want in st.state_shapes(p).items():  # the ledger: its written part
+            if key not in m or tuple(m[key].shape) != want:
+                raise CheckpointMismatchError(
+                    f"{name}.{key}: saved {tuple(m[key].shape) if key in m else 'nothing'}, "
+                    f"expected {want} at pointer {p}")
+        for key in ("original", "residual"):  # half-precision state (half_fusion)
+            have = getattr(st, key)
+            if (have is not None) != (key in m):
+                raise CheckpointMismatchError(
+                    f"{name}: {key} of the half-precision weight present in "
+                    f"{'model' if have is not None else 'checkpoint'} only (half_fusion or base "
+                    "dtype differs)")
+            if have is not None and (m[key].shape != have.shape or m[key].dtype != have.dtype):
+                raise CheckpointMismatchError(
+                    f"{name}.{key}: saved {tuple(m[key].shape)} {m[key].dtype}, current "
+                    f"{tuple(have.shape)} {have.dtype}")
+        # same base model: the SVD of the original weight is the same (to SVD rounding)
+        if not torch.allclose(m["S"].float().cpu(), st.S.float().cpu(), rtol=1e-3,
+                              atol=1e-6 * float(st.S.abs().max().clamp_min(1e-30))):
+            raise CheckpointMismatchError(
+                f"{name}: the singular values of the original weight differ from the saved ones:"
+                " the checkpoint was made on another base model")
+    if ctl.importance is not None:
+        imp = sd.get("importance")
+        if not isinstance(imp, dict) or any(k not in imp for k in ("ibar", "ubar", "updates",
+                                                                  "skipped")):
+            raise CheckpointMismatchError("controller state lacks the importance state")
+        for key in ("ibar", "ubar"):
+            if imp[key].numel() != ctl.importance.numel:
+                raise CheckpointMismatchError(f"importance {key} has {imp[key].numel()} elements, "
+                                              f"the model needs {ctl.importance.numel}")
+
+
+@torch.no_grad()
+def load_state(ctl: "SRLoRAController", sd: dict) -> None:
+    """Check ``sd`` (:func:`check_state`), then write it into ``ctl``."""
+    check_state(ctl, sd)
+    for st in ctl.modules:
+        st.load(sd["modules"][st.layer.name])
+    if ctl.importance is not None:
+        ctl.importance.load_flat_state(sd["importance"])
+    ctl.global_step = int(sd["global_step"])
+    ctl.num_switches = int(sd["num_switches"])
+    ctl.total_steps = sd.get("total_steps", ctl.total_steps)
+    ctl.history = list(sd["history"])

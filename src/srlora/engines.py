@@ -1,0 +1,124 @@
+"""Which training engines SRLoRA runs under, and the refusal of the sharded ones.
+
+A switch rewrites whole frozen weights and LoRA factors in place, outside the optimizer, so every
+rank must hold them unsharded: FSDP, FSDP2 (DTensor parameters) and DeepSpeed ZeRO are refused by
+:func:`check_engine`, naming what works. :func:`unwrap_optimizer` finds the torch optimizer behind
+wrappers (accelerate, Lightning). Imported by the controller and by ``distributed``; imports
+neither.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from ._errors import UnsupportedEngineError
+
+SUPPORTED_ENGINES = ("DistributedDataParallel launched with torchrun, Accelerate with its "
+                     "multi-process DDP (accelerate launch --multi_gpu, or --cpu), or a "
+                     "single process")
+
+
+def unwrap_optimizer(optimizer):
+    """The innermost torch optimizer behind wrappers that expose ``.optimizer``."""
+    inner = optimizer
+    # accelerate's AcceleratedOptimizer (itself a torch.optim.Optimizer subclass that never runs
+    # Optimizer.__init__), Lightning wrappers, ...: hook the innermost optimizer
+    while (nxt := getattr(inner, "optimizer", None)) is not None and nxt is not inner \
+            and hasattr(nxt, "param_groups"):
+        inner = nxt
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper exposing "
+                        f".optimizer), got {type(optimizer).__name__}")
+    return inner
+
+
+def _module_origin(obj) -> str:
+    return type(obj).__module__ or ""
+
+
+def _param_reason(p) -> Optional[str]:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - old torch
+        DTensor = ()
+    if DTensor and isinstance(p, DTensor):
+        return "FSDP2 / tensor parallelism (DTensor parameters)"
+    if getattr(p, "_is_flat_param", False):
+        return "FSDP (FullyShardedDataParallel flat parameters)"
+    if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
+        return "DeepSpeed ZeRO-3 (partitioned parameters)"
+    return None
+
+
+def _module_reason(model) -> Optional[str]:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    except ImportError:  # pragma: no cover
+        FSDP1 = ()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6
+        FSDPModule = ()
+    for m in model.modules():
+        if (FSDP1 and isinstance(m, FSDP1)) or (FSDPModule and isinstance(m, FSDPModule)):
+            return f"FSDP ({type(m).__name__})"
+        if _module_origin(m).startswith("deepspeed"):
+            return f"DeepSpeed ({type(m).__name__})"
+    for p in model.parameters():
+        reason = _param_reason(p)
+        if reason:
+            return reason
+    return None
+
+
+def _optimizer_reason(optimizer) -> Optional[str]:
+    seen, opt = 0, optimizer
+    while opt is not None and seen < 8:
+        name = type(opt).__name__
+        if _module_origin(opt).startswith("deepspeed") or "DeepSpeed" in name:
+            return f"DeepSpeed (optimizer {name})"
+        for g in getattr(opt, "param_groups", None) or []:
+            for p in g.get("params", []):
+                reason = _param_reason(p)
+                if reason:
+                    return reason
+        opt, seen = getattr(opt, "optimizer", None), seen + 1
+    return None
+
+
+def _launcher_reason() -> Optional[str]:
+    true = ("1", "true", "yes")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in true:
+        return "FSDP (accelerate launch with an FSDP config: ACCELERATE_USE_FSDP is set)"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in true:
+        return "DeepSpeed (accelerate launch with DeepSpeed: ACCELERATE_USE_DEEPSPEED is set)"
+    if "accelerate.state" in sys.modules:
+        shared = getattr(sys.modules["accelerate.state"].AcceleratorState, "_shared_state", {})
+        kind = str(shared.get("distributed_type", ""))
+        for engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            if kind.endswith(engine):
+                return f"{engine} (the Accelerator was created with distributed_type={engine})"
+    return None
+
+
+def sharding_reason(model=None, optimizer=None) -> Optional[str]:
+    """Name of the sharded engine ``model``/``optimizer``/the launcher uses, or None."""
+    return (_launcher_reason() or (_module_reason(model) if model is not None else None)
+            or (_optimizer_reason(optimizer) if optimizer is not None else None))
+
+
+def check_engine(model=None, optimizer=None, params=None) -> None:
+    """Raise UnsupportedEngineError if SRLoRA would run on sharded parameters (FSDP, DeepSpeed).
+
+    ``params``: also check these parameters one by one (without walking a model)."""
+    reason = sharding_reason(model, optimizer) or next(
+        (r for r in map(_param_reason, params or ()) if r), None)
+    if reason:
+        raise UnsupportedEngineError(
+            f"SRLoRA does not support {reason}: each switch rewrites whole frozen weights and "
+            "LoRA factors in place, outside the optimizer, which needs every rank to hold them "
+            f"unsharded. Supported: {SUPPORTED_ENGINES}. (method='lora' and 'pissa' never "
+            "switch and are not refused.)")

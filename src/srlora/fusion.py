@@ -1,0 +1,70 @@
+"""How a frozen weight takes a switch's change, and the exact low-rank change against W0.
+
+A switch adds ``s*(B_low@A_low - B_new@A_new)`` (``= s*Bc@Ac``, :func:`factors.switch_factors`)
+to the frozen weight, so ``W + s*B@A`` is unchanged. fp32 weights take it in place (one
+``addmm_``). Half-precision weights follow ``SRLoRAConfig.half_fusion``:
+
+* ``"residual"``: an int8 residual of the weight's last rounding lives beside it; the change is
+  added to the joined ~16-bit-mantissa value and split again (one rounding, no host copy);
+* ``"original"``: the weight is rebuilt from a stored copy of W0 and every fused and subtracted
+  factor (one rounding from W0, exact);
+* ``"inplace"``: the change is added and the sum rounded at every switch (the error grows).
+
+Whichever the mode, ``W0 + s*Bd@Ad`` (:func:`delta_factors`) is the effective weight, exactly in
+the factors' fp32: the ledger of fused pairs and the subtracted directions make the export exact.
+"""
+from __future__ import annotations
+
+import torch
+
+from .factors import join_residual, pissa_factors, split_residual_, switch_delta
+from .module_state import ModuleState
+
+
+def subtracted_factors(st: ModuleState, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA factors of directions ``0 .. p-1``: everything ever subtracted from W0."""
+    return pissa_factors(st.fetch(st.U[:, :st.p], dev), st.fetch(st.S[:st.p], dev),
+                         st.fetch(st.Vh[:st.p], dev), st.layer.scaling)
+
+
+def rebuild_base(st: ModuleState) -> torch.Tensor:
+    """``W0 - s*B_sub@A_sub + s*FB@FA`` in fp32, from the original weight: one rounding only."""
+    L, s = st.layer, st.layer.scaling
+    dev = L.W().device
+    Bs, As = subtracted_factors(st, dev)
+    W = st.fetch(st.original, dev).float() - s * (Bs @ As)
+    if st.fused() > 0:
+        W += s * (st.fetch(st.FB, dev) @ st.fetch(st.FA, dev))
+    return W
+
+
+def fuse_into_weight(st: ModuleState, k: int, Bc: torch.Tensor, Ac: torch.Tensor,
+                     B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
+                     A_new: torch.Tensor) -> None:
+    """Add ``s*(B_low@A_low - B_new@A_new)`` (``= s*Bc@Ac``) to one frozen weight; advance p by
+    k (with ``half_fusion="original"`` the pairs go into the ledger first: the rebuild reads
+    them)."""
+    W, s = st.layer.W(), st.layer.scaling
+    st.p += k
+    if st.original is not None:
+        st.store_fused(B_low, A_low)
+        W.copy_(rebuild_base(st).to(W.dtype))
+    elif st.residual is not None:
+        split_residual_(join_residual(W, st.residual).addmm_(Bc, Ac, alpha=s), W, st.residual)
+    elif W.dtype == torch.float32:
+        W.addmm_(Bc, Ac, alpha=s)
+    else:  # half_fusion="inplace": round at every switch
+        W.copy_((W.float() + switch_delta(B_low, A_low, B_new, A_new, s)).to(W.dtype))
+
+
+def delta_factors(st: ModuleState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-rank factors (fp32) of the whole change of one module against its ORIGINAL weight.
+
+    ``W_effective - W0 == s * Bd @ Ad`` with ``Bd = [B | FB | -B_sub]``, ``Ad = [A; FA; A_sub]``,
+    rank ``r + (p - r) + p``.
+    """
+    L = st.layer
+    B, A = L.B().float(), L.A().float()
+    Bs, As = subtracted_factors(st, B.device)
+    return (torch.cat([B, st.FB.to(B.device), -Bs], dim=1),
+            torch.cat([A, st.FA.to(B.device), As], dim=0))

@@ -1,0 +1,91 @@
+"""Set-up: the SVD cache of every adapted layer, then PiSSA's init written into the model.
+
+:func:`build_states` computes and allocates everything (SVD, state stacks, the factors of the
+initial pairs, the half-precision residuals, one fp32 scratch buffer per device) without writing
+into the model; :func:`write_pissa_init_` then makes the only writes: ``B``, ``A`` and the frozen
+weight's residual ``W0 - s*B0@A0``, so that ``W + s*B@A == W0`` (to the weight's rounding; with
+``half_fusion="residual"`` the int8 residual keeps 8 more bits of it).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Optional
+
+import torch
+
+from .config import SRLoRAConfig
+from .factors import pissa_factors, split_residual_
+from .layers import AdaptedLayer
+from .module_state import ModuleState, StateStack
+from .svd import top_singular_directions_many
+
+Directions = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U, S, Vh
+SVDFn = Callable[[list[AdaptedLayer], list[int]], list[Directions]]
+
+
+def store_device(config: SRLoRAConfig, L: AdaptedLayer) -> torch.device:
+    """Where a layer's SVD cache and ledger live (``offload_device``, else beside the weight)."""
+    off = config.offload_device
+    return torch.device(off) if off is not None else L.base_weight.device
+
+
+def directions_per_layer(config: SRLoRAConfig, layers: list[AdaptedLayer]) -> list[int]:
+    """K per layer: ``min(r_target, m, n)`` for SRLoRA, ``min(r, m, n)`` for PiSSA."""
+    return [min(config.r_target if config.method == "srlora" else L.r, *L.shape) for L in layers]
+
+
+@torch.no_grad()
+def build_states(config: SRLoRAConfig, layers: list[AdaptedLayer],
+                 svd_fn: Optional[SVDFn] = None) -> tuple[list[ModuleState], dict]:
+    """The SVD of every layer's weight in its cache, the initial pairs' factors and every buffer
+    the init will need. Writes nothing into the model. Returns the states and the init plan."""
+    ks = directions_per_layer(config, layers)
+    if svd_fn is None:
+        results = top_singular_directions_many(
+            [L.W() for L in layers], ks, config.svd_method, config.svd_oversample,
+            config.svd_niter, config.svd_seed, names=[L.name for L in layers])
+    else:
+        results = svd_fn(layers, ks)
+    # modules of one shape, K, rank and store keep their cache and ledger in one stack
+    keys = [(L.shape, k, L.r, store_device(config, L)) for L, k in zip(layers, ks)]
+    stacks = {key: StateStack(G, *key) for key, G in Counter(keys).items()}
+    states, factors, scratch = [], [], {}
+    for L, k, key, (U, S, Vh) in zip(layers, ks, keys, results):
+        st = ModuleState(L, k, stacks[key])
+        st.U.copy_(U)
+        st.S.copy_(S)
+        st.Vh.copy_(Vh)
+        W = L.W()
+        half = W.dtype != torch.float32 and config.method == "srlora"
+        if half and config.half_fusion == "original":
+            st.keep_original(W)
+        if half and config.half_fusion == "residual":
+            st.residual = torch.empty(W.shape, dtype=torch.int8, device=W.device)
+        r0 = min(L.r, k)
+        B0, A0 = pissa_factors(U[:, :r0], S[:r0], Vh[:r0], L.scaling)
+        factors.append((r0, B0.to(W.device), A0.to(W.device)))
+        scratch[W.device] = max(scratch.get(W.device, 0), W.numel())
+        states.append(st)
+    buffers = {dev: torch.empty(n, dtype=torch.float32, device=dev) for dev, n in scratch.items()}
+    return states, {"factors": factors, "buffers": buffers}
+
+
+@torch.no_grad()
+def write_pissa_init_(states: list[ModuleState], plan: dict) -> None:
+    """Write the initial pairs into ``B``, ``A`` and subtract them from the frozen weight: the
+    only writes of the set-up (in place, into buffers :func:`build_states` allocated)."""
+    for st, (r0, B0, A0) in zip(states, plan["factors"]):
+        L = st.layer
+        W = L.W()
+        L.B().zero_()
+        L.A().zero_()
+        L.B()[:, :r0] = B0.to(L.B().dtype)
+        L.A()[:r0] = A0.to(L.A().dtype)
+        W_res = plan["buffers"][W.device][:W.numel()].view(W.shape)
+        torch.matmul(B0, A0, out=W_res)
+        W_res.mul_(-L.scaling).add_(W)  # W0 - s*(B0@A0), in fp32
+        if st.residual is not None:
+            split_residual_(W_res, W, st.residual)
+        else:
+            W.copy_(W_res)
+        st.p = r0

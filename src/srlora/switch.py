@@ -1,0 +1,156 @@
+"""The switch, as the paper's steps: score the pairs, choose the lowest, fuse them into the frozen
+weight, reinitialize their slots from the next singular directions, reset the optimizer state and
+the importance of what changed.
+
+:func:`plan_switch` does steps 1-2 and prepares the new factors for every module without writing
+anything (so a failure there leaves the whole run as it was); :func:`apply_switch` does steps 3-5.
+Modules of one state stack, scaling, dtype and device are switched together: one stacked op per
+step instead of one per module (a 112-module Llama is 3 groups).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from .factors import lowest_pairs, pair_scores, pissa_factors, switch_factors
+from .fusion import fuse_into_weight
+from .module_state import next_directions, write_ledger
+from .optimizer_state import apply_policy
+
+if TYPE_CHECKING:
+    from .controller import SRLoRAController
+
+
+class GroupSwitch(NamedTuple):
+    """One group's planned switch, stacked over its modules ``idx`` (on the device): ``slots``
+    G x k (ascending), ``scores`` G x r, the fused pairs ``B_low`` G x m x k / ``A_low`` G x k x n,
+    the new pairs ``B_new`` / ``A_new`` (fp32) and the weight change's factors ``Bc`` / ``Ac``."""
+
+    idx: list[int]
+    slots: torch.Tensor
+    scores: torch.Tensor
+    B_low: torch.Tensor
+    A_low: torch.Tensor
+    B_new: torch.Tensor
+    A_new: torch.Tensor
+    Bc: torch.Tensor
+    Ac: torch.Tensor
+
+
+def switch_groups(ctl: "SRLoRAController", todo: list[int]) -> list[list[int]]:
+    """``todo`` split into groups that can be stacked: one state stack (so one shape, rank and
+    store), and the same dtypes, devices and scaling."""
+    groups: dict = {}
+    for i in todo:
+        L = ctl.layers[i]
+        key = (id(ctl.modules[i].stack), L.scaling) + tuple(
+            (t.dtype, t.device) for t in (L.base_weight, L.lora_A, L.lora_B))
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def group_pair_scores(ctl: "SRLoRAController", idx: list[int]) -> torch.Tensor:
+    """Step 1, per-pair importance of modules ``idx`` (one group): ``G x r`` fp32,
+    ``S_j = mean_i score(B[i, j]) + mean_l score(A[j, l])``."""
+    G, r = len(idx), ctl.layers[idx[0]].r
+    sA = ctl.importance.scores_many([ctl.importance_name(i, "A") for i in idx]).reshape(G, r, -1)
+    sB = ctl.importance.scores_many([ctl.importance_name(i, "B") for i in idx]).reshape(G, -1, r)
+    return pair_scores(sB, sA)
+
+
+def check_module(ctl: "SRLoRAController", i: int, k: int) -> None:
+    """Raise before any write if module i cannot be switched as set up (its factors were
+    reshaped or replaced since ``wrap``, or too few directions are left)."""
+    L, st = ctl.layers[i], ctl.modules[i]
+    (m, n), r = st.stack.shape, st.stack.r
+    got = (tuple(L.B().shape), tuple(L.A().shape), tuple(L.shape))
+    if got != ((m, r), (r, n), (m, n)):
+        raise RuntimeError(f"SRLoRA switch: module {L.name!r} has B {got[0]}, A {got[1]}, W "
+                           f"{got[2]}; set up with B {(m, r)}, A {(r, n)}, W {(m, n)}. Its LoRA "
+                           "factors were replaced or resized after srlora.wrap; nothing was "
+                           "changed")
+    if st.p + k > st.K:
+        raise RuntimeError(f"SRLoRA switch: module {L.name!r} has {st.K - st.p} unused "
+                           f"directions, {k} needed")
+
+
+def plan_group(ctl: "SRLoRAController", idx: list[int], k: int) -> GroupSwitch:
+    """Steps 1-2 for one group, and the factors steps 3-4 will write. Reads only."""
+    Ls = [ctl.layers[i] for i in idx]
+    s = Ls[0].scaling
+    B, A = torch.stack([L.B() for L in Ls]), torch.stack([L.A() for L in Ls])  # G x m x r, ...
+    scores = group_pair_scores(ctl, idx)
+    slots = lowest_pairs(scores, k).to(B.device)  # step 2: the k lowest pairs, ascending
+    at = (torch.arange(len(idx), device=B.device)[:, None], slots)  # (g, slot) pairs, G x k
+    B_low, A_low = B.transpose(1, 2)[at].transpose(1, 2).float(), A[at].float()
+    B_new, A_new = pissa_factors(*next_directions([ctl.modules[i] for i in idx], k, B.device), s)
+    Bc, Ac = switch_factors(B_low, A_low, B_new, A_new)
+    return GroupSwitch(idx, slots, scores, B_low, A_low, B_new, A_new, Bc, Ac)
+
+
+def plan_switch(ctl: "SRLoRAController", todo: list[int], k: int) -> list[GroupSwitch]:
+    """Check every module and plan every group; nothing is written."""
+    for i in todo:
+        check_module(ctl, i, k)
+    return [plan_group(ctl, idx, k) for idx in switch_groups(ctl, todo)]
+
+
+@torch.no_grad()
+def apply_group(ctl: "SRLoRAController", g: GroupSwitch, k: int) -> None:
+    """Steps 3-5 for one planned group."""
+    Ls = [ctl.layers[i] for i in g.idx]
+    for j, i in enumerate(g.idx):  # step 3: fuse (and subtract the new pairs): W + s*B@A kept
+        fuse_into_weight(ctl.modules[i], k, g.Bc[j], g.Ac[j], g.B_low[j], g.A_low[j],
+                         g.B_new[j], g.A_new[j])
+    Bs, As = [L.B() for L in Ls], [L.A() for L in Ls]  # step 4: the new pairs in their slots
+    B, A = torch.stack(Bs), torch.stack(As)
+    at = (torch.arange(len(Ls), device=B.device)[:, None], g.slots)
+    B.transpose(1, 2)[at] = g.B_new.transpose(1, 2).to(B.dtype)
+    A[at] = g.A_new.to(A.dtype)
+    torch._foreach_copy_(Bs + As, list(B.unbind(0)) + list(A.unbind(0)))
+    hit = torch.zeros(len(Ls), Ls[0].r, dtype=torch.bool, device=B.device)
+    hit[at] = True
+    if ctl.optimizer is not None:  # step 5: optimizer state and importance of what changed
+        apply_policy(ctl.config.optimizer_state, ctl.optimizer, Ls, hit)
+    names = [(ctl.importance_name(i, "A"), ctl.importance_name(i, "B")) for i in g.idx]
+    if ctl.config.importance_reset == "module":
+        ctl.importance.reset_many([n for pair in names for n in pair])
+    else:
+        for j, (nA, nB) in enumerate(names):
+            ctl.importance.reset(nA, g.slots[j], dim=0)
+            ctl.importance.reset(nB, g.slots[j], dim=1)
+
+
+def write_ledgers(ctl: "SRLoRAController", plans: list[GroupSwitch]) -> None:
+    """Store each group's fused pairs (fp32) in its ledger: one copy to each store device, then
+    one write per factor and stack (``half_fusion="original"`` groups wrote theirs while
+    fusing)."""
+    by_store: dict = {}
+    for g in plans:
+        sts = [ctl.modules[i] for i in g.idx]
+        if all(st.original is None for st in sts):
+            by_store.setdefault(sts[0].U.device, []).append((sts, g.B_low, g.A_low))
+    for store, items in by_store.items():
+        flat = torch.cat([t.reshape(-1) for _, B, A in items for t in (B, A)]).to(store)
+        off = 0
+        for sts, B, A in items:
+            nb, na = B.numel(), A.numel()
+            write_ledger(sts, flat[off:off + nb].view(B.shape),
+                         flat[off + nb:off + nb + na].view(A.shape))
+            off += nb + na
+
+
+def apply_switch(ctl: "SRLoRAController", plans: list[GroupSwitch], k: int) -> dict:
+    """Steps 3-5 for every planned group; the ledger; returns the history entry (one host sync
+    for the chosen slots and their scores)."""
+    for g in plans:
+        apply_group(ctl, g, k)
+    write_ledgers(ctl, plans)
+    todo = sorted(i for g in plans for i in g.idx)
+    order, dev0 = [i for g in plans for i in g.idx], plans[0].slots.device
+    low = dict(zip(order, torch.cat([g.slots.to(dev0) for g in plans]).cpu().tolist()))
+    sc = dict(zip(order, torch.cat([g.scores.to(dev0) for g in plans]).cpu().tolist()))
+    return {"step": ctl.global_step, "modules": todo, "slots": [low[i] for i in todo],
+            "directions": [list(range(ctl.modules[i].p - k, ctl.modules[i].p)) for i in todo],
+            "scores": [sc[i] for i in todo]}
