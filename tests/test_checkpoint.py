@@ -163,7 +163,7 @@ def test_files_are_safetensors_json_and_weights_only(tmp_path):
     state = torch.load(tmp_path / "ck" / "training_state.pt", weights_only=True)
     assert set(state) == {"optimizer", "scheduler", "rng"}
     man = json.loads((tmp_path / "ck" / "manifest.json").read_text())
-    assert man["format_version"] == 2 and man["step"] == 3
+    assert man["format_version"] == 3 and man["step"] == 3
     assert man["config"]["r"] == 4 and len(man["modules"]) == 4
     assert all(v["shape"] == [32, 32] for v in man["modules"].values())
     # every adapted base weight and every trainable tensor is in the model file
@@ -293,7 +293,7 @@ def test_other_optimizer_is_refused_and_nothing_changes(tmp_path):
     assert_unchanged(run, snap)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest", "edit"])
 def test_corrupted_checkpoint_is_refused_and_nothing_changes(tmp_path, damage):
     saved_run(tmp_path)
     d = tmp_path / "ck"
@@ -307,12 +307,17 @@ def test_corrupted_checkpoint_is_refused_and_nothing_changes(tmp_path, damage):
         f.write_bytes(bytes(data))
     elif damage == "delete":
         (d / "controller.safetensors").unlink()
-    else:
+    elif damage == "manifest":
         (d / "manifest.json").write_text('{"format": "srlora-checkpoint", "format_')
+    else:  # a one-character edit of valid JSON: the step 3 -> 4
+        text = (d / "manifest.json").read_text()
+        assert text.count('"step": 3') == 1
+        (d / "manifest.json").write_text(text.replace('"step": 3', '"step": 4'))
     run = make_run()
     snap = snapshot(run)
     match = {"truncate": "model.safetensors has .* bytes", "flip": "model.safetensors is corrupted",
-             "delete": "controller.safetensors is missing", "manifest": "not valid JSON"}[damage]
+             "delete": "controller.safetensors is missing", "manifest": "not valid JSON",
+             "edit": "does not match its own checksum"}[damage]
     with pytest.raises(CheckpointMismatchError, match=match):
         srlora.load_checkpoint(d, model=run[0], controller=run[1], optimizer=run[2],
                                scheduler=run[3])

@@ -110,3 +110,32 @@ def test_bf16_residual_split_and_join_carry_8_more_bits(byte_views):
     assert torch.equal(hi2, hi) and torch.equal(q2, q)
     hi3, q3 = split_residual(back.clone(), torch.bfloat16)  # a stored value splits to itself
     assert torch.equal(hi3, hi) and torch.equal(q3, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inplace_fusion_rounds_once_per_switch(dtype):
+    """half_fusion="inplace": a switch adds the fused-minus-new product to the weight and rounds
+    the sum once, so the effective weight W + s*B@A moves by at most half a spacing of the new
+    weight (plus fp32 rounding of the factors' products); a wrong sign or a lost term moves it by
+    the size of the fused pairs."""
+    import srlora
+    from srlora.factors import spacing
+
+    torch.manual_seed(torch.seed() % 2**31)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 40, bias=False)).to(dtype)
+    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, target_modules=["0"],
+                              total_steps=10 ** 6, svd_method="exact", half_fusion="inplace")
+    model, ctl = srlora.wrap(net, cfg)
+    L, s = ctl.layers[0], ctl.layers[0].scaling
+    ctl.importance.updates += 1  # scores are irrelevant here
+    for _ in range(3):
+        with torch.no_grad():  # a "training" update: the fused pairs are not the initial ones
+            L.B().add_(0.1 * torch.randn(L.B().shape) * L.B().abs().mean())
+            L.A().add_(0.1 * torch.randn(L.A().shape) * L.A().abs().mean())
+        before = L.W().double() + s * L.B().double() @ L.A().double()
+        W_prev = L.W().clone()
+        ctl.switch_now()
+        assert not torch.equal(L.W(), W_prev)  # the switch did change the stored weight
+        after = L.W().double() + s * L.B().double() @ L.A().double()
+        bound = 0.5 * spacing(L.W()).double() + 1e-6 * before.abs().max()
+        assert ((after - before).abs() <= bound).all()

@@ -19,6 +19,7 @@ difference otherwise.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import warnings
@@ -33,15 +34,16 @@ from ._ckpt_io import (MANIFEST, atomic_directory, check_weights_only, fsync_fil
                        write_json)
 from ._errors import CheckpointMismatchError
 from .controller import SRLoRAController
+from .controller_state import CONFIG_MAY_DIFFER
 from .engines import unwrap_optimizer
 
 FORMAT = "srlora-checkpoint"
-FORMAT_VERSION = 2  # 2: bf16 residuals hold bits 8..15 of the fp32 value (1: spacing units)
+FORMAT_VERSION = 3  # 3: the manifest carries its own SHA-256; 2: bf16 residuals hold bits 8..15
+# of the fp32 value (1: spacing units)
 MODEL_FILE = "model.safetensors"
 CONTROLLER_TENSORS = "controller.safetensors"
 CONTROLLER_JSON = "controller.json"
 TRAINING_STATE = "training_state.pt"
-_CONFIG_MAY_DIFFER = ("total_steps", "offload_device")
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_manifest"]
 
@@ -182,6 +184,7 @@ def save_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer
             fsync_file(tmp / n)
         manifest["files"] = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
                              for n in names}
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json(tmp / MANIFEST, manifest)  # last: a directory without it is incomplete
     return Path(path)
 
@@ -209,7 +212,16 @@ def _read_manifest(directory: Path) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatchError(f"checkpoint format version {manifest.get('format_version')}"
                                       f", this srlora reads version {FORMAT_VERSION}")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise CheckpointMismatchError(f"{directory / MANIFEST} does not match its own checksum "
+                                      "(manifest_sha256): it was edited or corrupted")
     return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys), without its own checksum."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _read_files(directory: Path, manifest: dict) -> tuple[dict, dict, dict]:
@@ -235,7 +247,7 @@ def _check_config(manifest: dict, controller: SRLoRAController) -> None:
     mine = _normalized(controller.config.to_dict())
     saved = manifest["config"]
     diff = {k: (saved.get(k), v) for k, v in mine.items()
-            if k not in _CONFIG_MAY_DIFFER and saved.get(k) != v}
+            if k not in CONFIG_MAY_DIFFER and saved.get(k) != v}
     if diff:
         raise CheckpointMismatchError(f"SRLoRA config differs, field: (saved, current): {diff}")
     saved_mods = manifest["modules"]
@@ -276,50 +288,6 @@ def _check_base(manifest: dict, model, controller: SRLoRAController, live: dict)
             raise CheckpointMismatchError(
                 f"frozen weight {name} differs from the one the checkpoint was saved on: load "
                 "into a fresh srlora.wrap of the same base model")
-
-
-def _check_controller(sd: dict, controller: SRLoRAController) -> None:
-    for key in ("global_step", "num_switches", "history", "modules"):
-        if key not in sd:
-            raise CheckpointMismatchError(f"controller state lacks {key!r}")
-    if set(sd["modules"]) != {st.layer.name for st in controller.modules}:
-        raise CheckpointMismatchError("controller state covers other modules than the model's")
-    for st in controller.modules:
-        m, name = sd["modules"][st.layer.name], st.layer.name
-        if not (isinstance(m.get("p"), int) and min(st.layer.r, st.K) <= m["p"] <= st.K
-                or controller.config.method == "lora"):
-            raise CheckpointMismatchError(f"{name}: pointer {m.get('p')!r} out of range "
-                                          f"[{min(st.layer.r, st.K)}, {st.K}]")
-        for key, want in st.state_shapes(m["p"]).items():  # the ledger: its written part
-            if key not in m or tuple(m[key].shape) != want:
-                raise CheckpointMismatchError(
-                    f"{name}.{key}: saved {tuple(m[key].shape) if key in m else 'nothing'}, "
-                    f"expected {want} at pointer {m['p']}")
-        for key in ("original", "residual"):  # half-precision state (half_fusion)
-            mine = getattr(st, key)
-            if (mine is not None) != (key in m):
-                raise CheckpointMismatchError(
-                    f"{name}: {key} of the half-precision weight present in "
-                    f"{'model' if mine is not None else 'checkpoint'} only (half_fusion or base "
-                    "dtype differs)")
-            if mine is not None and (m[key].shape != mine.shape or m[key].dtype != mine.dtype):
-                raise CheckpointMismatchError(
-                    f"{name}.{key}: saved {tuple(m[key].shape)} {m[key].dtype}, current "
-                    f"{tuple(mine.shape)} {mine.dtype}")
-        # same base model: the SVD of the original weight is the same (to SVD rounding)
-        if not torch.allclose(m["S"].float(), st.S.float().cpu(), rtol=1e-3,
-                              atol=1e-6 * float(st.S.abs().max().clamp_min(1e-30))):
-            raise CheckpointMismatchError(
-                f"{name}: the singular values of the original weight differ from the saved ones:"
-                " the checkpoint was made on another base model")
-    if controller.importance is not None:
-        imp = sd.get("importance")
-        if imp is None or any(k not in imp for k in ("ibar", "ubar", "updates", "skipped")):
-            raise CheckpointMismatchError("controller state lacks the importance state")
-        for key in ("ibar", "ubar"):
-            if imp[key].numel() != controller.importance.numel:
-                raise CheckpointMismatchError(f"importance {key} has {imp[key].numel()} elements, "
-                                              f"the model needs {controller.importance.numel}")
 
 
 def _check_optimizer(osd: Optional[dict], inner: torch.optim.Optimizer, manifest: dict) -> None:
@@ -385,7 +353,9 @@ def load_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer
     _check_config(manifest, controller)
     _check_model_tensors(saved_model, live)
     _check_base(manifest, model, controller, live)
-    _check_controller(ctrl, controller)
+    ctrl["config"] = controller.config.to_dict() | {k: ctrl["config"].get(k)
+                                                    for k in CONFIG_MAY_DIFFER}
+    controller.check_state_dict(ctrl)
     inner = unwrap_optimizer(optimizer) if optimizer is not None else None
     if inner is not None:
         _check_optimizer(state.get("optimizer"), inner, manifest)
@@ -400,8 +370,6 @@ def load_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer
     with torch.no_grad():
         for k, t in live.items():
             t.copy_(saved_model[k])
-    ctrl["config"] = controller.config.to_dict() | {k: ctrl["config"].get(k)
-                                                    for k in _CONFIG_MAY_DIFFER}
     controller.load_state_dict(ctrl)
     if inner is not None:
         inner.load_state_dict(state["optimizer"])

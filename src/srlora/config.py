@@ -73,46 +73,71 @@ class SRLoRAConfig:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"SRLoRAConfig.{name}: {why}")
 
-        if self.method not in METHODS:
-            bad("method", f"must be one of {METHODS}, got {self.method!r}")
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            bad("r", f"must be an integer >= 1, got {self.r!r}")
-        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
-                and self.lora_alpha > 0):
-            bad("lora_alpha", f"must be a positive finite number, got {self.lora_alpha!r}")
-        for name in ("beta1", "beta2"):
+        def integer(name: str, lo: int, optional: bool = False) -> None:
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
-                bad(name, f"must be in [0, 1), got {v!r}")
-        if not (0.0 < self.lora_dropout < 1.0 or self.lora_dropout == 0.0):
-            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
+            if optional and v is None:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                bad(name, f"must be an integer >= {lo}{' or None' if optional else ''}, "
+                          f"got {v!r}")
+
+        def number(name: str, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+                and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+            if not ok:
+                bad(name, f"must be a number in {'(' if lo_open else '['}{lo}, {hi}"
+                          f"{')' if hi_open else ']'}, got {v!r}")
+
+        def choice(name: str, allowed: tuple) -> None:
+            if getattr(self, name) not in allowed:
+                bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+
+        choice("method", METHODS)
+        integer("r", 1)
+        number("lora_alpha", 0.0, math.inf, True, True)
+        number("beta1", 0.0, 1.0, False, True)
+        number("beta2", 0.0, 1.0, False, True)
+        number("lora_dropout", 0.0, 1.0, False, True)
         for name, allowed in (("importance_reset", ("module", "slots")),
                               ("optimizer_state", ("zero", "keep")),
                               ("svd_method", ("auto", "exact", "randomized")),
                               ("half_fusion", ("residual", "original", "inplace"))):
-            if getattr(self, name) not in allowed:
-                bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.svd_oversample < 0:
-            bad("svd_oversample", f"must be >= 0, got {self.svd_oversample}")
-        if self.svd_niter < 0:
-            bad("svd_niter", f"must be >= 0, got {self.svd_niter}")
-        if self.target_modules is not None and len(self.target_modules) == 0:
+            choice(name, allowed)
+        integer("svd_oversample", 0)
+        integer("svd_niter", 0)
+        integer("svd_seed", 0)
+        if self.offload_device is not None:
+            try:
+                import torch
+                torch.device(self.offload_device)
+            except (RuntimeError, TypeError, ValueError):
+                bad("offload_device", f"must be a torch device string (e.g. 'cpu', 'cuda:0') or "
+                                      f"None, got {self.offload_device!r}")
+        tm = self.target_modules
+        if tm is not None and not (isinstance(tm, str) or (isinstance(tm, (list, tuple)) and all(
+                isinstance(t, str) for t in tm))):
+            bad("target_modules", f"must be a list of module names, a regex string or None, "
+                                  f"got {tm!r}")
+        if tm is not None and len(tm) == 0:
             bad("target_modules", "must name at least one module (or be None for PEFT's defaults)")
+        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, (list, tuple))
+                                                     and all(isinstance(t, str)
+                                                             for t in self.modules_to_save)):
+            bad("modules_to_save", f"must be a list of module names or None, "
+                                   f"got {self.modules_to_save!r}")
+        if not isinstance(self.extra_lora_kwargs, dict):
+            bad("extra_lora_kwargs", f"must be a dict of peft.LoraConfig fields, "
+                                     f"got {type(self.extra_lora_kwargs).__name__}")
+        integer("total_steps", 1, optional=True)
+        integer("switch_interval", 1, optional=True)
         if self.method != "srlora":
             return  # the baselines never switch: the fields below do not apply
-        if not (isinstance(self.gamma, (int, float)) and 0.0 < self.gamma <= 1.0):
-            bad("gamma", f"must be in (0, 1], got {self.gamma!r}")
+        number("gamma", 0.0, 1.0, True, False)
         if self.r_prime == 0:
             bad("gamma", f"round(gamma * r) = round({self.gamma} * {self.r}) = 0 pairs per switch; "
                          "raise gamma or r")
-        if not isinstance(self.r_target, int) or self.r_target < self.r:
-            bad("r_target", f"must be an integer >= r = {self.r}, got {self.r_target!r}")
-        if self.total_steps is not None and (not isinstance(self.total_steps, int)
-                                             or self.total_steps < 1):
-            bad("total_steps", f"must be an integer >= 1, got {self.total_steps!r}")
-        if self.switch_interval is not None and (not isinstance(self.switch_interval, int)
-                                                 or self.switch_interval < 1):
-            bad("switch_interval", f"must be an integer >= 1, got {self.switch_interval!r}")
+        integer("r_target", self.r)
 
     @property
     def r_prime(self) -> int:

@@ -59,10 +59,10 @@ class SRLoRAController:
         self.importance = ImportanceTracker(
             {self.importance_name(i, f): getattr(L, f"lora_{f}") for i, L in enumerate(layers)
              for f in "AB"}, config.beta1, config.beta2) if config.method == "srlora" else None
-        if plan is not None:
-            write_pissa_init_(self.modules, plan)
         self._grad_hook = layers[0].lora_A.register_post_accumulate_grad_hook(
             self._check_stepped) if config.method == "srlora" and layers else None
+        if plan is not None:  # the last step of the set-up: the only writes into the model
+            write_pissa_init_(self.modules, plan)
 
     def importance_name(self, i: int, factor: str) -> str:
         """Name of module i's factor ``"A"`` or ``"B"`` in the importance state."""
