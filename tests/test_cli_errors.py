@@ -196,3 +196,19 @@ def test_compare_help_has_no_literal_percent_escape(capsys):
         main(["compare", "--help"])
     out = capsys.readouterr().out
     assert "%%" not in out and "95% intervals" in out
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--r-target", "0"], "--r-target must be >= 1"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--seq", "-2"], "--seq must be >= 1"),
+    (["--json", "/etc/passwd/x.json"], "--json"),
+])
+def test_bench_flag_refused_before_anything(tmp_path, capsys, extra, msg):
+    assert main(["bench", "--shape", "tiny", "--no-memory", *extra]) == 2
+    one_line_error(capsys, "srlora bench: error:", msg)
+
+
+def test_bench_json_is_a_folder(tmp_path, capsys):
+    assert main(["bench", "--shape", "tiny", "--no-memory", "--json", str(tmp_path)]) == 2
+    one_line_error(capsys, "is a folder")
