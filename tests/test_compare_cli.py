@@ -61,10 +61,15 @@ def _args(a, out, *extra):
 
 def test_compare_end_to_end(assets_dir, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "srlora", *_args(
-        assets_dir, out, "--lr", "lora=1e-2,lora=3e-2,pissa=5e-3,srlora=5e-3",
-        "--target-modules", "query,value")], env=ENV, capture_output=True, text=True, timeout=300)
+    args = _args(assets_dir, out, "--lr", "lora=1e-2,lora=3e-2,pissa=5e-3,srlora=5e-3",
+                 "--target-modules", "query,value")
+    args.remove("--no-progress")  # bars on, but stdout/stderr are pipes: they must stay quiet
+    proc = subprocess.run([sys.executable, "-m", "srlora", *args], env=ENV, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "\r" not in log  # no tqdm carriage returns in a log file
+    assert "is_gradient_checkpointing" not in log and "Warning" not in log, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "finished"
     assert len(res["runs"]) == 2 * (2 + 1 + 1)
@@ -95,6 +100,17 @@ def test_compare_end_to_end(assets_dir, tmp_path):
     for m in ("lora", "pissa", "srlora"):
         assert m in proc.stdout
     assert "±" in proc.stdout and (out / "table.txt").exists()
+    # paired differences against LoRA at each method's selected lr, on the seeds all share
+    assert "paired difference against lora" in proc.stdout
+    paired = res["paired_vs_lora"]
+    assert paired["seeds"] == [0, 1] and set(paired["methods"]) == {"pissa", "srlora"}
+    from srlora.experiments.stats import paired_interval
+    lora = {r["seed"]: r for r in res["runs"] if r["method"] == "lora"
+            and r["lr"] == res["best_lr"]["lora"]}
+    sr = {r["seed"]: r for r in res["runs"] if r["method"] == "srlora"}
+    want = paired_interval([sr[s]["final_accuracy"] for s in (0, 1)],
+                           [lora[s]["final_accuracy"] for s in (0, 1)])
+    assert paired["methods"]["srlora"]["accuracy"] == want
 
 
 @pytest.mark.parametrize("extra,msg", [

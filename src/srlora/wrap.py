@@ -1,6 +1,7 @@
 """``srlora.wrap``: validate, put PEFT's LoRA layers in, and build the controller."""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -165,7 +166,10 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
         svd_fn = default_svd_fn(config)  # under torch.distributed: computed once, broadcast
     snapshot = ModelSnapshot(model)
     try:
-        peft_model = get_peft_model(model, pcfg, adapter_name=adapter_name)
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated alias; not ours
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            peft_model = get_peft_model(model, pcfg, adapter_name=adapter_name)
         from peft.tuners.lora import LoraLayer
 
         layers = [AdaptedLayer(name, mod, adapter_name)

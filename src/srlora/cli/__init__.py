@@ -17,6 +17,40 @@ class UsageError(Exception):
     """Bad input detected by a subcommand before work started: printed, exit code 2."""
 
 
+# Library exceptions that mean "the input is bad" (a data file, a model, a checkpoint), never a
+# bug: main() prints them as one line with exit code 2. Anything else keeps its traceback.
+INPUT_ERRORS = (("srlora.experiments.tasks", "DataError"),
+                ("srlora.experiments.models", "ModelError"),
+                ("srlora._errors", "CheckpointMismatchError"))
+
+
+def _is_input_error(e: BaseException) -> bool:
+    for module, name in INPUT_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)  # only modules already imported
+        if cls is not None and isinstance(e, cls):
+            return True
+    return False
+
+
+def load_results(path: str, flag: str) -> dict:
+    """A run folder's results.json, checked to be one (else a UsageError naming the problem)."""
+    import json
+
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot read {path} ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag}: {path} is not valid JSON ({e}); not a srlora results "
+                         "file") from None
+    if not (isinstance(results, dict) and isinstance(results.get("runs"), list)
+            and isinstance(results.get("config"), dict)):
+        raise UsageError(f"{flag}: {path} is not a srlora results file (no 'runs' list and "
+                         "'config' mapping)")
+    return results
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="srlora", description="SRLoRA fine-tuning tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -39,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
+    except Exception as e:
+        if not isinstance(e, UsageError) and not _is_input_error(e):
+            raise  # a bug: keep the traceback
         print(f"srlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -47,6 +47,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def check_file_out(path: Path, flag: str) -> None:
+    """A file to be written at the end: refuse now (before the work) what cannot be written."""
+    import os
+
+    if path.is_dir():
+        raise UsageError(f"{flag} {str(path)!r}: is a folder; give a file name")
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {str(path)!r}: not writable ({str(parent)!r} is not a "
+                         "writable folder)")
+
+
 def run(args) -> int:
     from ..bench import BenchOptions, check_device, format_report, resolve_shape, run_bench
 
@@ -57,8 +71,12 @@ def run(args) -> int:
                         memory_steps=args.memory_steps, seed=args.seed,
                         offload=args.offload, half_fusion=args.half_fusion,
                         setup_variants=args.setup_variants)
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    for flag, v in (("--threads", args.threads), ("--r-target", args.r_target),
+                    ("--batch", args.batch), ("--seq", args.seq)):
+        if v is not None and v < 1:
+            raise UsageError(f"{flag} must be >= 1, got {v}")
+    if args.json is not None:
+        check_file_out(args.json, "--json")
     try:  # every input check before any work starts
         check_device(opts.device)
         resolve_shape(opts)

@@ -35,8 +35,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "compare", help="fine-tune with LoRA, PiSSA and SRLoRA and compare (table, JSON, PNGs)",
         description="Fine-tune the same pretrained model on the same data with each method "
-                    "(same seeds, batches, steps and LR schedule), then print a table with 95%% "
-                    "intervals over seeds and write results.json and PNG plots.",
+                    "(same seeds, batches, steps and LR schedule), then print a table with 95% "
+                    "intervals over seeds and each method's paired difference against LoRA, and "
+                    "write results.json and PNG plots.",
         epilog=_task_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--task", default="rt-polarity", help="built-in task (default rt-polarity; see below)")
@@ -125,14 +126,35 @@ def parse_lrs(spec: str, methods: list[str], default: str) -> dict:
 
 
 def _check_out(out: str) -> None:
+    """Refuse an output folder that cannot be created or written, without creating anything
+    (the folder is made only once every input has been checked: see :func:`make_out`)."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out {out!r}: not writable (it exists and is not a folder)")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out!r}: not writable ({parent!r} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out!r}: not writable (no write permission in {parent!r})")
+
+
+def make_out(out: str) -> None:
+    """Create the output folder (after every input check)."""
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".srlora-write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
     except OSError as e:
         raise UsageError(f"--out {out!r}: not writable ({e.strerror or e})") from None
+
+
+def check_resumable(out: str) -> None:
+    """``--resume``: an existing results.json in ``out`` must be a readable srlora results file."""
+    from . import load_results
+
+    path = os.path.join(out, "results.json")
+    if os.path.exists(path):
+        load_results(path, "--resume")
 
 
 def build_config(args):
@@ -169,6 +191,19 @@ def build_config(args):
         raise UsageError(f"--head-lr: must be positive, got {args.head_lr}")
     if not 0.0 <= args.warmup < 1.0:
         raise UsageError(f"--warmup: must be in [0, 1), got {args.warmup}")
+    if args.split_seed < 0:
+        raise UsageError(f"--split-seed: must be >= 0, got {args.split_seed}")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha)
+                                            and args.lora_alpha > 0):
+        raise UsageError(f"--lora-alpha: must be positive, got {args.lora_alpha}")
+    for flag, v in (("--gamma", args.gamma), ("--loss-threshold", getattr(args, "loss_threshold",
+                                                                          None))):
+        if v is not None and not math.isfinite(v):
+            raise UsageError(f"{flag}: must be a finite number, got {v}")
+    if getattr(args, "loss_threshold", None) is not None and args.loss_threshold <= 0:
+        raise UsageError(f"--loss-threshold: must be positive, got {args.loss_threshold}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: must be >= 1, got {args.threads}")
     r = pick(args.r, "r")
     seeds = _ints(args.seeds or d["seeds"], "--seeds")
     if len(set(seeds)) != len(seeds):
@@ -246,13 +281,14 @@ def run(args) -> int:
     from ..experiments.compare import run_compare
 
     cfg = build_config(args)
+    _check_out(cfg.out)
+    if args.resume:
+        check_resumable(cfg.out)
     if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads: must be >= 1, got {args.threads}")
         import torch
         torch.set_num_threads(args.threads)
-    _check_out(cfg.out)
     bundle, enc, sp, meta = prepare(cfg)
+    make_out(cfg.out)  # only now: a refused input leaves no folder behind
     n_runs = sum(len(cfg.lrs[m]) for m in cfg.methods) * len(cfg.seeds)
     print(f"srlora compare: {cfg.task} | {bundle.name} | {sp.info['train']} train / "
           f"{sp.info['val']} val / {sp.info['test']} test | {n_runs} runs of {cfg.steps} steps "
@@ -273,6 +309,10 @@ def run(args) -> int:
         if partial["runs"]:
             print(report.format_report(partial, args.loss_threshold))
         raise
+    if args.loss_threshold is not None:  # results.json's paired differences at this threshold
+        from ..experiments.compare import write_json
+        results["paired_vs_lora"] = report.paired_vs_lora(results, args.loss_threshold)
+        write_json(os.path.join(cfg.out, "results.json"), results)
     text = report.format_report(results, args.loss_threshold)
     with open(os.path.join(cfg.out, "table.txt"), "w") as f:
         f.write(text + "\n")

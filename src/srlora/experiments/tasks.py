@@ -210,6 +210,11 @@ def load_table(path: str, text_col: str = "text", label_col: str = "label") -> D
         raise DataError(f"--dataset {path!r}: cannot parse: {e}") from None
     if not rows:
         raise DataError(f"--dataset {path!r}: no rows")
+    odd = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
+    if odd:
+        raise DataError(f"--dataset {path!r}: row {odd[0] + 1} is a JSON "
+                        f"{type(rows[odd[0]]).__name__}, not an object with {text_col!r} and "
+                        f"{label_col!r} ({len(odd)} such rows)")
     missing = [c for c in (text_col, label_col) if c not in rows[0]]
     if missing:
         raise DataError(f"--dataset {path!r}: missing column(s) {missing}; found "
@@ -272,10 +277,10 @@ class TaskSpec:
 
 
 _TEXT = dict(seeds="0,1,2", batch_size=16, max_len=40, r=8, lora_alpha=16, gamma=0.5,
-             eval_every=25, eval_size=200, max_train=None, max_val=500, max_test=1000,
+             eval_every=10, eval_size=200, max_train=None, max_val=500, max_test=1000,
              lr="1e-3", head_lr=1e-3)
 _IMAGE = dict(seeds="0,1,2", batch_size=32, image_size=64, r=4, lora_alpha=8, gamma=0.5,
-              eval_every=25, eval_size=200, max_train=None, max_val=500, max_test=1000,
+              eval_every=10, eval_size=200, max_train=None, max_val=500, max_test=1000,
               head_lr=1e-3)  # lr: per task (measured, docs/compare.md)
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
