@@ -72,18 +72,22 @@ def smollm2_model_and_tokenizer():
     return model.eval(), AutoTokenizer.from_pretrained(d, gguf_file=gguf)
 
 
-def build(base, tok, output_dir, steps, save_steps, **overrides):
-    """SRLoRA-wrap a copy of ``base``; an SFTTrainer with the callback. Returns (trainer, model, controller)."""
-    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, gamma=0.5,
-                              target_modules=["q_proj", "v_proj"])  # total_steps: from the Trainer
-    model, controller = srlora.wrap(copy.deepcopy(base), cfg)
-    kw = dict(output_dir=output_dir, max_steps=steps, save_steps=save_steps, logging_steps=1,
-              per_device_train_batch_size=4, learning_rate=1e-2, max_length=32, bf16=False,
-              use_cpu=True, seed=0, report_to=[], disable_tqdm=True)
-    kw.update(overrides)
-    trainer = SFTTrainer(model=model, args=SFTConfig(**kw),
-                         train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tok,
-                         callbacks=[SRLoRACallback(controller)])
+def build(base, tok, output_dir, steps, save_steps, bf16=False, epochs=1):
+    """SRLoRA on a copy of ``base``, in an SFTTrainer. Returns (trainer, model, controller).
+
+    ``bf16=False``: fp32, so that a resumed run can be compared bit for bit (``None``: SFTConfig's
+    default, True); gradient checkpointing stays on, SFTConfig's default. ``steps=-1``: the run
+    length comes from the dataloader and ``epochs``.
+    """
+    config = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, gamma=0.5,
+                                 target_modules=["q_proj", "v_proj"])  # total_steps: from the Trainer
+    model, controller = srlora.wrap(copy.deepcopy(base), config)  # instead of SFTTrainer's peft_config
+    args = SFTConfig(output_dir=output_dir, max_steps=steps, save_steps=save_steps,
+                     num_train_epochs=epochs, bf16=bf16, learning_rate=1e-2,
+                     per_device_train_batch_size=4, max_length=32, logging_steps=1,
+                     use_cpu=True, seed=0, report_to=[], disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": TEXTS}),
+                         processing_class=tok, callbacks=[SRLoRACallback(controller)])
     return trainer, model, controller
 
 
@@ -103,9 +107,6 @@ def main(argv=None):
         ap.error(f"--save-steps must be in [1, --steps), got {a.save_steps} with --steps {a.steps}")
     out = a.output_dir or tempfile.mkdtemp(prefix="srlora-trl-")
     base, tok = (tiny_model_and_tokenizer if a.model == "tiny" else smollm2_model_and_tokenizer)()
-    # fp32 on the CPU so that the resumed run can be compared bit for bit; SFTConfig's own
-    # defaults (bf16=True, gradient_checkpointing=True) work with SRLoRA as well.
-
     # 1. an ordinary SFT run; each checkpoint-<step> also holds SRLoRA's state (srlora/)
     trainer, model, controller = build(base, tok, f"{out}/run", a.steps, a.save_steps)
     trainer.train()

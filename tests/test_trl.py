@@ -7,7 +7,9 @@ exports a PEFT adapter. These tests check its objects in detail.
 import contextlib
 import copy
 import io
+import re
 import runpy
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,22 @@ def test_exported_adapter_reproduces_the_trained_model(run):
     assert float((y_base - y).double().norm() / y.double().norm()) > 100 * rel
 
 
+def test_trainer_save_model_alone_does_not_rebuild_the_model(run, tmp_path):
+    """What the docs warn about: trainer.save_model() writes the live LoRA factors, which belong
+    to the fused base weights; on the original base they give another model."""
+    from peft import PeftModel
+    model, base = run["model"], run["base"]
+    run["trainer"].save_model(str(tmp_path / "live"))
+    ids = torch.randint(3, run["tokenizer"].vocab_size, (3, 10),
+                        generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        y = model(input_ids=ids).logits
+        wrong = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "live")).eval()
+        y_wrong = wrong(input_ids=ids).logits
+    assert float((y_wrong - y).double().norm() / y.double().norm()) > 1e-3
+
+
 def test_merged_model_reproduces_the_trained_model(run, tmp_path):
     """save_merged deep-copies the model, whose forward SFTTrainer patched (a fused LM head
     bound to the original); the saved weights are what matters and must be right."""
@@ -109,8 +127,7 @@ def test_sfttrainer_defaults_keep_the_adapter_and_total_steps_come_from_the_data
     base, tok = ex["tiny_model_and_tokenizer"]()
     ref, _ = srlora.wrap(copy.deepcopy(base), srlora.SRLoRAConfig(
         r=4, lora_alpha=8, r_target=12, gamma=0.5, target_modules=["q_proj", "v_proj"]))
-    trainer, model, ctl = ex["build"](base, tok, str(tmp_path), -1, 1000, bf16=None,
-                                      num_train_epochs=3)
+    trainer, model, ctl = ex["build"](base, tok, str(tmp_path), -1, 1000, bf16=None, epochs=3)
     assert trainer.args.bf16 and trainer.args.gradient_checkpointing
     p_ref, p = dict(ref.named_parameters()), dict(model.named_parameters())
     assert p.keys() == p_ref.keys()
@@ -133,3 +150,11 @@ def test_peft_config_beside_an_srlora_model_is_refused(ex, tmp_path):
         SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
                    train_dataset=ex["Dataset"].from_dict({"text": ex["TEXTS"]}),
                    processing_class=tok, peft_config=LoraConfig(target_modules=["q_proj"]))
+
+
+def test_readme_trl_block_is_the_example_code():
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Fine-tune an LLM with TRL"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "SFTTrainer(" in block and "SRLoRACallback(controller)" in block
+    assert textwrap.indent(block, "    ") in EXAMPLE.read_text()  # the body of build()
