@@ -34,7 +34,7 @@ TEXTS = [
 
 
 def tiny_model_and_tokenizer():
-    """A 2-layer Llama (hidden 32) with a word-level tokenizer over TEXTS; the same weights each call."""
+    """A 2-layer Llama (hidden 32), a word-level tokenizer over TEXTS; same weights each call."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -80,8 +80,8 @@ def build(base, tok, output_dir, steps, save_steps, bf16=False, epochs=1):
     length comes from the dataloader and ``epochs``.
     """
     config = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, gamma=0.5,
-                                 target_modules=["q_proj", "v_proj"])  # total_steps: from the Trainer
-    model, controller = srlora.wrap(copy.deepcopy(base), config)  # instead of SFTTrainer's peft_config
+                                 target_modules=["q_proj", "v_proj"])  # total_steps: the Trainer's
+    model, controller = srlora.wrap(copy.deepcopy(base), config)  # in place of a peft_config
     args = SFTConfig(output_dir=output_dir, max_steps=steps, save_steps=save_steps,
                      num_train_epochs=epochs, bf16=bf16, learning_rate=1e-2,
                      per_device_train_batch_size=4, max_length=32, logging_steps=1,
@@ -119,7 +119,7 @@ def main(argv=None):
     trainer2, model2, controller2 = build(base, tok, f"{out}/resumed", a.steps, a.save_steps)
     trainer2.train(resume_from_checkpoint=True)
     same_params = all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
-    same_losses = losses(trainer) == losses(trainer2)  # steps 1..save_steps come from the checkpoint
+    same_losses = losses(trainer) == losses(trainer2)  # 1..save_steps: from the checkpoint
     print(f"resumed run matches: {same_params and same_losses}")
 
     # 3. a plain PEFT adapter on the ORIGINAL base model

@@ -116,11 +116,12 @@ def test_merged_model_reproduces_the_trained_model(run, tmp_path):
     model.eval()
     with torch.no_grad():
         y = model(input_ids=ids).logits
-        y_merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()(input_ids=ids).logits
+        merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        y_merged = merged(input_ids=ids).logits
     assert float((y_merged - y).double().norm() / y.double().norm()) <= 1e-5
 
 
-def test_sfttrainer_defaults_keep_the_adapter_and_total_steps_come_from_the_dataloader(ex, tmp_path):
+def test_sftconfig_defaults_keep_the_adapter_and_steps_come_from_the_dataloader(ex, tmp_path):
     """SFTConfig's defaults (bf16=True, gradient_checkpointing=True), max_steps unset: SFTTrainer
     neither re-initializes nor casts the SRLoRA adapter, and the schedule is read from the
     dataloader's length (16 texts / batch 4 = 4 steps per epoch, 3 epochs = 12 steps)."""
@@ -147,7 +148,8 @@ def test_peft_config_beside_an_srlora_model_is_refused(ex, tmp_path):
     base, tok = ex["tiny_model_and_tokenizer"]()
     _, model, _ = ex["build"](base, tok, str(tmp_path), 2, 1)
     with pytest.raises(ValueError, match="PeftModel.*peft_config"):
-        SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+        SFTTrainer(model=model,
+                   args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
                    train_dataset=ex["Dataset"].from_dict({"text": ex["TEXTS"]}),
                    processing_class=tok, peft_config=LoraConfig(target_modules=["q_proj"]))
 
