@@ -106,10 +106,10 @@ def run(args) -> int:
     n_sel = sum(len(t["lrs"][m["name"]]) for t in spec["tasks"] for m in spec["methods"]) \
         * len(spec["selection"]["seeds"])
     n_fin = len(spec["tasks"]) * len(spec["methods"]) * len(spec["final"]["seeds"])
+    total = study.Study(spec, args.out).pending_total()
     print(f"srlora study {spec['name']}: {len(spec['tasks'])} task(s) x {len(spec['methods'])} "
-          f"method(s); {n_sel} selection + {n_fin} final runs (runs shared by both phases run "
-          f"once); {args.jobs} job(s) x {threads} thread(s) on {device}; results in {args.out}",
-          flush=True)
+          f"method(s); {n_sel} selection + {n_fin} final runs, {total} distinct; {args.jobs} "
+          f"job(s) x {threads} thread(s) on {device}; results in {args.out}", flush=True)
     if spec["smoke"]:
         print("smoke spec: fewer seeds/lrs than a verdict needs (a check of the machinery)")
     summary = study.run_study(spec, args.out, meta, jobs=args.jobs, threads=threads,

@@ -129,15 +129,17 @@ class Study:
         return out
 
     def pending_total(self) -> int:
-        """Runs still to do, counting final runs whose lr is not chosen yet (an upper bound)."""
+        """Runs still to do (a final run that is also a selection run counts once)."""
         sel = sum(1 for k in self.all_selection_jobs() if k not in self.runs)
         fin = 0
         for task in self.spec["tasks"]:
+            shared = set(self.spec["selection"]["seeds"]) \
+                if task["selection_steps"] == task["steps"] else set()
             for m in self.spec["methods"]:
                 lr = self.chosen(task, m["name"])
-                fin += sum(1 for s in self.spec["final"]["seeds"]
-                           if lr is None or (task["name"], m["name"], lr, task["steps"], s)
-                           not in self.runs)
+                fin += sum(1 for s in self.spec["final"]["seeds"] if s not in shared and (
+                    lr is None or (task["name"], m["name"], lr, task["steps"], s)
+                    not in self.runs))
         return sel + fin
 
     # ------------------------------------------------------------------ results
@@ -210,6 +212,17 @@ class _Inline:
         pass
 
 
+def _earlier_wall_time(path: str) -> float:
+    """The wall time an earlier session of this study recorded (0 for a new study)."""
+    import json
+
+    try:
+        with open(path) as f:
+            return float(json.load(f).get("wall_time_s") or 0.0)
+    except (OSError, ValueError):
+        return 0.0
+
+
 def make_pool(jobs: int, threads: int, gpus: int):
     if jobs == 1:
         study_jobs.init_worker(threads, None)
@@ -239,8 +252,8 @@ def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
     done = study.load_done()
     if done:
         log(f"resume: {done} finished run(s) found in {out}")
-    t0 = time.time()
     path = os.path.join(out, "study.json")
+    t0 = time.time() - _earlier_wall_time(path)  # wall_time_s counts every session
     study_jobs.write_json(path, study.summary(meta, "running", t0))
     tasks = {t["name"]: t for t in spec["tasks"]}
     methods = {m["name"]: m for m in spec["methods"]}
@@ -277,11 +290,13 @@ def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
                     f"val loss {rec['val_loss']:.4f}  {rec['wall_time_s']:.0f} s")
                 log(f"[{finished} done, {left} left] {key[0]} {key[1]} lr={key[2]:g} "
                     f"steps={key[3]} seed={key[4]}: {what}")
-    except BaseException:
+    except BaseException as e:
         for fut in in_flight:
             fut.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
-        study_jobs.write_json(path, study.summary(meta, "interrupted", t0))
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else \
+            f"error: {type(e).__name__}: {e}"[:300]
+        study_jobs.write_json(path, study.summary(meta, status, t0))
         raise
     pool.shutdown()
     summary = study.summary(meta, "finished", t0)
