@@ -244,3 +244,40 @@ def test_the_shipped_specs_and_the_docs_example_parse(tmp_path):
     assert [m["name"] for m in spec["methods"]][3:] == ["srlora-keep", "dora"]
     assert spec["tasks"][2]["dataset"] == str(tmp_path / "data" / "my.csv")
     assert spec["tasks"][1]["lrs"]["lora"] == [1e-4, 3e-4, 1e-3]
+
+
+def test_claims_read_each_pair_from_srloras_side():
+    from srlora.experiments.study_verdicts import claims
+
+    def v(task, metric, a, b, verdict):
+        return {"task": task, "metric": metric, "a": a, "b": b, "verdict": verdict}
+
+    vs = [v("mnist", "final_accuracy", "lora", "srlora", "better"),      # read: srlora worse
+          v("rt-polarity", "final_accuracy", "srlora", "lora", "equivalent"),
+          v("rt-polarity", "final_accuracy", "pissa", "srlora", "worse"),  # read: srlora better
+          v("rt-polarity", "train_auc25", "srlora", "lora", "better"),
+          v("rt-polarity", "early_test_loss", "srlora", "lora", "better"),
+          v("rt-polarity", "train_auc25", "srlora", "pissa", "inconclusive")]
+    c = {x["id"]: x["tasks"] for x in claims(vs, ["rt-polarity", "mnist"])}
+    assert c[4]["mnist"]["outcome"] == "holds"
+    assert c[4]["mnist"]["verdicts"] == [{"metric": "final_accuracy", "against": "lora",
+                                          "verdict": "worse"}]
+    assert c[2]["rt-polarity"]["outcome"] == "holds"
+    assert c[1]["rt-polarity"]["outcome"] == "inconclusive"
+    assert c[1]["mnist"]["outcome"] == "not run" and c[3] == {}
+
+
+def test_bad_flags_and_unloadable_data_exit_2_before_anything_is_written(tmp_path, capsys):
+    good = tmp_path / "spec.yaml"
+    good.write_text(yaml.safe_dump(base_spec()))
+    out = tmp_path / "out"
+    assert main(["study", str(good), "--out", str(out), "--jobs", "0"]) == 2
+    assert "--jobs: must be >= 1" in capsys.readouterr().err
+    assert main(["study", str(good), "--out", str(out), "--threads", "0"]) == 2
+    assert "--threads: must be >= 1" in capsys.readouterr().err
+    (tmp_path / "cols.csv").write_text("sentence,label\na b,1\nc d,0\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(base_spec(tasks=[{"name": "mine", "dataset": "cols.csv"}])))
+    assert main(["study", str(bad), "--out", str(out)]) == 2
+    assert "task 'mine'" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,4 +1,4 @@
-"""``srlora study``: the paired, powered experiment (tasks x methods x lrs x seeds) and its verdicts.
+"""``srlora study``: a paired, powered experiment (tasks x methods x lrs x seeds), its verdicts.
 
 Per task, in the spec's order:
 1. selection: every method at every lr of its grid, for the selection seeds, at the selection
@@ -21,7 +21,7 @@ import os
 import time
 from typing import Callable, Optional
 
-from . import study_jobs, study_spec
+from . import study_jobs
 from .study_verdicts import claims, compare, early_point, metrics_of
 
 CRITERION = ("lowest mean validation loss over the selection seeds; ties: higher mean "
