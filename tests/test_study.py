@@ -281,3 +281,30 @@ def test_bad_flags_and_unloadable_data_exit_2_before_anything_is_written(tmp_pat
     assert main(["study", str(bad), "--out", str(out)]) == 2
     assert "task 'mine'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_schedule_order_and_lr_choice(tmp_path):
+    """First task's selection, then its final runs (at the lr of lowest mean validation loss)
+    before the next task's selection; ties on the loss go to the higher validation accuracy."""
+    from srlora.experiments.study import Study
+
+    spec = study_spec.parse(base_spec(methods=["lora", "srlora"],
+                                      tasks=[{"name": "rt-polarity", "steps": 100},
+                                             {"name": "mnist", "steps": 100}],
+                                      selection={"seeds": [10, 11], "steps_frac": 0.5}))
+    st = Study(spec, str(tmp_path))
+    first = st.ready()
+    assert len(first) == 2 * 2 * 3 * 2 and all(k[0] == "rt-polarity" and k[3] == 50
+                                               for k in first[:12])
+    val = {1e-3: (0.50, 0.8), 3e-3: (0.40, 0.7), 1e-2: (0.40, 0.9)}  # lora: 1e-2 wins the tie
+    for task, m, lr, steps, seed in first[:12]:
+        loss, acc = val[lr] if m == "lora" else (0.3 if lr == 1e-3 else 0.6, 0.5)
+        st.runs[(task, m, lr, steps, seed)] = {"val_loss": loss + seed * 1e-3,
+                                               "val_accuracy": acc, "seed": seed}
+    assert st.chosen(spec["tasks"][0], "lora") == 1e-2
+    assert st.chosen(spec["tasks"][0], "srlora") == 1e-3
+    nxt = st.ready()
+    assert nxt[:10] == [("rt-polarity", m, 1e-2 if m == "lora" else 1e-3, 100, s)
+                        for s in range(5) for m in ("lora", "srlora")]
+    assert all(k[0] == "mnist" for k in nxt[10:])
+    assert st.pending_total() == len(nxt) + 2 * 5  # + mnist's final runs, lr not yet chosen
