@@ -91,7 +91,8 @@ def plot_forest(summary: dict, path: str) -> bool:
             m = v["margin"] or 1.0
             lo, hi = np.clip([v["ci_low"] / m, v["ci_high"] / m], -6, 6)
             ax.plot([lo, hi], [i, i], color=colors[v["verdict"]], lw=2)
-            ax.plot(v["mean_diff"] / m, i, "o", color=colors[v["verdict"]], ms=4)
+            ax.plot(float(np.clip(v["mean_diff"] / m, -6, 6)), i, "o", color=colors[v["verdict"]],
+                    ms=4)
         ax.set_yticks(range(len(vs)))
         ax.set_yticklabels([f"{v['metric']}: {v['a']} - {v['b']} (n={v['n']})" for v in vs],
                            fontsize=7)

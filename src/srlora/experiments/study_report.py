@@ -21,7 +21,7 @@ def claims_table(summary: dict) -> str:
         cells = []
         for t in tasks:
             cell = c["tasks"].get(t)
-            cells.append(SHORT.get(cell["outcome"], cell["outcome"]) if cell else "")
+            cells.append(SHORT.get(cell["outcome"], cell["outcome"]) if cell else "n/a")
         lines.append(f"| ({c['id']}) {c['claim']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
