@@ -76,7 +76,7 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
             schedule: str = "constant", clip: float = 1.0, head_lr: Optional[float] = None,
             eval_val: bool = True, callback: Optional[Callback] = None, progress: bool = True,
             desc: str = "", checkpoint_dir: Optional[str] = None, save_every: int = 0,
-            resume_from: Optional[str] = None) -> dict:
+            resume_from: Optional[str] = None, config: Optional[dict] = None) -> dict:
     """Train one adapter and return its record (losses per optimizer step, curves, switches).
 
     ``split`` has ``train``/``val``/``test`` index arrays into ``enc``. The eval curve is taken
@@ -87,6 +87,8 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     ``callback(step, model, controller, optimizer, scheduler)`` runs after every optimizer step.
     With ``checkpoint_dir`` and ``save_every`` a checkpoint is written every ``save_every`` steps;
     ``resume_from`` (a checkpoint of this same run) continues it exactly where it stopped.
+    ``config`` holds further SRLoRAConfig fields (e.g. ``{"optimizer_state": "keep"}`` or
+    ``{"extra_lora_kwargs": {"use_dora": True}}``), merged into the config and recorded.
     """
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # LoRA's random A init draws from the global generator
@@ -94,7 +96,7 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     cfg = srlora.SRLoRAConfig(method=method, r=r, lora_alpha=lora_alpha, r_target=r_target,
                               gamma=gamma, total_steps=steps,
                               target_modules=target_modules or bundle.target_modules,
-                              modules_to_save=bundle.head)
+                              modules_to_save=bundle.head, **(config or {}))
     model, controller = srlora.wrap(base, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     lora_ids = {id(p) for L in controller.layers for p in (L.lora_A, L.lora_B)}
@@ -161,6 +163,7 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
                                                                       "loss": None}
     return {
         "method": method, "seed": seed, "lr": lr, "head_lr": head_lr or lr, "steps": controller.global_step,
+        "config": dict(config or {}),
         "final_accuracy": test["accuracy"], "final_test_loss": test["loss"],
         "val_accuracy": val["accuracy"], "val_loss": val["loss"],
         "train_loss": losses, "eval_curve": curve,

@@ -1,0 +1,127 @@
+"""``srlora study SPEC.yaml --out DIR``: the paired, powered experiment described by a spec file.
+
+Checks the spec, the output folder, every task's data and model and every adapter before any run;
+then calls srlora.experiments.study. See docs/study.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from . import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "study", help="paired experiment from a spec: lr chosen per method on validation, then "
+                      "many seeds; verdicts per claim (study.json, verdicts.md, PNGs)",
+        description="Run the grid a YAML spec describes (tasks x methods x learning rates x "
+                    "seeds), choose each method's lr per task on the validation split, run the "
+                    "final seeds at it, and write DIR/study.json with paired 95%% intervals and "
+                    "verdicts (better/worse/equivalent/inconclusive), DIR/verdicts.md and PNGs. "
+                    "Every run is its own file under DIR/runs/; --resume skips finished runs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("spec", help="the study spec (YAML; see docs/study.md and studies/*.yaml)")
+    a("--out", required=True, help="output folder")
+    a("--jobs", type=int, default=1, help="worker processes (default 1)")
+    a("--threads", type=int, help="torch threads per job (default: $OMP_NUM_THREADS if set, "
+                                  "else max(1, cpus // jobs); 1 is best on a busy machine)")
+    a("--device", default="cpu", choices=("cpu", "cuda"),
+      help="where runs train (default cpu); with cuda and several GPUs, one job per GPU")
+    a("--resume", action="store_true",
+      help="continue the study in --out: skip every finished run (the spec must be the same)")
+    a("--no-progress", action="store_true", help="no progress bar (--jobs 1)")
+    p.set_defaults(func=run)
+
+
+def _env_threads():
+    v = os.environ.get("OMP_NUM_THREADS", "")
+    return int(v) if v.isdigit() and int(v) >= 1 else None
+
+
+def _check_out(out: str, spec: dict, resume: bool) -> None:
+    from ..experiments import study_spec
+
+    spec_path = os.path.join(out, "spec.json")
+    if os.path.exists(spec_path):
+        if not resume:
+            raise UsageError(f"--out {out!r} already holds a study; pass --resume to continue "
+                             "it or choose another folder")
+        with open(spec_path) as f:
+            old = json.load(f)
+        d = study_spec.diff(old, spec)
+        if d:
+            more = f" and {len(d) - 5} more" if len(d) > 5 else ""
+            raise UsageError(f"--resume: {out!r} was made with another spec; it differs at "
+                             f"{', '.join(d[:5])}{more}")
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out!r}: not a folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    probe_dir = out if os.path.isdir(out) else parent
+    while not os.path.isdir(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    if not os.access(probe_dir, os.W_OK):
+        raise UsageError(f"--out {out!r}: not writable")
+
+
+def run(args) -> int:
+    from ..experiments import compare, study, study_jobs, study_plots, study_report, study_spec
+
+    try:
+        spec = study_spec.load(args.spec)
+    except study_spec.SpecError as e:
+        raise UsageError(str(e)) from None
+    if args.jobs < 1:
+        raise UsageError(f"--jobs: must be >= 1, got {args.jobs}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: must be >= 1, got {args.threads}")
+    gpus = 0
+    if args.device == "cuda":
+        import torch
+        gpus = torch.cuda.device_count()
+        if not gpus:
+            raise UsageError("--device cuda: no CUDA GPU is visible")
+    threads = args.threads or _env_threads() or max(1, (os.cpu_count() or 1) // args.jobs)
+    _check_out(args.out, spec, args.resume)
+    import torch
+    torch.set_num_threads(threads)
+    task_meta = {}
+    device = "cuda" if gpus else "cpu"
+    try:  # every task's data, model and adapters, before anything is written
+        for t in spec["tasks"]:
+            task_meta[t["name"]] = study_jobs.prepare(t, device)[3]
+            study_jobs.check_adapters(t, spec["methods"], device)
+    except study_jobs.TaskError as e:
+        raise UsageError(str(e)) from None
+    if args.jobs > 1:
+        study_jobs.forget()  # the workers load their own
+    os.makedirs(args.out, exist_ok=True)
+    study_jobs.write_json(os.path.join(args.out, "spec.json"), spec)
+    meta = {"versions": compare.versions(), "hardware": compare.hardware(),
+            "git_commit": compare.git_commit(), "jobs": args.jobs, "threads_per_job": threads,
+            "device": device, "tasks": task_meta,
+            "started": __import__("time").strftime("%Y-%m-%dT%H:%M:%S%z")}
+    n_sel = sum(len(t["lrs"][m["name"]]) for t in spec["tasks"] for m in spec["methods"]) \
+        * len(spec["selection"]["seeds"])
+    n_fin = len(spec["tasks"]) * len(spec["methods"]) * len(spec["final"]["seeds"])
+    total = study.Study(spec, args.out).pending_total()
+    print(f"srlora study {spec['name']}: {len(spec['tasks'])} task(s) x {len(spec['methods'])} "
+          f"method(s); {n_sel} selection + {n_fin} final runs, {total} distinct; {args.jobs} "
+          f"job(s) x {threads} thread(s) on {device}; results in {args.out}", flush=True)
+    if spec["smoke"]:
+        print("smoke spec: fewer seeds/lrs than a verdict needs (a check of the machinery)")
+    summary = study.run_study(spec, args.out, meta, jobs=args.jobs, threads=threads,
+                              device=device, gpus=gpus if args.jobs > 1 else 0,
+                              log=lambda s: print(s, flush=True),
+                              progress=not args.no_progress)
+    md = study_report.format_markdown(summary)
+    with open(os.path.join(args.out, "verdicts.md"), "w") as f:
+        f.write(md + "\n")
+    print(study_report.format_console(summary))
+    for p in study_plots.write_all(summary, args.out):
+        print(f"wrote {p}")
+    print(f"wrote {os.path.join(args.out, 'verdicts.md')} and "
+          f"{os.path.join(args.out, 'study.json')} ({summary['wall_time_s'] / 60:.1f} min)")
+    return 0

@@ -1,0 +1,304 @@
+"""``srlora study``: a paired, powered experiment (tasks x methods x lrs x seeds), its verdicts.
+
+Per task, in the spec's order:
+1. selection: every method at every lr of its grid, for the selection seeds, at the selection
+   steps; each method's lr is chosen by the lowest mean validation loss over those seeds (ties:
+   the higher mean validation accuracy, then the smaller lr);
+2. final: every method at its chosen lr for the final seeds, at the task's steps.
+A job is one run; its record goes to ``DIR/runs/<task>/<method>/lr=<lr>/steps=<n>/seed=<s>.json``
+(written atomically), so a run shared by both phases (same lr, steps and seed) runs once, and
+``--resume`` skips every run whose file exists. ``DIR/study.json`` is rewritten (atomically)
+after every finished run, with the verdicts of what is complete.
+
+The scheduler hands out jobs in order (the first task's selection, then its final runs as soon
+as a method's lr is chosen, then the next task), at most ``jobs`` at a time; with ``jobs > 1``
+they run in spawned worker processes (see study_jobs.init_worker).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import time
+from typing import Callable, Optional
+
+from . import study_jobs
+from .study_verdicts import claims, compare, early_point, metrics_of
+
+CRITERION = ("lowest mean validation loss over the selection seeds; ties: higher mean "
+             "validation accuracy, then the smaller lr")
+
+
+def run_file(out: str, task: str, method: str, lr: float, steps: int, seed: int) -> str:
+    return os.path.join(out, "runs", task, method, f"lr={lr:g}", f"steps={steps}",
+                        f"seed={seed}.json")
+
+
+def compact(rec: dict, out: str, path: str) -> dict:
+    """A run's line in study.json: its identity and metrics, no per-step arrays."""
+    c = {k: rec.get(k) for k in ("task", "name", "method", "lr", "seed", "steps", "failed")}
+    c["file"] = os.path.relpath(path, out)
+    if rec.get("failed"):
+        c["error"] = rec.get("error")
+        return c
+    c.update({k: rec.get(k) for k in ("val_accuracy", "num_switches", "wall_time_s")})
+    c.update(metrics_of(rec))
+    pt = early_point(rec.get("eval_curve") or [], rec.get("steps") or 0)
+    c["early_step"] = pt["step"] if pt else None
+    return c
+
+
+class Study:
+    """The state of one study in ``out``: which runs are done, the lr choices, the verdicts."""
+
+    def __init__(self, spec: dict, out: str):
+        self.spec, self.out = spec, out
+        self.runs: dict = {}  # (task, method, lr, steps, seed) -> compact record
+
+    def key_file(self, key) -> str:
+        return run_file(self.out, *key)
+
+    def load_done(self) -> int:
+        """Read the run files already in ``out`` (for --resume); returns how many."""
+        n = 0
+        for job in self.all_selection_jobs():
+            n += self._load(job)
+        for task in self.spec["tasks"]:
+            for m in self.spec["methods"]:
+                lr = self.chosen(task, m["name"])
+                if lr is not None:
+                    for s in self.spec["final"]["seeds"]:
+                        n += self._load((task["name"], m["name"], lr, task["steps"], s))
+        return n
+
+    def _load(self, key) -> int:
+        import json
+
+        if key in self.runs or not os.path.exists(self.key_file(key)):
+            return 0
+        with open(self.key_file(key)) as f:
+            self.runs[key] = compact(json.load(f), self.out, self.key_file(key))
+        return 1
+
+    # ------------------------------------------------------------------ plan
+    def all_selection_jobs(self):
+        sel = self.spec["selection"]["seeds"]
+        for task in self.spec["tasks"]:
+            for s in sel:
+                for m in self.spec["methods"]:
+                    for lr in task["lrs"][m["name"]]:
+                        yield (task["name"], m["name"], lr, task["selection_steps"], s)
+
+    def selection(self, task: dict, method: str) -> Optional[dict]:
+        """The grid's means and the chosen lr, once every selection run of the method is done."""
+        grid, rows = task["lrs"][method], []
+        for lr in grid:
+            recs = [self.runs.get((task["name"], method, lr, task["selection_steps"], s))
+                    for s in self.spec["selection"]["seeds"]]
+            if any(r is None for r in recs):
+                return None
+            ok = [r for r in recs if not r.get("failed")]
+            mean = lambda k: (sum(r[k] for r in ok) / len(ok)) if len(ok) == len(recs) else None
+            rows.append({"lr": lr, "mean_val_loss": mean("val_loss"),
+                         "mean_val_accuracy": mean("val_accuracy"),
+                         "failed_seeds": [r["seed"] for r in recs if r.get("failed")]})
+        fine = [r for r in rows if r["mean_val_loss"] is not None]
+        best = min(fine, key=lambda r: (r["mean_val_loss"], -(r["mean_val_accuracy"] or 0.0),
+                                        r["lr"]))["lr"] if fine else None
+        return {"grid": grid, "steps": task["selection_steps"],
+                "seeds": self.spec["selection"]["seeds"], "rows": rows, "chosen": best}
+
+    def chosen(self, task: dict, method: str) -> Optional[float]:
+        sel = self.selection(task, method)
+        return sel["chosen"] if sel else None
+
+    def ready(self) -> list:
+        """Jobs not yet done, in the order they should run (those whose lr is unknown wait)."""
+        out, seen = [], set()
+        for task in self.spec["tasks"]:
+            for key in self.all_selection_jobs():
+                if key[0] == task["name"] and key not in self.runs and key not in seen:
+                    seen.add(key)
+                    out.append(key)
+            for s in self.spec["final"]["seeds"]:
+                for m in self.spec["methods"]:
+                    lr = self.chosen(task, m["name"])
+                    key = (task["name"], m["name"], lr, task["steps"], s)
+                    if lr is not None and key not in self.runs and key not in seen:
+                        seen.add(key)
+                        out.append(key)
+        return out
+
+    def pending_total(self) -> int:
+        """Runs still to do (a final run that is also a selection run counts once)."""
+        sel = sum(1 for k in self.all_selection_jobs() if k not in self.runs)
+        fin = 0
+        for task in self.spec["tasks"]:
+            shared = set(self.spec["selection"]["seeds"]) \
+                if task["selection_steps"] == task["steps"] else set()
+            for m in self.spec["methods"]:
+                lr = self.chosen(task, m["name"])
+                fin += sum(1 for s in self.spec["final"]["seeds"] if s not in shared and (
+                    lr is None or (task["name"], m["name"], lr, task["steps"], s)
+                    not in self.runs))
+        return sel + fin
+
+    # ------------------------------------------------------------------ results
+    def final_values(self, task: dict, method: str) -> dict:
+        """seed -> metrics of the method's finished final runs at its chosen lr."""
+        lr = self.chosen(task, method)
+        if lr is None:
+            return {}
+        out = {}
+        for s in self.spec["final"]["seeds"]:
+            r = self.runs.get((task["name"], method, lr, task["steps"], s))
+            if r is not None and not r.get("failed"):
+                out[s] = r
+        return out
+
+    def verdicts(self) -> list[dict]:
+        out = []
+        n_final = len(self.spec["final"]["seeds"])
+        for task in self.spec["tasks"]:
+            for a, b in self.spec["pairs"]:
+                ra, rb = self.final_values(task, a), self.final_values(task, b)
+                names = [k for k in metrics_of_keys(ra) if k in metrics_of_keys(rb)]
+                for metric in names:
+                    va = {s: r[metric] for s, r in ra.items() if r.get(metric) is not None}
+                    vb = {s: r[metric] for s, r in rb.items() if r.get(metric) is not None}
+                    v = compare(task["name"], metric, a, b, va, vb, self.spec["margins"], n_final)
+                    if v is not None:
+                        out.append(v)
+        return out
+
+    def summary(self, meta: dict, status: str, t0: float) -> dict:
+        verdicts = self.verdicts()
+        sel = {t["name"]: {m["name"]: self.selection(t, m["name"]) for m in self.spec["methods"]}
+               for t in self.spec["tasks"]}
+        return {"spec": self.spec, "meta": meta, "status": status,
+                "wall_time_s": time.time() - t0, "lr_selection": {"criterion": CRITERION,
+                                                                  "tasks": sel},
+                "runs": sorted(self.runs.values(), key=lambda r: (r["task"], r["name"], r["lr"],
+                                                                   r["steps"], r["seed"])),
+                "verdicts": verdicts,
+                "claims": claims(verdicts, [t["name"] for t in self.spec["tasks"]])}
+
+
+def metrics_of_keys(by_seed: dict) -> list[str]:
+    """Metric names present in every record of ``by_seed`` (a seed -> compact record map)."""
+    from .study_verdicts import METRICS
+
+    recs = list(by_seed.values())
+    if not recs:
+        return []
+    extra = sorted(k for k in recs[0] if (k.endswith("_loss") or "perplexity" in k)
+                   and k not in METRICS and isinstance(recs[0][k], (int, float)))
+    return [k for k in list(METRICS) + extra if all(r.get(k) is not None for r in recs)]
+
+
+class _Inline:
+    """A one-job 'pool' running jobs in this process (``--jobs 1``)."""
+
+    def submit(self, fn, arg):
+        fut = cf.Future()
+        try:
+            fut.set_result(fn(arg))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            fut.set_exception(e)
+        return fut
+
+    def shutdown(self, **kw):
+        pass
+
+
+def _earlier_wall_time(path: str) -> float:
+    """The wall time an earlier session of this study recorded (0 for a new study)."""
+    import json
+
+    try:
+        with open(path) as f:
+            return float(json.load(f).get("wall_time_s") or 0.0)
+    except (OSError, ValueError):
+        return 0.0
+
+
+def make_pool(jobs: int, threads: int, gpus: int):
+    if jobs == 1:
+        study_jobs.init_worker(threads, None)
+        if gpus:
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+        return _Inline()
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = None
+    if gpus:
+        queue = ctx.Queue()
+        for k in range(jobs):
+            queue.put(k % gpus)
+    return cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
+                                  initializer=study_jobs.init_worker, initargs=(threads, queue))
+
+
+def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
+              device: str = "cpu", gpus: int = 0, log: Callable[[str], None] = print,
+              on_update: Optional[Callable[[dict], None]] = None, progress: bool = False) -> dict:
+    """Run every job not yet done in ``out`` and return the final study.json content.
+
+    ``study.json`` is rewritten after every finished run; ``on_update(summary)`` is called then
+    (the CLI writes the plots and the table there at the end only)."""
+    study = Study(spec, out)
+    done = study.load_done()
+    if done:
+        log(f"resume: {done} finished run(s) found in {out}")
+    path = os.path.join(out, "study.json")
+    t0 = time.time() - _earlier_wall_time(path)  # wall_time_s counts every session
+    study_jobs.write_json(path, study.summary(meta, "running", t0))
+    tasks = {t["name"]: t for t in spec["tasks"]}
+    methods = {m["name"]: m for m in spec["methods"]}
+    pool = make_pool(jobs, threads, gpus)
+    in_flight: dict = {}
+    finished = 0
+    try:
+        while True:
+            for key in study.ready():
+                if len(in_flight) >= jobs:
+                    break
+                if key in in_flight.values():
+                    continue
+                task, method, lr, steps, seed = key
+                job = {"task": tasks[task], "method": methods[method], "lr": lr, "steps": steps,
+                       "seed": seed, "file": study.key_file(key), "device": device,
+                       "progress": progress and jobs == 1,
+                       "desc": f"{task} {method} lr={lr:g} seed={seed}"}
+                in_flight[pool.submit(study_jobs.execute, job)] = key
+            if not in_flight:
+                break
+            done_now, _ = cf.wait(list(in_flight), return_when=cf.FIRST_COMPLETED)
+            for fut in done_now:
+                key = in_flight.pop(fut)
+                rec = fut.result()
+                study.runs[key] = compact(rec, out, study.key_file(key))
+                finished += 1
+                study_jobs.write_json(path, study.summary(meta, "running", t0))
+                left = study.pending_total()
+                what = "FAILED (" + rec.get("error", "")[:60] + ")" if rec.get("failed") else (
+                    f"val loss {rec['val_loss']:.4f}  test acc {100 * rec['final_accuracy']:.2f}"
+                    f"  test loss {rec['final_test_loss']:.4f}  {rec['wall_time_s']:.0f} s"
+                    if rec.get("final_accuracy") is not None else
+                    f"val loss {rec['val_loss']:.4f}  {rec['wall_time_s']:.0f} s")
+                log(f"[{finished} done, {left} left] {key[0]} {key[1]} lr={key[2]:g} "
+                    f"steps={key[3]} seed={key[4]}: {what}")
+    except BaseException as e:
+        for fut in in_flight:
+            fut.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else \
+            f"error: {type(e).__name__}: {e}"[:300]
+        study_jobs.write_json(path, study.summary(meta, status, t0))
+        raise
+    pool.shutdown()
+    summary = study.summary(meta, "finished", t0)
+    study_jobs.write_json(path, summary)
+    return summary

@@ -1,0 +1,94 @@
+"""The study's tables (markdown): claim x task, then every verdict and the lr choices per task."""
+from __future__ import annotations
+
+import math
+
+SHORT = {"holds": "holds", "inconclusive": "inconclusive", "not run": "-"}
+
+
+def _num(x: float, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.{digits}f}"
+
+
+def claims_table(summary: dict) -> str:
+    tasks = [t["name"] for t in summary["spec"]["tasks"]]
+    lines = ["| claim | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for c in summary["claims"]:
+        cells = []
+        for t in tasks:
+            cell = c["tasks"].get(t)
+            cells.append(SHORT.get(cell["outcome"], cell["outcome"]) if cell else "n/a")
+        lines.append(f"| ({c['id']}) {c['claim']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict_table(summary: dict, task: str) -> str:
+    rows = [v for v in summary["verdicts"] if v["task"] == task]
+    if not rows:
+        return "(no paired final runs yet)"
+    lines = ["| metric | a vs b | n | mean a | mean b | a - b [95% CI] | margin | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in rows:
+        d = 2 if v["metric"].endswith("accuracy") else 4
+        verdict = v["verdict"]
+        if verdict == "inconclusive" and v.get("seeds_needed"):
+            verdict += f" (~{v['seeds_needed']} seeds)"
+        elif v.get("within_margin") and verdict in ("better", "worse"):
+            verdict += " (within margin)"
+        if not v["complete"]:
+            verdict += " [partial]"
+        lines.append(f"| {v['metric']} | {v['a']} vs {v['b']} | {v['n']} | {_num(v['mean_a'], d)}"
+                     f" | {_num(v['mean_b'], d)} | {_num(v['mean_diff'], d)} "
+                     f"[{_num(v['ci_low'], d)}, {_num(v['ci_high'], d)}] | {_num(v['margin'], d)}"
+                     f" | {verdict} |")
+    return "\n".join(lines)
+
+
+def selection_table(summary: dict, task: str) -> str:
+    sel = summary["lr_selection"]["tasks"].get(task, {})
+    lines = ["| method | lr: mean val loss / val acc % | chosen |", "|---|---|---|"]
+    for m, s in sel.items():
+        if s is None:
+            lines.append(f"| {m} | (selection not finished) | |")
+            continue
+        cells = ", ".join(
+            f"{r['lr']:g}: " + (f"{r['mean_val_loss']:.4f} / {100 * r['mean_val_accuracy']:.1f}"
+                                if r["mean_val_accuracy"] is not None else
+                                _num(r["mean_val_loss"], 4) if r["mean_val_loss"] is not None
+                                else f"failed (seeds {r['failed_seeds']})")
+            for r in s["rows"])
+        chosen = "none (every lr failed)" if s["chosen"] is None else f"{s['chosen']:g}"
+        lines.append(f"| {m} | {cells} | {chosen} |")
+    return "\n".join(lines)
+
+
+def format_markdown(summary: dict) -> str:
+    spec = summary["spec"]
+    out = [f"# Study `{spec['name']}`: verdicts ({summary['status']}, "
+           f"{summary['wall_time_s'] / 60:.0f} min)", ""]
+    if spec.get("smoke"):
+        out += ["**Smoke spec: too few seeds or learning rates for a verdict to mean anything.**",
+                ""]
+    out += ["Claims (SRLoRA against the baselines named in each claim; see docs/study.md):", "",
+            claims_table(summary), ""]
+    out += [f"Margins: {spec['margins']['accuracy']} accuracy points; "
+            f"{100 * spec['margins']['loss_rel']:g}% of the mean loss. Accuracy in %. "
+            f"lr choice: {summary['lr_selection']['criterion']}.", ""]
+    for t in spec["tasks"]:
+        out += [f"## {t['name']} ({t['steps']} steps, batch {t['batch_size']}; selection "
+                f"{t['selection_steps']} steps)", "", selection_table(summary, t["name"]), "",
+                verdict_table(summary, t["name"]), ""]
+    return "\n".join(out)
+
+
+def format_console(summary: dict) -> str:
+    """The claim x task table and a one-line count of verdicts (the end of the CLI's output)."""
+    counts: dict = {}
+    for v in summary["verdicts"]:
+        counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
+    return "\n".join([claims_table(summary), "",
+                      "verdicts: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))])

@@ -1,0 +1,310 @@
+"""`srlora study`: the spec's checks, the verdict rules and statistics, and a tiny study end to end
+(a kill -9 mid-study, --resume, and --jobs 2 giving the same records as --jobs 1)."""
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from srlora.cli import main
+from srlora.experiments import study_spec
+from srlora.experiments.study_verdicts import (claim_outcome, compare, seeds_needed, train_auc,
+                                               early_point, verdict)
+from test_compare_cli import ENV, synthetic_csv, tiny_model
+
+TIMING = {"wall_time_s", "train_time_s", "eval_time_s", "setup_time_s"}
+
+
+def base_spec(**over):
+    spec = {"name": "tiny", "lrs": [1e-3, 3e-3, 1e-2],
+            "selection": {"seeds": [10, 11]}, "final": {"seeds": [0, 1, 2, 3, 4]},
+            "methods": ["lora", "pissa", "srlora"],
+            "tasks": [{"name": "rt-polarity", "steps": 100}]}
+    spec.update(over)
+    return spec
+
+
+# ------------------------------------------------------------------ spec
+def test_spec_resolves_defaults_shorthands_and_grids(tmp_path):
+    spec = study_spec.parse(base_spec(
+        methods=["lora", {"name": "srlora-keep", "method": "srlora", "optimizer_state": "keep"},
+                 {"name": "dora", "method": "dora"}, "olora"],
+        tasks=[{"name": "rt-polarity", "steps": 200, "lrs": {"dora": [1e-4, 2e-4, 4e-4]}},
+               "mnist"], selection={"seeds": [7, 8], "steps_frac": 0.5}))
+    rt, mn = spec["tasks"]
+    assert rt["steps"] == 200 and rt["selection_steps"] == 100 and rt["batch_size"] == 16
+    assert mn["steps"] == 100 and mn["model"] == "efficientnet-lite0" and mn["r"] == 4
+    assert rt["lrs"]["dora"] == [1e-4, 2e-4, 4e-4] and rt["lrs"]["lora"] == [1e-3, 3e-3, 1e-2]
+    m = {x["name"]: x for x in spec["methods"]}
+    assert m["dora"] == {"name": "dora", "method": "lora",
+                         "config": {"extra_lora_kwargs": {"use_dora": True}}}
+    assert m["olora"]["config"] == {"extra_lora_kwargs": {"init_lora_weights": "olora"}}
+    assert m["srlora-keep"]["config"] == {"optimizer_state": "keep"}
+    assert spec["pairs"][:2] == [["lora", "srlora-keep"], ["lora", "dora"]]
+    assert len(spec["pairs"]) == 6 and spec["margins"] == {"accuracy": 0.5, "loss_rel": 0.02}
+    # YAML 1.1 reads 1e-3 as a string: accepted as the number
+    assert study_spec.parse(base_spec(lrs=["1e-3", "3e-3", "1e-2"]))["tasks"][0]["lrs"]["lora"] \
+        == [1e-3, 3e-3, 1e-2]
+
+
+@pytest.mark.parametrize("over,msg", [
+    ({"lrs": [1e-3, 3e-3]}, "lrs: needs at least 3 learning rates"),
+    ({"selection": {"seeds": [1]}}, "selection.seeds: needs at least 2 seeds"),
+    ({"final": {"seeds": [0, 1, 2]}}, "final.seeds: needs at least 5 seeds"),
+    ({"final": {"seeds": [0, 1, 2, 3, 3]}}, "final.seeds: a seed is named twice"),
+    ({"methods": ["lora", "qlora"]}, "methods[1].method: unknown method 'qlora'"),
+    ({"methods": [{"name": "s", "method": "srlora", "gamma": 0.01}]}, "methods[0].gamma"),
+    ({"methods": [{"name": "s", "method": "srlora", "optimzer_state": "keep"}]},
+     "methods[0].optimzer_state: unknown key"),
+    ({"tasks": [{"name": "rt-polarity", "steps": 0}]}, "tasks[0].steps: must be >= 1"),
+    ({"tasks": [{"name": "rt-polarity", "steps": 40}]}, "tasks[0].eval_every: 25 is over a "
+                                                        "quarter"),
+    ({"tasks": ["nope"]}, "tasks[0].name: unknown task 'nope'"),
+    ({"tasks": [{"name": "rt-polarity", "lrs": {"dora": [1, 2, 3]}}]},
+     "tasks[0].lrs.dora: not a method"),
+    ({"pairs": [["lora", "dora"]]}, "pairs[0][1]: 'dora' is not a method"),
+    ({"margins": {"accuracy": -1}}, "margins.accuracy: expected a positive number"),
+    ({"bogus": 1}, "spec.bogus: unknown key"),
+    ({"lrs": [1e-3, "x", 1e-2]}, "lrs[1]: expected a positive number"),
+])
+def test_bad_spec_exits_2_naming_the_key_and_writes_nothing(tmp_path, capsys, over, msg):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(base_spec(**over)))
+    out = tmp_path / "out"
+    assert main(["study", str(path), "--out", str(out)]) == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unreadable_spec_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [rt-polarity\n")
+    assert main(["study", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["study", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read it" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ statistics and verdicts
+def test_paired_interval_against_a_hand_computed_example():
+    """Differences a - b = 1, 2, 6 (three seeds): mean 3, sd sqrt(((-2)^2 + (-1)^2 + 3^2) / 2) =
+    sqrt(7); t_{0.975, 2} = 4.302653 (printed tables); half width 4.302653 * sqrt(7 / 3)."""
+    a, b = {0: 71.0, 1: 72.0, 2: 80.0}, {0: 70.0, 1: 70.0, 2: 74.0}
+    v = compare("t", "final_accuracy", "x", "y", a, b, {"accuracy": 0.5, "loss_rel": 0.02}, 3)
+    half = 4.302653 * math.sqrt(7.0 / 3.0)
+    assert v["n"] == 3 and v["mean_diff"] == pytest.approx(3.0, abs=1e-12)
+    assert v["sd_diff"] == pytest.approx(math.sqrt(7.0), rel=1e-12)
+    assert v["ci_low"] == pytest.approx(3.0 - half, abs=1e-5)
+    assert v["ci_high"] == pytest.approx(3.0 + half, abs=1e-5)
+    assert v["verdict"] == "inconclusive" and v["complete"]
+    # seeds needed: half width <= max(|3|, 0.5 - 3) = 3. n = 5: t_{.975,4} = 2.776445,
+    # 2.776445 * sqrt(7) / sqrt(5) = 3.285 > 3; n = 6: t_{.975,5} = 2.570582 -> 2.776 <= 3
+    assert v["seeds_needed"] == 6
+    # a loss: 2% of the mean of both methods' values is the margin
+    lo = compare("t", "final_test_loss", "x", "y", {0: 0.50, 1: 0.52}, {0: 0.50, 1: 0.50},
+                 {"accuracy": 0.5, "loss_rel": 0.02}, 5)
+    assert lo["margin"] == pytest.approx(0.02 * 0.505) and not lo["complete"]
+    assert lo["higher_is_better"] is False
+
+
+@pytest.mark.parametrize("lo,hi,margin,higher,expected", [
+    (1e-9, 2.0, 0.5, True, "better"),          # just excludes 0 above
+    (0.0, 2.0, 0.5, True, "inconclusive"),      # touches 0: not excluded
+    (0.0, 0.5, 0.5, True, "equivalent"),        # inside the margin, ends included
+    (-0.5, 0.5, 0.5, True, "equivalent"),
+    (-0.5000001, 0.5, 0.5, True, "inconclusive"),
+    (-2.0, -1e-9, 0.5, True, "worse"),
+    (-2.0, -1e-9, 0.5, False, "better"),        # a loss: below 0 is better for a
+    (1e-9, 2.0, 0.5, False, "worse"),
+    (0.1, 0.2, 0.5, True, "better"),            # excludes 0 wins over equivalence
+])
+def test_verdict_rules_at_their_boundaries(lo, hi, margin, higher, expected):
+    assert verdict(lo, hi, margin, higher) == expected
+
+
+def test_seeds_needed_and_claim_outcomes():
+    assert seeds_needed(0.0, float("nan"), 0.5) is None
+    assert seeds_needed(0.0, 0.0, 0.5) == 2
+    # mean 0, sd 1, margin 0.5: h = 0.5; n = 18: t_{.975,17} = 2.109816 * 1/sqrt(18) = 0.4973
+    # n = 17: t_{.975,16} = 2.119905 / sqrt(17) = 0.5142 > 0.5
+    assert seeds_needed(0.0, 1.0, 0.5) == 18
+    assert claim_outcome("better", ["better", "better"]) == "holds"
+    assert claim_outcome("better", ["better", "equivalent"]) == "fails (no gain)"
+    assert claim_outcome("better", ["better", "inconclusive"]) == "inconclusive"
+    assert claim_outcome("at_least", ["equivalent", "better"]) == "holds"
+    assert claim_outcome("at_least", ["equivalent", "worse"]) == "fails (worse)"
+    assert claim_outcome("worse", ["worse"]) == "holds"
+    assert claim_outcome("worse", []) == "not run"
+    assert train_auc([4.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == 3.0  # first 2 of 8 steps
+    curve = [{"step": s, "loss": s} for s in (3, 6, 9, 12)]
+    assert early_point(curve, 12)["step"] == 3 and early_point(curve, 24)["step"] == 6
+
+
+# ------------------------------------------------------------------ end to end (tiny BERT)
+@pytest.fixture(scope="module")
+def tiny_spec(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study")
+    tiny_model(str(d / "tiny-bert"))
+    synthetic_csv(str(d / "d.csv"))
+    spec = {"name": "tiny", "smoke": True, "lrs": [1e-2], "selection": {"seeds": [0]},
+            "final": {"seeds": [0, 1]}, "methods": ["lora", "srlora"],
+            "tasks": [{"name": "tiny", "dataset": "d.csv", "model": "tiny-bert", "steps": 8,
+                       "batch_size": 8, "r": 4, "r_target": 12, "eval_every": 2,
+                       "eval_size": 16, "max_val": 24, "max_test": 24,
+                       "target_modules": ["query", "value"]}]}
+    (d / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return d / "spec.yaml"
+
+
+def _records(out):
+    recs = {}
+    for p in sorted(glob.glob(os.path.join(out, "runs", "**", "*.json"), recursive=True)):
+        with open(p) as f:
+            recs[os.path.relpath(p, out)] = {k: v for k, v in json.load(f).items()
+                                             if k not in TIMING}
+    return recs
+
+
+@pytest.mark.slow  # three CLI processes and two spawned workers: ~40 s on an idle 2-core CPU
+def test_kill_resume_and_jobs_2_give_the_records_of_an_uninterrupted_run(tiny_spec, tmp_path,
+                                                                          capsys):
+    cmd = [sys.executable, "-m", "srlora", "study", str(tiny_spec), "--no-progress",
+           "--threads", "1"]
+    env = dict(ENV, OMP_NUM_THREADS="1")
+    # --jobs 2, uninterrupted
+    full = tmp_path / "full"
+    p = subprocess.run(cmd + ["--out", str(full), "--jobs", "2"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ref = _records(full)
+    # selection seed 0 at the final steps and the one lr: shared with the final phase
+    assert len(ref) == 4 and all(not r["failed"] for r in ref.values())
+    summary = json.loads((full / "study.json").read_text())
+    assert summary["status"] == "finished" and len(summary["runs"]) == 4
+    assert {(v["metric"], v["n"]) for v in summary["verdicts"]} >= {("final_accuracy", 2),
+                                                                     ("train_auc25", 2)}
+    assert "train_loss" not in summary["runs"][0]
+    assert (full / "forest.png").stat().st_size > 5000
+    assert (full / "curves-tiny.png").stat().st_size > 5000
+    assert "| claim |" in (full / "verdicts.md").read_text()
+    # --jobs 1, killed (SIGKILL) once the first run is written, then resumed
+    part = tmp_path / "part"
+    proc = subprocess.Popen(cmd + ["--out", str(part)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not glob.glob(str(part / "runs" / "**" / "*.json"), recursive=True):
+        assert proc.poll() is None and time.time() < deadline, "the study ended too early"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = _records(part)
+    assert 1 <= len(kept) < 4
+    assert json.loads((part / "study.json").read_text())["status"] == "running"
+    # a changed spec is refused, naming the difference
+    other = tmp_path / "other.yaml"
+    raw = yaml.safe_load(tiny_spec.read_text())
+    raw["tasks"][0]["steps"] = 12
+    raw["tasks"][0]["dataset"] = str(tiny_spec.parent / "d.csv")
+    raw["tasks"][0]["model"] = str(tiny_spec.parent / "tiny-bert")
+    other.write_text(yaml.safe_dump(raw))
+    assert main(["study", str(other), "--out", str(part), "--resume"]) == 2
+    assert "spec.tasks[0].steps" in capsys.readouterr().err
+    assert main(["study", str(tiny_spec), "--out", str(part)]) == 2  # no --resume: refused
+    assert "pass --resume" in capsys.readouterr().err
+    p = subprocess.run(cmd + ["--out", str(part), "--resume"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resume: {len(kept)} finished run(s)" in p.stdout
+    assert _records(part) == ref
+
+
+def test_the_shipped_specs_and_the_docs_example_parse(tmp_path):
+    """studies/*.yaml and the spec-format example of docs/study.md are valid specs."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = sorted(glob.glob(os.path.join(root, "studies", "*.yaml")))
+    assert {os.path.basename(p) for p in paths} >= {"paper-claims.yaml", "gpu.yaml", "smoke.yaml"}
+    for p in paths:
+        spec = study_spec.load(p)
+        assert spec["tasks"] and spec["methods"], p
+    claims = study_spec.load(os.path.join(root, "studies", "paper-claims.yaml"))
+    assert [t["name"] for t in claims["tasks"]][:3] == ["rt-polarity", "fashion-mnist", "mnist"]
+    assert not claims["smoke"] and len(claims["final"]["seeds"]) >= 5
+    with open(os.path.join(root, "docs", "study.md")) as f:
+        block = f.read().split("## Spec format\n```yaml\n")[1].split("```")[0]
+    os.makedirs(tmp_path / "data")
+    synthetic_csv(str(tmp_path / "data" / "my.csv"))
+    spec = study_spec.parse(yaml.safe_load(block), str(tmp_path))
+    assert [m["name"] for m in spec["methods"]][3:] == ["srlora-keep", "dora"]
+    assert spec["tasks"][2]["dataset"] == str(tmp_path / "data" / "my.csv")
+    assert spec["tasks"][1]["lrs"]["lora"] == [1e-4, 3e-4, 1e-3]
+
+
+def test_claims_read_each_pair_from_srloras_side():
+    from srlora.experiments.study_verdicts import claims
+
+    def v(task, metric, a, b, verdict):
+        return {"task": task, "metric": metric, "a": a, "b": b, "verdict": verdict}
+
+    vs = [v("mnist", "final_accuracy", "lora", "srlora", "better"),      # read: srlora worse
+          v("rt-polarity", "final_accuracy", "srlora", "lora", "equivalent"),
+          v("rt-polarity", "final_accuracy", "pissa", "srlora", "worse"),  # read: srlora better
+          v("rt-polarity", "train_auc25", "srlora", "lora", "better"),
+          v("rt-polarity", "early_test_loss", "srlora", "lora", "better"),
+          v("rt-polarity", "train_auc25", "srlora", "pissa", "inconclusive")]
+    c = {x["id"]: x["tasks"] for x in claims(vs, ["rt-polarity", "mnist"])}
+    assert c[4]["mnist"]["outcome"] == "holds"
+    assert c[4]["mnist"]["verdicts"] == [{"metric": "final_accuracy", "against": "lora",
+                                          "verdict": "worse"}]
+    assert c[2]["rt-polarity"]["outcome"] == "holds"
+    assert c[1]["rt-polarity"]["outcome"] == "inconclusive"
+    assert c[1]["mnist"]["outcome"] == "not run" and c[3] == {}
+
+
+def test_bad_flags_and_unloadable_data_exit_2_before_anything_is_written(tmp_path, capsys):
+    good = tmp_path / "spec.yaml"
+    good.write_text(yaml.safe_dump(base_spec()))
+    out = tmp_path / "out"
+    assert main(["study", str(good), "--out", str(out), "--jobs", "0"]) == 2
+    assert "--jobs: must be >= 1" in capsys.readouterr().err
+    assert main(["study", str(good), "--out", str(out), "--threads", "0"]) == 2
+    assert "--threads: must be >= 1" in capsys.readouterr().err
+    (tmp_path / "cols.csv").write_text("sentence,label\na b,1\nc d,0\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(base_spec(tasks=[{"name": "mine", "dataset": "cols.csv"}])))
+    assert main(["study", str(bad), "--out", str(out)]) == 2
+    assert "task 'mine'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_schedule_order_and_lr_choice(tmp_path):
+    """First task's selection, then its final runs (at the lr of lowest mean validation loss)
+    before the next task's selection; ties on the loss go to the higher validation accuracy."""
+    from srlora.experiments.study import Study
+
+    spec = study_spec.parse(base_spec(methods=["lora", "srlora"],
+                                      tasks=[{"name": "rt-polarity", "steps": 100},
+                                             {"name": "mnist", "steps": 100}],
+                                      selection={"seeds": [10, 11], "steps_frac": 0.5}))
+    st = Study(spec, str(tmp_path))
+    first = st.ready()
+    assert len(first) == 2 * 2 * 3 * 2 and all(k[0] == "rt-polarity" and k[3] == 50
+                                               for k in first[:12])
+    val = {1e-3: (0.50, 0.8), 3e-3: (0.40, 0.7), 1e-2: (0.40, 0.9)}  # lora: 1e-2 wins the tie
+    for task, m, lr, steps, seed in first[:12]:
+        loss, acc = val[lr] if m == "lora" else (0.3 if lr == 1e-3 else 0.6, 0.5)
+        st.runs[(task, m, lr, steps, seed)] = {"val_loss": loss + seed * 1e-3,
+                                               "val_accuracy": acc, "seed": seed}
+    assert st.chosen(spec["tasks"][0], "lora") == 1e-2
+    assert st.chosen(spec["tasks"][0], "srlora") == 1e-3
+    nxt = st.ready()
+    assert nxt[:10] == [("rt-polarity", m, 1e-2 if m == "lora" else 1e-3, 100, s)
+                        for s in range(5) for m in ("lora", "srlora")]
+    assert all(k[0] == "mnist" for k in nxt[10:])
+    assert st.pending_total() == len(nxt) + 2 * 5  # + mnist's final runs, lr not yet chosen
