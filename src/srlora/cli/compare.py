@@ -19,8 +19,9 @@ def _task_help() -> str:
     lines = ["built-in tasks (offline; assets installed on first use) and their defaults:"]
     for t in TASKS.values():
         d = t.defaults
-        size = {"text": f"max_len={d.get('max_len')}", "lm": f"block={d.get('max_len')} tokens"
-                }.get(t.kind, f"image_size={d.get('image_size')}")
+        size = {"text": f"max_len={d.get('max_len')}",
+                "lm": f"max_len={d.get('max_len')} (tokens per block)"}.get(
+            t.kind, f"image_size={d.get('image_size')}")
         lr = d["lr"] if "=" not in d["lr"] else f"({d['lr']})"  # per-method lrs in brackets
         lines.append(f"  {t.name:16s} {t.what}\n{'':19s}steps={d['steps']} batch={d['batch_size']} "
                      f"r={d['r']} r_target={d['r_target']} seeds={d['seeds']}\n{'':19s}"

@@ -286,12 +286,12 @@ _IMAGE = dict(seeds="0,1,2", batch_size=32, image_size=64, r=4, lora_alpha=8, ga
               eval_every=25, eval_size=200, max_train=None, max_val=500, max_test=1000,
               head_lr=1e-3)  # lr: per task (measured, docs/compare.md)
 
-# bbc-lm: max_len is the block length in tokens; max_train/max_val/max_test count ARTICLES (each
-# gives ~4 blocks); eval_size counts test blocks. No head: head_lr is unused. Measured in
-# docs/compare.md ("bbc-lm").
-_LM = dict(seeds="0,1,2", batch_size=8, max_len=128, r=8, lora_alpha=16, gamma=0.5, r_target=32,
-           eval_every=25, eval_size=32, max_train=None, max_val=40, max_test=60, lr="3e-4",
-           head_lr=None, steps=100)
+# bbc-lm: max_len is the block length in tokens; max_train/max_val/max_test count ARTICLES (one
+# gives about 9 blocks of 64 tokens); eval_size counts test blocks. No head, so no head_lr.
+# Sized for the 2-core CPU (docs/compare.md, "bbc-lm": CPU seconds per step measured there).
+_LM = dict(seeds="0,1", batch_size=4, max_len=64, r=8, lora_alpha=16, gamma=0.5, r_target=32,
+           eval_every=20, eval_size=32, max_train=None, max_val=10, max_test=20, lr="3e-4",
+           head_lr=None, steps=60)
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("rt-polarity", "text", load_rt_polarity, "minilm",
              dict(_TEXT, steps=100, r_target=32),
