@@ -32,7 +32,9 @@ def plot_diagnostics(results: dict, path: str) -> bool:
     if pairs:
         ages = np.array([p["age"] for p in pairs])
         new = np.array([p["new"] for p in pairs])
-        bins = np.linspace(0, ages.max() + 1, min(40, len(np.unique(ages)) + 2))
+        u = np.unique(ages)  # ages are multiples of the switch interval: one bar per value
+        w = max(1.0, float(np.diff(u).min()) if len(u) > 1 else 1.0, (u[-1] - u[0]) / 60)
+        bins = np.arange(u[0] - w / 2, u[-1] + w, w)
         ax1.hist([ages[new], ages[~new]], bins=bins, stacked=True,
                  label=[f"inserted at the previous switch ({new.sum()})",
                         f"older ({(~new).sum()})"])
