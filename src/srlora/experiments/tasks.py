@@ -290,7 +290,7 @@ _IMAGE = dict(seeds="0,1,2", batch_size=32, image_size=64, r=4, lora_alpha=8, ga
 # gives about 9 blocks of 64 tokens); eval_size counts test blocks. No head, so no head_lr.
 # Sized for the 2-core CPU (docs/compare.md, "bbc-lm": CPU seconds per step measured there).
 _LM = dict(seeds="0,1", batch_size=4, max_len=64, r=8, lora_alpha=16, gamma=0.5, r_target=32,
-           eval_every=20, eval_size=32, max_train=None, max_val=10, max_test=20, lr="3e-4",
+           eval_every=30, eval_size=16, max_train=None, max_val=5, max_test=10, lr="3e-4",
            head_lr=None, steps=60)
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("rt-polarity", "text", load_rt_polarity, "minilm",
