@@ -221,7 +221,7 @@ def test_task_defaults_resolve_and_are_listed_in_help():
                            ("r_target", d["r_target"]), ("seeds", d["seeds"]),
                            ("eval_every", d["eval_every"]), ("eval_size", d["eval_size"])):
             assert f" {key}={shown}" in block, (name, key, block)
-        assert d["lr"] in block and ("max_len" if t.kind == "text" else "image_size") in block
+        assert d["lr"] in block and ("image_size" if t.kind == "image" else "max_len") in block
         cfg = build_config(build_parser().parse_args(["compare", "--task", name,
                                                       "--out", os.devnull]))
         assert cfg.steps == d["steps"] and cfg.lrs == lrs and cfg.max_test == d["max_test"]

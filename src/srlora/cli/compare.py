@@ -19,12 +19,13 @@ def _task_help() -> str:
     lines = ["built-in tasks (offline; assets installed on first use) and their defaults:"]
     for t in TASKS.values():
         d = t.defaults
-        size = (f"max_len={d['max_len']}" if t.kind == "text" else
-                f"image_size={d['image_size']}")
+        size = {"text": f"max_len={d.get('max_len')}",
+                "lm": f"max_len={d.get('max_len')} (tokens per block)"}.get(
+            t.kind, f"image_size={d.get('image_size')}")
         lr = d["lr"] if "=" not in d["lr"] else f"({d['lr']})"  # per-method lrs in brackets
         lines.append(f"  {t.name:16s} {t.what}\n{'':19s}steps={d['steps']} batch={d['batch_size']} "
                      f"r={d['r']} r_target={d['r_target']} seeds={d['seeds']}\n{'':19s}"
-                     f"lr={lr} head_lr={d.get('head_lr'):g} {size} eval_every={d['eval_every']} "
+                     f"lr={lr} head_lr={d.get('head_lr') or 'none'} {size} eval_every={d['eval_every']} "
                      f"eval_size={d['eval_size']} max_test={d['max_test'] or 'all'}")
     lines.append("  --dataset FILE   any local CSV/TSV/JSONL with 'text' and 'label' columns (or a "
                  "hub dataset name); text defaults as rt-polarity")
@@ -317,7 +318,8 @@ def run(args) -> int:
     with open(os.path.join(cfg.out, "table.txt"), "w") as f:
         f.write(text + "\n")
     print(text)
-    for p in plots.write_all(results, cfg.out):
+    from ..experiments import diagnostics_plots
+    for p in plots.write_all(results, cfg.out) + diagnostics_plots.write(results, cfg.out):
         print(f"wrote {p}")
     print(f"wrote {os.path.join(cfg.out, 'results.json')} ({results['wall_time_s']:.0f} s)")
     return 0

