@@ -27,11 +27,12 @@ class GroupSwitch(NamedTuple):
     the factors ``B`` G x m x r / ``A`` G x r x n (the new pairs are written into them, then
     copied back), ``slots`` G x k (ascending), ``scores`` G x r, the fused pairs ``B_low`` /
     ``A_low``, the new pairs ``B_new`` / ``A_new`` (fp32) and the weight change's factors
-    ``Bc`` / ``Ac``."""
+    ``Bc`` / ``Ac``; ``at`` indexes the chosen (module, slot) pairs of the stacks."""
 
     idx: list[int]
     B: torch.Tensor
     A: torch.Tensor
+    at: tuple
     slots: torch.Tensor
     scores: torch.Tensor
     B_low: torch.Tensor
@@ -90,7 +91,7 @@ def plan_group(ctl: "SRLoRAController", idx: list[int], k: int) -> GroupSwitch:
     B_low, A_low = B.transpose(1, 2)[at].transpose(1, 2).float(), A[at].float()
     B_new, A_new = pissa_factors(*next_directions([ctl.modules[i] for i in idx], k, B.device), s)
     Bc, Ac = switch_factors(B_low, A_low, B_new, A_new)
-    return GroupSwitch(idx, B, A, slots, scores, B_low, A_low, B_new, A_new, Bc, Ac)
+    return GroupSwitch(idx, B, A, at, slots, scores, B_low, A_low, B_new, A_new, Bc, Ac)
 
 
 def plan_switch(ctl: "SRLoRAController", todo: list[int], k: int) -> list[GroupSwitch]:
@@ -107,8 +108,7 @@ def apply_group(ctl: "SRLoRAController", g: GroupSwitch, k: int) -> None:
     for j, i in enumerate(g.idx):  # step 3: fuse (and subtract the new pairs): W + s*B@A kept
         fuse_into_weight(ctl.modules[i], k, g.Bc[j], g.Ac[j], g.B_low[j], g.A_low[j],
                          g.B_new[j], g.A_new[j])
-    B, A = g.B, g.A  # step 4: the new pairs in their slots (B, A: the factors as planned)
-    at = (torch.arange(len(Ls), device=B.device)[:, None], g.slots)
+    B, A, at = g.B, g.A, g.at  # step 4: the new pairs in their slots
     B.transpose(1, 2)[at] = g.B_new.transpose(1, 2).to(B.dtype)
     A[at] = g.A_new.to(A.dtype)
     torch._foreach_copy_([L.B() for L in Ls] + [L.A() for L in Ls],
