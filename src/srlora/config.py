@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional, Union
 
 METHODS = ("srlora", "pissa", "lora")
+SELECTIONS = ("importance", "protect", "normalized")
+# the method exactly as published (arXiv 2505.12433): SRLoRAConfig.paper() pins these
+PAPER = {"method": "srlora", "beta1": 0.85, "beta2": 0.85, "importance_reset": "module",
+         "optimizer_state": "zero", "selection": "importance"}
 
 
 @dataclass
@@ -31,6 +35,12 @@ class SRLoRAConfig:
         paper's "reset the importance scores"); "slots" zeroes only the reinitialized pairs.
       optimizer_state: "zero" zeroes the optimizer moments of the reinitialized slices (ReLoRA);
         "keep" leaves them (GaLore).
+      selection: which pairs a switch fuses. "importance" (the paper): the r' lowest pair scores.
+        "protect": the same, but a slot written at the module's previous switch is fused only when
+        too few older slots are left (a new direction gets one whole interval). "normalized": the
+        lowest scores divided by the pair's squared scale ``(|B_j| |A_j|)^2`` (a pair's score
+        grows with the square of its singular value, so a new, smaller direction is not fused
+        for being small).
       svd_method: "exact" (torch.linalg.svd), "randomized" (seeded Halko et al. with
         ``svd_oversample`` extra columns and ``svd_niter`` power iterations), or "auto"
         (randomized unless the sketch would be as large as the matrix).
@@ -61,6 +71,7 @@ class SRLoRAConfig:
     method: Literal["srlora", "pissa", "lora"] = "srlora"
     importance_reset: Literal["module", "slots"] = "module"
     optimizer_state: Literal["zero", "keep"] = "zero"
+    selection: Literal["importance", "protect", "normalized"] = "importance"
     svd_method: Literal["auto", "exact", "randomized"] = "auto"
     svd_oversample: int = 16
     svd_niter: int = 4
@@ -101,6 +112,7 @@ class SRLoRAConfig:
         number("lora_dropout", 0.0, 1.0, False, True)
         for name, allowed in (("importance_reset", ("module", "slots")),
                               ("optimizer_state", ("zero", "keep")),
+                              ("selection", SELECTIONS),
                               ("svd_method", ("auto", "exact", "randomized")),
                               ("half_fusion", ("residual", "original", "inplace"))):
             choice(name, allowed)
@@ -138,6 +150,17 @@ class SRLoRAConfig:
             bad("gamma", f"round(gamma * r) = round({self.gamma} * {self.r}) = 0 pairs per switch; "
                          "raise gamma or r")
         integer("r_target", self.r)
+
+    @classmethod
+    def paper(cls, **fields) -> "SRLoRAConfig":
+        """SRLoRA exactly as published: importance selection, the optimizer moments of new slots
+        zeroed, the module's importance reset, a fixed schedule, AdaLoRA's betas 0.85. Other
+        fields (r, r_target, target_modules, ...) are free; overriding a pinned one is refused."""
+        pinned = sorted(set(fields) & set(PAPER))
+        if pinned:
+            raise ValueError(f"SRLoRAConfig.paper(): {pinned} are fixed by the paper; build "
+                             "SRLoRAConfig(...) directly to change them")
+        return cls(**PAPER, **fields)
 
     @property
     def r_prime(self) -> int:

@@ -64,6 +64,40 @@ def group_pair_scores(ctl: "SRLoRAController", idx: list[int]) -> torch.Tensor:
     return pair_scores(sB, sA)
 
 
+def last_written(ctl: "SRLoRAController", idx: list[int]) -> list[list[int]]:
+    """Per module of ``idx``: the slots written at its most recent switch (none before the
+    first), read from the switch history."""
+    todo, out = set(idx), {}
+    for entry in reversed(ctl.history):
+        for i, slots in zip(entry["modules"], entry["slots"]):
+            if i in todo and i not in out:
+                out[i] = slots
+        if len(out) == len(todo):
+            break
+    return [out.get(i, []) for i in idx]
+
+
+def selection_scores(policy: str, scores: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+                     young: list[list[int]]) -> torch.Tensor:
+    """Step 2's ranking key (``G x r``; the lowest are fused), per ``SRLoRAConfig.selection``.
+
+    ``"importance"``: the pair scores. ``"normalized"``: the scores divided by the pair's squared
+    scale ``(|B_j| |A_j|)^2``. ``"protect"``: the scores, with the slots in ``young`` (written at
+    the module's previous switch) ranked after every other slot, in their own score order.
+    """
+    if policy == "normalized":
+        scale = B.float().pow(2).sum(-2) * A.float().pow(2).sum(-1)  # (|B_j| |A_j|)^2, G x r
+        return scores / scale.clamp_min(torch.finfo(torch.float32).tiny)
+    if policy == "protect" and any(young):
+        mask = torch.zeros(scores.shape, dtype=torch.bool)
+        for g, slots in enumerate(young):
+            mask[g, slots] = True
+        mask = mask.to(scores.device)
+        span = (scores.amax(-1, keepdim=True) - scores.amin(-1, keepdim=True)).add_(1.0)
+        return scores + mask * span
+    return scores
+
+
 def check_module(ctl: "SRLoRAController", i: int, k: int) -> None:
     """Raise before any write if module i cannot be switched as set up (its factors were
     reshaped or replaced since ``wrap``, or too few directions are left)."""
@@ -86,7 +120,9 @@ def plan_group(ctl: "SRLoRAController", idx: list[int], k: int) -> GroupSwitch:
     s = Ls[0].scaling
     B, A = torch.stack([L.B() for L in Ls]), torch.stack([L.A() for L in Ls])  # G x m x r, ...
     scores = group_pair_scores(ctl, idx)
-    slots = lowest_pairs(scores, k).to(B.device)  # step 2: the k lowest pairs, ascending
+    young = last_written(ctl, idx) if ctl.config.selection == "protect" else []
+    key = selection_scores(ctl.config.selection, scores, B, A, young)
+    slots = lowest_pairs(key, k).to(B.device)  # step 2: the k lowest, ascending
     at = (torch.arange(len(idx), device=B.device)[:, None], slots)  # (g, slot) pairs, G x k
     B_low, A_low = B.transpose(1, 2)[at].transpose(1, 2).float(), A[at].float()
     B_new, A_new = pissa_factors(*next_directions([ctl.modules[i] for i in idx], k, B.device), s)
