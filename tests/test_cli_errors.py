@@ -2,7 +2,6 @@
 nothing written (no --out folder, no run.yaml); a bug still raises with its traceback. Tiny
 random BERT and synthetic CSV (seconds, offline)."""
 import json
-import os
 
 import pytest
 import yaml
