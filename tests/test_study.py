@@ -63,7 +63,8 @@ def test_spec_resolves_defaults_shorthands_and_grids(tmp_path):
     ({"methods": [{"name": "s", "method": "srlora", "optimzer_state": "keep"}]},
      "methods[0].optimzer_state: unknown key"),
     ({"tasks": [{"name": "rt-polarity", "steps": 0}]}, "tasks[0].steps: must be >= 1"),
-    ({"tasks": [{"name": "rt-polarity", "steps": 40}]}, "tasks[0].eval_every: 25 is over a "
+    ({"tasks": [{"name": "rt-polarity", "steps": 40, "eval_every": 25}]},
+     "tasks[0].eval_every: 25 is over a "
                                                         "quarter"),
     ({"tasks": ["nope"]}, "tasks[0].name: unknown task 'nope'"),
     ({"tasks": [{"name": "rt-polarity", "lrs": {"dora": [1, 2, 3]}}]},
