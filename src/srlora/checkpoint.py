@@ -3,7 +3,8 @@
 SRLoRA writes into the frozen weights (the PiSSA residual at init, fused pairs at each switch),
 so an adapter file alone cannot rebuild a run. A checkpoint directory holds everything:
 
-  model.safetensors       adapted base weights, every trainable tensor (LoRA factors,
+  model.safetensors       adapted base weights (fusion="weight"; with "virtual" they stay W0 and
+                          are fingerprinted), every trainable tensor (LoRA factors,
                           modules_to_save), buffers
   controller.safetensors  the controller's tensors (SVD cache, ledger, residuals/originals,
                           importance state)
@@ -62,7 +63,8 @@ def _resolve_model(model, controller: SRLoRAController):
 
 def _saved_tensors(model, controller: SRLoRAController) -> dict[str, torch.Tensor]:
     """Live tensors a checkpoint stores: adapted base weights, trainable parameters, buffers."""
-    base = {id(L.base_weight) for L in controller.layers}
+    base = {id(L.base_weight) for L in controller.layers} if controller.config.fusion == "weight" \
+        else set()  # fusion="virtual": W0 is never written, so it is fingerprinted instead
     out = {name: p for name, p in model.named_parameters() if p.requires_grad or id(p) in base}
     out.update(dict(model.named_buffers()))
     return out
