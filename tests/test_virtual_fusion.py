@@ -166,7 +166,6 @@ def test_bf16_base_stays_w0_and_matches_the_fp64_reference():
         model.eval()
         yv = model(x.bfloat16()).double()
         yr = ref(x.bfloat16().double())
-    print("bf16 rel", rel(yv, yr))
     assert rel(yv, yr) <= 2e-2  # bf16 activations and factors
 
 
@@ -253,3 +252,38 @@ def test_pissa_virtual_matches_pissa_weight():
     with torch.no_grad():
         yv = mv(input_ids=x).logits
         assert rel(yv, y0) > 1e-2 and rel(yv, mw(input_ids=x).logits) <= 1e-5
+
+
+def test_docs_example_runs(tmp_path, monkeypatch, capsys):
+    """The python block of docs/algorithm.md's virtual-fusion section runs as written."""
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).parents[1] / "docs" / "algorithm.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+              if 'fusion="virtual"' in b]
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(blocks[0], "docs/algorithm.md", "exec"), ns)
+    out = capsys.readouterr().out
+    assert "4 switches, pointers [12, 4], base weights unchanged: True" in out
+    assert ns["result"].error == 0.0 and (tmp_path / "virtual-adapter").is_dir()
+
+
+def test_switch_time_script_compares_fusion_modes():
+    """benchmarks/switch_time.py --fusion both --step-time (tiny sizes) runs and reports both."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "switch_time.py"), "--hidden",
+                          "32", "--layers", "1", "--intermediate", "64", "--r-target", "16",
+                          "--fusion", "both", "--step-time", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "llama: 7 modules, 2 switches, bfloat16" in out.stdout
+    for what in ("switch_now\\(\\)", "training step"):
+        got = re.findall(rf"(weight|virtual): {what} median ([0-9.]+) ms", out.stdout)
+        assert [k for k, _ in got] == ["weight", "virtual"] and all(float(v) > 0 for _, v in got)
+    assert re.search(r"virtual / weight, median of paired ratios: [0-9.]+", out.stdout)
