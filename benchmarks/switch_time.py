@@ -24,7 +24,8 @@ state exist; then every switch is timed.
 ``--fusion virtual`` builds the tree with ``SRLoRAConfig(fusion="virtual")``; ``--fusion both``
 builds it twice, ``weight`` and ``virtual``, interleaved as above (in place of ``--before``).
 ``--step-time N`` also times N training steps (forward, backward, AdamW step; no switch) of each
-run, interleaved, before the switches, and prints their median:
+run, interleaved, before the first switch and after the last (with ``virtual``, the side path's
+rank is then ``2K - r``, its largest), and prints their medians:
 
     PYTHONPATH=src python benchmarks/switch_time.py --fusion both --step-time 10
 """
@@ -172,10 +173,18 @@ else:
 if a.before:
     runs = {"before": build(load_before(a.before)), **runs}
 names = list(runs)
-steps: dict = {k: [] for k in runs}
-for i in range(a.step_time):
-    for k in (names if i % 2 == 0 else names[::-1]):
-        steps[k].append(timed_step(runs[k][1]))
+
+
+def time_steps() -> dict:
+    """``a.step_time`` training steps of each run, interleaved: their times by run."""
+    out: dict = {k: [] for k in runs}
+    for i in range(a.step_time):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            out[k].append(timed_step(runs[k][1]))
+    return out
+
+
+steps = {"at the start": time_steps()}  # p = r (virtual: the side path has rank r)
 times: dict = {k: [] for k in runs}
 while True:
     order = names if len(times[names[0]]) % 2 == 0 else names[::-1]
@@ -184,6 +193,7 @@ while True:
         break
     for k, t in got.items():
         times[k].append(t)
+steps["after the last switch"] = time_steps()  # p = K (virtual: rank 2K - r)
 ctl = runs[names[-1]][0]
 print(f"{a.model}: {len(ctl.layers)} modules, {len(times[names[-1]])} switches, "
       f"{str(dtype).removeprefix('torch.')} on {dev} with {a.threads} thread(s), "
@@ -191,10 +201,11 @@ print(f"{a.model}: {len(ctl.layers)} modules, {len(times[names[-1]])} switches, 
 for k, ts in times.items():
     print(f"  {k}: switch_now() median {1e3 * statistics.median(ts):.1f} ms, "
           f"min {1e3 * min(ts):.1f}, max {1e3 * max(ts):.1f}")
-for k, ts in steps.items():
-    if ts:
-        print(f"  {k}: training step median {1e3 * statistics.median(ts):.1f} ms, "
-              f"min {1e3 * min(ts):.1f}, max {1e3 * max(ts):.1f}")
+for when, by_run in steps.items():
+    for k, ts in by_run.items():
+        if ts:
+            print(f"  {k}: training step median {1e3 * statistics.median(ts):.1f} ms, "
+                  f"min {1e3 * min(ts):.1f}, max {1e3 * max(ts):.1f} ({when})")
 if len(names) == 2:
     first, second = names
     ratio = statistics.median([b / a_ for a_, b in zip(times[first], times[second])])

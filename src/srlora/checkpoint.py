@@ -35,7 +35,7 @@ from ._ckpt_io import (MANIFEST, atomic_directory, check_weights_only, fsync_fil
                        write_json)
 from ._errors import CheckpointMismatchError
 from .controller import SRLoRAController
-from .controller_state import CONFIG_MAY_DIFFER
+from .controller_state import CONFIG_MAY_DIFFER, saved_config
 from .engines import unwrap_optimizer
 
 FORMAT = "srlora-checkpoint"
@@ -247,7 +247,7 @@ def _first(names, k: int = 3) -> list:
 
 def _check_config(manifest: dict, controller: SRLoRAController) -> None:
     mine = _normalized(controller.config.to_dict())
-    saved = manifest["config"]
+    saved = saved_config(manifest["config"])  # fields added since the save: their defaults
     diff = {k: (saved.get(k), v) for k, v in mine.items()
             if k not in CONFIG_MAY_DIFFER and saved.get(k) != v}
     if diff:
