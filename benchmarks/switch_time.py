@@ -20,6 +20,14 @@ bf16), r = 8 on all 7 projections (28 modules), r_target 64 (14 switches of r' =
 ``many-small``: the bench's many-small BERT (24 layers, hidden 128, 144 modules, fp32 unless
 --dtype), r_target 128 (30 switches). Two AdamW steps first, so that importance and optimizer
 state exist; then every switch is timed.
+
+``--fusion virtual`` builds the tree with ``SRLoRAConfig(fusion="virtual")``; ``--fusion both``
+builds it twice, ``weight`` and ``virtual``, interleaved as above (in place of ``--before``).
+``--step-time N`` also times N training steps (forward, backward, AdamW step; no switch) of each
+run, interleaved, before the first switch and after the last (with ``virtual``, the side path's
+rank is then ``2K - r``, its largest), and prints their medians:
+
+    PYTHONPATH=src python benchmarks/switch_time.py --fusion both --step-time 10
 """
 import argparse
 import importlib.util
@@ -44,9 +52,15 @@ p.add_argument("--r-target", type=int, default=None, help="default: 64 (llama), 
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--device", default="cpu")
 p.add_argument("--before", default=None, help="a src/ directory of another commit")
+p.add_argument("--fusion", choices=["weight", "virtual", "both"], default="weight",
+               help="SRLoRAConfig.fusion of this tree's run; both: a weight and a virtual run")
+p.add_argument("--step-time", type=int, default=0, metavar="N",
+               help="also time N training steps of each run (median)")
 p.add_argument("--count-ops", action="store_true",
                help="also count the ATen ops one switch dispatches (a proxy for kernel launches)")
 a = p.parse_args()
+if a.fusion == "both" and a.before:
+    p.error("--fusion both compares two runs of this tree: drop --before")
 torch.set_num_threads(a.threads)
 
 import srlora  # noqa: E402  (after the thread setting)
@@ -70,8 +84,8 @@ def load_before(src: str):
     return mod
 
 
-def build(pkg):
-    """(controller, pkg file) for package ``pkg`` after two AdamW steps."""
+def build(pkg, fusion="weight"):
+    """(controller, one training step) for package ``pkg`` after two AdamW steps."""
     torch.manual_seed(0)
     if a.model == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -95,15 +109,21 @@ def build(pkg):
 
         def loss(m):
             return loss_of(shape, m, ids)
+    extra = {} if fusion == "weight" else {"fusion": fusion}  # "before" may lack the field
     model, ctl = pkg.wrap(model, pkg.SRLoRAConfig(r=8, lora_alpha=16, r_target=r_target,
-                                                  target_modules=targets, total_steps=10**6))
+                                                  target_modules=targets, total_steps=10**6,
+                                                  **extra))
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     ctl.attach(opt)
-    for _ in range(2):
+
+    def step():
         loss(model).backward()
         opt.step()
         opt.zero_grad()
-    return ctl
+
+    for _ in range(2):
+        step()
+    return ctl, step
 
 
 class OpCounter(TorchDispatchMode):
@@ -130,6 +150,14 @@ def counted_switch(ctl) -> Counter:
     return c.ops
 
 
+def timed_step(step):
+    sync()
+    t = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - t
+
+
 def timed_switch(ctl):
     sync()
     t = time.perf_counter()
@@ -138,32 +166,57 @@ def timed_switch(ctl):
     return (time.perf_counter() - t) if n else None
 
 
-runs = {"this tree": build(srlora)}
+if a.fusion == "both":
+    runs = {"weight": build(srlora), "virtual": build(srlora, "virtual")}
+else:
+    runs = {"this tree": build(srlora, a.fusion)}
 if a.before:
     runs = {"before": build(load_before(a.before)), **runs}
-times: dict = {k: [] for k in runs}
 names = list(runs)
+
+
+def time_steps() -> dict:
+    """``a.step_time`` training steps of each run, interleaved: their times by run."""
+    out: dict = {k: [] for k in runs}
+    for i in range(a.step_time):
+        for k in (names if i % 2 == 0 else names[::-1]):
+            out[k].append(timed_step(runs[k][1]))
+    return out
+
+
+steps = {"at the start": time_steps()}  # p = r (virtual: the side path has rank r)
+times: dict = {k: [] for k in runs}
 while True:
     order = names if len(times[names[0]]) % 2 == 0 else names[::-1]
-    got = {k: timed_switch(runs[k]) for k in order}
+    got = {k: timed_switch(runs[k][0]) for k in order}
     if any(t is None for t in got.values()):
         break
     for k, t in got.items():
         times[k].append(t)
-ctl = runs["this tree"]
-print(f"{a.model}: {len(ctl.layers)} modules, {len(times['this tree'])} switches, "
-      f"{str(dtype).removeprefix('torch.')} on {dev} with {a.threads} thread(s)")
+steps["after the last switch"] = time_steps()  # p = K (virtual: rank 2K - r)
+ctl = runs[names[-1]][0]
+print(f"{a.model}: {len(ctl.layers)} modules, {len(times[names[-1]])} switches, "
+      f"{str(dtype).removeprefix('torch.')} on {dev} with {a.threads} thread(s), "
+      f"fusion {a.fusion}")
 for k, ts in times.items():
     print(f"  {k}: switch_now() median {1e3 * statistics.median(ts):.1f} ms, "
           f"min {1e3 * min(ts):.1f}, max {1e3 * max(ts):.1f}")
-if a.before:
-    ratio = statistics.median([b / a_ for a_, b in zip(times["before"], times["this tree"])])
-    print(f"  this tree / before, median of paired ratios: {ratio:.3f}")
+for when, by_run in steps.items():
+    for k, ts in by_run.items():
+        if ts:
+            print(f"  {k}: training step median {1e3 * statistics.median(ts):.1f} ms, "
+                  f"min {1e3 * min(ts):.1f}, max {1e3 * max(ts):.1f} ({when})")
+if len(names) == 2:
+    first, second = names
+    ratio = statistics.median([b / a_ for a_, b in zip(times[first], times[second])])
+    print(f"  {second} / {first}, median of paired ratios: {ratio:.3f}")
 if a.count_ops:  # on fresh controllers: the timed ones have used every direction
-    for k, pkg in (("before", sys.modules.get("srlora_before")), ("this tree", srlora)):
+    mine = ([("weight", srlora, "weight"), ("virtual", srlora, "virtual")] if a.fusion == "both"
+            else [("this tree", srlora, a.fusion)])
+    for k, pkg, fusion in [("before", sys.modules.get("srlora_before"), "weight")] + mine:
         if pkg is None:
             continue
-        ops = counted_switch(build(pkg))
+        ops = counted_switch(build(pkg, fusion)[0])
         total, n = sum(ops.values()), len(ctl.layers)
         print(f"  {k}: one switch dispatches {total} ATen ops ({total / n:.1f} per module); "
               f"most: " + ", ".join(f"{name} {c}" for name, c in ops.most_common(6)))

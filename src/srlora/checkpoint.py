@@ -3,7 +3,8 @@
 SRLoRA writes into the frozen weights (the PiSSA residual at init, fused pairs at each switch),
 so an adapter file alone cannot rebuild a run. A checkpoint directory holds everything:
 
-  model.safetensors       adapted base weights, every trainable tensor (LoRA factors,
+  model.safetensors       adapted base weights (fusion="weight"; with "virtual" they stay W0 and
+                          are fingerprinted), every trainable tensor (LoRA factors,
                           modules_to_save), buffers
   controller.safetensors  the controller's tensors (SVD cache, ledger, residuals/originals,
                           importance state)
@@ -34,7 +35,7 @@ from ._ckpt_io import (MANIFEST, atomic_directory, check_weights_only, fsync_fil
                        write_json)
 from ._errors import CheckpointMismatchError
 from .controller import SRLoRAController
-from .controller_state import CONFIG_MAY_DIFFER
+from .controller_state import CONFIG_MAY_DIFFER, saved_config
 from .engines import unwrap_optimizer
 
 FORMAT = "srlora-checkpoint"
@@ -62,7 +63,8 @@ def _resolve_model(model, controller: SRLoRAController):
 
 def _saved_tensors(model, controller: SRLoRAController) -> dict[str, torch.Tensor]:
     """Live tensors a checkpoint stores: adapted base weights, trainable parameters, buffers."""
-    base = {id(L.base_weight) for L in controller.layers}
+    base = {id(L.base_weight) for L in controller.layers} if controller.config.fusion == "weight" \
+        else set()  # fusion="virtual": W0 is never written, so it is fingerprinted instead
     out = {name: p for name, p in model.named_parameters() if p.requires_grad or id(p) in base}
     out.update(dict(model.named_buffers()))
     return out
@@ -245,7 +247,7 @@ def _first(names, k: int = 3) -> list:
 
 def _check_config(manifest: dict, controller: SRLoRAController) -> None:
     mine = _normalized(controller.config.to_dict())
-    saved = manifest["config"]
+    saved = saved_config(manifest["config"])  # fields added since the save: their defaults
     diff = {k: (saved.get(k), v) for k, v in mine.items()
             if k not in CONFIG_MAY_DIFFER and saved.get(k) != v}
     if diff:

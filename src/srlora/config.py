@@ -53,6 +53,13 @@ class SRLoRAConfig:
         ``offload_device``) and rebuild the weight from it and all fused/subtracted factors in
         fp32 at every switch (one rounding, exact; moves the copy and the factors to the
         device at each switch). "inplace": round at every switch (the error grows).
+      fusion: where a switch's change (and PiSSA's residual) goes. "weight" (default): into the
+        frozen base weight. "virtual": the base weight is never written, not even at set-up; the
+        residual, the fused pairs and the subtracted directions live in frozen low-rank factors
+        (rank ``2p - r`` <= ``2K - r``, the weight's dtype and device) added to the LoRA layer's
+        output by a forward hook: ``(2p - r)(m + n)`` more multiply-adds per token per module, a
+        switch rewrites only those factors. ``half_fusion`` does not apply (no rounding of W).
+        srlora and pissa only.
       offload_device: where the SVD cache, the fused-pair ledger and the original copy live
         ("cpu" keeps accelerator memory at LoRA's level; None keeps them beside the weight).
     """
@@ -77,6 +84,7 @@ class SRLoRAConfig:
     svd_niter: int = 4
     svd_seed: int = 0
     half_fusion: Literal["residual", "original", "inplace"] = "residual"
+    fusion: Literal["weight", "virtual"] = "weight"
     offload_device: Optional[str] = "cpu"
     extra_lora_kwargs: dict = field(default_factory=dict)
 
@@ -114,8 +122,12 @@ class SRLoRAConfig:
                               ("optimizer_state", ("zero", "keep")),
                               ("selection", SELECTIONS),
                               ("svd_method", ("auto", "exact", "randomized")),
-                              ("half_fusion", ("residual", "original", "inplace"))):
+                              ("half_fusion", ("residual", "original", "inplace")),
+                              ("fusion", ("weight", "virtual"))):
             choice(name, allowed)
+        if self.fusion == "virtual" and self.method == "lora":
+            bad("fusion", "'virtual' applies to method 'srlora' or 'pissa' (LoRA never writes "
+                          "the base weight)")
         integer("svd_oversample", 0)
         integer("svd_niter", 0)
         integer("svd_seed", 0)

@@ -15,6 +15,18 @@ if TYPE_CHECKING:
 CONFIG_MAY_DIFFER = ("total_steps", "offload_device")  # may change between save and resume
 
 
+def saved_config(saved: dict) -> dict:
+    """A saved config with every field it predates set to that field's default: a state saved
+    before a field existed ran with the default's behaviour (e.g. ``fusion="weight"``)."""
+    from dataclasses import MISSING, fields
+
+    from .config import SRLoRAConfig
+
+    out = {f.name: f.default if f.default is not MISSING else f.default_factory()
+           for f in fields(SRLoRAConfig)}
+    return out | saved
+
+
 def state_dict(ctl: "SRLoRAController") -> dict:
     """All controller state: tensors, ints, strings, lists and dicts only."""
     sd: dict = {"config": ctl.config.to_dict(), "global_step": ctl.global_step,
@@ -43,9 +55,9 @@ def check_state(ctl: "SRLoRAController", sd: dict) -> None:
     for key in ("config", "global_step", "num_switches", "history", "modules"):
         if key not in sd:
             raise CheckpointMismatchError(f"controller state lacks {key!r}")
-    mine = ctl.config.to_dict()
-    diff = {k: (sd["config"].get(k), v) for k, v in mine.items()
-            if k not in CONFIG_MAY_DIFFER and sd["config"].get(k) != v}
+    mine, saved = ctl.config.to_dict(), saved_config(sd["config"])
+    diff = {k: (saved.get(k), v) for k, v in mine.items()
+            if k not in CONFIG_MAY_DIFFER and saved.get(k) != v}
     if diff:
         raise CheckpointMismatchError(f"controller config differs, field: (saved, current): "
                                       f"{diff}")

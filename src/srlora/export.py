@@ -228,6 +228,8 @@ def save_merged(model, controller: SRLoRAController, path, safe_merge: bool = Tr
     if model is not controller.model:
         raise ValueError("model is not the model this controller adapts")
     merged = copy.deepcopy(model).merge_and_unload(safe_merge=safe_merge)
+    if controller.config.fusion == "virtual":  # the side path is not in PEFT's merge
+        _merge_virtual_(merged, controller)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(merged, "save_pretrained"):
@@ -236,3 +238,15 @@ def save_merged(model, controller: SRLoRAController, path, safe_merge: bool = Tr
         from safetensors.torch import save_model
         _write_atomic(out / "model.safetensors", lambda p: save_model(merged, str(p)))
     return out
+
+
+def _merge_virtual_(merged, controller: SRLoRAController) -> None:
+    """With ``fusion="virtual"`` the live weight is W0: write ``W0 + s*Bd@Ad`` (fp32, one
+    rounding to the weight's dtype) into each merged layer of ``merged``."""
+    for i, L in enumerate(controller.layers):
+        w = merged.get_submodule(_relative_name(L.name)).weight.data
+        view = w.T if getattr(L.layer, "fan_in_fan_out", False) else w.reshape(w.shape[0], -1)
+        Bd, Ad = controller.delta_factors(i)
+        W0 = L.W()
+        view.copy_(torch.addmm(W0.float(), Bd.to(W0.device), Ad.to(W0.device),
+                               alpha=L.scaling).to(view.dtype))

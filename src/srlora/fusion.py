@@ -10,6 +10,9 @@ to the frozen weight, so ``W + s*B@A`` is unchanged. fp32 weights take it in pla
   factor (one rounding from W0, exact);
 * ``"inplace"``: the change is added and the sum rounded at every switch (the error grows).
 
+With ``SRLoRAConfig.fusion="virtual"`` (``st.side`` set) the weight is not written at all: the
+fused pairs and the new directions go into the layer's side-path factors (:mod:`srlora.virtual`).
+
 Whichever the mode, ``W0 + s*Bd@Ad`` (:func:`delta_factors`) is the effective weight, exactly in
 the factors' fp32: the ledger of fused pairs and the subtracted directions make the export exact.
 """
@@ -44,6 +47,11 @@ def fuse_into_weight(st: ModuleState, k: int, Bc: torch.Tensor, Ac: torch.Tensor
     """Add ``s*(B_low@A_low - B_new@A_new)`` (``= s*Bc@Ac``) to one frozen weight; advance p by
     k (with ``half_fusion="original"`` the pairs go into the ledger first: the rebuild reads
     them)."""
+    if st.side is not None:  # fusion="virtual": only the side path's factors are written
+        f0 = st.fused()
+        st.p += k
+        st.side.write_switch(f0, B_low, A_low, B_new, A_new)
+        return
     W, s = st.layer.W(), st.layer.scaling
     st.p += k
     if st.original is not None:

@@ -4,7 +4,9 @@
 initial pairs, the half-precision residuals, one fp32 scratch buffer per device) without writing
 into the model; :func:`write_pissa_init_` then makes the only writes: ``B``, ``A`` and the frozen
 weight's residual ``W0 - s*B0@A0``, so that ``W + s*B@A == W0`` (to the weight's rounding; with
-``half_fusion="residual"`` the int8 residual keeps 8 more bits of it).
+``half_fusion="residual"`` the int8 residual keeps 8 more bits of it). With ``fusion="virtual"``
+the weight is not written: the residual is the first rows of the layer's side path
+(:mod:`srlora.virtual`), whose forward hook is attached last.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from .factors import pissa_factors, split_residual_
 from .layers import AdaptedLayer
 from .module_state import ModuleState, StateStack
 from .svd import top_singular_directions_many
+from .virtual import VirtualSide
 
 Directions = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # U, S, Vh
 SVDFn = Callable[[list[AdaptedLayer], list[int]], list[Directions]]
@@ -49,6 +52,7 @@ def build_states(config: SRLoRAConfig, layers: list[AdaptedLayer],
     # modules of one shape, K, rank and store keep their cache and ledger in one stack
     keys = [(L.shape, k, L.r, store_device(config, L)) for L, k in zip(layers, ks)]
     stacks = {key: StateStack(G, *key) for key, G in Counter(keys).items()}
+    virtual = config.fusion == "virtual"
     states, factors, scratch = [], [], {}
     for L, k, key, (U, S, Vh) in zip(layers, ks, keys, results):
         st = ModuleState(L, k, stacks[key])
@@ -56,7 +60,7 @@ def build_states(config: SRLoRAConfig, layers: list[AdaptedLayer],
         st.S.copy_(S)
         st.Vh.copy_(Vh)
         W = L.W()
-        half = W.dtype != torch.float32 and config.method == "srlora"
+        half = W.dtype != torch.float32 and config.method == "srlora" and not virtual
         if half and config.half_fusion == "original":
             st.keep_original(W)
         if half and config.half_fusion == "residual":
@@ -64,7 +68,10 @@ def build_states(config: SRLoRAConfig, layers: list[AdaptedLayer],
         r0 = min(L.r, k)
         B0, A0 = pissa_factors(U[:, :r0], S[:r0], Vh[:r0], L.scaling)
         factors.append((r0, B0.to(W.device), A0.to(W.device)))
-        scratch[W.device] = max(scratch.get(W.device, 0), W.numel())
+        if virtual:
+            st.side = VirtualSide(L, k, r0)
+        else:
+            scratch[W.device] = max(scratch.get(W.device, 0), W.numel())
         states.append(st)
     buffers = {dev: torch.empty(n, dtype=torch.float32, device=dev) for dev, n in scratch.items()}
     return states, {"factors": factors, "buffers": buffers}
@@ -81,6 +88,10 @@ def write_pissa_init_(states: list[ModuleState], plan: dict) -> None:
         L.A().zero_()
         L.B()[:, :r0] = B0.to(L.B().dtype)
         L.A()[:r0] = A0.to(L.A().dtype)
+        st.p = r0
+        if st.side is not None:  # fusion="virtual": W stays W0
+            st.side.write_init(B0, A0)
+            continue
         W_res = plan["buffers"][W.device][:W.numel()].view(W.shape)
         torch.matmul(B0, A0, out=W_res)
         W_res.mul_(-L.scaling).add_(W)  # W0 - s*(B0@A0), in fp32
@@ -88,4 +99,6 @@ def write_pissa_init_(states: list[ModuleState], plan: dict) -> None:
             split_residual_(W_res, W, st.residual)
         else:
             W.copy_(W_res)
-        st.p = r0
+    for st in states:  # last: nothing above can fail with a hook half attached
+        if st.side is not None:
+            st.side.attach(st.layer.layer)

@@ -1,5 +1,6 @@
 """What the controller keeps for one adapted layer: the SVD cache, the pointer, the ledger of
-fused pairs and the half-precision state (int8 residual or original copy).
+fused pairs, the half-precision state (int8 residual or original copy) and, with
+``fusion="virtual"``, the side path (:mod:`srlora.virtual`).
 
 The cache and ledger of the modules that share a shape, rank and store live in one
 :class:`StateStack`; each :class:`ModuleState` holds views of its row of it, so a switch reads
@@ -54,6 +55,7 @@ class ModuleState:
         self._FBt, self._FA = stack.FBt[g], stack.FA[g]  # the ledger, written front to back
         self.original: Optional[torch.Tensor] = None  # original W (m x n, its dtype) or None
         self.residual: Optional[torch.Tensor] = None  # int8 rounding residual of W, or None
+        self.side = None  # fusion="virtual": the layer's srlora.virtual.VirtualSide, else None
 
     def keep_original(self, W: torch.Tensor) -> None:
         """Copy ``W`` to the store; pinned when the store is host memory and W is on CUDA (every
@@ -100,6 +102,8 @@ class ModuleState:
             self.original.copy_(m["original"])
         if self.residual is not None and "residual" in m:
             self.residual.copy_(m["residual"])
+        if self.side is not None:  # derived state: rebuilt from the cache, ledger and p
+            self.side.rebuild(self)
 
     @staticmethod
     def fetch(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
