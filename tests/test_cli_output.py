@@ -144,5 +144,7 @@ def test_plots_explain_the_band_and_mark_switches():
 def test_default_eval_interval_gives_ten_points():
     from srlora.experiments.tasks import CUSTOM_DEFAULTS, TASKS
 
-    for d in [t.defaults for t in TASKS.values()] + [CUSTOM_DEFAULTS]:
+    # the classification tasks; bbc-lm (SmolLM2, one eval of its 16 blocks costs about two
+    # training steps on this CPU) keeps two points per run (docs/compare.md)
+    for d in [t.defaults for t in TASKS.values() if t.kind != "lm"] + [CUSTOM_DEFAULTS]:
         assert d["steps"] // d["eval_every"] >= 10, d
