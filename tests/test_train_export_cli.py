@@ -46,7 +46,8 @@ def test_train_resume_is_exact_and_export_reproduces(assets, tmp_path):
     finally:
         runner.run_one = real
     assert json.loads((part / "results.json").read_text())["runs"] == []
-    assert main(["train", "--resume", str(part), "--no-progress"]) == 0
+    # resumed with the same --config it was started with (save_every and out included)
+    assert main(["train", "--config", cfg_b, "--resume", str(part), "--no-progress"]) == 0
     a = json.loads((full / "results.json").read_text())["runs"][0]
     b = json.loads((part / "results.json").read_text())["runs"][0]
     assert a["switch_steps"] == b["switch_steps"] == [2, 4, 6, 8]

@@ -88,6 +88,9 @@ def load_yaml(path: str) -> dict:
     return data
 
 
+_FREE = ("save_every", "out")  # may differ between the first run and its --resume
+
+
 def run(args) -> int:
     import yaml
 
@@ -100,8 +103,13 @@ def run(args) -> int:
         if not os.path.isfile(saved):
             raise UsageError(f"--resume {args.resume!r}: no run.yaml there; not a train folder")
         options = load_yaml(saved)
-        if args.config and load_yaml(args.config) != options:
-            raise UsageError(f"--config differs from the run being resumed ({saved})")
+        if args.config:  # the run's options must agree; where it saves and how often may not
+            given = {k: v for k, v in load_yaml(args.config).items() if k not in _FREE}
+            diff = sorted(k for k in set(given) | set(options) - set(_FREE)
+                          if given.get(k) != options.get(k))
+            if diff:
+                raise UsageError(f"--config differs from the run being resumed ({saved}) in "
+                                 f"{diff}")
     elif args.config:
         options = load_yaml(args.config)
     else:
