@@ -200,7 +200,7 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
         "accuracy": None, "loss": None, "perplexity": None}
     td = time.perf_counter()
     diag = diagnostics.collect(controller)
-    diag["time_s"] = round(time.perf_counter() - td, 3)
+    diag_s = time.perf_counter() - td
     lm = {"final_perplexity": test_ev["perplexity"], "val_perplexity": val["perplexity"],
           "train_blocks": len(train), "test_blocks": len(test)} if bundle.kind == "lm" else {}
     return {
@@ -212,7 +212,7 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
         "switch_steps": [e["step"] for e in controller.history], "switches": _switch_log(controller),
         "num_switches": controller.num_switches, "pointers": controller.pointers,
         "wall_time_s": time.perf_counter() - t0, "train_time_s": train_s, "eval_time_s": eval_s,
-        "setup_time_s": setup_s,
+        "setup_time_s": setup_s, "diagnostics_time_s": diag_s,
         "trainable_params": sum(p.numel() for p in params),
         "adapted_modules": len(controller.layers), **lm,
         "diagnostics": diag,
