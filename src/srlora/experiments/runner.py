@@ -112,9 +112,9 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     """Train one adapter and return its record (losses per optimizer step, curves, switches).
 
     ``split`` has ``train``/``val``/``test`` index arrays into ``enc`` (for a causal LM: into its
-    documents; the run uses their blocks). The eval curve is taken
-    on the first ``eval_size`` test examples (LM: blocks) every ``eval_every`` steps; the final accuracy on the
-    whole test part, and (``eval_val``) the validation accuracy used to pick the learning rate.
+    documents; the run uses their blocks). The eval curve is taken on the first ``eval_size``
+    test examples (LM: blocks) every ``eval_every`` steps; the final accuracy on the whole test
+    part, and (``eval_val``) the validation accuracy used to pick the learning rate.
     ``lr`` drives the LoRA factors; the fully trained head (``modules_to_save``) uses ``head_lr``
     (default ``lr``), so with a fixed ``head_lr`` methods differ only in the adapter.
     ``callback(step, model, controller, optimizer, scheduler)`` runs after every optimizer step.
