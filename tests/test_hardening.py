@@ -223,7 +223,7 @@ def _train(mode, steps=9, **kw):
     return model, ctl, opt
 
 
-@pytest.mark.parametrize("policy", ["zero", "keep"])
+@pytest.mark.parametrize("policy", ["zero", "keep", "rewarm"])
 def test_step_and_attach_train_bitwise_the_same(policy):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # neither path warns (no false alarm)

@@ -34,7 +34,9 @@ class SRLoRAConfig:
       importance_reset: "module" zeroes a module's whole importance state after its switch (the
         paper's "reset the importance scores"); "slots" zeroes only the reinitialized pairs.
       optimizer_state: "zero" zeroes the optimizer moments of the reinitialized slices (ReLoRA);
-        "keep" leaves them (GaLore).
+        "keep" leaves them (GaLore); "rewarm" zeroes them and counts Adam's bias correction of
+        each restarted slot from its own restart, so its first update is at most the learning
+        rate per element, as a fresh parameter's (torch Adam/AdamW only; srlora.rewarm).
       selection: which pairs a switch fuses. "importance" (the paper): the r' lowest pair scores.
         "protect": the same, but a slot written at the module's previous switch is fused only when
         too few older slots are left (a new direction gets one whole interval). "normalized": the
@@ -77,7 +79,7 @@ class SRLoRAConfig:
     lora_dropout: float = 0.0
     method: Literal["srlora", "pissa", "lora"] = "srlora"
     importance_reset: Literal["module", "slots"] = "module"
-    optimizer_state: Literal["zero", "keep"] = "zero"
+    optimizer_state: Literal["zero", "keep", "rewarm"] = "zero"
     selection: Literal["importance", "protect", "normalized"] = "importance"
     svd_method: Literal["auto", "exact", "randomized"] = "auto"
     svd_oversample: int = 16
@@ -119,7 +121,7 @@ class SRLoRAConfig:
         number("beta2", 0.0, 1.0, False, True)
         number("lora_dropout", 0.0, 1.0, False, True)
         for name, allowed in (("importance_reset", ("module", "slots")),
-                              ("optimizer_state", ("zero", "keep")),
+                              ("optimizer_state", ("zero", "keep", "rewarm")),
                               ("selection", SELECTIONS),
                               ("svd_method", ("auto", "exact", "randomized")),
                               ("half_fusion", ("residual", "original", "inplace")),

@@ -24,6 +24,7 @@ from .importance import ImportanceTracker
 from .initialize import SVDFn, build_states, write_pissa_init_
 from .layers import AdaptedLayer
 from .module_state import ModuleState
+from .rewarm import check_optimizer, restart_steps, rewarm_
 from .switch import apply_switch, group_pair_scores, plan_switch
 
 __all__ = ["SRLoRAController", "unwrap_optimizer", "SVDFn"]
@@ -52,6 +53,8 @@ class SRLoRAController:
         self._first_version: Optional[int] = None  # lora_A's version at the first backward
         self._switch_steps: Optional[set[int]] = None
         self._engine_walked: Optional[list] = None  # edited parameters at the last model walk
+        self._rewarm: Optional[tuple] = None  # (history length, restart steps, param groups)
+        self._rewarm_done: dict = {}  # parameter id -> the Adam step already corrected
         self.modules: list[ModuleState] = []
         plan = None
         if config.method in ("pissa", "srlora"):  # everything computed before the first write
@@ -93,6 +96,8 @@ class SRLoRAController:
         if self.config.method == "srlora":
             check_engine(self.model, optimizer)  # FSDP / DeepSpeed: refused, naming what works
         inner = unwrap_optimizer(optimizer)
+        if self.config.method == "srlora" and self.config.optimizer_state == "rewarm":
+            check_optimizer(inner)
         trained = {id(p) for g in inner.param_groups for p in g["params"]}
         missing = [L.name for L in self.layers if id(L.lora_A) not in trained
                    or id(L.lora_B) not in trained]
@@ -111,7 +116,7 @@ class SRLoRAController:
         inner = self._bind(optimizer)
         _ = self.switch_steps  # raises now if the schedule cannot be built
         self.detach()
-        self.optimizer = inner
+        self.optimizer, self._rewarm = inner, None
         self._hook = inner.register_step_post_hook(lambda opt, args, kwargs: self.step())
         return self
 
@@ -147,18 +152,18 @@ class SRLoRAController:
         """One optimizer step happened: update importance, count it, switch if scheduled.
 
         Call it after ``optimizer.step()`` and before ``zero_grad()`` when the controller is not
-        attached. ``optimizer`` (needed once, for ``optimizer_state="zero"``) is the one whose
+        attached. ``optimizer`` (needed once, unless ``optimizer_state="keep"``) is the one whose
         state a switch resets; it is checked as ``attach`` checks it.
         """
         if optimizer is not None and self.optimizer is not unwrap_optimizer(optimizer):
             if self.attached:
                 raise ValueError("step(optimizer): the controller is attached to another "
                                  "optimizer; call step() without it, or detach() first")
-            self.optimizer = self._bind(optimizer)
-        if (self.config.method == "srlora" and self.config.optimizer_state == "zero"
-                and self.optimizer is None):
-            raise ValueError("SRLoRAConfig.optimizer_state='zero' resets the optimizer state of "
-                             "reinitialized slots: call controller.step(optimizer) (or "
+            self.optimizer, self._rewarm = self._bind(optimizer), None
+        policy = self.config.optimizer_state
+        if self.config.method == "srlora" and policy != "keep" and self.optimizer is None:
+            raise ValueError(f"SRLoRAConfig.optimizer_state={policy!r} resets the optimizer "
+                             "state of reinitialized slots: call controller.step(optimizer) (or "
                              "controller.attach(optimizer)) so the controller knows it")
         self._step()
 
@@ -166,6 +171,8 @@ class SRLoRAController:
         if self.config.method != "srlora":
             self.global_step += 1
             return
+        if self.config.optimizer_state == "rewarm" and self.optimizer is not None:
+            self._rewarm_slots()
         if not self.importance.update():
             self._warn_once("nograd", "SRLoRA: step() found no gradient on the LoRA factors; "
                             "call it after optimizer.step() and before zero_grad()")
@@ -174,6 +181,18 @@ class SRLoRAController:
             _ = self.switch_steps
         if self.global_step in self._switch_steps:
             self.switch_now()
+
+    def _rewarm_slots(self) -> None:
+        """``optimizer_state="rewarm"``: each restarted slot's Adam update re-done with the bias
+        correction of its own restart (:mod:`srlora.rewarm`)."""
+        if self._rewarm is None or self._rewarm[0] != len(self.history):
+            groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+            r = self.layers[0].r if self.layers else 0
+            self._rewarm = (len(self.history), restart_steps(self.history, len(self.layers), r),
+                            groups)
+        if bool((self._rewarm[1] >= 0).any()):
+            rewarm_(self.optimizer, self.layers, self._rewarm[1], self._rewarm[2],
+                    self._rewarm_done)
 
     # ------------------------------------------------------------------ the switch
     def pair_scores(self, i: int) -> torch.Tensor:
@@ -264,3 +283,4 @@ class SRLoRAController:
         """Load state saved by ``state_dict()``; checks every key and shape before writing."""
         controller_state.load_state(self, sd)
         self._switch_steps = None
+        self._rewarm, self._rewarm_done = None, {}

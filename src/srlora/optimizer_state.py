@@ -3,7 +3,9 @@
 
 * ``"zero"``: zero every parameter-shaped state tensor (Adam's moments, SGD's momentum, ...) of the
   reinitialized rows of A and columns of B (ReLoRA);
-* ``"keep"``: leave it (GaLore).
+* ``"keep"``: leave it (GaLore);
+* ``"rewarm"``: zero it as ``"zero"`` does; then, after every optimizer step, each restarted slot's
+  Adam update is bias-corrected from its own restart (:mod:`srlora.rewarm`).
 """
 from __future__ import annotations
 
@@ -45,5 +47,5 @@ def zero_slots_(optimizer: torch.optim.Optimizer, Ls: list[AdaptedLayer],
 
 def apply_policy(policy: str, optimizer, Ls: list[AdaptedLayer], hit: torch.Tensor) -> None:
     """Apply ``SRLoRAConfig.optimizer_state`` to the slots ``hit`` of the layers ``Ls``."""
-    if policy == "zero":
+    if policy in ("zero", "rewarm"):
         zero_slots_(optimizer, Ls, hit)

@@ -191,6 +191,11 @@ def apply_switch(ctl: "SRLoRAController", plans: list[GroupSwitch], k: int) -> d
     order, dev0 = [i for g in plans for i in g.idx], plans[0].slots.device
     low = dict(zip(order, torch.cat([g.slots.to(dev0) for g in plans]).cpu().tolist()))
     sc = dict(zip(order, torch.cat([g.scores.to(dev0) for g in plans]).cpu().tolist()))
-    return {"step": ctl.global_step, "modules": todo, "slots": [low[i] for i in todo],
-            "directions": [list(range(ctl.modules[i].p - k, ctl.modules[i].p)) for i in todo],
-            "scores": [sc[i] for i in todo]}
+    entry = {"step": ctl.global_step, "modules": todo, "slots": [low[i] for i in todo],
+             "directions": [list(range(ctl.modules[i].p - k, ctl.modules[i].p)) for i in todo],
+             "scores": [sc[i] for i in todo]}
+    if ctl.config.optimizer_state == "rewarm" and ctl.optimizer is not None:
+        # Adam's step count at the restart: "rewarm" counts each slot's bias correction from it
+        from .rewarm import adam_step_count
+        entry["optimizer_step"] = adam_step_count(ctl.optimizer, ctl.layers[todo[0]].lora_A) or 0
+    return entry
