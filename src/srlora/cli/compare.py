@@ -46,7 +46,9 @@ def register(sub) -> None:
                       "(default: the task's model)")
     a("--dataset", help="a local CSV/TSV/JSONL with text,label columns, or a hub dataset name "
                         "(replaces the task's data)")
-    a("--methods", default="lora,pissa,srlora", help="comma list of lora,pissa,srlora")
+    a("--methods", default="lora,pissa,srlora",
+      help="comma list of lora, pissa, srlora, dora, olora, or a variant: srlora:rewarm, "
+           "srlora:protect:rewarm, srlora:gamma=0.25, srlora:paper (docs/compare.md)")
     a("--seeds", help="comma list of ints (default per task: 0,1,2)")
     a("--steps", type=int, help="optimizer steps per run (default per task)")
     a("--batch-size", type=int, help="examples per optimizer step (default per task)")
@@ -97,9 +99,11 @@ def _ints(s: str, flag: str) -> list[int]:
     return v
 
 
-def parse_lrs(spec: str, methods: list[str], default: str) -> dict:
+def parse_lrs(spec: str, methods: list[str], default: str, bases: dict | None = None) -> dict:
     """``--lr`` into {method: [lr, ...]}; methods not named take the plain values, else the
-    task default for that method."""
+    task default for that method's base method (``bases``: name -> base method)."""
+    bases = bases or {m: m for m in methods}
+    known = tuple(METHODS) + tuple(m for m in methods if m not in METHODS)
     def parse(s: str, flag: str):
         shared, per = [], {}
         for item in [x.strip() for x in s.split(",") if x.strip()]:
@@ -110,8 +114,8 @@ def parse_lrs(spec: str, methods: list[str], default: str) -> dict:
                 raise UsageError(f"{flag}: {v!r} is not a number") from None
             if not (math.isfinite(lr) and lr > 0):
                 raise UsageError(f"{flag}: learning rates must be positive, got {v!r}")
-            if m and m not in METHODS:
-                raise UsageError(f"{flag}: unknown method {m!r} (methods: {', '.join(METHODS)})")
+            if m and m not in known:
+                raise UsageError(f"{flag}: unknown method {m!r} (methods: {', '.join(known)})")
             (per.setdefault(m, []) if m else shared).append(lr)
         return shared, per
 
@@ -121,7 +125,7 @@ def parse_lrs(spec: str, methods: list[str], default: str) -> dict:
         raise UsageError("--lr: empty")
     out = {}
     for m in methods:
-        v = per.get(m) or shared or d_per.get(m) or d_shared
+        v = per.get(m) or shared or d_per.get(m) or d_per.get(bases.get(m, m)) or d_shared
         out[m] = sorted(set(v))
     return out
 
@@ -170,11 +174,20 @@ def build_config(args):
                          f"{', '.join(TASKS)} (or give --dataset)")
     else:
         task_name, d = args.task, TASKS[args.task].defaults
+    from ..experiments.methods import MethodError, parse_method
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise UsageError(f"--methods: unknown method(s) {bad or methods}; choose from "
+    if not methods:
+        raise UsageError(f"--methods: no method in {args.methods!r}; choose from "
                          f"{', '.join(METHODS)}")
+    variants = {}
+    for m in methods:
+        try:
+            name, base, config = parse_method(m)
+        except MethodError as e:
+            raise UsageError(f"--methods: {e}") from None
+        if "/" in name:
+            raise UsageError(f"--methods: {name!r}: a method name cannot hold '/'")
+        variants[name] = {"method": base, "config": config}
     if len(set(methods)) != len(methods):
         raise UsageError(f"--methods: a method is named twice: {args.methods!r}")
     pick = lambda v, key: d.get(key) if v is None else v
@@ -211,7 +224,9 @@ def build_config(args):
         raise UsageError(f"--seeds: a seed is named twice: {seeds}")
     cfg = CompareConfig(
         task=task_name, methods=methods, seeds=seeds,
-        lrs=parse_lrs(args.lr, methods, d["lr"]), steps=steps, batch_size=bs, r=r,
+        lrs=parse_lrs(args.lr, methods, d["lr"], {m: v["method"] for m, v in variants.items()}),
+        variants={m: v for m, v in variants.items() if m != v["method"] or v["config"]},
+        steps=steps, batch_size=bs, r=r,
         lora_alpha=args.lora_alpha if args.lora_alpha is not None else
         (d["lora_alpha"] if args.r is None else 2.0 * r),
         r_target=pick(args.r_target, "r_target"), gamma=pick(args.gamma, "gamma"),
@@ -231,9 +246,11 @@ def build_config(args):
         raise UsageError("--target-modules: empty")
     import srlora
     for m in methods:  # the library's own validation of r, r_target, gamma, ...
+        v = variants[m]
         try:
-            srlora.SRLoRAConfig(method=m, r=cfg.r, lora_alpha=cfg.lora_alpha,
-                                r_target=cfg.r_target, gamma=cfg.gamma, total_steps=cfg.steps)
+            srlora.SRLoRAConfig(**{"method": v["method"], "r": cfg.r, "lora_alpha": cfg.lora_alpha,
+                                   "r_target": cfg.r_target, "gamma": cfg.gamma,
+                                   "total_steps": cfg.steps, **v["config"]})
         except ValueError as e:
             raise UsageError(str(e).replace("SRLoRAConfig.", "--").replace("_", "-")) from None
     return cfg
@@ -266,8 +283,8 @@ def prepare(cfg):
 
 def _check_adapter(cfg, bundle) -> None:
     import srlora
-    method = "srlora" if "srlora" in cfg.methods else ("pissa" if "pissa" in cfg.methods
-                                                        else "lora")
+    bases = [cfg.base_method(m) for m in cfg.methods]
+    method = "srlora" if "srlora" in bases else ("pissa" if "pissa" in bases else "lora")
     try:
         srlora.wrap(bundle.make(0), srlora.SRLoRAConfig(
             method=method, r=cfg.r, lora_alpha=cfg.lora_alpha, r_target=cfg.r_target,

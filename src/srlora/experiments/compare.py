@@ -55,6 +55,12 @@ class CompareConfig:
     dataset: str = ""
     save_every: int = 0
     extra: dict = field(default_factory=dict)
+    # methods that are not a plain base method: name -> {"method": base, "config": {fields}}
+    # (srlora:rewarm, dora, ...; experiments/methods.py)
+    variants: dict = field(default_factory=dict)
+
+    def base_method(self, name: str) -> str:
+        return self.variants.get(name, {}).get("method", name)
 
 
 def select_best_lr(runs: list[dict]) -> dict:
@@ -167,8 +173,9 @@ def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bo
     grid = any(len(v) > 1 for v in cfg.lrs.values())  # validation is needed only to pick an lr
     try:
         for k, (method, lr, seed) in enumerate(jobs, 1):
+            variant = cfg.variants.get(method, {})
             rec = runner.run_one(
-                bundle, enc, split, method=method, seed=seed, lr=lr, steps=cfg.steps,
+                bundle, enc, split, method=variant.get("method", method), seed=seed, lr=lr, steps=cfg.steps,
                 batch_size=cfg.batch_size, r=cfg.r, lora_alpha=cfg.lora_alpha,
                 r_target=cfg.r_target, gamma=cfg.gamma, target_modules=cfg.target_modules,
                 eval_every=cfg.eval_every, eval_size=cfg.eval_size, warmup=cfg.warmup,
@@ -177,7 +184,9 @@ def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bo
                 checkpoint_dir=run_dir(cfg, method, lr, seed) if cfg.save_every else None,
                 save_every=cfg.save_every,
                 resume_from=checkpointing.latest(run_dir(cfg, method, lr, seed))
-                if resume else None)
+                if resume else None, config=variant.get("config"))
+            if variant:  # tables, plots and resume know a run by its method's name
+                rec["base_method"], rec["method"] = rec["method"], method
             rec["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") \
                 else None  # a busy machine explains a slow run
             results["runs"].append(rec)

@@ -97,8 +97,7 @@ def evaluate(bundle: Bundle, model, enc, idx: np.ndarray, batch_size: int = 64) 
 
 def _switch_log(controller) -> list[dict]:
     names = [L.name for L in controller.layers]
-    return [{"step": e["step"], "modules": [names[i] for i in e["modules"]], "slots": e["slots"],
-             "directions": e["directions"], "scores": e["scores"]} for e in controller.history]
+    return [{**e, "modules": [names[i] for i in e["modules"]]} for e in controller.history]
 
 
 def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, steps: int,

@@ -18,6 +18,7 @@ Layout (see docs/study.md)::
       - lora                                    # a name that is also a base method
       - {name: srlora-keep, method: srlora, optimizer_state: keep}
       - {name: dora, method: dora}              # lora + extra_lora_kwargs {use_dora: true}
+      - srlora:protect:rewarm                   # as srlora compare --methods writes it
     tasks:
       - {name: rt-polarity, steps: 600, lrs: {pissa: [1e-4, 3e-4, 1e-3]}}
       - {name: tiny, dataset: data.csv, model: ./tiny-bert}   # a local dataset and model
@@ -29,11 +30,9 @@ import math
 import os
 from typing import Any
 
-BASE_METHODS = ("lora", "pissa", "srlora")
-SHORTHANDS = {"dora": ("lora", {"use_dora": True}),
-              "olora": ("lora", {"init_lora_weights": "olora"})}
-# SRLoRAConfig fields the harness sets itself (from the task and the model)
-HARNESS_FIELDS = ("method", "total_steps", "target_modules", "modules_to_save")
+# SRLoRAConfig fields the harness sets itself (from the task and the model): HARNESS_FIELDS
+from .methods import BASE_METHODS, HARNESS_FIELDS, SHORTHANDS, MethodError, parse_method
+
 # run settings a task entry (or the spec's ``defaults``) may set; see srlora compare --help
 TASK_KEYS = {"steps": int, "batch_size": int, "eval_every": int, "eval_size": int,
              "max_train": int, "max_val": int, "max_test": int, "max_len": int,
@@ -120,6 +119,14 @@ def _lr_table(v: Any, path: str, names: list[str], least: int) -> dict:
 def _method(v: Any, path: str) -> dict:
     import srlora
 
+    if isinstance(v, str) and ":" in v:  # srlora:rewarm, srlora:selection=protect, ...
+        try:
+            name, base, config = parse_method(v)
+        except MethodError as e:
+            _fail(path, str(e))
+        if "/" in name:
+            _fail(path, f"expected a plain name (no '/'), got {name!r}")
+        return {"name": name, "method": base, "config": config}
     if isinstance(v, str):
         v = {"name": v}
     if not isinstance(v, dict):

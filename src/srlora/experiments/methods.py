@@ -1,0 +1,98 @@
+"""Method names as users write them in ``srlora compare --methods`` and in study specs.
+
+A method is a base method (``lora``, ``pissa``, ``srlora``), one of PEFT's LoRA variants that the
+harness runs as ``lora`` with PEFT flags (``dora``, ``olora``), or a base followed by
+``:``-separated SRLoRAConfig settings::
+
+    srlora:rewarm              optimizer_state="rewarm" (a bare value names its one choice field)
+    srlora:protect:rewarm      selection="protect", optimizer_state="rewarm"
+    srlora:gamma=0.25          any field: FIELD=VALUE (VALUE read as YAML: 0.25, true, keep)
+    srlora:paper               SRLoRAConfig.paper()'s pinned fields
+
+The whole text is the method's name in tables, plots and run folders. Every setting is checked
+by building the SRLoRAConfig, so a bad one is refused before anything runs.
+"""
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+BASE_METHODS = ("lora", "pissa", "srlora")
+SHORTHANDS = {"dora": ("lora", {"use_dora": True}),
+              "olora": ("lora", {"init_lora_weights": "olora"})}
+HARNESS_FIELDS = ("method", "total_steps", "target_modules", "modules_to_save")
+
+
+class MethodError(ValueError):
+    """A method text that cannot be run; the message names the part at fault."""
+
+
+def choice_fields() -> dict[str, list[str]]:
+    """Each value of SRLoRAConfig's choice fields (``Literal[...]``) -> the fields it belongs to."""
+    import srlora
+
+    out: dict[str, list[str]] = {}
+    hints = typing.get_type_hints(srlora.SRLoRAConfig)
+    for name, hint in hints.items():
+        if name in HARNESS_FIELDS or typing.get_origin(hint) is not typing.Literal:
+            continue
+        for value in typing.get_args(hint):
+            out.setdefault(value, []).append(name)
+    return out
+
+
+def _value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_method(text: str) -> tuple[str, str, dict]:
+    """``text`` -> (name, base method, SRLoRAConfig fields); raises MethodError."""
+    import srlora
+    from srlora.config import PAPER
+
+    name = text.strip()
+    base, *parts = [p.strip() for p in name.split(":")]
+    if base not in BASE_METHODS + tuple(SHORTHANDS):
+        raise MethodError(f"unknown method {base!r} in {name!r}; choose from "
+                          f"{', '.join(BASE_METHODS + tuple(SHORTHANDS))}")
+    config: dict = {}
+    if base in SHORTHANDS:
+        base, flags = SHORTHANDS[base]
+        config["extra_lora_kwargs"] = dict(flags)
+    fields, values = set(srlora.SRLoRAConfig.__dataclass_fields__), choice_fields()
+    for part in parts:
+        if not part:
+            raise MethodError(f"{name!r}: an empty setting between ':'")
+        if part == "paper":
+            new = {k: v for k, v in PAPER.items() if k != "method"}
+        elif "=" in part:
+            key, _, raw = part.partition("=")
+            key = key.strip()
+            if key not in fields or key in HARNESS_FIELDS + ("extra_lora_kwargs",):
+                raise MethodError(f"{name!r}: {key!r} is not a setting a method can take "
+                                  "(SRLoRAConfig fields such as gamma, r_target, selection)")
+            new = {key: _value(raw.strip())}
+        else:
+            owners = values.get(part, [])
+            if len(owners) != 1:
+                known = ", ".join(sorted(v for v, f in values.items() if len(f) == 1))
+                raise MethodError(
+                    f"{name!r}: {part!r} " + (f"is a value of several fields {owners}: write "
+                                              f"FIELD={part}" if owners else
+                                              f"is not a known setting (values: {known}; or "
+                                              "FIELD=VALUE)"))
+            new = {owners[0]: part}
+        clash = [k for k in new if k in config and config[k] != new[k]]
+        if clash:
+            raise MethodError(f"{name!r}: {clash[0]!r} is set twice")
+        config.update(new)
+    try:
+        srlora.SRLoRAConfig(method=base, **config)
+    except (ValueError, TypeError) as e:
+        raise MethodError(f"{name!r}: {e}") from None
+    return name, base, config
