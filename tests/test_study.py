@@ -309,3 +309,43 @@ def test_schedule_order_and_lr_choice(tmp_path):
                         for s in range(5) for m in ("lora", "srlora")]
     assert all(k[0] == "mnist" for k in nxt[10:])
     assert st.pending_total() == len(nxt) + 2 * 5  # + mnist's final runs, lr not yet chosen
+
+
+def test_reuse_copies_only_the_runs_this_study_would_run_identically(tmp_path):
+    """--reuse: another study's finished runs are copied when task settings, method (and its
+    fields), lr, steps and seed all match this spec's plan; nothing else."""
+    from srlora.experiments.study import reuse_runs, run_file
+
+    mk = lambda methods, steps: study_spec.parse(base_spec(
+        methods=methods, tasks=[{"name": "rt-polarity", "steps": steps},
+                                {"name": "mnist", "steps": 100}]))
+    theirs = mk(["lora", "srlora", {"name": "srlora-keep", "method": "srlora",
+                                    "optimizer_state": "keep"}], 200)
+    mine = mk(["lora", "srlora", {"name": "srlora-keep", "method": "srlora",
+                                  "optimizer_state": "zero"}, "pissa"], 200)
+    other, out = tmp_path / "other", tmp_path / "out"
+    os.makedirs(other)
+    (other / "spec.json").write_text(json.dumps(theirs))
+    files = []
+    for task in theirs["tasks"]:
+        for m in ("lora", "srlora", "srlora-keep"):
+            for lr in (1e-3, 0.05):  # 0.05: not in the grid
+                for steps, seed in ((task["selection_steps"], 10), (task["steps"], 0),
+                                    (task["steps"], 7)):  # seed 7: not in the plan
+                    f = run_file(str(other), task["name"], m, lr, steps, seed)
+                    os.makedirs(os.path.dirname(f), exist_ok=True)
+                    with open(f, "w") as fh:
+                        json.dump({"task": task["name"], "name": m, "lr": lr, "seed": seed}, fh)
+                    files.append(f)
+    got = reuse_runs(mine, str(out), str(other))
+    copied = sorted(os.path.relpath(p, out) for p in
+                    glob.glob(str(out / "runs" / "**" / "*.json"), recursive=True))
+    want = sorted(os.path.relpath(run_file(str(out), t["name"], m, 1e-3, steps, seed), out)
+                  for t in mine["tasks"] for m in ("lora", "srlora")
+                  for steps, seed in ((t["selection_steps"], 10), (t["steps"], 0)))
+    assert copied == want and got["copied"] == len(want) == 8
+    assert got["skipped"]["method differs or absent"] == 4  # srlora-keep (zero), pissa: 2 tasks
+    # a task whose settings differ is not reused at all; existing files are kept
+    changed = mk(["lora"], 300)
+    again = reuse_runs(changed, str(out), str(other))
+    assert again["copied"] == 0 and again["skipped"] == {"task differs or absent": 1}

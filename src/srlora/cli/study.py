@@ -32,6 +32,9 @@ def register(sub) -> None:
       help="where runs train (default cpu); with cuda and several GPUs, one job per GPU")
     a("--resume", action="store_true",
       help="continue the study in --out: skip every finished run (the spec must be the same)")
+    a("--reuse", action="append", default=[], metavar="DIR",
+      help="before running, copy the finished runs of the study in DIR that this spec would run "
+           "identically (same task settings, method and fields, lr, steps, seed); repeatable")
     a("--no-progress", action="store_true", help="no progress bar (--jobs 1)")
     p.set_defaults(func=run)
 
@@ -85,6 +88,9 @@ def run(args) -> int:
             raise UsageError("--device cuda: no CUDA GPU is visible")
     threads = args.threads or _env_threads() or max(1, (os.cpu_count() or 1) // args.jobs)
     _check_out(args.out, spec, args.resume)
+    for d in args.reuse:
+        if not os.path.isfile(os.path.join(d, "spec.json")):
+            raise UsageError(f"--reuse {d!r}: not a study folder (no spec.json)")
     import torch
     torch.set_num_threads(threads)
     task_meta = {}
@@ -99,9 +105,13 @@ def run(args) -> int:
         study_jobs.forget()  # the workers load their own
     os.makedirs(args.out, exist_ok=True)
     study_jobs.write_json(os.path.join(args.out, "spec.json"), spec)
+    reused = {}
+    for d in args.reuse:
+        reused[d] = study.reuse_runs(spec, args.out, d)
+        print(f"--reuse {d}: {reused[d]['copied']} run(s) copied", flush=True)
     meta = {"versions": compare.versions(), "hardware": compare.hardware(),
             "git_commit": compare.git_commit(), "jobs": args.jobs, "threads_per_job": threads,
-            "device": device, "tasks": task_meta,
+            "device": device, "tasks": task_meta, "reused": reused,
             "started": __import__("time").strftime("%Y-%m-%dT%H:%M:%S%z")}
     n_sel = sum(len(t["lrs"][m["name"]]) for t in spec["tasks"] for m in spec["methods"]) \
         * len(spec["selection"]["seeds"])

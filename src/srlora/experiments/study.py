@@ -33,6 +33,45 @@ def run_file(out: str, task: str, method: str, lr: float, steps: int, seed: int)
                         f"seed={seed}.json")
 
 
+def reuse_runs(spec: dict, out: str, other: str) -> dict:
+    """Copy into ``out`` every finished run of the study in ``other`` that this study would run
+    identically: the same task (every resolved setting but the lr grids), the same method (name,
+    base method and SRLoRAConfig fields), an lr of this study's grid, and the selection or final
+    steps and seeds of this study. Files already in ``out`` are kept. Reads ``other/spec.json``;
+    returns {"copied": n, "skipped": {reason: n}}. Runs are deterministic per seed (the
+    ``--jobs 2`` test), so a copied record is the record this study would write."""
+    import json
+    import shutil
+
+    with open(os.path.join(other, "spec.json")) as f:
+        theirs = json.load(f)
+    strip = lambda t: {k: v for k, v in t.items() if k != "lrs"}
+    their_tasks = {t["name"]: strip(t) for t in theirs["tasks"]}
+    their_methods = {m["name"]: m for m in theirs["methods"]}
+    copied, skipped = 0, {}
+    for task in spec["tasks"]:
+        if their_tasks.get(task["name"]) != strip(task):
+            skipped["task differs or absent"] = skipped.get("task differs or absent", 0) + 1
+            continue
+        for m in spec["methods"]:
+            if their_methods.get(m["name"]) != m:
+                skipped["method differs or absent"] = skipped.get("method differs or absent",
+                                                                  0) + 1
+                continue
+            for lr in task["lrs"][m["name"]]:
+                keys = [(task["selection_steps"], s) for s in spec["selection"]["seeds"]] + \
+                       [(task["steps"], s) for s in spec["final"]["seeds"]]
+                for steps, seed in keys:
+                    src = run_file(other, task["name"], m["name"], lr, steps, seed)
+                    dst = run_file(out, task["name"], m["name"], lr, steps, seed)
+                    if os.path.exists(src) and not os.path.exists(dst):
+                        os.makedirs(os.path.dirname(dst), exist_ok=True)
+                        shutil.copyfile(src, dst + ".tmp")
+                        os.replace(dst + ".tmp", dst)
+                        copied += 1
+    return {"copied": copied, "skipped": skipped}
+
+
 def compact(rec: dict, out: str, path: str) -> dict:
     """A run's line in study.json: its identity and metrics, no per-step arrays."""
     c = {k: rec.get(k) for k in ("task", "name", "method", "lr", "seed", "steps", "failed")}
