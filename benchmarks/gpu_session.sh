@@ -42,3 +42,8 @@ echo "== 4. llama-1b, half_fusion=original (rebuild from the original copy), no 
 timeout ${VARIANT_TIMEOUT:-90} python3 -m srlora bench --shape llama-1b --device cuda \
   --warmup 3 --blocks 2 --steps-per-block 10 --no-memory --half-fusion original \
   --json "$OUT/llama-1b-original.json" 2>&1 | tee "$OUT/llama-1b-original.md" | tail -14
+
+echo "== 5. llama-1b, fusion=virtual (the base weight never written; the side path in the forward)"
+timeout ${VIRTUAL_TIMEOUT:-120} python3 -m srlora bench --shape llama-1b --device cuda \
+  --warmup 3 --blocks 3 --steps-per-block 10 --no-memory --fusion virtual \
+  --json "$OUT/llama-1b-virtual.json" 2>&1 | tee "$OUT/llama-1b-virtual.md" | tail -14

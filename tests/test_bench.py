@@ -157,3 +157,21 @@ def test_svd_accuracy_on_pretrained_minilm():
     acc = bench.svd_accuracy(weights[:2], 64, SRLoRAConfig(), torch.device("cpu"))
     assert acc["subspace_error_r_max"] < 0.05 and acc["direction_cos_median_min"] > 0.98
     assert acc["sv_rel_error_max"] < 0.1 and acc["residual_excess_max"] < 0.02
+
+
+def test_bench_fusion_virtual_tiny(tmp_path, capsys, one_thread, monkeypatch):
+    """--fusion virtual reaches the SRLoRA model that is timed."""
+    import srlora.bench.run as run_mod
+
+    seen, real = [], run_mod.wrap
+
+    def spy(model, cfg):
+        seen.append(cfg.fusion)
+        return real(model, cfg)
+    monkeypatch.setattr(run_mod, "wrap", spy)
+    out = tmp_path / "v.json"
+    assert main(_docs_smoke_command() + ["--fusion", "virtual", "--json", str(out)]) == 0
+    assert "fusion=virtual" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["options"]["fusion"] == "virtual" and seen and set(seen) == {"virtual"}
+    assert r["steps"]["switches_total"] == 2

@@ -77,6 +77,8 @@ def format_report(result: dict) -> str:
     o = result["options"]
     state = ("" if o.get("offload", "cpu") == "cpu" and o.get("half_fusion") == "residual" else
              f"; SRLoRA state on {o.get('offload')}, half_fusion={o.get('half_fusion')}")
+    if o.get("fusion", "weight") != "weight":
+        state += f"; fusion={o['fusion']}"
     lines = [f"### srlora bench: {s['name']} ({result['modules']} adapted modules, r={s['r']}, "
              f"r_target={s['r_target']}, batch {s['batch']}x{s['seq']}, {s['dtype']}, "
              f"{result['options']['device']}{state})",

@@ -69,6 +69,7 @@ class BenchOptions:
     lr: float = 1e-4
     offload: str = "cpu"  # where SRLoRA keeps cache, ledger, originals: "cpu" or "device"
     half_fusion: str = "residual"
+    fusion: str = "weight"  # SRLoRAConfig.fusion of the SRLoRA and PiSSA models
     setup_variants: bool = False  # also time srlora.wrap unbatched and with the eigh solver
 
 
@@ -163,9 +164,9 @@ def srlora_config(shape: Shape, total_steps: int, switch_interval: Optional[int]
 
 
 def state_options(opts: BenchOptions) -> dict:
-    """The SRLoRAConfig fields that ``--offload`` and ``--half-fusion`` set."""
+    """The SRLoRAConfig fields that ``--offload``, ``--half-fusion`` and ``--fusion`` set."""
     return {"offload_device": "cpu" if opts.offload == "cpu" else None,
-            "half_fusion": opts.half_fusion}
+            "half_fusion": opts.half_fusion, "fusion": opts.fusion}
 
 
 @contextmanager

@@ -40,6 +40,10 @@ def register(subparsers) -> None:
     p.add_argument("--half-fusion", default=d.half_fusion,
                    choices=("residual", "original", "inplace"),
                    help="how a half-precision weight takes a switch (SRLoRAConfig.half_fusion)")
+    p.add_argument("--fusion", default=d.fusion, choices=("weight", "virtual"),
+                   help="where SRLoRA's (and PiSSA's) change goes: into the base weight (default) "
+                   "or a frozen low-rank side path, the weight never written "
+                   "(SRLoRAConfig.fusion)")
     p.add_argument("--setup-variants", action="store_true",
                    help="also time srlora.wrap with one SVD call per module and with the "
                    "other small solver (svd / fp64 eigh)")
@@ -70,7 +74,7 @@ def run(args) -> int:
                         threads=args.threads, memory=not args.no_memory,
                         memory_steps=args.memory_steps, seed=args.seed,
                         offload=args.offload, half_fusion=args.half_fusion,
-                        setup_variants=args.setup_variants)
+                        fusion=args.fusion, setup_variants=args.setup_variants)
     for flag, v in (("--threads", args.threads), ("--r-target", args.r_target),
                     ("--batch", args.batch), ("--seq", args.seq)):
         if v is not None and v < 1:
