@@ -238,12 +238,15 @@ def test_variants_run_beside_their_base(assets_dir, tmp_path, capsys):
     """--methods takes variants (experiments/methods.py): each runs with its settings, under its
     own name in the records, tables and paired differences."""
     out = tmp_path / "v"
-    args = _args(assets_dir, out, "--methods", "lora,srlora,srlora:rewarm:protect,dora",
+    args = _args(assets_dir, out, "--methods", "lora,srlora,srlora:rewarm:protect,dora,pissa:r=2",
                  "--seeds", "0", "--lr", "5e-3", "--target-modules", "query,value")
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     runs = {r["method"]: r for r in res["runs"]}
-    assert set(runs) == {"lora", "srlora", "srlora:rewarm:protect", "dora"}
+    assert set(runs) == {"lora", "srlora", "srlora:rewarm:protect", "dora", "pissa:r=2"}
+    # a method's own r overrides the task's (--r 4): half the adapter parameters
+    head = runs["lora"]["trainable_params"] - 2 * 4 * 2 * 32 * 2  # 2 layers x q,v x (A+B) 32x4
+    assert runs["pissa:r=2"]["trainable_params"] - head == 2 * 2 * 2 * 32 * 2
     v = runs["srlora:rewarm:protect"]
     assert v["base_method"] == "srlora"
     assert v["config"] == {"optimizer_state": "rewarm", "selection": "protect"}
@@ -254,4 +257,5 @@ def test_variants_run_beside_their_base(assets_dir, tmp_path, capsys):
     assert v["train_loss"][:2] == runs["srlora"]["train_loss"][:2]
     assert v["train_loss"][4:] != runs["srlora"]["train_loss"][4:]
     assert "srlora:rewarm:protect" in capsys.readouterr().out
-    assert set(res["paired_vs_lora"]["methods"]) == {"srlora", "srlora:rewarm:protect", "dora"}
+    assert set(res["paired_vs_lora"]["methods"]) == {"srlora", "srlora:rewarm:protect", "dora",
+                                                     "pissa:r=2"}

@@ -125,10 +125,11 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # LoRA's random A init draws from the global generator
     base = bundle.make(seed)
-    cfg = srlora.SRLoRAConfig(method=method, r=r, lora_alpha=lora_alpha, r_target=r_target,
-                              gamma=gamma, total_steps=steps,
-                              target_modules=target_modules or bundle.target_modules,
-                              modules_to_save=bundle.head or None, **(config or {}))
+    # a method's own fields (config: r, gamma, selection, ...) override the task's settings
+    cfg = srlora.SRLoRAConfig(**{"method": method, "r": r, "lora_alpha": lora_alpha,
+                                 "r_target": r_target, "gamma": gamma, "total_steps": steps,
+                                 "target_modules": target_modules or bundle.target_modules,
+                                 "modules_to_save": bundle.head or None, **(config or {})})
     model, controller = srlora.wrap(base, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     lora_ids = {id(p) for L in controller.layers for p in (L.lora_A, L.lora_B)}
