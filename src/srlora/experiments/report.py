@@ -99,6 +99,10 @@ def summarize(runs: list[dict], threshold: Optional[float] = None) -> dict:
         rows.append({
             "method": method, "lr": lr, "seeds": [r["seed"] for r in rs],
             "accuracy": mean_ci([r["final_accuracy"] for r in rs]),
+            "test_loss": mean_ci([r["final_test_loss"] for r in rs
+                                  if r.get("final_test_loss") is not None]),
+            "perplexity": mean_ci([r["final_perplexity"] for r in rs
+                                   if r.get("final_perplexity") is not None]),
             "val_accuracy": mean_ci([r["val_accuracy"] for r in rs
                                      if r.get("val_accuracy") is not None]),
             "loss_auc": mean_ci([loss_auc(r["train_loss"]) for r in rs]),
@@ -113,6 +117,8 @@ def summarize(runs: list[dict], threshold: Optional[float] = None) -> dict:
 # metric key -> (per-run value, or None where the run has none)
 _PAIRED = {
     "accuracy": lambda r, thr, w: r["final_accuracy"],
+    "test_loss": lambda r, thr, w: r.get("final_test_loss"),
+    "perplexity": lambda r, thr, w: r.get("final_perplexity"),
     "val_accuracy": lambda r, thr, w: r.get("val_accuracy"),
     "loss_auc": lambda r, thr, w: loss_auc(r["train_loss"]),
     "steps_to_threshold": lambda r, thr, w: steps_to(r["train_loss"], thr, w),
@@ -170,18 +176,22 @@ def _fmt_paired(p, scale=1.0, digits=1) -> str:
 
 
 def _paired_table(paired: dict, order: dict) -> str:
-    head = ["method", "lr", "test acc pp", "val acc pp", "loss AUC", "steps to thr", "wall s"]
+    head = ["method", "lr", "test acc pp", "test loss", "test ppl", "val acc pp", "loss AUC",
+            "steps to thr", "wall s"]
     lines = []
     for method in sorted(paired["methods"], key=lambda m: order.get(m, 99)):
         e = paired["methods"][method]
         lines.append([method, f"{e['lr']:g}" if e["lr"] is not None else "-",
-                      _fmt_paired(e["accuracy"], 100), _fmt_paired(e["val_accuracy"], 100),
+                      _fmt_paired(e["accuracy"], 100), _fmt_paired(e.get("test_loss"), 1, 4),
+                      _fmt_paired(e.get("perplexity"), 1, 2),
+                      _fmt_paired(e["val_accuracy"], 100),
                       _fmt_paired(e["loss_auc"], 1, 3), _fmt_paired(e["steps_to_threshold"], 1, 0),
                       _fmt_paired(e["wall_time_s"], 1, 1)])
-    if all(paired["methods"][m]["val_accuracy"] is None for m in paired["methods"]):
-        head.pop(3)
-        for l in lines:
-            l.pop(3)
+    for col, key in ((5, "val_accuracy"), (4, "perplexity")):  # columns no run has
+        if all(paired["methods"][m].get(key) is None for m in paired["methods"]):
+            head.pop(col)
+            for l in lines:
+                l.pop(col)
     return _align(head, lines)
 
 
@@ -209,20 +219,24 @@ def _fmt(mc, scale=1.0, digits=1) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    head = ["method", "lr", "test acc %", "val acc %", "loss AUC", "steps to thr",
-            "wall s: median (range)", "seeds"]
+    head = ["method", "lr", "test acc %", "test loss", "test ppl", "val acc %", "loss AUC",
+            "steps to thr", "wall s: median (range)", "seeds"]
     lines = []
+    nan = (float("nan"), float("nan"))
     for r in rows:
         reach = _fmt(r["steps_to_threshold"], 1, 0)
         if r["reached"] < len(r["seeds"]):
             reach += f" ({r['reached']}/{len(r['seeds'])} reached)"
         lines.append([r["method"], f"{r['lr']:g}", _fmt(r["accuracy"], 100),
+                      _fmt(r.get("test_loss", nan), 1, 4), _fmt(r.get("perplexity", nan), 1, 2),
                       _fmt(r["val_accuracy"], 100), _fmt(r["loss_auc"], 1, 3), reach,
                       _fmt_range(r["wall_time_s"]), str(len(r["seeds"]))])
-    if all(not math.isfinite(r["val_accuracy"][0]) for r in rows):  # no lr grid: no validation
-        head.pop(3)
-        for l in lines:
-            l.pop(3)
+    # columns no run has: validation (no lr grid), perplexity (not a causal LM), test loss
+    for col, key in ((5, "val_accuracy"), (4, "perplexity"), (3, "test_loss")):
+        if all(not math.isfinite(r.get(key, nan)[0]) for r in rows):
+            head.pop(col)
+            for l in lines:
+                l.pop(col)
     return _align(head, lines)
 
 
