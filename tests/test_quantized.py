@@ -289,3 +289,27 @@ def test_other_quantizers_are_refused_by_name(which):
     with pytest.raises(UnsupportedModuleError, match=f"quantized by {which}.*bitsandbytes"):
         srlora.wrap(net, config(target_modules=["0"]))
     assert not hasattr(net, "peft_config")
+
+
+def test_example_qlora_4bit_runs(tmp_path):
+    import contextlib
+    import io
+    import runpy
+    from pathlib import Path
+
+    main = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "qlora_4bit.py"))["main"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = main(["--steps", "12", "--out", str(tmp_path)])
+    text = buf.getvalue()
+    assert "trained 12 steps, 4 switches at [2, 4, 6, 8]" in text, text
+    setup = float(text.split("function: max rel. diff ")[1].split()[0])
+    assert setup <= 1e-5 and res["export_error"] <= 1e-5
+    assert float(text.split("change of the logits ")[1].split()[0]) > 0.01
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu").eval()
+    close(logits_of(merged, res["ids"]), res["logits"], 1e-5)
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
