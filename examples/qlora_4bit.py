@@ -29,8 +29,9 @@ def load_4bit(path, compute_dtype):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
-                                                device_map=device, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
+                                                device_map=device, dtype=torch.float32)
+    return base.eval()
 
 
 def tiny_llama(folder: Path) -> tuple[str, torch.Tensor]:
