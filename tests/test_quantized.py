@@ -281,7 +281,14 @@ class FakeHQQLinear(nn.Module):
 FakeHQQLinear.__module__ = "hqq.core.quantize"
 
 
-@pytest.mark.parametrize("which", ["torchao", "HQQ"])
+class FakeQuantoLinear(nn.Linear):
+    pass
+
+
+FakeQuantoLinear.__module__ = "optimum.quanto.nn.qlinear"
+
+
+@pytest.mark.parametrize("which", ["torchao", "HQQ", "quanto"])
 def test_other_quantizers_are_refused_by_name(which):
     # torchao 0.18 runs on this CPU, but with it installed PEFT imports it in every process
     # (6 s on this machine): the refusal reads only the classes' packages, so these stand-ins
@@ -289,8 +296,10 @@ def test_other_quantizers_are_refused_by_name(which):
     net = nn.Sequential(nn.Linear(4, 4))
     if which == "torchao":
         net[0].weight = FakeTorchaoTensor(net[0].weight.data, requires_grad=False)
-    else:
+    elif which == "HQQ":
         net[0] = FakeHQQLinear()
+    else:
+        net[0] = FakeQuantoLinear(4, 4)
     with pytest.raises(UnsupportedModuleError, match=f"quantized by {which}.*bitsandbytes"):
         srlora.wrap(net, config(target_modules=["0"]))
     assert not hasattr(net, "peft_config")

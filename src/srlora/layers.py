@@ -32,9 +32,9 @@ def _is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
-# top-level packages of quantizers whose layers SRLoRA refuses by name (PEFT's LoRA takes them)
+# packages of quantizers whose layers SRLoRA refuses by name (PEFT's LoRA takes them)
 OTHER_QUANTIZERS = {"torchao": "torchao", "hqq": "HQQ", "auto_gptq": "GPTQ", "gptqmodel": "GPTQ",
-                    "awq": "AWQ", "optimum": "quanto", "quanto": "quanto", "eetq": "EETQ",
+                    "awq": "AWQ", "optimum.quanto": "quanto", "quanto": "quanto", "eetq": "EETQ",
                     "aqlm": "AQLM", "compressed_tensors": "compressed-tensors"}
 SUPPORTED_QUANTIZED = ("bitsandbytes Linear4bit (nf4, fp4, with or without double quantization) "
                        "and Linear8bitLt, with SRLoRAConfig(fusion='virtual')")
@@ -57,9 +57,9 @@ def other_quantizer(module: nn.Module) -> Optional[str]:
     """The name of a quantizer other than bitsandbytes that made ``module`` or its weight
     (torchao, HQQ, GPTQ, AWQ, ...), read from the classes' packages; None if none."""
     for cls in (type(module), type(getattr(module, "weight", None))):
-        root = cls.__module__.split(".")[0]
-        if root in OTHER_QUANTIZERS:
-            return OTHER_QUANTIZERS[root]
+        for package, name in OTHER_QUANTIZERS.items():
+            if cls.__module__ == package or cls.__module__.startswith(package + "."):
+                return name
     return None
 
 
