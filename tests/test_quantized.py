@@ -265,6 +265,13 @@ def test_hand_built_4bit_layers_merge_into_a_float_model(tmp_path):
         close(plain(x), y, 1e-5)
 
 
+def test_unquantized_4bit_layer_is_refused():
+    net = nn.Sequential(bnb.nn.Linear4bit(16, 16, compute_dtype=torch.float32))  # no .to(): no
+    with pytest.raises(UnsupportedModuleError, match="not quantized yet"):  # quant_state yet
+        srlora.wrap(net, config(target_modules=["0"]))
+    assert not hasattr(net, "peft_config")
+
+
 class FakeTorchaoTensor(nn.Parameter):  # stands in for torchao's tensor subclasses (see below)
     pass
 
