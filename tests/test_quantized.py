@@ -15,7 +15,7 @@ from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-import bitsandbytes as bnb  # noqa: F401  (requirements-ci.txt pins it; the tests run it for real)
+import bitsandbytes as bnb  # requirements-ci.txt pins it: these tests run it for real
 import srlora
 from srlora import UnsupportedModuleError
 
@@ -32,14 +32,14 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 IDS = torch.tensor([[3, 9, 14, 2, 7, 30, 11, 5], [21, 4, 4, 17, 9, 1, 60, 33]])
 
 
+def rel_max(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
 def close(a, b, tol):
     """max |a - b| <= tol * max |b|."""
     err = rel_max(a.detach(), b.detach())
     assert err <= tol, f"relative max difference {err:.3g} > {tol}"
-
-
-def rel_max(a, b) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +107,9 @@ def optimizer(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
 
-def logits(model):
+def logits(model, ids=IDS):
     with torch.no_grad():
-        return model(input_ids=IDS).logits
+        return model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -328,17 +328,12 @@ def test_example_qlora_4bit_runs(tmp_path):
     assert setup <= 1e-5 and res["export_error"] <= 1e-5
     assert float(text.split("change of the logits ")[1].split()[0]) > 0.01
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", device_map="cpu").eval()
-    close(logits_of(merged, res["ids"]), res["logits"], 1e-5)
-
-
-def logits_of(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+    close(logits(merged, res["ids"]), res["logits"], 1e-5)
 
 
 def test_readme_4bit_snippet_is_from_the_example():
-    from pathlib import Path
     import re
+    from pathlib import Path
 
     root = Path(__file__).parents[1]
     section = (root / "README.md").read_text().split("### 4-bit bases")[1]
