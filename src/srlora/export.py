@@ -8,7 +8,12 @@ path)`` then computes what the trained model computes. Optionally each delta is 
 rank or an energy fraction, exactly truncating its SVD, and the error introduced is reported.
 
 ``save_merged`` writes ``W + s*B@A`` per layer into a copy of the model and saves it in the base
-model's own format (``save_pretrained`` for transformers models).
+model's own format (``save_pretrained`` for transformers models); a bitsandbytes base is
+dequantized first (the merged model is full precision).
+
+On a bitsandbytes base (``fusion="virtual"``) "the ORIGINAL base" is the quantized base: the
+exported adapter, loaded on the same quantized model, computes what the trained model computed
+(the side path is in ``Bd``/``Ad``).
 
 Shape legend: ``m`` out, ``n`` in, ``R`` rank of the delta factors, ``k`` rank kept.
 """
@@ -224,12 +229,24 @@ def save_merged(model, controller: SRLoRAController, path, safe_merge: bool = Tr
     own ``save_pretrained`` (loadable with ``from_pretrained``); any other module as
     ``model.safetensors`` holding its ``state_dict()`` (load with
     ``safetensors.torch.load_model``). Returns the output directory.
+
+    A bitsandbytes 4-bit / 8-bit base is not merged back into quantized weights (that would
+    round the trained change to 4 bits): the copy is dequantized (every bitsandbytes layer
+    becomes an ``nn.Linear``, transformers' ``quantization_config`` is dropped) and each adapted
+    layer holds ``deq(Wq) + s*Bd@Ad``, one rounding to the dequantized dtype. It computes what
+    the trained model computes up to that rounding (and, for 8-bit, up to the int8 kernel's
+    own activation rounding, which the full-precision model no longer does).
     """
     if model is not controller.model:
         raise ValueError("model is not the model this controller adapts")
-    merged = copy.deepcopy(model).merge_and_unload(safe_merge=safe_merge)
-    if controller.config.fusion == "virtual":  # the side path is not in PEFT's merge
+    if any(L.quantized for L in controller.layers):  # bitsandbytes: a full-precision model
+        _check_exportable(model.peft_config[controller.layers[0].adapter])
+        merged = dequantized_copy(model)
         _merge_virtual_(merged, controller)
+    else:
+        merged = copy.deepcopy(model).merge_and_unload(safe_merge=safe_merge)
+        if controller.config.fusion == "virtual":  # the side path is not in PEFT's merge
+            _merge_virtual_(merged, controller)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(merged, "save_pretrained"):
@@ -240,9 +257,32 @@ def save_merged(model, controller: SRLoRAController, path, safe_merge: bool = Tr
     return out
 
 
+def dequantized_copy(model):
+    """A deep copy of the PEFT ``model`` without its LoRA layers (not merged) and with every
+    bitsandbytes layer replaced by an ``nn.Linear`` holding its dequantized weight: through
+    transformers' ``dequantize()`` for a model it quantized (which also drops the config's
+    ``quantization_config``), else layer by layer."""
+    from .layers import bnb_kind, dequantize_bnb
+
+    base = copy.deepcopy(model).unload()
+    if getattr(base, "hf_quantizer", None) is not None:
+        return base.dequantize()
+    for name, mod in list(base.named_modules()):
+        if name and bnb_kind(mod):
+            W = dequantize_bnb(mod)
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                  dtype=W.dtype, device=W.device)
+            lin.weight.data.copy_(W)
+            if mod.bias is not None:
+                lin.bias.data.copy_(mod.bias.data)
+            base.set_submodule(name, lin)
+    return base
+
+
 def _merge_virtual_(merged, controller: SRLoRAController) -> None:
     """With ``fusion="virtual"`` the live weight is W0: write ``W0 + s*Bd@Ad`` (fp32, one
-    rounding to the weight's dtype) into each merged layer of ``merged``."""
+    rounding to the weight's dtype) into each merged layer of ``merged`` (for a bitsandbytes
+    base ``W0`` is the dequantized weight)."""
     for i, L in enumerate(controller.layers):
         w = merged.get_submodule(_relative_name(L.name)).weight.data
         view = w.T if getattr(L.layer, "fan_in_fan_out", False) else w.reshape(w.shape[0], -1)

@@ -11,6 +11,7 @@ the weight is not written: the residual is the first rows of the layer's side pa
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
@@ -37,6 +38,20 @@ def directions_per_layer(config: SRLoRAConfig, layers: list[AdaptedLayer]) -> li
     return [min(config.r_target if config.method == "srlora" else L.r, *L.shape) for L in layers]
 
 
+class Weights(Sequence):
+    """The layers' ``W()`` on demand: a bitsandbytes base is dequantized only while the SVD
+    reads it, not all of a model's layers at once."""
+
+    def __init__(self, layers: list[AdaptedLayer]):
+        self.layers = layers
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.layers[i].W()
+
+
 @torch.no_grad()
 def build_states(config: SRLoRAConfig, layers: list[AdaptedLayer],
                  svd_fn: Optional[SVDFn] = None) -> tuple[list[ModuleState], dict]:
@@ -45,7 +60,7 @@ def build_states(config: SRLoRAConfig, layers: list[AdaptedLayer],
     ks = directions_per_layer(config, layers)
     if svd_fn is None:
         results = top_singular_directions_many(
-            [L.W() for L in layers], ks, config.svd_method, config.svd_oversample,
+            Weights(layers), ks, config.svd_method, config.svd_oversample,
             config.svd_niter, config.svd_seed, names=[L.name for L in layers])
     else:
         results = svd_fn(layers, ks)
@@ -59,19 +74,19 @@ def build_states(config: SRLoRAConfig, layers: list[AdaptedLayer],
         st.U.copy_(U)
         st.S.copy_(S)
         st.Vh.copy_(Vh)
-        W = L.W()
-        half = W.dtype != torch.float32 and config.method == "srlora" and not virtual
+        dev = L.base_weight.device
+        half = L.dtype != torch.float32 and config.method == "srlora" and not virtual
         if half and config.half_fusion == "original":
-            st.keep_original(W)
+            st.keep_original(L.W())
         if half and config.half_fusion == "residual":
-            st.residual = torch.empty(W.shape, dtype=torch.int8, device=W.device)
+            st.residual = torch.empty(L.shape, dtype=torch.int8, device=dev)
         r0 = min(L.r, k)
         B0, A0 = pissa_factors(U[:, :r0], S[:r0], Vh[:r0], L.scaling)
-        factors.append((r0, B0.to(W.device), A0.to(W.device)))
+        factors.append((r0, B0.to(dev), A0.to(dev)))
         if virtual:
             st.side = VirtualSide(L, k, r0)
         else:
-            scratch[W.device] = max(scratch.get(W.device, 0), W.numel())
+            scratch[dev] = max(scratch.get(dev, 0), L.shape[0] * L.shape[1])
         states.append(st)
     buffers = {dev: torch.empty(n, dtype=torch.float32, device=dev) for dev, n in scratch.items()}
     return states, {"factors": factors, "buffers": buffers}
@@ -83,7 +98,6 @@ def write_pissa_init_(states: list[ModuleState], plan: dict) -> None:
     only writes of the set-up (in place, into buffers :func:`build_states` allocated)."""
     for st, (r0, B0, A0) in zip(states, plan["factors"]):
         L = st.layer
-        W = L.W()
         L.B().zero_()
         L.A().zero_()
         L.B()[:, :r0] = B0.to(L.B().dtype)
@@ -92,6 +106,7 @@ def write_pissa_init_(states: list[ModuleState], plan: dict) -> None:
         if st.side is not None:  # fusion="virtual": W stays W0
             st.side.write_init(B0, A0)
             continue
+        W = L.W()
         W_res = plan["buffers"][W.device][:W.numel()].view(W.shape)
         torch.matmul(B0, A0, out=W_res)
         W_res.mul_(-L.scaling).add_(W)  # W0 - s*(B0@A0), in fp32

@@ -21,6 +21,11 @@ padding, padding mode and dilation).
 The buffers are allocated once at set-up (``2K - r`` rows) on the weight's device and in the
 weight's dtype, so the side path computes in the dtype the base layer computes in; the exact
 fp32 values stay in the ledger and the SVD cache (export and resume read those).
+
+A bitsandbytes 4-bit or 8-bit base (the QLoRA set-up) works the same way: the SVD reads the
+dequantized weight ``deq(Wq)``, the quantized weight stays as it is, and the side path holds
+PiSSA's residual, so right after set-up the model computes ``deq(Wq)`` exactly as the quantized
+base did (its buffers: the dtype the 4-bit weight was quantized from; float32 for 8-bit).
 """
 from __future__ import annotations
 
@@ -41,10 +46,10 @@ class VirtualSide:
     ((2K - r0) x n), the rank in use ``R`` and the forward hook on PEFT's LoRA layer."""
 
     def __init__(self, L: AdaptedLayer, K: int, r0: int):
-        W = L.W()
-        (m, n), cap = W.shape, r0 + 2 * (K - r0)
-        self.Bt = torch.empty(cap, m, dtype=W.dtype, device=W.device)
-        self.At = torch.empty(cap, n, dtype=W.dtype, device=W.device)
+        (m, n), cap = L.shape, r0 + 2 * (K - r0)
+        dtype, device = L.dtype, L.base_weight.device  # a bnb base: the dequantized dtype
+        self.Bt = torch.empty(cap, m, dtype=dtype, device=device)
+        self.At = torch.empty(cap, n, dtype=dtype, device=device)
         self.r0, self.R = r0, 0
         self.scaling = L.scaling
         base = L.layer.get_base_layer()

@@ -158,7 +158,7 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
                           f"no module of {type(model).__name__}")
     if config.method != "lora":
         for name, mod in targets:
-            check_supported(name, mod)
+            check_supported(name, mod, config.fusion)
             if not torch.isfinite(mod.weight.detach()).all():
                 raise SVDInputError(f"target module {name!r}: NaN/Inf in its weight; SRLoRA's "
                                     "SVD needs a finite weight")
@@ -177,7 +177,7 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
                   if isinstance(mod, LoraLayer) and adapter_name in mod.lora_A]
         if config.method != "lora":
             for L in layers:
-                check_supported(L.name, L.layer.get_base_layer())
+                check_supported(L.name, L.layer.get_base_layer(), config.fusion)
         controller = SRLoRAController(peft_model, config, layers, svd_fn=svd_fn)
     except BaseException:
         snapshot.restore()
