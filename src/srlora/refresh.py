@@ -49,8 +49,13 @@ class StackRefresh(NamedTuple):
 
 def block_size(st: ModuleState, k: int) -> int:
     """Directions one refresh computes for ``st``: the first block's ``K0 - r0`` (at least
-    ``k``), at most ``min(m, n)``; below ``k`` the module cannot be refreshed."""
+    ``k``), at most ``min(m, n)``; below ``k`` the module cannot be refreshed. A module whose
+    first block had no direction beyond the initial ``r`` (``r >= min(r_target, m, n)``: the
+    adapter already spans the weight, whose frozen part is then zero) is never refreshed: it
+    never switches, as under "stop"."""
     r0 = min(st.layer.r, st.K0)
+    if st.K0 <= r0:
+        return 0
     return min(max(st.K0 - r0, k), min(st.stack.shape))
 
 
