@@ -226,3 +226,36 @@ def test_resume_fires_the_same_switches_at_the_same_steps(tmp_path, exhaustion):
     assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
     if exhaustion == "refresh":
         assert any(e["refreshed"] for e in straight[1].history)
+
+
+# ---------------------------------------------------------------------- the Trainer callback
+def adaptive_trainer(out):
+    from test_trainer_callback import Synthetic
+    from transformers import Trainer, TrainingArguments
+
+    from conftest import tiny_bert
+    from srlora.integrations import SRLoRACallback
+    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, gamma=0.5, svd_method="exact",
+                              target_modules=["query", "value"], modules_to_save=["classifier"],
+                              switch_schedule="adaptive", adaptive_window=2,
+                              adaptive_settled=1.0, adaptive_plateau=0.5)
+    model, ctl = srlora.wrap(tiny_bert(), cfg)
+    args = TrainingArguments(output_dir=str(out), max_steps=16, per_device_train_batch_size=4,
+                             learning_rate=2e-2, save_strategy="steps", save_steps=7,
+                             logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                             disable_tqdm=True, dataloader_num_workers=0)
+    return Trainer(model=model, args=args, train_dataset=Synthetic(),
+                   callbacks=[SRLoRACallback(ctl)]), model, ctl
+
+
+def test_trainer_feeds_the_logged_loss_and_resumes_the_schedule_exactly(tmp_path):
+    trainer, model, ctl = adaptive_trainer(tmp_path / "full")
+    trainer.train()
+    fired = [(e["step"], e["reason"]) for e in ctl.history]
+    assert ctl.schedule.loss_ema is not None and "loss-plateau" in {r for _, r in fired}
+    assert fired[0][0] <= 7 < fired[-1][0]
+    trainer2, model2, ctl2 = adaptive_trainer(tmp_path / "resumed")
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-7"))
+    assert ctl2.history == ctl.history
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    assert ctl2.schedule.loss_ema == ctl.schedule.loss_ema
