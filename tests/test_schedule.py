@@ -259,3 +259,59 @@ def test_trainer_feeds_the_logged_loss_and_resumes_the_schedule_exactly(tmp_path
     assert ctl2.history == ctl.history
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
     assert ctl2.schedule.loss_ema == ctl.schedule.loss_ema
+
+
+# ---------------------------------------------------------------------- srlora compare, study spec
+def test_study_spec_takes_the_variants_and_refuses_bad_values_by_key():
+    from test_study import base_spec
+
+    from srlora.experiments import study_spec
+    spec = study_spec.parse(base_spec(methods=[
+        "srlora", {"name": "srlora-adaptive", "method": "srlora", "switch_schedule": "adaptive",
+                   "adaptive_window": 5},
+        {"name": "srlora-refresh", "method": "srlora", "exhaustion": "refresh",
+         "switch_interval": 10}]))
+    assert [m["config"] for m in spec["methods"]] == [
+        {}, {"switch_schedule": "adaptive", "adaptive_window": 5},
+        {"exhaustion": "refresh", "switch_interval": 10}]
+    with pytest.raises(study_spec.SpecError, match=r"methods\[0\].adaptive_settled"):
+        study_spec.parse(base_spec(methods=[{"name": "x", "method": "srlora",
+                                             "adaptive_settled": 2}]))
+
+
+def _compare_assets(tmp_path):
+    from test_compare_cli import synthetic_csv, tiny_model
+    return {"model": tiny_model(str(tmp_path / "m")), "csv": synthetic_csv(str(tmp_path / "d.csv"))}
+
+
+def test_compare_refuses_bad_variant_fields_with_exit_2(tmp_path, capsys):
+    from test_compare_cli import _args
+
+    from srlora.cli import main
+    a = {"model": str(tmp_path / "no-model-needed"), "csv": str(tmp_path / "no-data-needed.csv")}
+    for bad, msg in [("switch_schedule=often", "SRLoRAConfig.switch_schedule"),
+                     ("adaptive_window=0", "SRLoRAConfig.adaptive_window"),
+                     ("r=3", "'r' is not a field it may set"), ("exhaustion", "KEY=VALUE")]:
+        assert main(_args(a, tmp_path / "o2", "--srlora-config", bad)) == 2
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.slow  # ~15-30 s: a tiny BERT compare run, its plots
+def test_compare_runs_the_variants_and_records_why_each_switch_fired(tmp_path):
+    import json
+
+    from test_compare_cli import _args
+
+    from srlora.cli import main
+    out = tmp_path / "out"
+    args = _args(_compare_assets(tmp_path), out, "--methods", "srlora", "--seeds", "0",
+                 "--r-target", "8", "--srlora-config", "switch_schedule=adaptive,"
+                 "exhaustion=refresh,switch_interval=2,adaptive_window=2")
+    assert main(args) == 0
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["config"] == {"switch_schedule": "adaptive", "exhaustion": "refresh",
+                             "switch_interval": 2, "adaptive_window": 2}
+    reasons = {s["reason"] for s in run["switches"]}
+    assert reasons and "fixed" not in reasons and "manual" not in reasons
+    assert any(s["refreshed"] for s in run["switches"])  # r_target 8: refreshed past it

@@ -59,6 +59,8 @@ def register(sub) -> None:
     a("--lora-alpha", type=float, help="LoRA alpha (default 2*r)")
     a("--r-target", type=int, help="SRLoRA: singular directions to explore (default per task)")
     a("--gamma", type=float, help="SRLoRA: fraction of pairs recomposed per switch (default 0.5)")
+    a("--srlora-config", help="more SRLoRAConfig fields for the srlora runs, a comma list of "
+                              "KEY=VALUE, e.g. 'switch_schedule=adaptive,exhaustion=refresh'")
     a("--target-modules", help="comma list of module names (default: the model's usual targets)")
     a("--eval-every", type=int, help="eval-curve interval in optimizer steps (default per task)")
     a("--eval-size", type=int, help="test examples used for the eval curve (default per task; the "
@@ -236,7 +238,39 @@ def build_config(args):
                                 r_target=cfg.r_target, gamma=cfg.gamma, total_steps=cfg.steps)
         except ValueError as e:
             raise UsageError(str(e).replace("SRLoRAConfig.", "--").replace("_", "-")) from None
+    cfg.srlora_config = parse_srlora_config(getattr(args, "srlora_config", None), cfg)
     return cfg
+
+
+# set by their own flags or by the harness: not in --srlora-config
+OWN_FLAGS = ("method", "r", "lora_alpha", "r_target", "gamma", "total_steps", "target_modules",
+             "modules_to_save")
+
+
+def parse_srlora_config(spec, cfg) -> dict:
+    """``--srlora-config 'k=v,...'`` into SRLoRAConfig fields (values read as YAML scalars),
+    checked by SRLoRAConfig itself with the run's settings."""
+    import yaml
+
+    import srlora
+    if not spec:
+        return {}
+    out = {}
+    for item in [x.strip() for x in spec.split(",") if x.strip()]:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UsageError(f"--srlora-config: expected KEY=VALUE, got {item!r}")
+        if key not in srlora.SRLoRAConfig.__dataclass_fields__ or key in OWN_FLAGS:
+            raise UsageError(f"--srlora-config: {key!r} is not a field it may set (its own flag "
+                             f"or unknown; fields: docs/algorithm.md)")
+        out[key] = yaml.safe_load(value.strip())
+    try:
+        srlora.SRLoRAConfig(method="srlora", r=cfg.r, lora_alpha=cfg.lora_alpha,
+                            r_target=cfg.r_target, gamma=cfg.gamma, total_steps=cfg.steps, **out)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--srlora-config: {e}") from None
+    return out
 
 
 def prepare(cfg):

@@ -54,6 +54,7 @@ class CompareConfig:
     model: str = ""
     dataset: str = ""
     save_every: int = 0
+    srlora_config: dict = field(default_factory=dict)  # more SRLoRAConfig fields, srlora runs
     extra: dict = field(default_factory=dict)
 
 
@@ -177,7 +178,8 @@ def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bo
                 checkpoint_dir=run_dir(cfg, method, lr, seed) if cfg.save_every else None,
                 save_every=cfg.save_every,
                 resume_from=checkpointing.latest(run_dir(cfg, method, lr, seed))
-                if resume else None)
+                if resume else None,
+                config=cfg.srlora_config if method == "srlora" else None)
             rec["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") \
                 else None  # a busy machine explains a slow run
             results["runs"].append(rec)

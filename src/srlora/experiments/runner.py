@@ -98,7 +98,9 @@ def evaluate(bundle: Bundle, model, enc, idx: np.ndarray, batch_size: int = 64) 
 def _switch_log(controller) -> list[dict]:
     names = [L.name for L in controller.layers]
     return [{"step": e["step"], "modules": [names[i] for i in e["modules"]], "slots": e["slots"],
-             "directions": e["directions"], "scores": e["scores"]} for e in controller.history]
+             "directions": e["directions"], "scores": e["scores"], "reason": e.get("reason"),
+             **({"refreshed": [names[i] for i in e["refreshed"]]} if "refreshed" in e else {})}
+            for e in controller.history]
 
 
 def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, steps: int,
@@ -172,6 +174,7 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
+        controller.observe_loss(loss)  # switch_schedule="adaptive": the plateau test
         optimizer.step()  # the controller's hook runs here: importance, step count, switch
         scheduler.step()
         losses.append(float(loss.item()))
