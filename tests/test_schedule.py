@@ -315,3 +315,23 @@ def test_compare_runs_the_variants_and_records_why_each_switch_fired(tmp_path):
     reasons = {s["reason"] for s in run["switches"]}
     assert reasons and "fixed" not in reasons and "manual" not in reasons
     assert any(s["refreshed"] for s in run["switches"])  # r_target 8: refreshed past it
+
+
+def test_docs_example_runs(tmp_path, monkeypatch, capsys):
+    """The python block of docs/algorithm.md's schedule section runs and prints what it says."""
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).parents[1] / "docs" / "algorithm.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+              if 'switch_schedule="adaptive"' in b]
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(blocks[0], "docs/algorithm.md", "exec"), ns)
+    out = capsys.readouterr().out
+    printed = ("[(4, 'ranking-settled', False), (12, 'loss-plateau', False), "
+               "(16, 'loss-plateau', True),\n(20, 'ranking-settled', False)]")
+    assert f"prints `{printed}`" in doc  # the doc quotes the output (wrapped) ...
+    assert printed.replace("\n", " ") in out  # ... that the example prints
+    assert "pointer 12 of 12 cached directions" in out
+    assert ns["result"].error == 0.0 and (tmp_path / "adaptive-adapter").is_dir()
