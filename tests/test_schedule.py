@@ -335,3 +335,16 @@ def test_docs_example_runs(tmp_path, monkeypatch, capsys):
     assert printed.replace("\n", " ") in out  # ... that the example prints
     assert "pointer 12 of 12 cached directions" in out
     assert ns["result"].error == 0.0 and (tmp_path / "adaptive-adapter").is_dir()
+
+
+def test_a_state_without_the_detector_is_refused_and_nothing_changes():
+    seed_all(1)
+    run = make_run(switch_schedule="adaptive", adaptive_window=2)
+    train_with_loss(*run, 0, 5)
+    sd = run[1].state_dict()
+    fresh = make_run(switch_schedule="adaptive", adaptive_window=2)
+    for broken in ({k: v for k, v in sd.items() if k != "schedule"},
+                   dict(sd, schedule=dict(sd["schedule"], runs=[1, 2]))):
+        with pytest.raises(srlora.CheckpointMismatchError, match="adaptive schedule"):
+            fresh[1].load_state_dict(broken)
+        assert fresh[1].global_step == 0 and fresh[1].schedule.fired == 0

@@ -76,6 +76,7 @@ class AdaptiveSchedule:
         self.loss_ema: Optional[float] = None
         self.losses: list[float] = []  # the EMA at each observation since the last switch
         self.pending: Optional[float] = None  # a loss observed since the last step
+        self._fixed: tuple = (None, [])  # (total_steps, the fixed steps for it): built once
 
     # ------------------------------------------------------------------ inputs
     def observe_loss(self, value: float) -> None:
@@ -113,7 +114,9 @@ class AdaptiveSchedule:
         """Called once per optimizer step (after the importance update and the step count):
         the reason to switch now, or None."""
         total, step = ctl.total_steps, ctl.global_step
-        fixed = check_adaptive(self.config, total)
+        if self._fixed[0] != total:
+            self._fixed = (total, check_adaptive(self.config, total))
+        fixed = self._fixed[1]
         self._take_loss()
         if self.done or self.fired >= len(fixed):
             return None
@@ -159,6 +162,9 @@ class AdaptiveSchedule:
         keys = ("last", "fired", "done", "sets", "runs", "loss_ema", "losses", "pending")
         if not isinstance(sd, dict) or any(k not in sd for k in keys):
             return "lacks the adaptive schedule's state"
+        if not torch.is_tensor(sd["runs"]) or not (sd["sets"] is None
+                                                  or torch.is_tensor(sd["sets"])):
+            return "holds an adaptive schedule state of the wrong types"
         if tuple(sd["runs"].shape) != (self.n_modules,):
             return f"adaptive schedule state for {tuple(sd['runs'].shape)} modules"
         if sd["sets"] is not None and tuple(sd["sets"].shape) != (self.n_modules, self.k):
