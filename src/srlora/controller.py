@@ -227,8 +227,9 @@ class SRLoRAController:
 
         ``reason`` is recorded in the history entry ("manual" when called by hand; the
         schedule's own switches record "fixed", "ranking-settled", "loss-plateau",
-        "max-interval" or "deadline"). With ``exhaustion="refresh"`` a module whose directions are used up first gets a new block
-        from the SVD of its current frozen weight (:mod:`srlora.refresh`).
+        "max-interval" or "deadline"). With ``exhaustion="refresh"`` a module whose directions
+        are used up first gets a new block from the SVD of its current frozen weight
+        (:mod:`srlora.refresh`).
 
         Per module: score the pairs; choose the r' lowest; fuse them into the frozen weight and
         put the next r' unused singular directions in their slots, subtracted from the weight,

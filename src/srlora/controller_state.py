@@ -66,8 +66,9 @@ def _check_blocks(st, m: dict, refresh: bool) -> tuple[int, int]:
         return st.K, st.K
     ok = isinstance(blocks, list) and all(isinstance(b, int) and not isinstance(b, bool)
                                           for b in blocks)
-    if not ok or blocks != sorted(blocks) or (blocks and not (
-            min(st.layer.r, st.K0) <= blocks[0] and blocks[-1] < K)) or (not blocks and K != st.K0):
+    fits = (min(st.layer.r, st.K0) <= blocks[0] and blocks[-1] < K) if ok and blocks \
+        else K == st.K0
+    if not ok or blocks != sorted(blocks) or not fits:
         raise CheckpointMismatchError(f"{name}: refreshed blocks {blocks!r} do not fit "
                                       f"{K} cached directions")
     return K, blocks[0] if blocks else st.K0
