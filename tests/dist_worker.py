@@ -84,6 +84,7 @@ def train_steps(model, optimizer, controller, start: int, stop: int, rank: int =
                 part.backward()
             loss += part.item()
         before = controller.num_switches
+        controller.observe_loss(loss)  # this rank's loss; averaged over the ranks (adaptive only)
         optimizer.step()  # the controller's post-hook: importance, step count, switch
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
@@ -169,6 +170,22 @@ def main(argv=None) -> int:
     report["bf16"] = {"switches": bf_ctl.num_switches,
                       "checked": assert_replicas_identical(bf_ddp, bf_ctl)}
     torch.save(snapshot(bf_ddp, bf_ctl, bf_opt), os.path.join(a.out, f"bf16_rank{rank}.pt"))
+
+    # adaptive schedule + refresh: each rank sees its own loss (the controller averages it over
+    # the ranks) and each refresh's SVD is broadcast, so every rank fires the same switches and
+    # appends the same directions
+    ad_model, ad_ctl = srlora.wrap(build_base(), dataclasses.replace(
+        config(), r_target=8, total_steps=16, switch_interval=2, switch_schedule="adaptive",
+        exhaustion="refresh", adaptive_window=2, adaptive_settled=0.5))
+    ad_opt = make_optimizer(ad_model)
+    ad_ctl.attach(ad_opt)
+    ad_ddp = DDP(ad_model)
+    ad_checked = []
+    ad_losses = train_steps(ad_ddp, ad_opt, ad_ctl, 0, 16, rank, world, lambda step: (
+        ad_checked.append((step, assert_replicas_identical(ad_ddp, ad_ctl)))))
+    report["adaptive_refresh"] = {
+        "history": [[e["step"], e["reason"], e["refreshed"], e["slots"]] for e in ad_ctl.history],
+        "checked": ad_checked, "pointers": ad_ctl.pointers, "losses": ad_losses}
 
     # the check must fail when one rank differs by one ulp in one element
     with torch.no_grad():

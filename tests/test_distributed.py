@@ -100,6 +100,15 @@ def test_bf16_base_weights_bitwise_identical(run2):
     assert not bad, f"differ across ranks: {bad[:5]}"
 
 
+def test_adaptive_schedule_and_refresh_agree_across_ranks(run2):
+    a0, a1 = (rep["adaptive_refresh"] for rep in run2["reports"])
+    assert a0["losses"] != a1["losses"]  # each rank's own loss: the controller averages them
+    assert a0["history"] == a1["history"] and a0["pointers"] == a1["pointers"]
+    assert len(a0["checked"]) == len(a0["history"]) >= 3  # replicas identical after each
+    assert any(refreshed for _, _, refreshed, _ in a0["history"])
+    assert all(reason != "fixed" for _, reason, _, _ in a0["history"])
+
+
 def test_replica_check_catches_one_ulp_and_different_checkpoints(run2):
     for rep in run2["reports"]:
         assert "1 of" in rep["perturbed"] and "fc2.lora_B" in rep["perturbed"]

@@ -14,7 +14,10 @@ from srlora.experiments.methods import MethodError, parse_method
     ("srlora:gamma=0.25:r_target=32", "srlora", {"gamma": 0.25, "r_target": 32}),
     ("srlora:fusion=virtual", "srlora", {"fusion": "virtual"}),
     ("srlora:paper", "srlora", {"beta1": 0.85, "beta2": 0.85, "importance_reset": "module",
-                                "optimizer_state": "zero", "selection": "importance"}),
+                                "optimizer_state": "zero", "selection": "importance",
+                                "switch_schedule": "fixed", "exhaustion": "stop"}),
+    ("srlora:adaptive:refresh", "srlora", {"switch_schedule": "adaptive",
+                                           "exhaustion": "refresh"}),
 ])
 def test_parse(text, base, config):
     assert parse_method(text) == (text, base, config)

@@ -12,9 +12,12 @@ from typing import Literal, Optional, Union
 
 METHODS = ("srlora", "pissa", "lora")
 SELECTIONS = ("importance", "protect", "normalized")
+SWITCH_SCHEDULES = ("fixed", "adaptive")
+EXHAUSTIONS = ("stop", "refresh")
 # the method exactly as published (arXiv 2505.12433): SRLoRAConfig.paper() pins these
 PAPER = {"method": "srlora", "beta1": 0.85, "beta2": 0.85, "importance_reset": "module",
-         "optimizer_state": "zero", "selection": "importance"}
+         "optimizer_state": "zero", "selection": "importance", "switch_schedule": "fixed",
+         "exhaustion": "stop"}
 
 
 @dataclass
@@ -62,6 +65,23 @@ class SRLoRAConfig:
         output by a forward hook: ``(2p - r)(m + n)`` more multiply-adds per token per module, a
         switch rewrites only those factors. ``half_fusion`` does not apply (no rounding of W).
         srlora and pissa only.
+      switch_schedule: when switches fire (docs/algorithm.md section 4). "fixed" (the paper):
+        at the steps above. "adaptive": the same budget of switches (as many as "fixed" plans),
+        each fired once at least half the fixed interval has passed and either the pairs'
+        ranking has settled (the r' pairs a switch would fuse unchanged over the last
+        ``adaptive_window`` importance updates in at least ``adaptive_settled`` of the modules)
+        or the training-loss EMA has plateaued (relative improvement below ``adaptive_plateau``
+        over ``adaptive_window`` observed losses: ``controller.observe_loss``), else forced at
+        twice the fixed interval or when the remaining switches would no longer fit. Each
+        switch's history entry records its ``reason``. Needs ``total_steps``.
+      exhaustion: what happens when a module's ``r_target`` directions are used up. "stop" (the
+        paper): the module switches no more. "refresh": the next block (``r_target - r``
+        directions) is the top of the SVD of the module's current frozen weight, appended to
+        its SVD cache, and switching continues; with ``switch_interval`` the fixed schedule then
+        runs to the end of training (needs ``total_steps``).
+      adaptive_window, adaptive_settled, adaptive_plateau: the adaptive schedule's window (in
+        importance updates and in observed losses), fraction of modules whose ranking must be
+        settled, and relative loss improvement below which the loss has plateaued.
       offload_device: where the SVD cache, the fused-pair ledger and the original copy live
         ("cpu" keeps accelerator memory at LoRA's level; None keeps them beside the weight).
     """
@@ -87,6 +107,11 @@ class SRLoRAConfig:
     svd_seed: int = 0
     half_fusion: Literal["residual", "original", "inplace"] = "residual"
     fusion: Literal["weight", "virtual"] = "weight"
+    switch_schedule: Literal["fixed", "adaptive"] = "fixed"
+    exhaustion: Literal["stop", "refresh"] = "stop"
+    adaptive_window: int = 10
+    adaptive_settled: float = 0.9
+    adaptive_plateau: float = 0.01
     offload_device: Optional[str] = "cpu"
     extra_lora_kwargs: dict = field(default_factory=dict)
 
@@ -125,11 +150,16 @@ class SRLoRAConfig:
                               ("selection", SELECTIONS),
                               ("svd_method", ("auto", "exact", "randomized")),
                               ("half_fusion", ("residual", "original", "inplace")),
-                              ("fusion", ("weight", "virtual"))):
+                              ("fusion", ("weight", "virtual")),
+                              ("switch_schedule", SWITCH_SCHEDULES),
+                              ("exhaustion", EXHAUSTIONS)):
             choice(name, allowed)
         if self.fusion == "virtual" and self.method == "lora":
             bad("fusion", "'virtual' applies to method 'srlora' or 'pissa' (LoRA never writes "
                           "the base weight)")
+        integer("adaptive_window", 1)
+        number("adaptive_settled", 0.0, 1.0, True, False)
+        number("adaptive_plateau", 0.0, math.inf, False, True)
         integer("svd_oversample", 0)
         integer("svd_niter", 0)
         integer("svd_seed", 0)

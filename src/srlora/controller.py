@@ -18,14 +18,15 @@ import torch
 from . import controller_state
 from .config import SRLoRAConfig
 from .engines import check_engine, unwrap_optimizer
-from .factors import switch_steps
 from .fusion import delta_factors
 from .importance import ImportanceTracker
 from .initialize import SVDFn, build_states, write_pissa_init_
 from .layers import AdaptedLayer
 from .module_state import ModuleState
+from .refresh import apply_refresh, needs_refresh, plan_refresh
 from .rewarm import check_optimizer, restart_steps, rewarm_
-from .switch import apply_switch, group_pair_scores, plan_switch
+from .schedule import AdaptiveSchedule, check_adaptive, fixed_steps
+from .switch import apply_switch, check_module, group_pair_scores, plan_switch
 
 __all__ = ["SRLoRAController", "unwrap_optimizer", "SVDFn"]
 
@@ -52,6 +53,7 @@ class SRLoRAController:
         self._warned: set[str] = set()
         self._first_version: Optional[int] = None  # lora_A's version at the first backward
         self._switch_steps: Optional[set[int]] = None
+        self._reason: Optional[str] = None  # why the schedule is calling switch_now()
         self._engine_walked: Optional[list] = None  # edited parameters at the last model walk
         self._rewarm: Optional[tuple] = None  # (history length, restart steps, param groups)
         self._rewarm_done: dict = {}  # parameter id -> the Adam step already corrected
@@ -64,6 +66,8 @@ class SRLoRAController:
              for f in "AB"}, config.beta1, config.beta2) if config.method == "srlora" else None
         self._grad_hook = layers[0].lora_A.register_post_accumulate_grad_hook(
             self._check_stepped) if config.method == "srlora" and layers else None
+        self.schedule = AdaptiveSchedule(config, len(layers)) if (
+            config.method == "srlora" and config.switch_schedule == "adaptive") else None
         if plan is not None:  # the last step of the set-up: the only writes into the model
             write_pissa_init_(self.modules, plan)
 
@@ -81,12 +85,16 @@ class SRLoRAController:
 
     @property
     def switch_steps(self) -> list[int]:
-        """The optimizer-step counts after which a switch happens (empty for the baselines)."""
+        """The optimizer-step counts after which a switch happens (empty for the baselines).
+        With ``switch_schedule="adaptive"`` they are not known ahead: the steps of the switches
+        so far (``history``)."""
         if self.config.method != "srlora":
             return []
+        if self.schedule is not None:
+            check_adaptive(self.config, self.total_steps)  # raises now if it cannot run
+            return [e["step"] for e in self.history]
         if self._switch_steps is None:
-            self._switch_steps = set(switch_steps(self.total_steps, self.config.num_switches,
-                                                  self.config.switch_interval))
+            self._switch_steps = set(fixed_steps(self.config, self.total_steps))
         return sorted(self._switch_steps)
 
     # ------------------------------------------------------------------ hooks
@@ -148,13 +156,33 @@ class SRLoRAController:
                             "or controller.step(optimizer) after each optimizer step.")
 
     # ------------------------------------------------------------------ per step
-    def step(self, optimizer=None) -> None:
+    def observe_loss(self, loss) -> None:
+        """The training loss of the step about to be taken (a number or a scalar tensor), for
+        ``switch_schedule="adaptive"``'s plateau test: call it before ``optimizer.step()``, or
+        pass ``step(optimizer, loss=...)``. Under torch.distributed it is averaged over the
+        ranks (a collective: every rank must call it). Non-finite losses are ignored; with the
+        fixed schedule it does nothing."""
+        if self.schedule is None:
+            return
+        value = float(loss.detach().float().mean()) if torch.is_tensor(loss) else float(loss)
+        from .distributed import _comm_device, is_distributed
+        if is_distributed():
+            import torch.distributed as dist
+            t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+            dist.all_reduce(t)
+            value = float(t.item()) / dist.get_world_size()
+        self.schedule.observe_loss(value)
+
+    def step(self, optimizer=None, loss=None) -> None:
         """One optimizer step happened: update importance, count it, switch if scheduled.
 
         Call it after ``optimizer.step()`` and before ``zero_grad()`` when the controller is not
         attached. ``optimizer`` (needed once, unless ``optimizer_state="keep"``) is the one whose
-        state a switch resets; it is checked as ``attach`` checks it.
+        state a switch resets; it is checked as ``attach`` checks it. ``loss``: this step's
+        training loss, for the adaptive schedule (:meth:`observe_loss`).
         """
+        if loss is not None:
+            self.observe_loss(loss)
         if optimizer is not None and self.optimizer is not unwrap_optimizer(optimizer):
             if self.attached:
                 raise ValueError("step(optimizer): the controller is attached to another "
@@ -173,13 +201,21 @@ class SRLoRAController:
             return
         if self.config.optimizer_state == "rewarm" and self.optimizer is not None:
             self._rewarm_slots()
-        if not self.importance.update():
+        updated = self.importance.update()
+        if not updated:
             self._warn_once("nograd", "SRLoRA: step() found no gradient on the LoRA factors; "
                             "call it after optimizer.step() and before zero_grad()")
         self.global_step += 1
+        if self.schedule is not None:
+            reason = self.schedule.decide(self, updated)
+            if reason is not None:
+                self._reason = reason
+                self.switch_now()
+            return
         if self._switch_steps is None:
             _ = self.switch_steps
         if self.global_step in self._switch_steps:
+            self._reason = "fixed"
             self.switch_now()
 
     def _rewarm_slots(self) -> None:
@@ -199,9 +235,20 @@ class SRLoRAController:
         """Per-pair importance of module i (length r, fp32)."""
         return group_pair_scores(self, [i])[0]
 
+    def switchable(self) -> list[bool]:
+        """Per module: can it switch now (unused directions left, or a refresh can add them)?"""
+        k, refresh = self.config.r_prime, self.config.exhaustion == "refresh"
+        return [st.p + k <= st.K or (refresh and needs_refresh(st, k)) for st in self.modules]
+
     @torch.no_grad()
-    def switch_now(self) -> int:
+    def switch_now(self, reason: Optional[str] = None) -> int:
         """Recompose every module that still has unused directions. Returns how many did.
+
+        ``reason`` is recorded in the history entry ("manual" when called by hand; the
+        schedule's own switches record "fixed", "ranking-settled", "loss-plateau",
+        "max-interval" or "deadline"). With ``exhaustion="refresh"`` a module whose directions
+        are used up first gets a new block from the SVD of its current frozen weight
+        (:mod:`srlora.refresh`).
 
         Per module: score the pairs; choose the r' lowest; fuse them into the frozen weight and
         put the next r' unused singular directions in their slots, subtracted from the weight,
@@ -212,6 +259,7 @@ class SRLoRAController:
         if self.config.method != "srlora":
             raise RuntimeError(f"switch_now() applies to method='srlora', not "
                                f"{self.config.method!r}")
+        reason, self._reason = reason or self._reason or "manual", None
         self._check_engine()  # parameters sharded since set-up: refuse before any edit
         if int(self.importance.updates) == 0:
             why = (f"all {int(self.importance.skipped)} importance update(s) so far were skipped "
@@ -221,13 +269,26 @@ class SRLoRAController:
             self._warn_once("noimp", f"SRLoRA: switching with {why}; the pairs to fuse are "
                             "chosen by index, not by importance.")
         k = self.config.r_prime
-        todo = [i for i, st in enumerate(self.modules) if st.p + k <= st.K]  # others: exhausted
+        todo = [i for i, ok in enumerate(self.switchable()) if ok]  # others: exhausted
         if not todo:
+            if self.schedule is not None:
+                self.schedule.switched(self.global_step, False)
             return 0
+        stale = [i for i in todo if self.modules[i].p + k > self.modules[i].K]
+        refreshed: list[int] = []
+        if stale:  # exhaustion="refresh": a new block first (the model is not touched)
+            for i in todo:  # the factors' shapes, checked before anything is written
+                check_module(self, i, 0)
+            refreshed = apply_refresh(self, plan_refresh(self, stale, k))
         plans = plan_switch(self, todo, k)  # score, choose, fetch: reads only
         entry = apply_switch(self, plans, k)  # fuse, reinitialize, reset
+        entry["reason"] = reason
+        if self.config.exhaustion == "refresh":
+            entry["refreshed"] = refreshed
         self.num_switches += 1
         self.history.append(entry)
+        if self.schedule is not None:
+            self.schedule.switched(self.global_step, True)
         return len(todo)
 
     def _check_engine(self) -> None:

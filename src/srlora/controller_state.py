@@ -34,6 +34,8 @@ def state_dict(ctl: "SRLoRAController") -> dict:
                 "history": ctl.history, "modules": {}}
     for st in ctl.modules:
         m = {"p": st.p, "U": st.U, "S": st.S, "Vh": st.Vh, "FB": st.FB, "FA": st.FA}
+        if ctl.config.exhaustion == "refresh":
+            m["blocks"] = list(st.blocks)
         if st.original is not None:
             m["original"] = st.original
         if st.residual is not None:
@@ -41,7 +43,35 @@ def state_dict(ctl: "SRLoRAController") -> dict:
         sd["modules"][st.layer.name] = m
     if ctl.importance is not None:
         sd["importance"] = ctl.importance.flat_state()
+    if ctl.schedule is not None:
+        sd["schedule"] = ctl.schedule.state_dict()
     return sd
+
+
+def saved_capacity(st, m: dict) -> int:
+    """Directions a saved module entry caches (its U's width; more than K0 after a refresh)."""
+    U = m.get("U")
+    return int(U.shape[1]) if torch.is_tensor(U) and U.dim() == 2 else st.K
+
+
+def _check_blocks(st, m: dict, refresh: bool) -> tuple[int, int]:
+    """(cached directions, how many of them come from the ORIGINAL weight's SVD) of a saved
+    module entry; raises if its refreshed blocks do not fit the config."""
+    name, K = st.layer.name, saved_capacity(st, m)
+    blocks = m.get("blocks", [])
+    if not refresh:
+        if blocks:
+            raise CheckpointMismatchError(f"{name}: saved with refreshed directions, but "
+                                          "exhaustion is not 'refresh'")
+        return st.K, st.K
+    ok = isinstance(blocks, list) and all(isinstance(b, int) and not isinstance(b, bool)
+                                          for b in blocks)
+    fits = (min(st.layer.r, st.K0) <= blocks[0] and blocks[-1] < K) if ok and blocks \
+        else K == st.K0
+    if not ok or blocks != sorted(blocks) or not fits:
+        raise CheckpointMismatchError(f"{name}: refreshed blocks {blocks!r} do not fit "
+                                      f"{K} cached directions")
+    return K, blocks[0] if blocks else st.K0
 
 
 def _first(names, k: int = 3) -> list:
@@ -61,6 +91,11 @@ def check_state(ctl: "SRLoRAController", sd: dict) -> None:
     if diff:
         raise CheckpointMismatchError(f"controller config differs, field: (saved, current): "
                                       f"{diff}")
+    if ctl.schedule is not None:
+        why = ctl.schedule.check_state(sd.get("schedule"))
+        if why:
+            raise CheckpointMismatchError(f"controller state {why}")
+    refresh = ctl.config.exhaustion == "refresh"
     names = [st.layer.name for st in ctl.modules]
     if set(sd["modules"]) != set(names):
         raise CheckpointMismatchError(
@@ -68,12 +103,13 @@ def check_state(ctl: "SRLoRAController", sd: dict) -> None:
             f"only current {_first(set(names) - set(sd['modules']))}")
     for st in ctl.modules:
         m, name = sd["modules"][st.layer.name], st.layer.name
+        K, K_orig = _check_blocks(st, m, refresh)
         p = m.get("p")
         if not (isinstance(p, int) and not isinstance(p, bool)
-                and min(st.layer.r, st.K) <= p <= st.K):
+                and min(st.layer.r, st.K0) <= p <= K):
             raise CheckpointMismatchError(f"{name}: pointer {p!r} out of range "
-                                          f"[{min(st.layer.r, st.K)}, {st.K}]")
-        for key, want in st.state_shapes(p).items():  # the ledger: its written part
+                                          f"[{min(st.layer.r, st.K0)}, {K}]")
+        for key, want in st.state_shapes(p, K).items():  # the ledger: its written part
             if key not in m or tuple(m[key].shape) != want:
                 raise CheckpointMismatchError(
                     f"{name}.{key}: saved {tuple(m[key].shape) if key in m else 'nothing'}, "
@@ -90,11 +126,19 @@ def check_state(ctl: "SRLoRAController", sd: dict) -> None:
                     f"{name}.{key}: saved {tuple(m[key].shape)} {m[key].dtype}, current "
                     f"{tuple(have.shape)} {have.dtype}")
         # same base model: the SVD of the original weight is the same (to SVD rounding)
-        if not torch.allclose(m["S"].float().cpu(), st.S.float().cpu(), rtol=1e-3,
+        n0 = min(K_orig, st.K0)  # refreshed directions come from the trained weight
+        if not torch.allclose(m["S"][:n0].float().cpu(), st.S[:n0].float().cpu(), rtol=1e-3,
                               atol=1e-6 * float(st.S.abs().max().clamp_min(1e-30))):
             raise CheckpointMismatchError(
                 f"{name}: the singular values of the original weight differ from the saved ones:"
                 " the checkpoint was made on another base model")
+    for stack in {id(st.stack): st.stack for st in ctl.modules}.values():
+        got = {(saved_capacity(st, sd["modules"][st.layer.name]),
+                sd["modules"][st.layer.name]["p"]) for st in stack.members}
+        if len(got) > 1:
+            raise CheckpointMismatchError(
+                f"modules of one shape saved with different (cached directions, pointer): "
+                f"{sorted(got)} (e.g. {stack.members[0].layer.name!r})")
     if ctl.importance is not None:
         imp = sd.get("importance")
         if not isinstance(imp, dict) or any(k not in imp for k in ("ibar", "ubar", "updates",
@@ -110,8 +154,16 @@ def check_state(ctl: "SRLoRAController", sd: dict) -> None:
 def load_state(ctl: "SRLoRAController", sd: dict) -> None:
     """Check ``sd`` (:func:`check_state`), then write it into ``ctl``."""
     check_state(ctl, sd)
+    from .refresh import resize
+    for stack in {id(st.stack): st.stack for st in ctl.modules}.values():
+        st0 = stack.members[0]
+        K = saved_capacity(st0, sd["modules"][st0.layer.name])
+        if K != stack.K:  # a refreshed cache: make room (the load writes every entry in use)
+            resize(stack, K, 0)
     for st in ctl.modules:
         st.load(sd["modules"][st.layer.name])
+    if ctl.schedule is not None:
+        ctl.schedule.load_state_dict(sd["schedule"])
     if ctl.importance is not None:
         ctl.importance.load_flat_state(sd["importance"])
     ctl.global_step = int(sd["global_step"])

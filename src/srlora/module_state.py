@@ -35,6 +35,25 @@ class StateStack:
         self.FA = torch.empty(G, max(K - r, 0), n, device=store)
         self.members: list[ModuleState] = []
 
+    def resize(self, K: int, keep: int) -> None:
+        """Grow the stack to ``K`` directions (``exhaustion="refresh"``), keeping directions
+        ``0 .. keep-1`` and the ledger's first ``keep - r`` rows (everything in use at pointer
+        ``keep``); the members' views are pointed at the new storage."""
+        (m, n), G, store = self.shape, len(self.members), self.U.device
+        f = max(keep - self.r, 0)
+        U, S, Vh = (torch.empty(G, m, K, device=store), torch.empty(G, K, device=store),
+                    torch.empty(G, K, n, device=store))
+        FBt = torch.empty(G, max(K - self.r, 0), m, device=store)
+        FA = torch.empty(G, max(K - self.r, 0), n, device=store)
+        U[:, :, :keep], S[:, :keep], Vh[:, :keep] = (self.U[:, :, :keep], self.S[:, :keep],
+                                                     self.Vh[:, :keep])
+        FBt[:, :f], FA[:, :f] = self.FBt[:, :f], self.FA[:, :f]
+        self.U, self.S, self.Vh, self.FBt, self.FA, self.K = U, S, Vh, FBt, FA, K
+        for g, st in enumerate(self.members):
+            st.K = K
+            st.U, st.S, st.Vh = U[g], S[g], Vh[g]
+            st._FBt, st._FA = FBt[g], FA[g]
+
     def is_whole(self, sts: Sequence["ModuleState"]) -> bool:
         """``sts`` are all members, in order, at one pointer: one slice of the stack serves them."""
         return len(sts) == len(self.members) and all(
@@ -46,8 +65,10 @@ class ModuleState:
 
     def __init__(self, layer: AdaptedLayer, K: int, stack: StateStack):
         self.layer = layer
-        self.K = K  # directions available: min(r_target, m, n)
+        self.K = K  # directions available: min(r_target, m, n), more after a refresh
+        self.K0 = K  # directions of the ORIGINAL weight's SVD (the first block)
         self.p = 0  # directions consumed
+        self.blocks: list[int] = []  # exhaustion="refresh": where each refreshed block starts
         self.stack = stack
         g = len(stack.members)
         stack.members.append(self)
@@ -78,10 +99,11 @@ class ModuleState:
         """The fused A rows, ``fused() x n`` (a view of the written ledger)."""
         return self._FA[:self.fused()]
 
-    def state_shapes(self, p: int) -> dict[str, tuple]:
-        """Shapes of this module's ``state_dict`` tensors at pointer ``p``."""
-        (m, n), f = self.layer.shape, self.fused(p)
-        return {"U": (m, self.K), "S": (self.K,), "Vh": (self.K, n), "FB": (m, f), "FA": (f, n)}
+    def state_shapes(self, p: int, K: Optional[int] = None) -> dict[str, tuple]:
+        """Shapes of this module's ``state_dict`` tensors at pointer ``p`` (and ``K`` cached
+        directions, default: now)."""
+        (m, n), f, K = self.layer.shape, self.fused(p), self.K if K is None else K
+        return {"U": (m, K), "S": (K,), "Vh": (K, n), "FB": (m, f), "FA": (f, n)}
 
     def store_fused(self, B_low: torch.Tensor, A_low: torch.Tensor) -> None:
         """Write the pairs fused by the switch that just advanced ``p`` into the ledger."""
@@ -95,6 +117,7 @@ class ModuleState:
         for key in ("U", "S", "Vh"):
             getattr(self, key).copy_(m[key])
         self.p = int(m["p"])
+        self.blocks = [int(b) for b in m.get("blocks", [])]
         f = self.fused()
         self._FBt[:f].copy_(m["FB"].T)
         self._FA[:f].copy_(m["FA"])

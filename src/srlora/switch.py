@@ -98,6 +98,21 @@ def selection_scores(policy: str, scores: torch.Tensor, B: torch.Tensor, A: torc
     return scores
 
 
+def ranking_keys(ctl: "SRLoRAController", idx: list[int], B=None, A=None,
+                 scores=None) -> torch.Tensor:
+    """Step 2's ranking key of modules ``idx`` (one group, ``G x r``; the lowest are fused), per
+    the config's selection. ``B``/``A`` (stacked factors) are read only for "normalized"; the
+    adaptive schedule calls this every step to see whether the choice has settled."""
+    if scores is None:
+        scores = group_pair_scores(ctl, idx)
+    policy = ctl.config.selection
+    if policy == "normalized" and B is None:
+        B = torch.stack([ctl.layers[i].B() for i in idx])
+        A = torch.stack([ctl.layers[i].A() for i in idx])
+    young = last_written(ctl, idx) if policy == "protect" else []
+    return selection_scores(policy, scores, B, A, young)
+
+
 def check_module(ctl: "SRLoRAController", i: int, k: int) -> None:
     """Raise before any write if module i cannot be switched as set up (its factors were
     reshaped or replaced since ``wrap``, or too few directions are left)."""
@@ -120,8 +135,7 @@ def plan_group(ctl: "SRLoRAController", idx: list[int], k: int) -> GroupSwitch:
     s = Ls[0].scaling
     B, A = torch.stack([L.B() for L in Ls]), torch.stack([L.A() for L in Ls])  # G x m x r, ...
     scores = group_pair_scores(ctl, idx)
-    young = last_written(ctl, idx) if ctl.config.selection == "protect" else []
-    key = selection_scores(ctl.config.selection, scores, B, A, young)
+    key = ranking_keys(ctl, idx, B, A, scores)
     slots = lowest_pairs(key, k).to(B.device)  # step 2: the k lowest, ascending
     at = (torch.arange(len(idx), device=B.device)[:, None], slots)  # (g, slot) pairs, G x k
     B_low, A_low = B.transpose(1, 2)[at].transpose(1, 2).float(), A[at].float()

@@ -127,6 +127,11 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _run_config(cfg: CompareConfig, method: str) -> Optional[dict]:
+    """The SRLoRAConfig fields a method's runs add to the shared settings (its variant's)."""
+    return cfg.variants.get(method, {}).get("config") or None
+
+
 def plan(cfg: CompareConfig) -> list[tuple[str, float, int]]:
     """(method, lr, seed) in run order: seed-major, so early results cover every method."""
     return [(m, lr, s) for s in cfg.seeds for m in cfg.methods for lr in cfg.lrs[m]]
@@ -184,7 +189,7 @@ def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bo
                 checkpoint_dir=run_dir(cfg, method, lr, seed) if cfg.save_every else None,
                 save_every=cfg.save_every,
                 resume_from=checkpointing.latest(run_dir(cfg, method, lr, seed))
-                if resume else None, config=variant.get("config"))
+                if resume else None, config=_run_config(cfg, method))
             if variant:  # tables, plots and resume know a run by its method's name
                 rec["base_method"], rec["method"] = rec["method"], method
             rec["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") \

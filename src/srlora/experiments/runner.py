@@ -97,7 +97,12 @@ def evaluate(bundle: Bundle, model, enc, idx: np.ndarray, batch_size: int = 64) 
 
 def _switch_log(controller) -> list[dict]:
     names = [L.name for L in controller.layers]
-    return [{**e, "modules": [names[i] for i in e["modules"]]} for e in controller.history]
+    def log(e: dict) -> dict:
+        out = {**e, "modules": [names[i] for i in e["modules"]]}
+        if "refreshed" in e:
+            out["refreshed"] = [names[i] for i in e["refreshed"]]
+        return out
+    return [log(e) for e in controller.history]
 
 
 def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, steps: int,
@@ -172,6 +177,7 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
+        controller.observe_loss(loss)  # switch_schedule="adaptive": the plateau test
         optimizer.step()  # the controller's hook runs here: importance, step count, switch
         scheduler.step()
         losses.append(float(loss.item()))

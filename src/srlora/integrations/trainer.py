@@ -11,6 +11,8 @@ What the Trainer does, and what the callback adds (transformers 5.x ``Trainer.tr
 - Per optimizer step the Trainer clips the gradients, then calls ``optimizer.step()``: the
   controller's step post-hook runs there, on the clipped gradients, once per real optimizer
   step (gradient accumulation micro-batches do not step the optimizer).
+- ``on_log`` passes the logged training loss to ``controller.observe_loss`` (the adaptive
+  schedule's plateau test; every ``logging_steps`` steps).
 - ``on_save`` runs right after the Trainer wrote ``<output_dir>/checkpoint-<global_step>``; the
   callback adds ``srlora/`` to it (``srlora.save_checkpoint``, without optimizer and RNG,
   which the Trainer keeps itself).
@@ -115,6 +117,13 @@ class SRLoRACallback(TrainerCallback):
                              "0; wrap a fresh model for a new run, or resume from a checkpoint")
         ctl.set_total_steps(int(state.max_steps))
         ctl.attach(optimizer)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """The Trainer's logged training loss (every ``logging_steps``, already averaged over
+        the processes) feeds ``switch_schedule="adaptive"``'s plateau test."""
+        if logs and "loss" in logs and self.controller.schedule is not None:
+            self.controller.observe_loss(float(logs["loss"]))
         return control
 
     def on_save(self, args, state, control, **kwargs):
