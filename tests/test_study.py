@@ -349,3 +349,36 @@ def test_reuse_copies_only_the_runs_this_study_would_run_identically(tmp_path):
     changed = mk(["lora"], 300)
     again = reuse_runs(changed, str(out), str(other))
     assert again["copied"] == 0 and again["skipped"] == {"task differs or absent": 1}
+
+
+def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys):
+    """--report runs nothing: it writes verdicts.md from study.json; refused without a study or
+    with another spec."""
+    import time as _time
+
+    from srlora.experiments.study import Study
+    from srlora.experiments.study_jobs import write_json
+
+    raw = base_spec()
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    spec = study_spec.load(str(tmp_path / "s.yaml"))
+    out = tmp_path / "out"
+    assert main(["study", str(tmp_path / "s.yaml"), "--out", str(out), "--report"]) == 2
+    assert "holds no study" in capsys.readouterr().err
+    os.makedirs(out)
+    write_json(str(out / "spec.json"), spec)
+    st = Study(spec, str(out))
+    for s in spec["final"]["seeds"]:  # two methods' final runs, as a study killed mid-task has
+        for m, acc in (("lora", 0.80), ("srlora", 0.78 + 0.001 * s)):
+            st.runs[("rt-polarity", m, 1e-3, 100, s)] = {
+                "task": "rt-polarity", "name": m, "method": m, "lr": 1e-3, "seed": s,
+                "steps": 100, "failed": False, "final_accuracy": acc, "val_accuracy": acc,
+                "final_test_loss": 1 - acc, "val_loss": 1 - acc}
+    write_json(str(out / "study.json"), st.summary({"jobs": 1}, "running", _time.time()))
+    assert main(["study", str(tmp_path / "s.yaml"), "--out", str(out), "--report"]) == 0
+    md = (out / "verdicts.md").read_text()
+    assert "| claim |" in md and "rt-polarity" in md
+    raw["tasks"][0]["steps"] = 200
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["study", str(tmp_path / "t.yaml"), "--out", str(out), "--report"]) == 2
+    assert "another spec" in capsys.readouterr().err

@@ -35,6 +35,9 @@ def register(sub) -> None:
     a("--reuse", action="append", default=[], metavar="DIR",
       help="before running, copy the finished runs of the study in DIR that this spec would run "
            "identically (same task settings, method and fields, lr, steps, seed); repeatable")
+    a("--report", action="store_true",
+      help="run nothing: write verdicts.md and the plots of what --out holds so far (a study "
+           "stopped part-way has verdicts for its finished tasks); the spec must be the same")
     a("--no-progress", action="store_true", help="no progress bar (--jobs 1)")
     p.set_defaults(func=run)
 
@@ -87,6 +90,12 @@ def run(args) -> int:
         if not gpus:
             raise UsageError("--device cuda: no CUDA GPU is visible")
     threads = args.threads or _env_threads() or max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.report:
+        if not os.path.isfile(os.path.join(args.out, "study.json")):
+            raise UsageError(f"--report: {args.out!r} holds no study (no study.json)")
+        _check_out(args.out, spec, resume=True)
+        with open(os.path.join(args.out, "study.json")) as f:
+            return _write_report(json.load(f), args.out)
     _check_out(args.out, spec, args.resume)
     for d in args.reuse:
         if not os.path.isfile(os.path.join(d, "spec.json")):
@@ -126,12 +135,19 @@ def run(args) -> int:
                               device=device, gpus=gpus if args.jobs > 1 else 0,
                               log=lambda s: print(s, flush=True),
                               progress=not args.no_progress)
+    return _write_report(summary, args.out)
+
+
+def _write_report(summary: dict, out: str) -> int:
+    """verdicts.md, the console table and the plots of ``summary`` (study.json's content)."""
+    from ..experiments import study_plots, study_report
+
     md = study_report.format_markdown(summary)
-    with open(os.path.join(args.out, "verdicts.md"), "w") as f:
+    with open(os.path.join(out, "verdicts.md"), "w") as f:
         f.write(md + "\n")
     print(study_report.format_console(summary))
-    for p in study_plots.write_all(summary, args.out):
+    for p in study_plots.write_all(summary, out):
         print(f"wrote {p}")
-    print(f"wrote {os.path.join(args.out, 'verdicts.md')} and "
-          f"{os.path.join(args.out, 'study.json')} ({summary['wall_time_s'] / 60:.1f} min)")
+    print(f"wrote {os.path.join(out, 'verdicts.md')} and {os.path.join(out, 'study.json')} "
+          f"(status {summary.get('status')}; {summary.get('wall_time_s', 0) / 60:.1f} min)")
     return 0
