@@ -17,7 +17,7 @@ import torch
 
 from . import controller_state
 from .config import SRLoRAConfig
-from .engines import check_engine, unwrap_optimizer
+from .engines import check_engine, is_fsdp2, sharding_reason, unwrap_optimizer
 from .factors import switch_steps
 from .fusion import delta_factors
 from .importance import ImportanceTracker
@@ -52,6 +52,7 @@ class SRLoRAController:
         self._first_version: Optional[int] = None  # lora_A's version at the first backward
         self._switch_steps: Optional[set[int]] = None
         self._engine_walked: Optional[list] = None  # edited parameters at the last model walk
+        self.sharded = None  # under FSDP2: the srlora.fsdp.ShardedSwitch bound to the shards
         self.modules: list[ModuleState] = []
         plan = None
         if config.method in ("pissa", "srlora"):  # everything computed before the first write
@@ -90,8 +91,13 @@ class SRLoRAController:
     def _bind(self, optimizer) -> torch.optim.Optimizer:
         """The torch optimizer behind ``optimizer``, checked: an engine SRLoRA supports, and it
         trains every adapted module's factors."""
+        fsdp2 = False
         if self.config.method == "srlora":
-            check_engine(self.model, optimizer)  # FSDP / DeepSpeed: refused, naming what works
+            fsdp2 = is_fsdp2(sharding_reason(self.model, optimizer))
+            if fsdp2:
+                from . import fsdp
+                fsdp.check(self)  # fusion="virtual", dim-0 shards: else refused, naming why
+            check_engine(self.model, optimizer, fsdp2_ok=fsdp2)  # FSDP1 / DeepSpeed: refused
         inner = unwrap_optimizer(optimizer)
         trained = {id(p) for g in inner.param_groups for p in g["params"]}
         missing = [L.name for L in self.layers if id(L.lora_A) not in trained
@@ -100,6 +106,8 @@ class SRLoRAController:
             raise ValueError(f"the optimizer does not train the LoRA factors of {len(missing)} "
                              f"adapted module(s), e.g. {missing[0]!r}; build it from "
                              "model.parameters() after srlora.wrap()")
+        if fsdp2:
+            fsdp.bind(self)  # sharded importance state, switches on the shards
         return inner
 
     def attach(self, optimizer) -> "SRLoRAController":
@@ -205,8 +213,11 @@ class SRLoRAController:
         todo = [i for i, st in enumerate(self.modules) if st.p + k <= st.K]  # others: exhausted
         if not todo:
             return 0
-        plans = plan_switch(self, todo, k)  # score, choose, fetch: reads only
-        entry = apply_switch(self, plans, k)  # fuse, reinitialize, reset
+        if self.sharded is not None:  # FSDP2: the same switch on gathered factors (srlora.fsdp)
+            entry = self.sharded.switch(todo, k)
+        else:
+            plans = plan_switch(self, todo, k)  # score, choose, fetch: reads only
+            entry = apply_switch(self, plans, k)  # fuse, reinitialize, reset
         self.num_switches += 1
         self.history.append(entry)
         return len(todo)
@@ -224,9 +235,12 @@ class SRLoRAController:
         seen = self._engine_walked
         if seen is None or len(seen) != len(edited) or any(a is not b for a, b in
                                                            zip(seen, edited)):
-            check_engine(self.model)
+            if is_fsdp2(sharding_reason(self.model)):  # sharded since set-up or attach
+                from . import fsdp
+                fsdp.bind(self)  # refused unless fusion="virtual" and dim-0 shards
+            check_engine(self.model, fsdp2_ok=self.sharded is not None)
             self._engine_walked = edited
-        check_engine(params=edited)
+        check_engine(params=edited, fsdp2_ok=self.sharded is not None)
 
     # ------------------------------------------------------------------ export helpers
     def delta_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
