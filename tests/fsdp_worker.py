@@ -142,6 +142,15 @@ def main(argv=None) -> int:
     torch.save(whole_state(model, controller, optimizer), os.path.join(out, f"final_rank{rank}.pt"))
     report.update(losses=losses, checked=checked, switches=controller.num_switches,
                   history=controller.history)
+    final = whole_state(model, controller, optimizer)
+    with srlora.fsdp.unsharded(model):  # every rank; rank 0 exports from the whole factors
+        report["unsharded_types"] = sorted({type(L.lora_A).__name__ for L in controller.layers})
+        if rank == 0:
+            srlora.export_adapter(model, controller, os.path.join(out, "adapter"))
+    after = whole_state(model, controller, optimizer)
+    report["export_changed"] = [k for k in final if not (
+        torch.equal(after[k], final[k]) if torch.is_tensor(final[k]) else after[k] == final[k])]
+    report["resharded_types"] = sorted({type(L.lora_A).__name__ for L in controller.layers})
 
     # resume a fresh sharded run from the checkpoint the sharded run saved
     model2, controller2, optimizer2 = new_run(shard=True)

@@ -150,6 +150,23 @@ def test_checkpoint_from_the_sharded_run_resumes_and_exports_in_one_process(run2
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+def test_export_from_the_sharded_run_is_the_trained_model(run2, reference, tmp_path):
+    """srlora.fsdp.unsharded(model) on every rank, export_adapter on rank 0: a plain PEFT
+    adapter on the original base that computes what the single-process run computes."""
+    from peft import PeftModel
+
+    for rep in run2["reports"]:
+        assert rep["unsharded_types"] == ["Parameter"] and rep["resharded_types"] == ["DTensor"]
+        assert rep["export_changed"] == []
+    model, controller, optimizer = w.new_run(shard=False)
+    w.train_steps(model, optimizer, controller, 0, w.TOTAL_STEPS)
+    plain = PeftModel.from_pretrained(w.build_base(), os.path.join(run2["out"], "adapter")).eval()
+    x, _ = w.global_batch(998)
+    with torch.no_grad():
+        want, got = model(x), plain(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_fusion_weight_is_refused_under_fsdp2_naming_virtual(run2):
     for rep in run2["reports"]:
         assert "fusion='virtual'" in rep["weight_refused"]

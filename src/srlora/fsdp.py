@@ -25,6 +25,7 @@ shards (:func:`shard_like`).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -132,6 +133,29 @@ def gather_rows(pairs: list[tuple[torch.Tensor, object]]) -> list[torch.Tensor]:
                 offs[r] += n
             out[j] = torch.cat(parts).view(pairs[j][1].shape)
     return out
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module, frozen: bool = False):
+    """Inside: the DTensor parameters of ``model`` are whole plain parameters, so code written
+    for a plain model reads them, e.g. ``srlora.export_adapter`` on rank 0. A collective: enter
+    it on every rank. Gathers the trainable parameters (the adapter, ``modules_to_save``), and
+    with ``frozen=True`` every parameter (``srlora.save_merged`` reads the base weights; that
+    needs the memory of the whole model on each rank). The sharded parameters are put back on
+    exit; writes inside are lost. Do not train inside."""
+    swapped = []
+    try:
+        for m in model.modules():
+            for name, p in list(m._parameters.items()):
+                if is_dtensor(p) and (frozen or p.requires_grad):
+                    whole = torch.nn.Parameter(p.detach().full_tensor(),
+                                               requires_grad=p.requires_grad)
+                    m._parameters[name] = whole
+                    swapped.append((m, name, p))
+        yield model
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p
 
 
 # ---------------------------------------------------------------------- checks
