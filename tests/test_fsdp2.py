@@ -232,6 +232,32 @@ def test_accelerate_launcher_fsdp2_accepted_with_virtual_fsdp1_refused(monkeypat
         srlora.wrap(w.build_base(), w.config())
 
 
+def test_accelerator_state_fsdp2_accepted_with_virtual(monkeypatch):
+    """An Accelerator created with an FSDP plugin of version 2 (accelerate launch --use_fsdp
+    --fsdp_version 2 on GPUs): wrap with fusion="virtual" accepted, fusion="weight" and FSDP1
+    refused. (accelerate 1.15 on a CPU-only machine ignores --use_fsdp and prepares DDP, which
+    SRLoRA runs as DDP.)"""
+    import dataclasses
+    import types
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    Accelerator(cpu=True)
+    monkeypatch.setitem(AcceleratorState._shared_state, "distributed_type", DistributedType.FSDP)
+    monkeypatch.setitem(AcceleratorState._shared_state, "fsdp_plugin",
+                        types.SimpleNamespace(fsdp_version=2))
+    assert sharding_reason().startswith("FSDP2")
+    srlora.wrap(w.build_base(), w.config())
+    with pytest.raises(srlora.UnsupportedEngineError, match="fusion='virtual'"):
+        srlora.wrap(w.build_base(), dataclasses.replace(w.config(), fusion="weight"))
+    monkeypatch.setitem(AcceleratorState._shared_state, "fsdp_plugin",
+                        types.SimpleNamespace(fsdp_version=1))
+    with pytest.raises(srlora.UnsupportedEngineError, match="distributed_type=FSDP"):
+        srlora.wrap(w.build_base(), w.config())
+
+
 def test_deepspeed_refusal_names_fsdp2_as_the_path():
     zero3 = torch.nn.Parameter(torch.zeros(3))
     zero3.ds_id = 0

@@ -53,6 +53,7 @@ class SRLoRAController:
         self._switch_steps: Optional[set[int]] = None
         self._engine_walked: Optional[list] = None  # edited parameters at the last model walk
         self.sharded = None  # under FSDP2: the srlora.fsdp.ShardedSwitch bound to the shards
+        self._engine_fsdp2 = False  # FSDP2 (accepted) found at the last model walk
         self.modules: list[ModuleState] = []
         plan = None
         if config.method in ("pissa", "srlora"):  # everything computed before the first write
@@ -91,12 +92,15 @@ class SRLoRAController:
     def _bind(self, optimizer) -> torch.optim.Optimizer:
         """The torch optimizer behind ``optimizer``, checked: an engine SRLoRA supports, and it
         trains every adapted module's factors."""
-        fsdp2 = False
+        fsdp2 = shard = False
         if self.config.method == "srlora":
             fsdp2 = is_fsdp2(sharding_reason(self.model, optimizer))
-            if fsdp2:
+            if fsdp2:  # fusion="virtual"; sharded: dim-0 shards. Else refused, naming why
                 from . import fsdp
-                fsdp.check(self)  # fusion="virtual", dim-0 shards: else refused, naming why
+                fsdp.check_fusion(self)
+                shard = fsdp.is_sharded_model(self)
+                if shard:
+                    fsdp.check(self)
             check_engine(self.model, optimizer, fsdp2_ok=fsdp2)  # FSDP1 / DeepSpeed: refused
         inner = unwrap_optimizer(optimizer)
         trained = {id(p) for g in inner.param_groups for p in g["params"]}
@@ -106,7 +110,7 @@ class SRLoRAController:
             raise ValueError(f"the optimizer does not train the LoRA factors of {len(missing)} "
                              f"adapted module(s), e.g. {missing[0]!r}; build it from "
                              "model.parameters() after srlora.wrap()")
-        if fsdp2:
+        if shard:
             fsdp.bind(self)  # sharded importance state, switches on the shards
         return inner
 
@@ -235,12 +239,15 @@ class SRLoRAController:
         seen = self._engine_walked
         if seen is None or len(seen) != len(edited) or any(a is not b for a, b in
                                                            zip(seen, edited)):
-            if is_fsdp2(sharding_reason(self.model)):  # sharded since set-up or attach
+            fsdp2 = is_fsdp2(sharding_reason(self.model))
+            if fsdp2:  # sharded since set-up or attach: bind, unless refused
                 from . import fsdp
-                fsdp.bind(self)  # refused unless fusion="virtual" and dim-0 shards
-            check_engine(self.model, fsdp2_ok=self.sharded is not None)
-            self._engine_walked = edited
-        check_engine(params=edited, fsdp2_ok=self.sharded is not None)
+                fsdp.check_fusion(self)
+                if fsdp.is_sharded_model(self):
+                    fsdp.bind(self)
+            check_engine(self.model, fsdp2_ok=fsdp2)
+            self._engine_walked, self._engine_fsdp2 = edited, fsdp2
+        check_engine(params=edited, fsdp2_ok=self._engine_fsdp2)
 
     # ------------------------------------------------------------------ export helpers
     def delta_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -159,15 +159,29 @@ def unsharded(model: torch.nn.Module, frozen: bool = False):
 
 
 # ---------------------------------------------------------------------- checks
-def check(ctl: "SRLoRAController") -> None:
-    """Raise UnsupportedEngineError unless ``ctl`` can run under FSDP2: ``fusion="virtual"``,
-    every adapted factor a DTensor sharded on dim 0 over one 1-D mesh."""
+def is_sharded_model(ctl: "SRLoRAController") -> bool:
+    """True when an adapted factor is a DTensor or the model holds an FSDP2 module (an FSDP2
+    launcher alone, before ``fully_shard``, or an Accelerate that fell back to DDP, is not)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return (any(is_dtensor(p) for L in ctl.layers for p in (L.lora_A, L.lora_B))
+            or any(isinstance(m, FSDPModule) for m in ctl.model.modules()))
+
+
+def check_fusion(ctl: "SRLoRAController") -> None:
+    """Raise UnsupportedEngineError unless ``fusion="virtual"`` (FSDP2 shards the weight)."""
     if ctl.config.fusion != "virtual":
         raise UnsupportedEngineError(
             "SRLoRA under FSDP2 needs SRLoRAConfig(fusion='virtual'): with fusion='weight' each "
             "switch writes the frozen weight, which FSDP2 shards across ranks. With "
             "fusion='virtual' the weight stays W0 and only the small LoRA factors and the "
             "replicated side path change (docs/distributed.md, FSDP2)")
+
+
+def check(ctl: "SRLoRAController") -> None:
+    """Raise UnsupportedEngineError unless ``ctl`` can run under FSDP2: ``fusion="virtual"``,
+    every adapted factor a DTensor sharded on dim 0 over one 1-D mesh."""
+    check_fusion(ctl)
     meshes = set()
     for L in ctl.layers:
         for f, p in (("lora_A", L.lora_A), ("lora_B", L.lora_B)):
