@@ -313,7 +313,7 @@ def test_docs_excerpts_are_in_the_examples():
 
     text = open(os.path.join(ROOT, "docs", "distributed.md")).read()
     blocks = re.findall(r"```python\n# excerpt of (\S+)\n(.*?)```", text, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3  # torchrun, Accelerate, FSDP2
     for path, body in blocks:
         source = {line.strip() for line in open(os.path.join(ROOT, path))}
         for line in body.splitlines():
