@@ -202,6 +202,11 @@ def test_one_rank_fsdp2_equals_the_plain_run(one_process_group):
     a, b = w.whole_state(*sharded), w.whole_state(*plain)
     assert sharded[1].num_switches == 2
     _assert_close_to_reference(a, b)
+    with pytest.raises(RuntimeError, match="unsharded"):  # whole factors needed: named
+        sharded[1].delta_factors(0)
+    with fsdp.unsharded(sharded[0]):
+        for got, want in zip(sharded[1].delta_factors(0), plain[1].delta_factors(0)):
+            assert (got - want).abs().max() <= SCALE_TOL * want.abs().max()
 
 
 def test_switch_now_binds_a_controller_sharded_after_attach(one_process_group):

@@ -254,6 +254,10 @@ class SRLoRAController:
         """Low-rank factors (fp32) of the whole change of module i against its ORIGINAL weight:
         ``W_effective - W0 == s * Bd @ Ad`` (:func:`srlora.fusion.delta_factors`; for the LoRA
         baseline, (B, A))."""
+        if self.sharded is not None and type(self.layers[i].lora_A) is not torch.nn.Parameter:
+            raise RuntimeError("delta_factors() under FSDP2 reads the whole factors: call it "
+                               "(or export_adapter) inside `with srlora.fsdp.unsharded(model):`,"
+                               " entered on every rank")
         if self.config.method == "lora":
             L = self.layers[i]
             return L.B().float(), L.A().float()

@@ -136,18 +136,18 @@ def gather_rows(pairs: list[tuple[torch.Tensor, object]]) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def unsharded(model: torch.nn.Module, frozen: bool = False):
-    """Inside: the DTensor parameters of ``model`` are whole plain parameters, so code written
-    for a plain model reads them, e.g. ``srlora.export_adapter`` on rank 0. A collective: enter
-    it on every rank. Gathers the trainable parameters (the adapter, ``modules_to_save``), and
-    with ``frozen=True`` every parameter (``srlora.save_merged`` reads the base weights; that
-    needs the memory of the whole model on each rank). The sharded parameters are put back on
-    exit; writes inside are lost. Do not train inside."""
+def unsharded(model: torch.nn.Module):
+    """Inside: the trainable DTensor parameters of ``model`` (the adapter, ``modules_to_save``)
+    are whole plain parameters, so code written for a plain model reads them, e.g.
+    ``srlora.export_adapter`` on rank 0. A collective: enter it on every rank. The sharded
+    parameters are put back on exit; writes inside are lost. Do not train inside.
+    (``srlora.save_merged`` cannot run under FSDP2, which refuses ``deepcopy``: load the
+    checkpoint in one process for it.)"""
     swapped = []
     try:
         for m in model.modules():
             for name, p in list(m._parameters.items()):
-                if is_dtensor(p) and (frozen or p.requires_grad):
+                if is_dtensor(p) and p.requires_grad:
                     whole = torch.nn.Parameter(p.detach().full_tensor(),
                                                requires_grad=p.requires_grad)
                     m._parameters[name] = whole
