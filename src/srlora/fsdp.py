@@ -49,7 +49,8 @@ def is_dtensor(t) -> bool:
 
 
 def full(t):
-    """``t`` whole: a DTensor's ``full_tensor()`` (a collective: every rank calls it), else ``t``."""
+    """``t`` whole: a DTensor's ``full_tensor()`` (a collective: every rank calls it), else
+    ``t``."""
     return t.full_tensor() if is_dtensor(t) else t
 
 
@@ -162,10 +163,12 @@ def unsharded(model: torch.nn.Module):
 def is_sharded_model(ctl: "SRLoRAController") -> bool:
     """True when an adapted factor is a DTensor or the model holds an FSDP2 module (an FSDP2
     launcher alone, before ``fully_shard``, or an Accelerate that fell back to DDP, is not)."""
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6
+        FSDPModule = ()
     return (any(is_dtensor(p) for L in ctl.layers for p in (L.lora_A, L.lora_B))
-            or any(isinstance(m, FSDPModule) for m in ctl.model.modules()))
+            or bool(FSDPModule) and any(isinstance(m, FSDPModule) for m in ctl.model.modules()))
 
 
 def check_fusion(ctl: "SRLoRAController") -> None:
@@ -372,7 +375,8 @@ class ShardedSwitch:
             for p, whole in zip(self.factors(i), (layers[i].A(), layers[i].B())):
                 copy_into_(p, whole.view(p.shape))
         if ctl.optimizer is not None and ctl.config.optimizer_state == "zero":
-            self.zero_optimizer_slots({i: s for g in plans for i, s in zip(g.idx, g.slots.tolist())})
+            chosen = {i: s for g in plans for i, s in zip(g.idx, g.slots.tolist())}
+            self.zero_optimizer_slots(chosen)
         return entry
 
     @torch.no_grad()
