@@ -190,7 +190,7 @@ def one_process_group(tmp_path):
 def test_one_rank_fsdp2_equals_the_plain_run(one_process_group):
     """fully_shard over one rank goes through every FSDP2 path (DTensor factors, sharded
     importance, the gathered switch, the optimizer's DTensor state) and must give the plain run's
-    state: the same arithmetic, so to fp32 rounding."""
+    state bitwise: the same arithmetic on the same values."""
     torch.set_num_threads(1)
     steps = 7  # switches after steps 3 and 6 (total_steps 24)
     sharded = w.new_run(shard=True)
@@ -201,12 +201,39 @@ def test_one_rank_fsdp2_equals_the_plain_run(one_process_group):
         w.train_steps(m, o, c, 0, steps)
     a, b = w.whole_state(*sharded), w.whole_state(*plain)
     assert sharded[1].num_switches == 2
-    _assert_close_to_reference(a, b)
+    assert [k for k in b if not _bitwise_equal(a[k], b[k])] == []
     with pytest.raises(RuntimeError, match="unsharded"):  # whole factors needed: named
         sharded[1].delta_factors(0)
     with fsdp.unsharded(sharded[0]):
         for got, want in zip(sharded[1].delta_factors(0), plain[1].delta_factors(0)):
             assert (got - want).abs().max() <= SCALE_TOL * want.abs().max()
+
+
+def test_one_rank_fsdp2_bf16_base_equals_the_plain_run_bitwise(one_process_group):
+    """A bf16 base model (sharded bf16 weights, bf16 side buffers; PEFT keeps the factors in
+    fp32) under fully_shard over one rank: bitwise the plain run's state, through 2 switches."""
+    torch.set_num_threads(1)
+
+    def run(shard: bool):
+        model, controller = srlora.wrap(w.build_base().to(torch.bfloat16), w.config())
+        if shard:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model)
+        optimizer = w.make_optimizer(model)
+        controller.attach(optimizer)
+        for step in range(7):
+            x, y = w.global_batch(step)
+            torch.nn.functional.cross_entropy(model(x.bfloat16()).float(), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert controller.num_switches == 2
+        return w.whole_state(model, controller, optimizer)
+
+    a, b = run(True), run(False)
+    assert a["base/base_model.model.fc1"].dtype == a["side/base_model.model.fc1/At"].dtype \
+        == torch.bfloat16
+    assert set(a) == set(b) and [k for k in b if not _bitwise_equal(a[k], b[k])] == []
 
 
 def test_switch_now_binds_a_controller_sharded_after_attach(one_process_group):
