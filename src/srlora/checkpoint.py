@@ -37,6 +37,7 @@ from ._errors import CheckpointMismatchError
 from .controller import SRLoRAController
 from .controller_state import CONFIG_MAY_DIFFER, saved_config
 from .engines import unwrap_optimizer
+from .fsdp import copy_into_, full, full_tree, is_dtensor, shard_like
 
 FORMAT = "srlora-checkpoint"
 FORMAT_VERSION = 3  # 3: the manifest carries its own SHA-256; 2: bf16 residuals hold bits 8..15
@@ -85,7 +86,7 @@ def _fingerprinted(model, controller: SRLoRAController, saved: dict) -> dict[str
 @torch.no_grad()
 def _fingerprint(t: torch.Tensor) -> list[float]:
     """Two float64 sums that change when the tensor's values (or their order) change."""
-    x = t.detach().reshape(-1).double()
+    x = full(t.detach()).reshape(-1).double()  # FSDP2: the whole weight (a collective)
     by_position = torch.nn.functional.pad(x.abs(), (0, (-x.numel()) % 3)).reshape(-1, 3).sum(0)
     return [float((x * x).sum()), float(by_position @ torch.tensor([1.0, 2.0, 3.0],
                                                                     dtype=torch.float64,
@@ -142,15 +143,19 @@ def save_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer
     ``model`` is the PeftModel from ``srlora.wrap`` (default: ``controller.model``). ``optimizer``
     may be an accelerate wrapper. An existing checkpoint at ``path`` is replaced only once the
     new one is complete; an existing directory that is not a checkpoint is refused. Call it on
-    one process only. ``extra`` (JSON-able) is kept in the manifest. Returns the directory.
+    one process only; under FSDP2 (DTensor parameters) on every rank: the shards are gathered
+    and rank 0 writes the same checkpoint a single process would. ``extra`` (JSON-able) is kept
+    in the manifest. Returns the directory.
     """
     model = _resolve_model(model, controller)
     live = _saved_tensors(model, controller)
+    sharded = any(is_dtensor(t) for t in live.values())
+    live = {k: full(t) for k, t in live.items()}  # FSDP2: whole tensors (collectives)
     skeleton, ctensors = split_tensors(controller.state_dict())
     state: dict = {}
     inner = unwrap_optimizer(optimizer) if optimizer is not None else None
     if inner is not None:
-        state["optimizer"] = inner.state_dict()
+        state["optimizer"] = full_tree(inner.state_dict())
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     if rng:
@@ -173,6 +178,20 @@ def save_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer
         "rng": bool(rng),
         "extra": _normalized(extra or {}),
     }
+    if sharded:  # every rank gathered; rank 0 writes
+        import torch.distributed as dist
+        if dist.get_rank() != 0:
+            dist.barrier()
+            return Path(path)
+        try:
+            return _write(path, live, ctensors, skeleton, state, manifest)
+        finally:
+            dist.barrier()
+    return _write(path, live, ctensors, skeleton, state, manifest)
+
+
+def _write(path, live: dict, ctensors: dict, skeleton: dict, state: dict,
+           manifest: dict) -> Path:
     with atomic_directory(Path(path), _is_checkpoint) as tmp:
         save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in live.items()},
                   str(tmp / MODEL_FILE))
@@ -332,6 +351,19 @@ def _check_scheduler(ssd: Optional[dict], scheduler, manifest: dict) -> None:
                                       f"current {sorted(mine)}")
 
 
+def _sharded_optimizer_state(osd: dict, inner: torch.optim.Optimizer) -> dict:
+    """``osd`` with each parameter-shaped state tensor of a DTensor parameter sharded like it
+    (FSDP2); unchanged otherwise."""
+    params = [p for g in inner.param_groups for p in g["params"]]
+    if not any(is_dtensor(p) for p in params):
+        return osd
+    by_index = dict(zip([i for g in osd["param_groups"] for i in g["params"]], params))
+    state = {idx: {k: shard_like(v, by_index[idx]) if torch.is_tensor(v) and v.dim() > 0
+                   and tuple(v.shape) == tuple(by_index[idx].shape) else v
+                   for k, v in st.items()} for idx, st in osd["state"].items()}
+    return {**osd, "state": state}
+
+
 # ---------------------------------------------------------------------- load
 def load_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer=None,
                     scheduler=None, restore_rng: Optional[bool] = None) -> dict:
@@ -368,13 +400,13 @@ def load_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer
     if restore_rng and "rng" not in state:
         raise CheckpointMismatchError("restore_rng=True but the checkpoint holds no RNG state "
                                       "(saved with rng=False)")
-    # everything checked: write
+    # everything checked: write (FSDP2: each rank its rows)
     with torch.no_grad():
         for k, t in live.items():
-            t.copy_(saved_model[k])
+            copy_into_(t, saved_model[k])
     controller.load_state_dict(ctrl)
     if inner is not None:
-        inner.load_state_dict(state["optimizer"])
+        inner.load_state_dict(_sharded_optimizer_state(state["optimizer"], inner))
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:

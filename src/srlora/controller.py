@@ -17,7 +17,7 @@ import torch
 
 from . import controller_state
 from .config import SRLoRAConfig
-from .engines import check_engine, unwrap_optimizer
+from .engines import check_engine, is_fsdp2, sharding_reason, unwrap_optimizer
 from .fusion import delta_factors
 from .importance import ImportanceTracker
 from .initialize import SVDFn, build_states, write_pissa_init_
@@ -57,6 +57,8 @@ class SRLoRAController:
         self._engine_walked: Optional[list] = None  # edited parameters at the last model walk
         self._rewarm: Optional[tuple] = None  # (history length, restart steps, param groups)
         self._rewarm_done: dict = {}  # parameter id -> the Adam step already corrected
+        self.sharded = None  # under FSDP2: the srlora.fsdp.ShardedSwitch bound to the shards
+        self._engine_fsdp2 = False  # FSDP2 (accepted) found at the last model walk
         self.modules: list[ModuleState] = []
         plan = None
         if config.method in ("pissa", "srlora"):  # everything computed before the first write
@@ -101,8 +103,17 @@ class SRLoRAController:
     def _bind(self, optimizer) -> torch.optim.Optimizer:
         """The torch optimizer behind ``optimizer``, checked: an engine SRLoRA supports, and it
         trains every adapted module's factors."""
+        fsdp2 = shard = False
         if self.config.method == "srlora":
-            check_engine(self.model, optimizer)  # FSDP / DeepSpeed: refused, naming what works
+            fsdp2 = is_fsdp2(sharding_reason(self.model, optimizer))
+            if fsdp2:  # fusion="virtual"; sharded: dim-0 shards. Else refused, naming why
+                from . import fsdp
+                fsdp.check_fusion(self)
+                fsdp.check_variants(self)
+                shard = fsdp.is_sharded_model(self)
+                if shard:
+                    fsdp.check(self)
+            check_engine(self.model, optimizer, fsdp2_ok=fsdp2)  # FSDP1 / DeepSpeed: refused
         inner = unwrap_optimizer(optimizer)
         if self.config.method == "srlora" and self.config.optimizer_state == "rewarm":
             check_optimizer(inner)
@@ -113,6 +124,8 @@ class SRLoRAController:
             raise ValueError(f"the optimizer does not train the LoRA factors of {len(missing)} "
                              f"adapted module(s), e.g. {missing[0]!r}; build it from "
                              "model.parameters() after srlora.wrap()")
+        if shard:
+            fsdp.bind(self)  # sharded importance state, switches on the shards
         return inner
 
     def attach(self, optimizer) -> "SRLoRAController":
@@ -274,17 +287,20 @@ class SRLoRAController:
             if self.schedule is not None:
                 self.schedule.switched(self.global_step, False)
             return 0
-        stale = [i for i in todo if self.modules[i].p + k > self.modules[i].K]
-        refreshed: list[int] = []
-        if stale:  # exhaustion="refresh": a new block first (the model is not touched)
-            for i in todo:  # the factors' shapes, checked before anything is written
-                check_module(self, i, 0)
-            refreshed = apply_refresh(self, plan_refresh(self, stale, k))
-        plans = plan_switch(self, todo, k)  # score, choose, fetch: reads only
-        entry = apply_switch(self, plans, k)  # fuse, reinitialize, reset
+        if self.sharded is not None:  # FSDP2: the same switch on gathered factors (srlora.fsdp)
+            entry = self.sharded.switch(todo, k)
+        else:
+            stale = [i for i in todo if self.modules[i].p + k > self.modules[i].K]
+            refreshed: list[int] = []
+            if stale:  # exhaustion="refresh": a new block first (the model is not touched)
+                for i in todo:  # the factors' shapes, checked before anything is written
+                    check_module(self, i, 0)
+                refreshed = apply_refresh(self, plan_refresh(self, stale, k))
+            plans = plan_switch(self, todo, k)  # score, choose, fetch: reads only
+            entry = apply_switch(self, plans, k)  # fuse, reinitialize, reset
+            if self.config.exhaustion == "refresh":
+                entry["refreshed"] = refreshed
         entry["reason"] = reason
-        if self.config.exhaustion == "refresh":
-            entry["refreshed"] = refreshed
         self.num_switches += 1
         self.history.append(entry)
         if self.schedule is not None:
@@ -304,15 +320,25 @@ class SRLoRAController:
         seen = self._engine_walked
         if seen is None or len(seen) != len(edited) or any(a is not b for a, b in
                                                            zip(seen, edited)):
-            check_engine(self.model)
-            self._engine_walked = edited
-        check_engine(params=edited)
+            fsdp2 = is_fsdp2(sharding_reason(self.model))
+            if fsdp2:  # sharded since set-up or attach: bind, unless refused
+                from . import fsdp
+                fsdp.check_fusion(self)
+                if fsdp.is_sharded_model(self):
+                    fsdp.bind(self)
+            check_engine(self.model, fsdp2_ok=fsdp2)
+            self._engine_walked, self._engine_fsdp2 = edited, fsdp2
+        check_engine(params=edited, fsdp2_ok=self._engine_fsdp2)
 
     # ------------------------------------------------------------------ export helpers
     def delta_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-rank factors (fp32) of the whole change of module i against its ORIGINAL weight:
         ``W_effective - W0 == s * Bd @ Ad`` (:func:`srlora.fusion.delta_factors`; for the LoRA
         baseline, (B, A))."""
+        if self.sharded is not None and type(self.layers[i].lora_A) is not torch.nn.Parameter:
+            raise RuntimeError("delta_factors() under FSDP2 reads the whole factors: call it "
+                               "(or export_adapter) inside `with srlora.fsdp.unsharded(model):`,"
+                               " entered on every rank")
         if self.config.method == "lora":
             L = self.layers[i]
             return L.B().float(), L.A().float()

@@ -10,8 +10,9 @@ Why replicas stay identical under DistributedDataParallel (DDP):
     nothing random is drawn after set-up.
 :func:`assert_replicas_identical` checks all of it, bitwise, on a running job.
 
-Sharded engines (FSDP, DeepSpeed ZeRO) are refused by :func:`check_engine`: a switch rewrites
-whole frozen weights and LoRA factors in place, which needs every rank to hold them unsharded.
+Under FSDP2 (``fully_shard``, with ``fusion="virtual"``; :mod:`srlora.fsdp`) the same holds for
+everything SRLoRA replicates, and :func:`replica_state` compares the sharded tensors whole.
+FSDP1 and DeepSpeed ZeRO are refused by :func:`check_engine`.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .engines import check_engine, sharding_reason, unwrap_optimizer  # noqa: F401 (re-exported)
+from .fsdp import full, full_tree
 from .svd import top_singular_directions_many
 
 
@@ -169,19 +171,23 @@ def replica_state(model, controller, optimizer=None) -> dict:
     The controller's whole ``state_dict()`` (SVD cache, pointers, fused-pair ledger, originals,
     importance, step counters, switch history), each adapted layer's base weight, every
     trainable parameter of ``model`` (unwrapped from DDP), and the optimizer's state (``optimizer``
-    or the one the controller is attached to).
+    or the one the controller is attached to). Under FSDP2 the sharded tensors are gathered whole
+    (a collective: call it on every rank), so every rank must hold the same whole state.
     """
     out: dict = {}
     _flatten("controller", controller.state_dict(), out)
-    for L in controller.layers:
-        out[f"base/{L.name}"] = L.base_weight.detach()
+    for L, st in zip(controller.layers, controller.modules or [None] * len(controller.layers)):
+        out[f"base/{L.name}"] = full(L.base_weight.detach())
+        if st is not None and st.side is not None:  # fusion="virtual": the side path in use
+            out[f"side/{L.name}/At"] = st.side.At[:st.side.R]
+            out[f"side/{L.name}/Bt"] = st.side.Bt[:st.side.R]
     model = _unwrap_model(model) if model is not None else controller.model
     for name, p in model.named_parameters():
         if p.requires_grad:
-            out[f"trainable/{name}"] = p.detach()
+            out[f"trainable/{name}"] = full(p.detach())
     opt = optimizer if optimizer is not None else controller.optimizer
     if opt is not None:
-        _flatten("optimizer", unwrap_optimizer(opt).state_dict()["state"], out)
+        _flatten("optimizer", full_tree(unwrap_optimizer(opt).state_dict()["state"]), out)
     return out
 
 

@@ -1,10 +1,12 @@
-"""Which training engines SRLoRA runs under, and the refusal of the sharded ones.
+"""Which training engines SRLoRA runs under, and the refusal of the others.
 
-A switch rewrites whole frozen weights and LoRA factors in place, outside the optimizer, so every
-rank must hold them unsharded: FSDP, FSDP2 (DTensor parameters) and DeepSpeed ZeRO are refused by
-:func:`check_engine`, naming what works. :func:`unwrap_optimizer` finds the torch optimizer behind
-wrappers (accelerate, Lightning). Imported by the controller and by ``distributed``; imports
-neither.
+A switch rewrites frozen weights (``fusion="weight"``) and LoRA factors in place, outside the
+optimizer. FSDP2 (``fully_shard``: parameters become DTensors sharded on dim 0) is supported with
+``fusion="virtual"``, where the frozen weight is never written and :mod:`srlora.fsdp` switches
+the sharded factors; with ``fusion="weight"``, FSDP1 (flat parameters) and DeepSpeed ZeRO are
+refused by :func:`check_engine`, naming what works. :func:`unwrap_optimizer` finds the torch
+optimizer behind wrappers (accelerate, Lightning). Imported by the controller and by
+``distributed``; imports neither.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import torch
 from ._errors import UnsupportedEngineError
 
 SUPPORTED_ENGINES = ("DistributedDataParallel launched with torchrun, Accelerate with its "
-                     "multi-process DDP (accelerate launch --multi_gpu, or --cpu), or a "
-                     "single process")
+                     "multi-process DDP (accelerate launch --multi_gpu, or --cpu), a single "
+                     "process, or FSDP2 (torch.distributed.fsdp.fully_shard, or accelerate "
+                     "launch --use_fsdp --fsdp_version 2) with SRLoRAConfig(fusion='virtual')")
+FSDP2 = "FSDP2"  # every FSDP2 reason starts with it: the one sharded engine SRLoRA can run under
 
 
 def unwrap_optimizer(optimizer):
@@ -45,7 +49,7 @@ def _param_reason(p) -> Optional[str]:
     except ImportError:  # pragma: no cover - old torch
         DTensor = ()
     if DTensor and isinstance(p, DTensor):
-        return "FSDP2 / tensor parallelism (DTensor parameters)"
+        return "FSDP2 / tensor parallelism (DTensor parameters)"  # starts with FSDP2
     if getattr(p, "_is_flat_param", False):
         return "FSDP (FullyShardedDataParallel flat parameters)"
     if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
@@ -63,8 +67,10 @@ def _module_reason(model) -> Optional[str]:
     except ImportError:  # pragma: no cover - torch < 2.6
         FSDPModule = ()
     for m in model.modules():
-        if (FSDP1 and isinstance(m, FSDP1)) or (FSDPModule and isinstance(m, FSDPModule)):
+        if FSDP1 and isinstance(m, FSDP1):
             return f"FSDP ({type(m).__name__})"
+        if FSDPModule and isinstance(m, FSDPModule):
+            return f"FSDP2 (fully_shard: {type(m).__name__})"
         if _module_origin(m).startswith("deepspeed"):
             return f"DeepSpeed ({type(m).__name__})"
     for p in model.parameters():
@@ -92,7 +98,11 @@ def _optimizer_reason(optimizer) -> Optional[str]:
 def _launcher_reason() -> Optional[str]:
     true = ("1", "true", "yes")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in true:
-        return "FSDP (accelerate launch with an FSDP config: ACCELERATE_USE_FSDP is set)"
+        if os.environ.get("FSDP_VERSION", "1").strip() == "2":
+            return ("FSDP2 (accelerate launch with an FSDP config: ACCELERATE_USE_FSDP is set, "
+                    "FSDP_VERSION=2)")
+        return ("FSDP (version 1: accelerate launch with an FSDP config: ACCELERATE_USE_FSDP is "
+                "set, FSDP_VERSION is not 2; use fsdp_version: 2, i.e. FSDP2)")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in true:
         return "DeepSpeed (accelerate launch with DeepSpeed: ACCELERATE_USE_DEEPSPEED is set)"
     if "accelerate.state" in sys.modules:
@@ -100,25 +110,50 @@ def _launcher_reason() -> Optional[str]:
         kind = str(shared.get("distributed_type", ""))
         for engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
             if kind.endswith(engine):
+                plugin = shared.get("fsdp_plugin")
+                if engine == "FSDP" and getattr(plugin, "fsdp_version", 1) == 2:
+                    return "FSDP2 (the Accelerator was created with fsdp_version=2)"
                 return f"{engine} (the Accelerator was created with distributed_type={engine})"
     return None
 
 
 def sharding_reason(model=None, optimizer=None) -> Optional[str]:
-    """Name of the sharded engine ``model``/``optimizer``/the launcher uses, or None."""
+    """Name of the sharded engine ``model``/``optimizer``/the launcher uses, or None. A name
+    that starts with "FSDP2" is FSDP2 (``fully_shard``, DTensor parameters)."""
     return (_launcher_reason() or (_module_reason(model) if model is not None else None)
             or (_optimizer_reason(optimizer) if optimizer is not None else None))
 
 
-def check_engine(model=None, optimizer=None, params=None) -> None:
-    """Raise UnsupportedEngineError if SRLoRA would run on sharded parameters (FSDP, DeepSpeed).
+def is_fsdp2(reason: Optional[str]) -> bool:
+    """True when a :func:`sharding_reason` names FSDP2."""
+    return bool(reason) and reason.startswith(FSDP2)
 
-    ``params``: also check these parameters one by one (without walking a model)."""
-    reason = sharding_reason(model, optimizer) or next(
-        (r for r in map(_param_reason, params or ()) if r), None)
+
+def check_engine(model=None, optimizer=None, params=None, fsdp2_ok: bool = False) -> None:
+    """Raise UnsupportedEngineError if SRLoRA would run on an engine it does not support.
+
+    ``params``: also check these parameters one by one (without walking a model). ``fsdp2_ok``:
+    FSDP2 is accepted (the caller checked ``fusion="virtual"``); FSDP1 and DeepSpeed never are."""
+    reasons = [sharding_reason(model, optimizer)] + [_param_reason(p) for p in params or ()]
+    reason = next((r for r in reasons if r and not (fsdp2_ok and is_fsdp2(r))), None)
     if reason:
         raise UnsupportedEngineError(
             f"SRLoRA does not support {reason}: each switch rewrites whole frozen weights and "
             "LoRA factors in place, outside the optimizer, which needs every rank to hold them "
-            f"unsharded. Supported: {SUPPORTED_ENGINES}. (method='lora' and 'pissa' never "
-            "switch and are not refused.)")
+            f"unsharded. Supported: {SUPPORTED_ENGINES}. For a sharded model use FSDP2 with "
+            "fusion='virtual' (the frozen weight is never written; docs/distributed.md). "
+            "(method='lora' and 'pissa' never switch and are not refused.)")
+
+
+def check_engine_at_wrap(model, fusion: str) -> None:
+    """``srlora.wrap``'s check: the model must still be whole (the set-up SVD reads whole
+    weights), and the launcher one SRLoRA supports (an FSDP2 launcher with ``fusion="virtual"``:
+    the model is sharded after ``wrap``)."""
+    reason = _module_reason(model)
+    if reason:
+        raise UnsupportedEngineError(
+            f"srlora.wrap got a model that is already sharded ({reason}): the set-up SVD needs "
+            "the whole weights. Call srlora.wrap on the whole model on every rank, then "
+            "fully_shard it (FSDP2, with SRLoRAConfig(fusion='virtual')). Supported: "
+            f"{SUPPORTED_ENGINES}")
+    check_engine(model, fsdp2_ok=fusion == "virtual")

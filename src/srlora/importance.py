@@ -52,12 +52,12 @@ class ImportanceTracker:
         self._groups = []  # per device: (names, ibar, ubar, scratch, scratch views, params, work)
         self._view_of: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for device, names in groups.items():
-            total = sum(self.params[k].numel() for k in names)
+            total = sum(self._local(self.params[k]).numel() for k in names)
             ibar = torch.zeros(total, dtype=torch.float32, device=device)
             ubar, scratch = torch.zeros_like(ibar), torch.zeros_like(ibar)
             views, off = [], 0
             for k in names:
-                p = self.params[k]
+                p = self._local(self.params[k])
                 sl = slice(off, off + p.numel())
                 self._view_of[k] = (ibar[sl].view(p.shape), ubar[sl].view(p.shape))
                 views.append(scratch[sl].view(p.shape))
@@ -83,7 +83,7 @@ class ImportanceTracker:
         """
         any_grad = False
         for _, ibar, ubar, scratch, views, params, work in self._groups:
-            grads = [p.grad for p in params]
+            params, grads = self._operands(params)
             if any(g is None for g in grads):
                 live = [(p, g, v) for p, g, v in zip(params, grads, views) if g is not None]
                 if not live:
@@ -106,6 +106,16 @@ class ImportanceTracker:
             self.updates += f
             self.skipped += ~f
         return any_grad
+
+    # the tensors the state is kept for; srlora.fsdp's subclass: the local shards of DTensors
+    @staticmethod
+    def _local(p: torch.Tensor) -> torch.Tensor:
+        return p
+
+    @staticmethod
+    def _operands(params: list) -> tuple[list, list]:
+        """The parameters and their gradients as the state sees them."""
+        return params, [p.grad for p in params]
 
     def scores(self, name: str) -> torch.Tensor:
         """Element scores ``ibar * ubar`` of parameter ``name``, in its shape (fp32)."""

@@ -11,7 +11,7 @@ from ._errors import SRLoRAError, SVDInputError
 from .config import SRLoRAConfig
 from .controller import SRLoRAController, SVDFn
 from .distributed import default_svd_fn
-from .engines import check_engine
+from .engines import check_engine_at_wrap
 from .layers import AdaptedLayer, check_supported
 
 
@@ -147,7 +147,7 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
         from dataclasses import replace
         config = replace(config, target_modules=_default_targets(model))
     if config.method == "srlora":
-        check_engine(model)  # FSDP / DeepSpeed: refused before the model is touched
+        check_engine_at_wrap(model, config.fusion)  # sharded already, FSDP1, DeepSpeed: refused
     pcfg = lora_config(config)
     targets = _targets(model, pcfg)
     if any(type(m).__name__ == "Conv1D" for _, m in targets) and \
