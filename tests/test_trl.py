@@ -156,7 +156,7 @@ def test_peft_config_beside_an_srlora_model_is_refused(ex, tmp_path):
 
 def test_readme_trl_block_is_the_example_code():
     readme = (EXAMPLE.parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Fine-tune an LLM with TRL"):]
+    section = readme[readme.index("## Fine-tune an LLM"):]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert "SFTTrainer(" in block and "SRLoRACallback(controller)" in block
     assert textwrap.indent(block, "    ") in EXAMPLE.read_text()  # the body of build()
