@@ -352,14 +352,12 @@ def test_reuse_copies_only_the_runs_this_study_would_run_identically(tmp_path):
 
 
 def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys):
-    """--report runs nothing: it writes verdicts.md from study.json; refused without a study or
-    with another spec."""
-    import time as _time
-
-    from srlora.experiments.study import Study
+    """--report runs nothing: it recomputes the verdicts and the mechanism table from the run
+    files in --out and writes verdicts.md; refused without a study or with another spec."""
+    from srlora.experiments.study import run_file
     from srlora.experiments.study_jobs import write_json
 
-    raw = base_spec()
+    raw = base_spec(methods=["lora", "srlora"], selection={"seeds": [10, 11], "steps_frac": 0.5})
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
     spec = study_spec.load(str(tmp_path / "s.yaml"))
     out = tmp_path / "out"
@@ -367,17 +365,34 @@ def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys
     assert "holds no study" in capsys.readouterr().err
     os.makedirs(out)
     write_json(str(out / "spec.json"), spec)
-    st = Study(spec, str(out))
-    for s in spec["final"]["seeds"]:  # two methods' final runs, as a study killed mid-task has
-        for m, acc in (("lora", 0.80), ("srlora", 0.78 + 0.001 * s)):
-            st.runs[("rt-polarity", m, 1e-3, 100, s)] = {
-                "task": "rt-polarity", "name": m, "method": m, "lr": 1e-3, "seed": s,
-                "steps": 100, "failed": False, "final_accuracy": acc, "val_accuracy": acc,
-                "final_test_loss": 1 - acc, "val_loss": 1 - acc}
-    write_json(str(out / "study.json"), st.summary({"jobs": 1}, "running", _time.time()))
+    write_json(str(out / "study.json"), {"meta": {"jobs": 1}, "status": "running",
+                                         "wall_time_s": 60.0})
+
+    def rec(m, lr, steps, seed, acc, loss, diag):
+        r = {"task": "rt-polarity", "name": m, "method": m, "lr": lr, "seed": seed,
+             "steps": steps, "failed": False, "final_accuracy": acc, "val_accuracy": acc,
+             "final_test_loss": loss, "val_loss": loss, "train_loss": [1.0] * steps,
+             "eval_curve": [{"step": k, "loss": loss} for k in (steps // 4, steps)],
+             "val_curve": [{"step": k, "loss": loss} for k in (steps // 4, steps)],
+             "diagnostics": {"summary": diag}}
+        write_json(run_file(str(out), "rt-polarity", m, lr, steps, seed), r)
+
+    sel_steps = spec["tasks"][0]["selection_steps"]
+    assert sel_steps != 100
+    for seed in (10, 11):  # selection: 1e-3 has the lowest validation loss for both
+        for lr in (1e-3, 3e-3, 1e-2):
+            for m in ("lora", "srlora"):
+                rec(m, lr, sel_steps, seed, 0.7, 0.5 + lr, {})
+    for seed in range(5):  # final: srlora 2 points and 0.03 loss behind, every seed
+        rec("lora", 1e-3, 100, seed, 0.80 + 0.01 * seed, 0.40 - 0.01 * seed, {"erank_mean": 4.0})
+        rec("srlora", 1e-3, 100, seed, 0.78 + 0.01 * seed, 0.43 - 0.01 * seed,
+            {"erank_mean": 50.0, "survived_frac": 0.1, "age_median": 20, "moved_median": 0.5})
     assert main(["study", str(tmp_path / "s.yaml"), "--out", str(out), "--report"]) == 0
     md = (out / "verdicts.md").read_text()
-    assert "| claim |" in md and "rt-polarity" in md
+    assert "| claim |" in md and "(running, 1 min)" in md
+    assert "| final_accuracy | lora vs srlora | 5 | 82.00 | 80.00 | 2.00 [2.00, 2.00] | 0.50 | " \
+        "better |" in md
+    assert "| srlora | 5 | 50.0 | 10.0 | 20 | 0.50 |" in md and "| lora | 5 | 4.0 | - |" in md
     raw["tasks"][0]["steps"] = 200
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))
     assert main(["study", str(tmp_path / "t.yaml"), "--out", str(out), "--report"]) == 2

@@ -95,7 +95,14 @@ def run(args) -> int:
             raise UsageError(f"--report: {args.out!r} holds no study (no study.json)")
         _check_out(args.out, spec, resume=True)
         with open(os.path.join(args.out, "study.json")) as f:
-            return _write_report(json.load(f), args.out)
+            saved = json.load(f)
+        # recomputed from the run files with this code (a study.json written by older code
+        # lacks what newer reports show); meta, status and wall time are the study's
+        st = study.Study(spec, args.out)
+        st.load_done()
+        summary = st.summary(saved.get("meta", {}), saved.get("status", "unknown"),
+                             __import__("time").time() - saved.get("wall_time_s", 0.0))
+        return _write_report(summary, args.out)
     _check_out(args.out, spec, args.resume)
     for d in args.reuse:
         if not os.path.isfile(os.path.join(d, "spec.json")):
@@ -148,6 +155,6 @@ def _write_report(summary: dict, out: str) -> int:
     print(study_report.format_console(summary))
     for p in study_plots.write_all(summary, out):
         print(f"wrote {p}")
-    print(f"wrote {os.path.join(out, 'verdicts.md')} and {os.path.join(out, 'study.json')} "
-          f"(status {summary.get('status')}; {summary.get('wall_time_s', 0) / 60:.1f} min)")
+    print(f"wrote {os.path.join(out, 'verdicts.md')} (study {summary.get('status')}, "
+          f"{summary.get('wall_time_s', 0) / 60:.1f} min; its runs in {os.path.join(out, 'runs')})")
     return 0

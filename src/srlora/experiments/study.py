@@ -24,6 +24,11 @@ from typing import Callable, Optional
 from . import study_jobs
 from .study_verdicts import claims, compare, early_point, metrics_of
 
+# per run, from its diagnostics summary: effective rank of W_final - W0 (mean over modules), and
+# for SRLoRA the share of inserted directions that outlived one interval, the fused pairs' age
+# (median, steps) and how far training moved them (median, relative to their initial product)
+MECHANISM = ("erank_mean", "survived_frac", "age_median", "moved_median")
+
 CRITERION = ("lowest mean validation loss over the selection seeds; ties: higher mean "
              "validation accuracy, then the smaller lr")
 
@@ -81,6 +86,10 @@ def compact(rec: dict, out: str, path: str) -> dict:
         return c
     c.update({k: rec.get(k) for k in ("val_accuracy", "num_switches", "wall_time_s")})
     c.update(metrics_of(rec))
+    diag = (rec.get("diagnostics") or {}).get("summary") or {}
+    mech = {k: diag[k] for k in MECHANISM if diag.get(k) is not None}
+    if mech:  # the mechanism in numbers (experiments/diagnostics.py), for the report's table
+        c["mechanism"] = mech
     pt = early_point(rec.get("eval_curve") or [], rec.get("steps") or 0)
     c["early_step"] = pt["step"] if pt else None
     return c

@@ -66,6 +66,37 @@ def selection_table(summary: dict, task: str) -> str:
     return "\n".join(lines)
 
 
+def mechanism_table(summary: dict, task: str) -> str:
+    """Per method at its chosen lr, over its final seeds: the mechanism numbers of its runs'
+    diagnostics (mean over seeds), or an empty string when no run has them."""
+    steps = next(t["steps"] for t in summary["spec"]["tasks"] if t["name"] == task)
+    sel = summary["lr_selection"]["tasks"].get(task, {})
+    seeds = set(summary["spec"]["final"]["seeds"])
+    cols = (("erank_mean", "eff. rank of W_final - W0", 1, 1.0),
+            ("survived_frac", "inserted directions surviving an interval %", 1, 100.0),
+            ("age_median", "fused pairs' age, median steps", 0, 1.0),
+            ("moved_median", "fused pairs moved, median (rel.)", 2, 1.0))
+    lines = []
+    for m, s in sel.items():
+        lr = s and s["chosen"]
+        runs = [r for r in summary["runs"] if r["task"] == task and r["name"] == m
+                and r["lr"] == lr and r["steps"] == steps and r["seed"] in seeds
+                and r.get("mechanism")]
+        if not runs:
+            continue
+        cells = []
+        for key, _, d, scale in cols:
+            v = [r["mechanism"][key] for r in runs if key in r["mechanism"]]
+            cells.append(_num(scale * sum(v) / len(v), d) if v else "-")
+        lines.append(f"| {m} | {len(runs)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = "| method | seeds | " + " | ".join(c[1] for c in cols) + " |"
+    return "\n".join(["Mechanism (mean over the final seeds at the chosen lr; "
+                      "experiments/diagnostics.py):", "", head, "|---|---|" + "---|" * len(cols)]
+                     + lines)
+
+
 def format_markdown(summary: dict) -> str:
     spec = summary["spec"]
     out = [f"# Study `{spec['name']}`: verdicts ({summary['status']}, "
@@ -82,6 +113,9 @@ def format_markdown(summary: dict) -> str:
         out += [f"## {t['name']} ({t['steps']} steps, batch {t['batch_size']}; selection "
                 f"{t['selection_steps']} steps)", "", selection_table(summary, t["name"]), "",
                 verdict_table(summary, t["name"]), ""]
+        mech = mechanism_table(summary, t["name"])
+        if mech:
+            out += [mech, ""]
     return "\n".join(out)
 
 
