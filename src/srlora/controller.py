@@ -24,7 +24,7 @@ from .initialize import SVDFn, build_states, write_pissa_init_
 from .layers import AdaptedLayer
 from .module_state import ModuleState
 from .refresh import apply_refresh, needs_refresh, plan_refresh
-from .rewarm import check_optimizer, restart_steps, rewarm_
+from .rewarm import Rewarm, check_optimizer
 from .schedule import AdaptiveSchedule, check_adaptive, fixed_steps
 from .switch import apply_switch, check_module, group_pair_scores, plan_switch
 
@@ -55,8 +55,7 @@ class SRLoRAController:
         self._switch_steps: Optional[set[int]] = None
         self._reason: Optional[str] = None  # why the schedule is calling switch_now()
         self._engine_walked: Optional[list] = None  # edited parameters at the last model walk
-        self._rewarm: Optional[tuple] = None  # (history length, restart steps, param groups)
-        self._rewarm_done: dict = {}  # parameter id -> the Adam step already corrected
+        self._rewarm = Rewarm()  # optimizer_state="rewarm": its per-step correction
         self.sharded = None  # under FSDP2: the srlora.fsdp.ShardedSwitch bound to the shards
         self._engine_fsdp2 = False  # FSDP2 (accepted) found at the last model walk
         self.modules: list[ModuleState] = []
@@ -137,7 +136,8 @@ class SRLoRAController:
         inner = self._bind(optimizer)
         _ = self.switch_steps  # raises now if the schedule cannot be built
         self.detach()
-        self.optimizer, self._rewarm = inner, None
+        self.optimizer = inner
+        self._rewarm.reset()
         self._hook = inner.register_step_post_hook(lambda opt, args, kwargs: self.step())
         return self
 
@@ -200,7 +200,8 @@ class SRLoRAController:
             if self.attached:
                 raise ValueError("step(optimizer): the controller is attached to another "
                                  "optimizer; call step() without it, or detach() first")
-            self.optimizer, self._rewarm = self._bind(optimizer), None
+            self.optimizer = self._bind(optimizer)
+            self._rewarm.reset()
         policy = self.config.optimizer_state
         if self.config.method == "srlora" and policy != "keep" and self.optimizer is None:
             raise ValueError(f"SRLoRAConfig.optimizer_state={policy!r} resets the optimizer "
@@ -213,7 +214,7 @@ class SRLoRAController:
             self.global_step += 1
             return
         if self.config.optimizer_state == "rewarm" and self.optimizer is not None:
-            self._rewarm_slots()
+            self._rewarm(self.optimizer, self.layers, self.history)  # srlora.rewarm
         updated = self.importance.update()
         if not updated:
             self._warn_once("nograd", "SRLoRA: step() found no gradient on the LoRA factors; "
@@ -230,18 +231,6 @@ class SRLoRAController:
         if self.global_step in self._switch_steps:
             self._reason = "fixed"
             self.switch_now()
-
-    def _rewarm_slots(self) -> None:
-        """``optimizer_state="rewarm"``: each restarted slot's Adam update re-done with the bias
-        correction of its own restart (:mod:`srlora.rewarm`)."""
-        if self._rewarm is None or self._rewarm[0] != len(self.history):
-            groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-            r = self.layers[0].r if self.layers else 0
-            self._rewarm = (len(self.history), restart_steps(self.history, len(self.layers), r),
-                            groups)
-        if bool((self._rewarm[1] >= 0).any()):
-            rewarm_(self.optimizer, self.layers, self._rewarm[1], self._rewarm[2],
-                    self._rewarm_done)
 
     # ------------------------------------------------------------------ the switch
     def pair_scores(self, i: int) -> torch.Tensor:
@@ -370,4 +359,4 @@ class SRLoRAController:
         """Load state saved by ``state_dict()``; checks every key and shape before writing."""
         controller_state.load_state(self, sd)
         self._switch_steps = None
-        self._rewarm, self._rewarm_done = None, {}
+        self._rewarm.reset()

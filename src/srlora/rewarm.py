@@ -103,3 +103,25 @@ def rewarm_(optimizer: torch.optim.Optimizer, layers: list[AdaptedLayer], t0: to
             fix = slot_correction(st["exp_avg"], st["exp_avg_sq"], float(g["lr"]), float(b1),
                                   float(b2), float(g["eps"]), float(t), tau.view(shape))
             p.add_(fix.to(p.dtype))
+
+
+class Rewarm:
+    """The controller's "rewarm" work per step: the restart steps read from the switch history
+    (rebuilt when it grows), the bound optimizer's param groups, the steps already corrected."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the cache (a new optimizer bound, or a state loaded)."""
+        self.key, self.t0, self.groups, self.done = None, None, {}, {}
+
+    def __call__(self, optimizer: torch.optim.Optimizer, layers: list[AdaptedLayer],
+                 history: list[dict]) -> None:
+        key = (id(optimizer), len(history))
+        if key != self.key:
+            self.key = key
+            self.groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+            self.t0 = restart_steps(history, len(layers), layers[0].r if layers else 0)
+        if bool((self.t0 >= 0).any()):
+            rewarm_(optimizer, layers, self.t0, self.groups, self.done)
