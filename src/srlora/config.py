@@ -17,7 +17,7 @@ EXHAUSTIONS = ("stop", "refresh")
 # the method exactly as published (arXiv 2505.12433): SRLoRAConfig.paper() pins these
 PAPER = {"method": "srlora", "beta1": 0.85, "beta2": 0.85, "importance_reset": "module",
          "optimizer_state": "zero", "selection": "importance", "switch_schedule": "fixed",
-         "exhaustion": "stop"}
+         "exhaustion": "stop", "insertion": "svd"}
 
 
 @dataclass
@@ -79,6 +79,11 @@ class SRLoRAConfig:
         directions) is the top of the SVD of the module's current frozen weight, appended to
         its SVD cache, and switching continues; with ``switch_interval`` the fixed schedule then
         runs to the end of training (needs ``total_steps``).
+      insertion: which directions a recomposed slot takes. "svd" (the paper): the next unused
+        singular directions of the pretrained weight. "gradient": the top singular directions
+        of the part of the last step's full weight gradient that the kept slots cannot follow,
+        at the scale the paper's direction would have had (srlora.insertion); the fixed
+        schedule only.
       adaptive_window, adaptive_settled, adaptive_plateau: the adaptive schedule's window (in
         importance updates and in observed losses), fraction of modules whose ranking must be
         settled, and relative loss improvement below which the loss has plateaued.
@@ -109,6 +114,7 @@ class SRLoRAConfig:
     fusion: Literal["weight", "virtual"] = "weight"
     switch_schedule: Literal["fixed", "adaptive"] = "fixed"
     exhaustion: Literal["stop", "refresh"] = "stop"
+    insertion: Literal["svd", "gradient"] = "svd"
     adaptive_window: int = 10
     adaptive_settled: float = 0.9
     adaptive_plateau: float = 0.01
@@ -152,7 +158,8 @@ class SRLoRAConfig:
                               ("half_fusion", ("residual", "original", "inplace")),
                               ("fusion", ("weight", "virtual")),
                               ("switch_schedule", SWITCH_SCHEDULES),
-                              ("exhaustion", EXHAUSTIONS)):
+                              ("exhaustion", EXHAUSTIONS),
+                              ("insertion", ("svd", "gradient"))):
             choice(name, allowed)
         if self.fusion == "virtual" and self.method == "lora":
             bad("fusion", "'virtual' applies to method 'srlora' or 'pissa' (LoRA never writes "
@@ -194,6 +201,10 @@ class SRLoRAConfig:
             bad("gamma", f"round(gamma * r) = round({self.gamma} * {self.r}) = 0 pairs per switch; "
                          "raise gamma or r")
         integer("r_target", self.r)
+        if self.insertion == "gradient" and self.switch_schedule == "adaptive":
+            bad("insertion", "'gradient' needs the fixed schedule (it records the weight "
+                             "gradient during the step before a switch, known only ahead of a "
+                             "fixed schedule); use switch_schedule='fixed'")
 
     @classmethod
     def paper(cls, **fields) -> "SRLoRAConfig":

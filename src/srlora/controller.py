@@ -69,6 +69,10 @@ class SRLoRAController:
             self._check_stepped) if config.method == "srlora" and layers else None
         self.schedule = AdaptiveSchedule(config, len(layers)) if (
             config.method == "srlora" and config.switch_schedule == "adaptive") else None
+        self._probe = None  # insertion="gradient": the weight-gradient hooks (srlora.insertion)
+        if config.method == "srlora" and config.insertion == "gradient":
+            from .insertion import GradientProbe
+            self._probe = GradientProbe(self)
         if plan is not None:  # the last step of the set-up: the only writes into the model
             write_pissa_init_(self.modules, plan)
 
@@ -97,6 +101,18 @@ class SRLoRAController:
         if self._switch_steps is None:
             self._switch_steps = set(fixed_steps(self.config, self.total_steps))
         return sorted(self._switch_steps)
+
+    def switch_is_next(self) -> bool:
+        """Will the optimizer step being computed now (step ``global_step + 1``) be followed by
+        a scheduled switch? (The fixed schedule only; False when it cannot be built yet.)"""
+        if self.schedule is not None:
+            return False
+        if self._switch_steps is None:
+            try:
+                _ = self.switch_steps
+            except ValueError:
+                return False
+        return self.global_step + 1 in self._switch_steps
 
     # ------------------------------------------------------------------ hooks
     def _bind(self, optimizer) -> torch.optim.Optimizer:
@@ -272,6 +288,7 @@ class SRLoRAController:
                             "chosen by index, not by importance.")
         k = self.config.r_prime
         todo = [i for i, ok in enumerate(self.switchable()) if ok]  # others: exhausted
+        grads = self._probe.take() if self._probe is not None else None  # (a collective)
         if not todo:
             if self.schedule is not None:
                 self.schedule.switched(self.global_step, False)
@@ -285,7 +302,11 @@ class SRLoRAController:
                 for i in todo:  # the factors' shapes, checked before anything is written
                     check_module(self, i, 0)
                 refreshed = apply_refresh(self, plan_refresh(self, stale, k))
-            plans = plan_switch(self, todo, k)  # score, choose, fetch: reads only
+            if grads is not None and not grads:
+                self._warn_once("nogradient", "SRLoRA insertion='gradient': this switch saw no "
+                                "weight gradient (it is recorded during the step before a "
+                                "scheduled switch); the new slots take the paper's directions")
+            plans = plan_switch(self, todo, k, grads)  # score, choose, fetch: reads only
             entry = apply_switch(self, plans, k)  # fuse, reinitialize, reset
             if self.config.exhaustion == "refresh":
                 entry["refreshed"] = refreshed
@@ -360,3 +381,5 @@ class SRLoRAController:
         controller_state.load_state(self, sd)
         self._switch_steps = None
         self._rewarm.reset()
+        if self._probe is not None:
+            self._probe.clear()

@@ -183,7 +183,8 @@ def check_fusion(ctl: "SRLoRAController") -> None:
 
 # variants whose per-step or per-switch work reads whole factors or whole importance rankings on
 # every rank; the sharded switch does not serve them yet
-NOT_SHARDED = {"optimizer_state": "rewarm", "switch_schedule": "adaptive", "exhaustion": "refresh"}
+NOT_SHARDED = {"optimizer_state": "rewarm", "switch_schedule": "adaptive", "exhaustion": "refresh",
+               "insertion": "gradient"}
 
 
 def check_variants(ctl: "SRLoRAController") -> None:

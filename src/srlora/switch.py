@@ -9,7 +9,7 @@ step instead of one per module (a 112-module Llama is 3 groups).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
@@ -27,7 +27,9 @@ class GroupSwitch(NamedTuple):
     the factors ``B`` G x m x r / ``A`` G x r x n (the new pairs are written into them, then
     copied back), ``slots`` G x k (ascending), ``scores`` G x r, the fused pairs ``B_low`` /
     ``A_low``, the new pairs ``B_new`` / ``A_new`` (fp32) and the weight change's factors
-    ``Bc`` / ``Ac``; ``at`` indexes the chosen (module, slot) pairs of the stacks."""
+    ``Bc`` / ``Ac``; ``at`` indexes the chosen (module, slot) pairs of the stacks. With
+    ``insertion="gradient"``: the new directions ``U_new`` / ``Vh_new`` (written into the cache
+    at ``p``) and per module whether it used a gradient (``gradient``); else None."""
 
     idx: list[int]
     B: torch.Tensor
@@ -41,6 +43,9 @@ class GroupSwitch(NamedTuple):
     A_new: torch.Tensor
     Bc: torch.Tensor
     Ac: torch.Tensor
+    U_new: Optional[torch.Tensor] = None
+    Vh_new: Optional[torch.Tensor] = None
+    gradient: Optional[list] = None
 
 
 def switch_groups(ctl: "SRLoRAController", todo: list[int]) -> list[list[int]]:
@@ -129,8 +134,10 @@ def check_module(ctl: "SRLoRAController", i: int, k: int) -> None:
                            f"directions, {k} needed")
 
 
-def plan_group(ctl: "SRLoRAController", idx: list[int], k: int) -> GroupSwitch:
-    """Steps 1-2 for one group, and the factors steps 3-4 will write. Reads only."""
+def plan_group(ctl: "SRLoRAController", idx: list[int], k: int,
+               grads: Optional[dict] = None) -> GroupSwitch:
+    """Steps 1-2 for one group, and the factors steps 3-4 will write. Reads only. ``grads``
+    (``insertion="gradient"``): module index -> its weight gradient of the last step."""
     Ls = [ctl.layers[i] for i in idx]
     s = Ls[0].scaling
     B, A = torch.stack([L.B() for L in Ls]), torch.stack([L.A() for L in Ls])  # G x m x r, ...
@@ -139,22 +146,34 @@ def plan_group(ctl: "SRLoRAController", idx: list[int], k: int) -> GroupSwitch:
     slots = lowest_pairs(key, k).to(B.device)  # step 2: the k lowest, ascending
     at = (torch.arange(len(idx), device=B.device)[:, None], slots)  # (g, slot) pairs, G x k
     B_low, A_low = B.transpose(1, 2)[at].transpose(1, 2).float(), A[at].float()
-    B_new, A_new = pissa_factors(*next_directions([ctl.modules[i] for i in idx], k, B.device), s)
+    U, S, Vh = next_directions([ctl.modules[i] for i in idx], k, B.device)
+    used = None
+    if grads is not None:  # insertion="gradient": the directions, at the paper's scale S
+        from .insertion import group_directions
+        U, Vh, used = group_directions([grads.get(i) for i in idx], B, A, slots, U, Vh)
+    B_new, A_new = pissa_factors(U, S, Vh, s)
     Bc, Ac = switch_factors(B_low, A_low, B_new, A_new)
-    return GroupSwitch(idx, B, A, at, slots, scores, B_low, A_low, B_new, A_new, Bc, Ac)
+    return GroupSwitch(idx, B, A, at, slots, scores, B_low, A_low, B_new, A_new, Bc, Ac,
+                       *((U, Vh, used) if grads is not None else ()))
 
 
-def plan_switch(ctl: "SRLoRAController", todo: list[int], k: int) -> list[GroupSwitch]:
+def plan_switch(ctl: "SRLoRAController", todo: list[int], k: int,
+                grads: Optional[dict] = None) -> list[GroupSwitch]:
     """Check every module and plan every group; nothing is written."""
     for i in todo:
         check_module(ctl, i, k)
-    return [plan_group(ctl, idx, k) for idx in switch_groups(ctl, todo)]
+    return [plan_group(ctl, idx, k, grads) for idx in switch_groups(ctl, todo)]
 
 
 @torch.no_grad()
 def apply_group(ctl: "SRLoRAController", g: GroupSwitch, k: int) -> None:
     """Steps 3-5 for one planned group."""
     Ls = [ctl.layers[i] for i in g.idx]
+    if g.U_new is not None:  # insertion="gradient": the cache holds what is subtracted
+        for j, i in enumerate(g.idx):
+            st = ctl.modules[i]
+            st.U[:, st.p:st.p + k] = g.U_new[j].to(st.U.device)
+            st.Vh[st.p:st.p + k] = g.Vh_new[j].to(st.Vh.device)
     for j, i in enumerate(g.idx):  # step 3: fuse (and subtract the new pairs): W + s*B@A kept
         fuse_into_weight(ctl.modules[i], k, g.Bc[j], g.Ac[j], g.B_low[j], g.A_low[j],
                          g.B_new[j], g.A_new[j])
@@ -208,6 +227,9 @@ def apply_switch(ctl: "SRLoRAController", plans: list[GroupSwitch], k: int) -> d
     entry = {"step": ctl.global_step, "modules": todo, "slots": [low[i] for i in todo],
              "directions": [list(range(ctl.modules[i].p - k, ctl.modules[i].p)) for i in todo],
              "scores": [sc[i] for i in todo]}
+    if plans[0].gradient is not None:  # insertion="gradient": which modules had a gradient
+        used = {i: u for g in plans for i, u in zip(g.idx, g.gradient)}
+        entry["gradient"] = [used[i] for i in todo]
     if ctl.config.optimizer_state == "rewarm" and ctl.optimizer is not None:
         # Adam's step count at the restart: "rewarm" counts each slot's bias correction from it
         from .rewarm import adam_step_count
