@@ -15,7 +15,9 @@ from srlora.experiments.methods import MethodError, parse_method
     ("srlora:fusion=virtual", "srlora", {"fusion": "virtual"}),
     ("srlora:paper", "srlora", {"beta1": 0.85, "beta2": 0.85, "importance_reset": "module",
                                 "optimizer_state": "zero", "selection": "importance",
-                                "switch_schedule": "fixed", "exhaustion": "stop"}),
+                                "switch_schedule": "fixed", "exhaustion": "stop",
+                                "insertion": "svd"}),
+    ("srlora:gradient", "srlora", {"insertion": "gradient"}),
     ("srlora:adaptive:refresh", "srlora", {"switch_schedule": "adaptive",
                                            "exhaustion": "refresh"}),
 ])
