@@ -187,6 +187,21 @@ def main(argv=None) -> int:
         "history": [[e["step"], e["reason"], e["refreshed"], e["slots"]] for e in ad_ctl.history],
         "checked": ad_checked, "pointers": ad_ctl.pointers, "losses": ad_losses}
 
+    # insertion="gradient": each rank's weight gradient is summed over the ranks and rank 0's
+    # directions are broadcast, so every rank inserts the same directions
+    gr_model, gr_ctl = srlora.wrap(build_base(), dataclasses.replace(
+        config(), total_steps=12, insertion="gradient"))
+    gr_opt = make_optimizer(gr_model)
+    gr_ctl.attach(gr_opt)
+    gr_ddp = DDP(gr_model)
+    gr_checked = []
+    train_steps(gr_ddp, gr_opt, gr_ctl, 0, 12, rank, world, lambda step: (
+        gr_checked.append((step, assert_replicas_identical(gr_ddp, gr_ctl)))))
+    report["gradient"] = {"history": [[e["step"], e["gradient"], e["slots"]]
+                                      for e in gr_ctl.history],
+                          "checked": gr_checked, "pointers": gr_ctl.pointers,
+                          "U": [st.U.sum().item() for st in gr_ctl.modules]}
+
     # the check must fail when one rank differs by one ulp in one element
     with torch.no_grad():
         if rank == 1:

@@ -7,6 +7,7 @@ the switch decisions (which pairs, which directions) must be equal exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -107,6 +108,22 @@ def test_adaptive_schedule_and_refresh_agree_across_ranks(run2):
     assert len(a0["checked"]) == len(a0["history"]) >= 3  # replicas identical after each
     assert any(refreshed for _, _, refreshed, _ in a0["history"])
     assert all(reason != "fixed" for _, reason, _, _ in a0["history"])
+
+
+def test_gradient_insertion_agrees_across_ranks(run2):
+    g0, g1 = (rep["gradient"] for rep in run2["reports"])
+    assert g0["history"] == g1["history"] and g0["U"] == g1["U"]
+    assert len(g0["checked"]) == len(g0["history"]) >= 3  # replicas identical after each
+    assert all(all(used) for _, used, _ in g0["history"])
+    # the directions come from the gradient of the whole global batch: one process agrees
+    model, ctl = srlora.wrap(w.build_base(), dataclasses.replace(
+        w.config(), total_steps=12, insertion="gradient"))
+    opt = w.make_optimizer(model)
+    ctl.attach(opt)
+    w.train_steps(model, opt, ctl, 0, 12)
+    assert [[e["step"], e["gradient"], e["slots"]] for e in ctl.history] == g0["history"]
+    one = [st.U.sum().item() for st in ctl.modules]
+    assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(g0["U"], one)), (g0["U"], one)
 
 
 def test_replica_check_catches_one_ulp_and_different_checkpoints(run2):
