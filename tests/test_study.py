@@ -268,6 +268,34 @@ def test_claims_read_each_pair_from_srloras_side():
     assert c[1]["mnist"]["outcome"] == "not run" and c[3] == {}
 
 
+def test_pairs_table_gives_each_pairs_loss_and_accuracy_verdicts_per_task():
+    from srlora.experiments.study_report import format_markdown, pairs_table
+
+    def v(task, metric, a, b, verdict, complete=True):
+        return {"task": task, "metric": metric, "a": a, "b": b, "verdict": verdict,
+                "complete": complete}
+
+    summary = {"spec": {"tasks": [{"name": "rt-polarity"}, {"name": "mnist"}],
+                        "pairs": [["srlora-gradient", "srlora"], ["srlora", "pissa"]]},
+               "verdicts": [v("rt-polarity", "final_test_loss", "srlora-gradient", "srlora",
+                              "better"),
+                            v("rt-polarity", "final_accuracy", "srlora-gradient", "srlora",
+                              "inconclusive"),
+                            v("rt-polarity", "val_loss", "srlora-gradient", "srlora", "worse"),
+                            v("mnist", "final_test_loss", "srlora", "pissa", "worse", False)]}
+    assert pairs_table(summary).splitlines()[2:] == [
+        "| srlora-gradient vs srlora | loss better, acc inconclusive | - |",
+        "| srlora vs pissa | - | loss worse [partial] |"]
+    # a study without LoRA (the variants) has no claims table; the pairs table heads it
+    full = {**summary, "status": "complete", "wall_time_s": 60.0, "claims": [],
+            "lr_selection": {"criterion": "c", "tasks": {}},
+            "spec": {**summary["spec"], "name": "v", "margins": {"accuracy": 0.5,
+                                                               "loss_rel": 0.02},
+                     "methods": ["pissa", "srlora"], "tasks": []}}
+    md = format_markdown(full)
+    assert "Claims" not in md and "Pairs" in md
+
+
 def test_bad_flags_and_unloadable_data_exit_2_before_anything_is_written(tmp_path, capsys):
     good = tmp_path / "spec.yaml"
     good.write_text(yaml.safe_dump(base_spec()))

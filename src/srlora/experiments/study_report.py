@@ -26,6 +26,24 @@ def claims_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def pairs_table(summary: dict) -> str:
+    """Each pair of the spec x task: the verdicts on held-out loss and on accuracy (the headline
+    of a study that is not about the paper's claims, e.g. the variants)."""
+    tasks = [t["name"] for t in summary["spec"]["tasks"]]
+    lines = ["| a vs b | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for a, b in summary["spec"]["pairs"]:
+        cells = []
+        for t in tasks:
+            got = {v["metric"]: v for v in summary["verdicts"]
+                   if v["task"] == t and v["a"] == a and v["b"] == b}
+            parts = [f"{label} {got[m]['verdict']}" + ("" if got[m]["complete"] else " [partial]")
+                     for m, label in (("final_test_loss", "loss"), ("final_accuracy", "acc"))
+                     if m in got]
+            cells.append(", ".join(parts) or "-")
+        lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def verdict_table(summary: dict, task: str) -> str:
     rows = [v for v in summary["verdicts"] if v["task"] == task]
     if not rows:
@@ -104,8 +122,12 @@ def format_markdown(summary: dict) -> str:
     if spec.get("smoke"):
         out += ["**Smoke spec: too few seeds or learning rates for a verdict to mean anything.**",
                 ""]
-    out += ["Claims (SRLoRA against the baselines named in each claim; see docs/study.md):", "",
-            claims_table(summary), ""]
+    names = [m["name"] if isinstance(m, dict) else m for m in spec["methods"]]
+    if "lora" in names:  # the paper's claims are about SRLoRA against LoRA and PiSSA
+        out += ["Claims (SRLoRA against the baselines named in each claim; see docs/study.md):",
+                "", claims_table(summary), ""]
+    out += ["Pairs (a - b on held-out test loss and on test accuracy; a 'worse' loss is a higher "
+            "one):", "", pairs_table(summary), ""]
     out += [f"Margins: {spec['margins']['accuracy']} accuracy points; "
             f"{100 * spec['margins']['loss_rel']:g}% of the mean loss. Accuracy in %. "
             f"lr choice: {summary['lr_selection']['criterion']}.", ""]
@@ -120,9 +142,12 @@ def format_markdown(summary: dict) -> str:
 
 
 def format_console(summary: dict) -> str:
-    """The claim x task table and a one-line count of verdicts (the end of the CLI's output)."""
+    """The claim x task table (the pair x task table for a study without LoRA) and a one-line
+    count of verdicts (the end of the CLI's output)."""
     counts: dict = {}
     for v in summary["verdicts"]:
         counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
-    return "\n".join([claims_table(summary), "",
+    names = [m["name"] if isinstance(m, dict) else m for m in summary["spec"]["methods"]]
+    head = claims_table(summary) if "lora" in names else pairs_table(summary)
+    return "\n".join([head, "",
                       "verdicts: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))])
