@@ -279,3 +279,50 @@ def test_minilm_gradient_switches_keep_outputs_and_export_exactly(tmp_path):
     with torch.no_grad():
         err = rel(PeftModel.from_pretrained(base(), tmp_path / "ad").eval()(input_ids=x).logits, y)
     assert err <= 1e-4
+
+
+def test_convolution_layers_record_their_gradient_and_switch_exactly(tmp_path):
+    """1x1 convolutions (the image tasks' LoRA targets): the probe equals autograd's weight
+    gradient (reshaped out x in), the switches keep the output, the export is exact."""
+    from peft import PeftModel
+    from test_export import TinyConv
+
+    torch.manual_seed(0)
+    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=8, gamma=0.5,
+                              target_modules=["query", "value"], switch_interval=2,
+                              total_steps=6, svd_method="exact", insertion="gradient")
+    model, ctl = srlora.wrap(TinyConv(), cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    ctl.attach(opt)
+    g = torch.Generator().manual_seed(0)
+    x_fixed = torch.randn(4, 6, 3, 3, generator=g)
+    worst, real = [], ctl.switch_now
+
+    def spy(*a, **k):
+        with torch.no_grad():
+            y0 = model(x_fixed).clone()
+            n = real(*a, **k)
+            worst.append(rel(model(x_fixed), y0))
+        return n
+    ctl.switch_now = spy
+    for L in ctl.layers:
+        L.base_weight.requires_grad_(True)
+    for step in range(1, 5):
+        model(torch.randn(4, 6, 3, 3, generator=g)).pow(2).mean().backward()
+        if step % 2 == 0:  # the step before a switch: probe == autograd
+            for i, L in enumerate(ctl.layers):
+                assert rel(ctl._probe.sums[i], L.base_weight.grad.reshape(L.shape)) <= 1e-5
+        opt.step()
+        opt.zero_grad()
+        for L in ctl.layers:
+            L.base_weight.grad = None
+    assert len(worst) == 2 and max(worst) <= 1e-5
+    assert len(ctl.history) == 2 and all(all(e["gradient"]) for e in ctl.history)
+    for L in ctl.layers:
+        L.base_weight.requires_grad_(False)
+    srlora.export_adapter(model, ctl, tmp_path / "ad")
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(TinyConv(), tmp_path / "ad").eval()
+    model.eval()
+    with torch.no_grad():
+        assert rel(loaded(x_fixed), model(x_fixed)) <= 1e-5
