@@ -158,7 +158,8 @@ def group_directions(grads: list[Optional[torch.Tensor]], B: torch.Tensor, A: to
         if G is None:
             used.append(False)
             continue
-        keep = [j for j in range(r) if j not in set(slots[g].tolist())]
+        fused = set(slots[g].tolist())
+        keep = [j for j in range(r) if j not in fused]
         u, vh = gradient_directions(G.to(B.device), B[g][:, keep].float(), A[g][keep].float(), k)
         U[g], Vh[g] = u.to(U.dtype), vh.to(Vh.dtype)
         used.append(True)
