@@ -194,13 +194,8 @@ class SRLoRAController:
         if self.schedule is None:
             return
         value = float(loss.detach().float().mean()) if torch.is_tensor(loss) else float(loss)
-        from .distributed import _comm_device, is_distributed
-        if is_distributed():
-            import torch.distributed as dist
-            t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
-            dist.all_reduce(t)
-            value = float(t.item()) / dist.get_world_size()
-        self.schedule.observe_loss(value)
+        from .distributed import mean_over_ranks
+        self.schedule.observe_loss(mean_over_ranks(value))
 
     def step(self, optimizer=None, loss=None) -> None:
         """One optimizer step happened: update importance, count it, switch if scheduled.

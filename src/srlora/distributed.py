@@ -90,6 +90,38 @@ def _comm_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
+def broadcast_from_rank0(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Rank 0's tensors on every rank, each on its input's device (the inputs unchanged without
+    torch.distributed). A collective: every rank calls it with tensors of the same shapes."""
+    if not is_distributed():
+        return ts
+    dev, out = _comm_device(), []
+    for t in ts:
+        buf = t.to(dev).contiguous()
+        dist.broadcast(buf, src=0)
+        out.append(buf.to(t.device))
+    return out
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over the ranks, on the communication device (``t`` itself without
+    torch.distributed). A collective."""
+    if not is_distributed():
+        return t
+    buf = t.to(_comm_device()).contiguous()
+    dist.all_reduce(buf)
+    return buf
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a Python number over the ranks (fp64; the number itself without
+    torch.distributed). A collective."""
+    if not is_distributed():
+        return value
+    return float(sum_over_ranks(torch.tensor([value], dtype=torch.float64)).item()) \
+        / dist.get_world_size()
+
+
 def _global_rank(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from .distributed import broadcast_from_rank0, is_distributed, sum_over_ranks
+
 if TYPE_CHECKING:
     from .controller import SRLoRAController
 
@@ -119,20 +121,15 @@ class GradientProbe:
         under torch.distributed (every rank must call it: a collective per module, in index
         order); then cleared."""
         sums, self.sums = self.sums, {}
-        from .distributed import _comm_device, is_distributed
         if is_distributed():
-            import torch.distributed as dist
-            dev = _comm_device()
             # every rank needs the same keys: which modules saw a gradient anywhere
-            seen = torch.zeros(len(self.ctl.layers), device=dev)
+            seen = torch.zeros(len(self.ctl.layers))
             for i in sums:
                 seen[i] = 1.0
-            dist.all_reduce(seen)
+            seen = sum_over_ranks(seen)
             for i in [j for j in range(len(self.ctl.layers)) if seen[j] > 0]:
                 m, n = self.ctl.layers[i].shape
-                buf = (sums[i] if i in sums else torch.zeros(m, n)).to(dev)
-                dist.all_reduce(buf)
-                sums[i] = buf
+                sums[i] = sum_over_ranks(sums[i] if i in sums else torch.zeros(m, n))
         return sums
 
     def clear(self) -> None:
@@ -163,6 +160,5 @@ def group_directions(grads: list[Optional[torch.Tensor]], B: torch.Tensor, A: to
         u, vh = gradient_directions(G.to(B.device), B[g][:, keep].float(), A[g][keep].float(), k)
         U[g], Vh[g] = u.to(U.dtype), vh.to(Vh.dtype)
         used.append(True)
-    from .refresh import _broadcast
-    U, Vh = _broadcast([U, Vh])
+    U, Vh = broadcast_from_rank0([U, Vh])
     return U, Vh, used

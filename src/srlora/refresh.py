@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from .distributed import broadcast_from_rank0
 from .factors import join_residual
 from .fusion import rebuild_base, subtracted_factors
 from .module_state import ModuleState, StateStack
@@ -82,21 +83,6 @@ def frozen_weight(st: ModuleState) -> torch.Tensor:
     return W.float()
 
 
-def _broadcast(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Rank 0's tensors on every rank (no-op without torch.distributed)."""
-    from .distributed import _comm_device, is_distributed
-    if not is_distributed():
-        return ts
-    import torch.distributed as dist
-    dev = _comm_device()
-    out = []
-    for t in ts:
-        buf = t.to(dev).contiguous()
-        dist.broadcast(buf, src=0)
-        out.append(buf.to(t.device))
-    return out
-
-
 def plan_refresh(ctl: "SRLoRAController", idx: list[int], k: int) -> list[StackRefresh]:
     """The new block of every stack with a member in ``idx`` (all its members must be at one
     pointer, as the switches keep them). Reads only."""
@@ -117,7 +103,7 @@ def plan_refresh(ctl: "SRLoRAController", idx: list[int], k: int) -> list[StackR
             names=[f"{st.layer.name} (frozen weight at refresh)" for st in sts])
         store = stack.U.device
         U, S, Vh = (torch.stack([r[j] for r in res]).to(store) for j in range(3))
-        U, S, Vh = _broadcast([U, S, Vh])
+        U, S, Vh = broadcast_from_rank0([U, S, Vh])
         plans.append(StackRefresh(stack, p, U, S, Vh))
     return plans
 
