@@ -396,10 +396,11 @@ def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys
     write_json(str(out / "study.json"), {"meta": {"jobs": 1}, "status": "running",
                                          "wall_time_s": 60.0})
 
-    def rec(m, lr, steps, seed, acc, loss, diag):
+    def rec(m, lr, steps, seed, acc, loss, diag, train=None, switches=()):
         r = {"task": "rt-polarity", "name": m, "method": m, "lr": lr, "seed": seed,
              "steps": steps, "failed": False, "final_accuracy": acc, "val_accuracy": acc,
-             "final_test_loss": loss, "val_loss": loss, "train_loss": [1.0] * steps,
+             "final_test_loss": loss, "val_loss": loss, "train_loss": train or [1.0] * steps,
+             "switch_steps": list(switches), "num_switches": len(switches),
              "eval_curve": [{"step": k, "loss": loss} for k in (steps // 4, steps)],
              "val_curve": [{"step": k, "loss": loss} for k in (steps // 4, steps)],
              "diagnostics": {"summary": diag}}
@@ -413,14 +414,21 @@ def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys
                 rec(m, lr, sel_steps, seed, 0.7, 0.5 + lr, {})
     for seed in range(5):  # final: srlora 2 points and 0.03 loss behind, every seed
         rec("lora", 1e-3, 100, seed, 0.80 + 0.01 * seed, 0.40 - 0.01 * seed, {"erank_mean": 4.0})
+        # training loss: level until the first switch (step 40), then 0.05 higher (+0.01 * seed)
+        train = [1.0] * 40 + [1.05 + 0.01 * seed] * 60
         rec("srlora", 1e-3, 100, seed, 0.78 + 0.01 * seed, 0.43 - 0.01 * seed,
-            {"erank_mean": 50.0, "survived_frac": 0.1, "age_median": 20, "moved_median": 0.5})
+            {"erank_mean": 50.0, "survived_frac": 0.1, "age_median": 20, "moved_median": 0.5},
+            train, (40, 70))
     assert main(["study", str(tmp_path / "s.yaml"), "--out", str(out), "--report"]) == 0
     md = (out / "verdicts.md").read_text()
     assert "| claim |" in md and "(running, 1 min)" in md
     assert "| final_accuracy | lora vs srlora | 5 | 82.00 | 80.00 | 2.00 [2.00, 2.00] | 0.50 | " \
         "better |" in md
     assert "| srlora | 5 | 50.0 | 10.0 | 20 | 0.50 |" in md and "| lora | 5 | 4.0 | - |" in md
+    # the gap: 0 before step 40, 0.07 +- 0.0157 (t_4 * sd 0.0158 / sqrt 5) after; jump at 40 is
+    # the full 0.07, at 70 zero: mean 0.035 +- half that spread
+    assert "| srlora | lora | 5 | +0.000 [0.000, 0.000] | +0.070 [0.050, 0.090] | " \
+        "+0.070 [0.050, 0.090] | +0.035 [0.025, 0.045] |" in md
     raw["tasks"][0]["steps"] = 200
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))
     assert main(["study", str(tmp_path / "t.yaml"), "--out", str(out), "--report"]) == 2

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 from . import study_jobs
 from .study_verdicts import claims, compare, early_point, metrics_of
+from .switch_gaps import pair_gaps
 
 # per run, from its diagnostics summary: effective rank of W_final - W0 (mean over modules), and
 # for SRLoRA the share of inserted directions that outlived one interval, the fused pairs' age
@@ -218,6 +219,34 @@ class Study:
                         out.append(v)
         return out
 
+    def switch_gaps(self) -> list[dict]:
+        """For each pair with one switching method (put on the ``a`` side; both: as given): the
+        paired training-loss gaps around ``a``'s switches over the final seeds
+        (experiments/switch_gaps.py), read from the full run files."""
+        import json
+
+        def full(recs: dict) -> dict:
+            out = {}
+            for s, r in recs.items():
+                with open(os.path.join(self.out, r["file"])) as f:
+                    out[s] = json.load(f)
+            return out
+
+        out = []
+        for task in self.spec["tasks"]:
+            for a, b in self.spec["pairs"]:
+                ra, rb = self.final_values(task, a), self.final_values(task, b)
+                switched = lambda recs: any(r.get("num_switches") for r in recs.values())
+                if switched(rb) and not switched(ra):  # the switching method on a's side
+                    a, b, ra, rb = b, a, rb, ra
+                if not rb or not switched(ra):
+                    continue
+                g = pair_gaps(full(ra), full(rb))
+                if g is not None:
+                    out.append({"task": task["name"], "a": a, "b": b,
+                                "lr_a": self.chosen(task, a), "lr_b": self.chosen(task, b), **g})
+        return out
+
     def summary(self, meta: dict, status: str, t0: float) -> dict:
         verdicts = self.verdicts()
         sel = {t["name"]: {m["name"]: self.selection(t, m["name"]) for m in self.spec["methods"]}
@@ -227,7 +256,7 @@ class Study:
                                                                   "tasks": sel},
                 "runs": sorted(self.runs.values(), key=lambda r: (r["task"], r["name"], r["lr"],
                                                                    r["steps"], r["seed"])),
-                "verdicts": verdicts,
+                "verdicts": verdicts, "switch_gaps": self.switch_gaps(),
                 "claims": claims(verdicts, [t["name"] for t in self.spec["tasks"]])}
 
 

@@ -115,6 +115,25 @@ def mechanism_table(summary: dict, task: str) -> str:
                      + lines)
 
 
+def switch_gap_table(summary: dict, task: str) -> str:
+    """Per pair whose ``a`` switched: its paired training-loss gaps (experiments/switch_gaps.py),
+    mean over the final seeds [95% interval], or an empty string when there are none."""
+    rows = [g for g in summary.get("switch_gaps") or [] if g["task"] == task]
+    if not rows:
+        return ""
+    cell = lambda c: f"{c['mean']:+.3f} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
+    w = {g["window"] for g in rows}
+    lines = ["Training-loss gap a - b around a's switches (paired final seeds, 95% interval; "
+             "experiments/switch_gaps.py): before the first switch, after it, in the last "
+             "interval, and its change across a switch "
+             f"({'/'.join(str(x) for x in sorted(w, key=str))} steps each side):", "",
+             "| a | b | seeds | before | after | last | jump at a switch |", "|---|---|---|---|---|---|---|"]
+    for g in rows:
+        lines.append(f"| {g['a']} | {g['b']} | {g['n']} | " + " | ".join(
+            cell(g[k]) for k in ("before", "after", "last", "jump")) + " |")
+    return "\n".join(lines)
+
+
 def format_markdown(summary: dict) -> str:
     spec = summary["spec"]
     out = [f"# Study `{spec['name']}`: verdicts ({summary['status']}, "
@@ -138,6 +157,9 @@ def format_markdown(summary: dict) -> str:
         mech = mechanism_table(summary, t["name"])
         if mech:
             out += [mech, ""]
+        gaps = switch_gap_table(summary, t["name"])
+        if gaps:
+            out += [gaps, ""]
     return "\n".join(out)
 
 
