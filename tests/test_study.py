@@ -427,7 +427,7 @@ def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys
     assert "| srlora | 5 | 50.0 | 10.0 | 20 | 0.50 |" in md and "| lora | 5 | 4.0 | - |" in md
     # the gap: 0 before step 40, 0.07 +- 0.0157 (t_4 * sd 0.0158 / sqrt 5) after; jump at 40 is
     # the full 0.07, at 70 zero: mean 0.035 +- half that spread
-    assert "| srlora | lora | 5 | +0.000 [0.000, 0.000] | +0.070 [0.050, 0.090] | " \
+    assert "| srlora | lora | 0.001, 0.001 | 5 | +0.000 [0.000, 0.000] | +0.070 [0.050, 0.090] | " \
         "+0.070 [0.050, 0.090] | +0.035 [0.025, 0.045] |" in md
     raw["tasks"][0]["steps"] = 200
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))

@@ -125,11 +125,13 @@ def switch_gap_table(summary: dict, task: str) -> str:
     w = {g["window"] for g in rows}
     lines = ["Training-loss gap a - b around a's switches (paired final seeds, 95% interval; "
              "experiments/switch_gaps.py): before the first switch, after it, in the last "
-             "interval, and its change across a switch "
+             "interval, and its change across a switch (lrs that differ confound all four) "
              f"({'/'.join(str(x) for x in sorted(w, key=str))} steps each side):", "",
-             "| a | b | seeds | before | after | last | jump at a switch |", "|---|---|---|---|---|---|---|"]
+             "| a | b | lr a, b | seeds | before | after | last | jump at a switch |",
+             "|---|---|---|---|---|---|---|---|"]
     for g in rows:
-        lines.append(f"| {g['a']} | {g['b']} | {g['n']} | " + " | ".join(
+        lrs = f"{g['lr_a']:g}, {g['lr_b']:g}" + ("" if g["lr_a"] == g["lr_b"] else " (differ)")
+        lines.append(f"| {g['a']} | {g['b']} | {lrs} | {g['n']} | " + " | ".join(
             cell(g[k]) for k in ("before", "after", "last", "jump")) + " |")
     return "\n".join(lines)
 
