@@ -226,6 +226,66 @@ def test_kill_resume_and_jobs_2_give_the_records_of_an_uninterrupted_run(tiny_sp
     assert _records(part) == ref
 
 
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (Linux: /proc/<pid>/stat)."""
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.split("/")[2]))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # a CLI process and two spawned workers killed part-way: ~20 s
+def test_a_killed_study_leaves_no_worker_behind(tiny_spec, tmp_path):
+    """SIGKILL of `srlora study --jobs 2` while both workers train: the workers end within
+    seconds (before, they finished their runs and then spun on the dead pool's queue)."""
+    raw = yaml.safe_load(tiny_spec.read_text())
+    raw["tasks"][0].update(steps=4000, dataset=str(tiny_spec.parent / "d.csv"),
+                           model=str(tiny_spec.parent / "tiny-bert"))
+    spec = tmp_path / "long.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "srlora", "study", str(spec), "--out",
+                             str(tmp_path / "out"), "--jobs", "2", "--threads", "1",
+                             "--no-progress"], env=dict(ENV, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.time() + 120, []
+        while len(workers) < 2:  # the two pool workers (spawn), not the resource tracker
+            assert proc.poll() is None and time.time() < deadline, "no two workers started"
+            workers = []
+            for c in _children(proc.pid):
+                with open(f"/proc/{c}/cmdline", "rb") as f:
+                    if b"spawn_main" in f.read():
+                        workers.append(c)
+            time.sleep(0.2)
+        time.sleep(3.0)  # both inside their runs
+        assert all(_alive(w) for w in workers)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 20
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [w for w in workers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"worker(s) {left} outlived the killed study"
+    assert not glob.glob(str(tmp_path / "out" / "runs" / "**" / "*.json"), recursive=True)
+
+
 def test_the_shipped_specs_and_the_docs_example_parse(tmp_path):
     """studies/*.yaml and the spec-format example of docs/study.md are valid specs."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -315,7 +315,8 @@ def make_pool(jobs: int, threads: int, gpus: int):
         for k in range(jobs):
             queue.put(k % gpus)
     return cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
-                                  initializer=study_jobs.init_worker, initargs=(threads, queue))
+                                  initializer=study_jobs.init_worker,
+                                  initargs=(threads, queue, os.getpid()))
 
 
 def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,

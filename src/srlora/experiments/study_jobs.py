@@ -136,8 +136,27 @@ def execute(job: dict) -> dict:
     return rec
 
 
-def init_worker(threads: int, gpus) -> None:
-    """A spawned worker's set-up: its thread budget and, with a GPU queue, its own GPU."""
+def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """Start a daemon thread that ends this process (``os._exit(1)``) once ``parent`` is no
+    longer its parent: a study killed with SIGKILL or SIGTERM, whose pool never shut down, then
+    leaves no worker behind (the run in progress is lost; its file is written atomically, so
+    nothing half-written is left and ``--resume`` reruns it)."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="srlora-exit-with-parent", daemon=True).start()
+
+
+def init_worker(threads: int, gpus, parent: int | None = None) -> None:
+    """A spawned worker's set-up: its thread budget, with a GPU queue its own GPU, and with
+    ``parent`` (the study's pid) an exit when the study dies (:func:`exit_with_parent`)."""
+    if parent is not None:
+        exit_with_parent(parent)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     if gpus is not None:
