@@ -102,6 +102,7 @@ class Study:
     def __init__(self, spec: dict, out: str):
         self.spec, self.out = spec, out
         self.runs: dict = {}  # (task, method, lr, steps, seed) -> compact record
+        self._curves: dict = {}  # run file -> its train_loss and switch_steps (switch_gaps)
 
     def key_file(self, key) -> str:
         return run_file(self.out, *key)
@@ -225,11 +226,15 @@ class Study:
         (experiments/switch_gaps.py), read from the full run files."""
         import json
 
-        def full(recs: dict) -> dict:
+        def full(recs: dict) -> dict:  # each run file read once per process
             out = {}
             for s, r in recs.items():
-                with open(os.path.join(self.out, r["file"])) as f:
-                    out[s] = json.load(f)
+                if r["file"] not in self._curves:
+                    with open(os.path.join(self.out, r["file"])) as f:
+                        rec = json.load(f)
+                    self._curves[r["file"]] = {k: rec.get(k)
+                                               for k in ("train_loss", "switch_steps")}
+                out[s] = self._curves[r["file"]]
             return out
 
         out = []

@@ -125,8 +125,9 @@ def switch_gap_table(summary: dict, task: str) -> str:
     w = {g["window"] for g in rows}
     lines = ["Training-loss gap a - b around a's switches (paired final seeds, 95% interval; "
              "experiments/switch_gaps.py): before the first switch, after it, in the last "
-             "interval, and its change across a switch (lrs that differ confound all four) "
-             f"({'/'.join(str(x) for x in sorted(w, key=str))} steps each side):", "",
+             "interval, and its change across a switch "
+             f"({'/'.join(str(x) for x in sorted(w, key=str))} steps each side); "
+             "learning rates that differ confound all four:", "",
              "| a | b | lr a, b | seeds | before | after | last | jump at a switch |",
              "|---|---|---|---|---|---|---|---|"]
     for g in rows:
