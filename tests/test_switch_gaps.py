@@ -59,3 +59,22 @@ def test_pair_gaps_pairs_seeds_and_gives_t_intervals():
     assert got["jump"]["mean"] == pytest.approx(want["mean_diff"] / 3, abs=1e-12)
     no_switch = {s: {"train_loss": base[s], "switch_steps": []} for s in (0, 1, 2)}
     assert pair_gaps(no_switch, b) is None
+
+
+def test_seeds_that_switched_at_different_steps_still_pair():
+    """The adaptive schedule: each seed is cut at its own switches; the shared steps and window
+    are then None, and the report's table says how the window was chosen."""
+    from srlora.experiments.study_report import switch_gap_table
+
+    T = 60
+    a = {0: {"train_loss": [1.0] * 20 + [1.1] * 40, "switch_steps": [20, 40]},
+         1: {"train_loss": [1.0] * 30 + [1.3] * 30, "switch_steps": [30]}}
+    b = {s: {"train_loss": [1.0] * T} for s in (0, 1)}
+    got = pair_gaps(a, b)
+    assert got["n"] == 2 and got["switch_steps"] is None and got["window"] is None
+    assert got["after"]["mean"] == pytest.approx(0.2, abs=1e-12)
+    assert got["jump"]["mean"] == pytest.approx((0.1 / 2 + 0.3) / 2, abs=1e-12)
+    md = switch_gap_table({"switch_gaps": [dict(got, task="t", a="x", b="y", lr_a=1e-3,
+                                                lr_b=1e-3)]}, "t")
+    assert "or a quarter of the shortest interval" in md
+    assert "| x | y | 0.001, 0.001 | 2 | +0.000 [" in md

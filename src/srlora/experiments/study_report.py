@@ -122,11 +122,13 @@ def switch_gap_table(summary: dict, task: str) -> str:
     if not rows:
         return ""
     cell = lambda c: f"{c['mean']:+.3f} [{_num(c['ci_low'])}, {_num(c['ci_high'])}]"
-    w = {g["window"] for g in rows}
+    w = sorted({g["window"] for g in rows if g["window"]})  # None: seeds switched differently
+    side = (f"{'/'.join(map(str, w))} steps each side" if w and all(g["window"] for g in rows)
+            else "10 steps each side, or a quarter of the shortest interval")
     lines = ["Training-loss gap a - b around a's switches (paired final seeds, 95% interval; "
              "experiments/switch_gaps.py): before the first switch, after it, in the last "
              "interval, and its change across a switch "
-             f"({'/'.join(str(x) for x in sorted(w, key=str))} steps each side); "
+             f"({side}); "
              "learning rates that differ confound all four:", "",
              "| a | b | lr a, b | seeds | before | after | last | jump at a switch |",
              "|---|---|---|---|---|---|---|---|"]
