@@ -226,6 +226,25 @@ def test_kill_resume_and_jobs_2_give_the_records_of_an_uninterrupted_run(tiny_sp
     assert _records(part) == ref
 
 
+@pytest.mark.slow  # two in-process studies of a tiny model: ~30 s
+def test_tasks_runs_a_subset_and_resume_finishes_the_rest(tiny_spec, tmp_path, capsys):
+    raw = yaml.safe_load(tiny_spec.read_text())
+    t = dict(raw["tasks"][0], dataset=str(tiny_spec.parent / "d.csv"),
+             model=str(tiny_spec.parent / "tiny-bert"))
+    raw["tasks"] = [t, dict(t, name="tiny2")]
+    spec = tmp_path / "two.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    common = ["study", str(spec), "--out", str(out), "--threads", "1", "--no-progress"]
+    assert main(common + ["--tasks", "tiny2"]) == 0
+    assert sorted(os.listdir(out / "runs")) == ["tiny2"]
+    assert json.loads((out / "study.json").read_text())["status"] == "partial"
+    assert main(common + ["--resume"]) == 0
+    assert "resume: 4 finished run(s)" in capsys.readouterr().out
+    assert sorted(os.listdir(out / "runs")) == ["tiny", "tiny2"]
+    assert json.loads((out / "study.json").read_text())["status"] == "finished"
+
+
 def _children(pid: int) -> list[int]:
     """The pids whose parent is ``pid`` (Linux: /proc/<pid>/stat)."""
     out = []
@@ -364,6 +383,9 @@ def test_bad_flags_and_unloadable_data_exit_2_before_anything_is_written(tmp_pat
     assert "--jobs: must be >= 1" in capsys.readouterr().err
     assert main(["study", str(good), "--out", str(out), "--threads", "0"]) == 2
     assert "--threads: must be >= 1" in capsys.readouterr().err
+    assert main(["study", str(good), "--out", str(out), "--tasks", "rt-polarity,cifar"]) == 2
+    assert "--tasks: cifar: not a task of the spec (its tasks: rt-polarity)" in \
+        capsys.readouterr().err
     (tmp_path / "cols.csv").write_text("sentence,label\na b,1\nc d,0\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(base_spec(tasks=[{"name": "mine", "dataset": "cols.csv"}])))
@@ -397,6 +419,11 @@ def test_schedule_order_and_lr_choice(tmp_path):
                         for s in range(5) for m in ("lora", "srlora")]
     assert all(k[0] == "mnist" for k in nxt[10:])
     assert st.pending_total() == len(nxt) + 2 * 5  # + mnist's final runs, lr not yet chosen
+    # --tasks mnist: only mnist's jobs, in the same order; the verdicts still cover every task
+    st.only = {"mnist"}
+    assert st.ready() == nxt[10:] and st.pending_total() == len(nxt) - 10 + 2 * 5
+    st.only = {"rt-polarity"}
+    assert st.ready() == nxt[:10] and st.pending_total() == 10
 
 
 def test_reuse_copies_only_the_runs_this_study_would_run_identically(tmp_path):

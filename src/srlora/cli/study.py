@@ -38,6 +38,9 @@ def register(sub) -> None:
     a("--report", action="store_true",
       help="run nothing: write verdicts.md and the plots of what --out holds so far (a study "
            "stopped part-way has verdicts for its finished tasks); the spec must be the same")
+    a("--tasks", metavar="NAMES",
+      help="run only these of the spec's tasks (comma-separated; the spec and --resume are "
+           "unchanged, and verdicts.md covers every task with runs)")
     a("--no-progress", action="store_true", help="no progress bar (--jobs 1)")
     p.set_defaults(func=run)
 
@@ -90,6 +93,14 @@ def run(args) -> int:
         if not gpus:
             raise UsageError("--device cuda: no CUDA GPU is visible")
     threads = args.threads or _env_threads() or max(1, (os.cpu_count() or 1) // args.jobs)
+    only = None
+    if args.tasks is not None:
+        names = [t["name"] for t in spec["tasks"]]
+        only = {x.strip() for x in args.tasks.split(",") if x.strip()}
+        unknown = sorted(only - set(names))
+        if unknown or not only:
+            raise UsageError(f"--tasks: {', '.join(unknown) or 'no task named'}: not a task of "
+                             f"the spec (its tasks: {', '.join(names)})")
     if args.report:
         if not os.path.isfile(os.path.join(args.out, "study.json")):
             raise UsageError(f"--report: {args.out!r} holds no study (no study.json)")
@@ -113,6 +124,8 @@ def run(args) -> int:
     device = "cuda" if gpus else "cpu"
     try:  # every task's data, model and adapters, before anything is written
         for t in spec["tasks"]:
+            if only is not None and t["name"] not in only:
+                continue
             task_meta[t["name"]] = study_jobs.prepare(t, device)[3]
             study_jobs.check_adapters(t, spec["methods"], device)
     except study_jobs.TaskError as e:
@@ -132,16 +145,17 @@ def run(args) -> int:
     n_sel = sum(len(t["lrs"][m["name"]]) for t in spec["tasks"] for m in spec["methods"]) \
         * len(spec["selection"]["seeds"])
     n_fin = len(spec["tasks"]) * len(spec["methods"]) * len(spec["final"]["seeds"])
-    total = study.Study(spec, args.out).pending_total()
+    total = study.Study(spec, args.out, only).pending_total()
     print(f"srlora study {spec['name']}: {len(spec['tasks'])} task(s) x {len(spec['methods'])} "
           f"method(s); {n_sel} selection + {n_fin} final runs, {total} distinct; {args.jobs} "
-          f"job(s) x {threads} thread(s) on {device}; results in {args.out}", flush=True)
+          f"job(s) x {threads} thread(s) on {device}; results in {args.out}"
+          + (f"; this session runs only {', '.join(sorted(only))}" if only else ""), flush=True)
     if spec["smoke"]:
         print("smoke spec: fewer seeds/lrs than a verdict needs (a check of the machinery)")
     summary = study.run_study(spec, args.out, meta, jobs=args.jobs, threads=threads,
                               device=device, gpus=gpus if args.jobs > 1 else 0,
                               log=lambda s: print(s, flush=True),
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, only=only)
     return _write_report(summary, args.out)
 
 

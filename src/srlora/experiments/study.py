@@ -99,8 +99,9 @@ def compact(rec: dict, out: str, path: str) -> dict:
 class Study:
     """The state of one study in ``out``: which runs are done, the lr choices, the verdicts."""
 
-    def __init__(self, spec: dict, out: str):
+    def __init__(self, spec: dict, out: str, only: Optional[set] = None):
         self.spec, self.out = spec, out
+        self.only = only  # task names to run (None: all); the verdicts cover every task
         self.runs: dict = {}  # (task, method, lr, steps, seed) -> compact record
         self._curves: dict = {}  # run file -> its train_loss and switch_steps (switch_gaps)
 
@@ -164,7 +165,7 @@ class Study:
     def ready(self) -> list:
         """Jobs not yet done, in the order they should run (those whose lr is unknown wait)."""
         out, seen = [], set()
-        for task in self.spec["tasks"]:
+        for task in self._to_run():
             for key in self.all_selection_jobs():
                 if key[0] == task["name"] and key not in self.runs and key not in seen:
                     seen.add(key)
@@ -178,11 +179,16 @@ class Study:
                         out.append(key)
         return out
 
+    def _to_run(self) -> list[dict]:
+        return [t for t in self.spec["tasks"] if self.only is None or t["name"] in self.only]
+
     def pending_total(self) -> int:
-        """Runs still to do (a final run that is also a selection run counts once)."""
-        sel = sum(1 for k in self.all_selection_jobs() if k not in self.runs)
+        """Runs still to do (a final run that is also a selection run counts once), in the
+        tasks this session runs."""
+        names = {t["name"] for t in self._to_run()}
+        sel = sum(1 for k in self.all_selection_jobs() if k not in self.runs and k[0] in names)
         fin = 0
-        for task in self.spec["tasks"]:
+        for task in self._to_run():
             shared = set(self.spec["selection"]["seeds"]) \
                 if task["selection_steps"] == task["steps"] else set()
             for m in self.spec["methods"]:
@@ -326,12 +332,15 @@ def make_pool(jobs: int, threads: int, gpus: int):
 
 def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
               device: str = "cpu", gpus: int = 0, log: Callable[[str], None] = print,
-              on_update: Optional[Callable[[dict], None]] = None, progress: bool = False) -> dict:
-    """Run every job not yet done in ``out`` and return the final study.json content.
+              on_update: Optional[Callable[[dict], None]] = None, progress: bool = False,
+              only: Optional[set] = None) -> dict:
+    """Run every job not yet done in ``out`` (of the tasks in ``only``, all when None) and
+    return the final study.json content (status "finished" once every task is done, else
+    "partial").
 
     ``study.json`` is rewritten after every finished run; ``on_update(summary)`` is called then
     (the CLI writes the plots and the table there at the end only)."""
-    study = Study(spec, out)
+    study = Study(spec, out, only)
     done = study.load_done()
     if done:
         log(f"resume: {done} finished run(s) found in {out}")
@@ -382,6 +391,7 @@ def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
         study_jobs.write_json(path, study.summary(meta, status, t0))
         raise
     pool.shutdown()
-    summary = study.summary(meta, "finished", t0)
+    study.only = None
+    summary = study.summary(meta, "finished" if study.pending_total() == 0 else "partial", t0)
     study_jobs.write_json(path, summary)
     return summary
