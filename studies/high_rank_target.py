@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ranks", default="4,32", help="ranks k of the target change")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--lrs", default="1e-3,3e-3,1e-2")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2")
     p.add_argument("--selection-seeds", default="100,101")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--d", type=int, default=64)
