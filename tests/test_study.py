@@ -245,6 +245,25 @@ def test_tasks_runs_a_subset_and_resume_finishes_the_rest(tiny_spec, tmp_path, c
     assert json.loads((out / "study.json").read_text())["status"] == "finished"
 
 
+def test_a_method_may_set_the_rank_the_task_sets_too(tiny_spec):
+    """A method's own r (or any field the task also sets) overrides the task's in the up-front
+    adapter check, as in the runs (it raised 'multiple values for keyword argument' before);
+    a rank the task cannot take (above its r_target, 12) still fails there, naming the method."""
+    from srlora.experiments import study_jobs
+
+    raw = yaml.safe_load(tiny_spec.read_text())
+    raw["tasks"][0].update(dataset=str(tiny_spec.parent / "d.csv"),
+                           model=str(tiny_spec.parent / "tiny-bert"))
+    raw["methods"] = ["lora", {"name": "lora-r2", "method": "lora", "r": 2, "lora_alpha": 4},
+                      {"name": "srlora-g", "method": "srlora", "gamma": 0.25}]
+    spec = study_spec.parse(raw)
+    task = spec["tasks"][0]
+    study_jobs.check_adapters(task, spec["methods"])
+    huge = study_spec.parse(dict(raw, methods=[{"name": "big", "method": "srlora", "r": 16}]))
+    with pytest.raises(study_jobs.TaskError, match="method 'big'"):
+        study_jobs.check_adapters(task, huge["methods"])
+
+
 def _children(pid: int) -> list[int]:
     """The pids whose parent is ``pid`` (Linux: /proc/<pid>/stat)."""
     out = []
