@@ -106,6 +106,11 @@ def main(argv=None) -> int:
     accelerator.print(f"replicas identical: {n} SRLoRA state entries bitwise equal on {world} "
                       f"ranks after {controller.global_step} optimizer steps ({micro} micro-batches"
                       f" per rank) and {controller.num_switches} switches")
+    # Tear down in order, while Python is fully alive: every rank done, the DDP wrapper (it holds
+    # the process group and gloo's threads) freed, then the group destroyed. Left to interpreter
+    # exit, gloo's teardown can abort a rank after the work is done.
+    accelerator.wait_for_everyone()
+    model, optimizer, loader = accelerator.free_memory(model, optimizer, loader)
     accelerator.end_training()
     return 0
 

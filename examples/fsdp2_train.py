@@ -125,6 +125,7 @@ def main(argv=None) -> int:
         print(f"replicas identical: {n} SRLoRA state entries bitwise equal on {world} ranks after "
               f"{controller.global_step} optimizer steps and {controller.num_switches} switches",
               flush=True)
+    dist.barrier()  # every rank done before the group goes
     dist.destroy_process_group()
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import csv
+import gc
 import importlib.util
 import os
 
@@ -102,6 +103,11 @@ def main(argv=None) -> int:
         print(f"replicas identical: {n} SRLoRA state entries bitwise equal on {world} ranks after "
               f"{controller.global_step} optimizer steps and {controller.num_switches} switches",
               flush=True)
+    # Tear down in order, while Python is fully alive: every rank done, the wrapped model (it
+    # holds the process group) freed, then the group destroyed.
+    dist.barrier()
+    del ddp
+    gc.collect()
     dist.destroy_process_group()
     return 0
 

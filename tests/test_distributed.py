@@ -11,6 +11,7 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+import warnings
 
 import peft  # noqa: F401  (imported once here, not in every forked worker)
 import pytest
@@ -310,8 +311,22 @@ def _run_example(cmd: list[str]) -> str:
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    if proc.returncode != 0 and _aborted_after_the_work(proc):
+        # torch's gloo teardown aborted a rank after every check had passed (seen once in CI,
+        # not reproduced in 4 + 30 local runs; the examples now free the wrapped model and destroy
+        # the group before exit). The run is repeated once, and all of it must pass.
+        warnings.warn("a rank aborted in gloo's teardown after the example's checks passed; "
+                      "running it again: " + proc.stderr[-500:])
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def _aborted_after_the_work(proc) -> bool:
+    """The example printed its last line (all its checks passed on every rank) and a rank then
+    died in C++ teardown: std::terminate on a thread still joinable."""
+    return ("replicas identical:" in proc.stdout
+            and "terminate called without an active exception" in proc.stderr)
 
 
 @pytest.mark.slow
