@@ -105,6 +105,17 @@ def _switch_log(controller) -> list[dict]:
     return [log(e) for e in controller.history]
 
 
+def adapter_config(bundle: Bundle, *, method: str, r: int, lora_alpha: float, r_target: int,
+                   gamma: float, steps: int, target_modules: Optional[list[str]] = None,
+                   config: Optional[dict] = None) -> "srlora.SRLoRAConfig":
+    """The SRLoRAConfig of one run: the task's settings, then the method's own fields (``config``:
+    r, gamma, selection, ...), which override them. Raises as SRLoRAConfig does on a bad field."""
+    return srlora.SRLoRAConfig(**{"method": method, "r": r, "lora_alpha": lora_alpha,
+                                  "r_target": r_target, "gamma": gamma, "total_steps": steps,
+                                  "target_modules": target_modules or bundle.target_modules,
+                                  "modules_to_save": bundle.head or None, **(config or {})})
+
+
 def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, steps: int,
             batch_size: int, r: int = 8, lora_alpha: float = 16.0, r_target: int = 32,
             gamma: float = 0.5, target_modules: Optional[list[str]] = None,
@@ -130,11 +141,8 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # LoRA's random A init draws from the global generator
     base = bundle.make(seed)
-    # a method's own fields (config: r, gamma, selection, ...) override the task's settings
-    cfg = srlora.SRLoRAConfig(**{"method": method, "r": r, "lora_alpha": lora_alpha,
-                                 "r_target": r_target, "gamma": gamma, "total_steps": steps,
-                                 "target_modules": target_modules or bundle.target_modules,
-                                 "modules_to_save": bundle.head or None, **(config or {})})
+    cfg = adapter_config(bundle, method=method, r=r, lora_alpha=lora_alpha, r_target=r_target,
+                         gamma=gamma, steps=steps, target_modules=target_modules, config=config)
     model, controller = srlora.wrap(base, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     lora_ids = {id(p) for L in controller.layers for p in (L.lora_A, L.lora_B)}

@@ -74,15 +74,16 @@ def check_adapters(task: dict, methods: list[dict], device: str = "cpu") -> None
     """Wrap the task's model once per method (seed 0): an adapter that does not fit raises."""
     import srlora
 
+    from .runner import adapter_config
+
     bundle = prepare(task, device)[0]
     for m in methods:
         try:
-            fields = {"method": m["method"], "r": task["r"], "lora_alpha": task["lora_alpha"],
-                      "r_target": task["r_target"], "gamma": task["gamma"],
-                      "total_steps": task["steps"], "modules_to_save": bundle.head,
-                      "target_modules": task.get("target_modules") or bundle.target_modules}
-            # a method's own fields override the task's, as in runner.run_one
-            srlora.wrap(bundle.make(0), srlora.SRLoRAConfig(**{**fields, **m["config"]}))
+            cfg = adapter_config(bundle, method=m["method"], r=task["r"],
+                                 lora_alpha=task["lora_alpha"], r_target=task["r_target"],
+                                 gamma=task["gamma"], steps=task["steps"],
+                                 target_modules=task.get("target_modules"), config=m["config"])
+            srlora.wrap(bundle.make(0), cfg)
         except (srlora.SRLoRAError, ValueError, TypeError) as e:
             raise TaskError(f"task {task['name']!r}, method {m['name']!r}: the adapter does not "
                             f"fit model {bundle.name!r}: {e}") from None
