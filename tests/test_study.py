@@ -236,9 +236,13 @@ def test_tasks_runs_a_subset_and_resume_finishes_the_rest(tiny_spec, tmp_path, c
     spec.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     common = ["study", str(spec), "--out", str(out), "--threads", "1", "--no-progress"]
-    assert main(common + ["--tasks", "tiny2"]) == 0
+    assert main(common + ["--tasks", "tiny2", "--methods", "srlora"]) == 0
     assert sorted(os.listdir(out / "runs")) == ["tiny2"]
+    assert sorted(os.listdir(out / "runs" / "tiny2")) == ["srlora"]
     assert json.loads((out / "study.json").read_text())["status"] == "partial"
+    assert main(common + ["--resume", "--tasks", "tiny2"]) == 0
+    assert "resume: 2 finished run(s)" in capsys.readouterr().out
+    assert sorted(os.listdir(out / "runs" / "tiny2")) == ["lora", "srlora"]
     assert main(common + ["--resume"]) == 0
     assert "resume: 4 finished run(s)" in capsys.readouterr().out
     assert sorted(os.listdir(out / "runs")) == ["tiny", "tiny2"]
@@ -405,12 +409,27 @@ def test_bad_flags_and_unloadable_data_exit_2_before_anything_is_written(tmp_pat
     assert main(["study", str(good), "--out", str(out), "--tasks", "rt-polarity,cifar"]) == 2
     assert "--tasks: cifar: not a task of the spec (its tasks: rt-polarity)" in \
         capsys.readouterr().err
+    assert main(["study", str(good), "--out", str(out), "--methods", "srlora,dora"]) == 2
+    assert "--methods: dora: not a method of the spec (its methods: lora, pissa, srlora)" in \
+        capsys.readouterr().err
     (tmp_path / "cols.csv").write_text("sentence,label\na b,1\nc d,0\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(base_spec(tasks=[{"name": "mine", "dataset": "cols.csv"}])))
     assert main(["study", str(bad), "--out", str(out)]) == 2
     assert "task 'mine'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_methods_subset_plans_only_those_methods(tmp_path):
+    """--methods: ready() and pending_total() hold only the named methods' runs, in the same
+    order as the whole study's; every method still counts in the verdicts."""
+    from srlora.experiments.study import Study
+
+    spec = study_spec.parse(base_spec(methods=["lora", "pissa", "srlora"],
+                                      selection={"seeds": [10, 11], "steps_frac": 0.5}))
+    whole, part = Study(spec, str(tmp_path)), Study(spec, str(tmp_path), None, {"srlora"})
+    assert part.ready() == [k for k in whole.ready() if k[1] == "srlora"] != []
+    assert part.pending_total() == whole.pending_total() // 3  # 3 methods, same grid and seeds
 
 
 def test_schedule_order_and_lr_choice(tmp_path):

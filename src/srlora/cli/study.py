@@ -41,6 +41,9 @@ def register(sub) -> None:
     a("--tasks", metavar="NAMES",
       help="run only these of the spec's tasks (comma-separated; the spec and --resume are "
            "unchanged, and verdicts.md covers every task with runs)")
+    a("--methods", metavar="NAMES",
+      help="run only these of the spec's methods (comma-separated, as named in the spec; "
+           "the other sides of their pairs come from --reuse or a later --resume)")
     a("--no-progress", action="store_true", help="no progress bar (--jobs 1)")
     p.set_defaults(func=run)
 
@@ -101,6 +104,14 @@ def run(args) -> int:
         if unknown or not only:
             raise UsageError(f"--tasks: {', '.join(unknown) or 'no task named'}: not a task of "
                              f"the spec (its tasks: {', '.join(names)})")
+    only_methods = None
+    if args.methods is not None:
+        names = [m["name"] for m in spec["methods"]]
+        only_methods = {x.strip() for x in args.methods.split(",") if x.strip()}
+        unknown = sorted(only_methods - set(names))
+        if unknown or not only_methods:
+            raise UsageError(f"--methods: {', '.join(unknown) or 'no method named'}: not a method "
+                             f"of the spec (its methods: {', '.join(names)})")
     if args.report:
         if not os.path.isfile(os.path.join(args.out, "study.json")):
             raise UsageError(f"--report: {args.out!r} holds no study (no study.json)")
@@ -127,7 +138,8 @@ def run(args) -> int:
             if only is not None and t["name"] not in only:
                 continue
             task_meta[t["name"]] = study_jobs.prepare(t, device)[3]
-            study_jobs.check_adapters(t, spec["methods"], device)
+            study_jobs.check_adapters(t, [m for m in spec["methods"] if only_methods is None
+                                          or m["name"] in only_methods], device)
     except study_jobs.TaskError as e:
         raise UsageError(str(e)) from None
     if args.jobs > 1:
@@ -145,17 +157,20 @@ def run(args) -> int:
     n_sel = sum(len(t["lrs"][m["name"]]) for t in spec["tasks"] for m in spec["methods"]) \
         * len(spec["selection"]["seeds"])
     n_fin = len(spec["tasks"]) * len(spec["methods"]) * len(spec["final"]["seeds"])
-    total = study.Study(spec, args.out, only).pending_total()
+    total = study.Study(spec, args.out, only, only_methods).pending_total()
     print(f"srlora study {spec['name']}: {len(spec['tasks'])} task(s) x {len(spec['methods'])} "
           f"method(s); {n_sel} selection + {n_fin} final runs, {total} distinct; {args.jobs} "
           f"job(s) x {threads} thread(s) on {device}; results in {args.out}"
-          + (f"; this session runs only {', '.join(sorted(only))}" if only else ""), flush=True)
+          + (f"; this session runs only {', '.join(sorted(only))}" if only else "")
+          + (f"; methods only {', '.join(sorted(only_methods))}" if only_methods else ""),
+          flush=True)
     if spec["smoke"]:
         print("smoke spec: fewer seeds/lrs than a verdict needs (a check of the machinery)")
     summary = study.run_study(spec, args.out, meta, jobs=args.jobs, threads=threads,
                               device=device, gpus=gpus if args.jobs > 1 else 0,
                               log=lambda s: print(s, flush=True),
-                              progress=not args.no_progress, only=only)
+                              progress=not args.no_progress, only=only,
+                              only_methods=only_methods)
     return _write_report(summary, args.out)
 
 

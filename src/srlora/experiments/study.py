@@ -99,9 +99,11 @@ def compact(rec: dict, out: str, path: str) -> dict:
 class Study:
     """The state of one study in ``out``: which runs are done, the lr choices, the verdicts."""
 
-    def __init__(self, spec: dict, out: str, only: Optional[set] = None):
+    def __init__(self, spec: dict, out: str, only: Optional[set] = None,
+                 only_methods: Optional[set] = None):
         self.spec, self.out = spec, out
-        self.only = only  # task names to run (None: all); the verdicts cover every task
+        # task and method names to run (None: all); the verdicts cover every task and method
+        self.only, self.only_methods = only, only_methods
         self.runs: dict = {}  # (task, method, lr, steps, seed) -> compact record
         self._curves: dict = {}  # run file -> its train_loss and switch_steps (switch_gaps)
 
@@ -167,11 +169,12 @@ class Study:
         out, seen = [], set()
         for task in self._to_run():
             for key in self.all_selection_jobs():
-                if key[0] == task["name"] and key not in self.runs and key not in seen:
+                if key[0] == task["name"] and self._runs_method(key[1]) \
+                        and key not in self.runs and key not in seen:
                     seen.add(key)
                     out.append(key)
             for s in self.spec["final"]["seeds"]:
-                for m in self.spec["methods"]:
+                for m in self._methods_to_run():
                     lr = self.chosen(task, m["name"])
                     key = (task["name"], m["name"], lr, task["steps"], s)
                     if lr is not None and key not in self.runs and key not in seen:
@@ -182,16 +185,23 @@ class Study:
     def _to_run(self) -> list[dict]:
         return [t for t in self.spec["tasks"] if self.only is None or t["name"] in self.only]
 
+    def _runs_method(self, name: str) -> bool:
+        return self.only_methods is None or name in self.only_methods
+
+    def _methods_to_run(self) -> list[dict]:
+        return [m for m in self.spec["methods"] if self._runs_method(m["name"])]
+
     def pending_total(self) -> int:
         """Runs still to do (a final run that is also a selection run counts once), in the
         tasks this session runs."""
         names = {t["name"] for t in self._to_run()}
-        sel = sum(1 for k in self.all_selection_jobs() if k not in self.runs and k[0] in names)
+        sel = sum(1 for k in self.all_selection_jobs()
+                  if k not in self.runs and k[0] in names and self._runs_method(k[1]))
         fin = 0
         for task in self._to_run():
             shared = set(self.spec["selection"]["seeds"]) \
                 if task["selection_steps"] == task["steps"] else set()
-            for m in self.spec["methods"]:
+            for m in self._methods_to_run():
                 lr = self.chosen(task, m["name"])
                 fin += sum(1 for s in self.spec["final"]["seeds"] if s not in shared and (
                     lr is None or (task["name"], m["name"], lr, task["steps"], s)
@@ -333,14 +343,15 @@ def make_pool(jobs: int, threads: int, gpus: int):
 def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
               device: str = "cpu", gpus: int = 0, log: Callable[[str], None] = print,
               on_update: Optional[Callable[[dict], None]] = None, progress: bool = False,
-              only: Optional[set] = None) -> dict:
-    """Run every job not yet done in ``out`` (of the tasks in ``only``, all when None) and
+              only: Optional[set] = None, only_methods: Optional[set] = None) -> dict:
+    """Run every job not yet done in ``out`` (of the tasks in ``only`` and the methods in
+    ``only_methods``, all when None) and
     return the final study.json content (status "finished" once every task is done, else
     "partial").
 
     ``study.json`` is rewritten after every finished run; ``on_update(summary)`` is called then
     (the CLI writes the plots and the table there at the end only)."""
-    study = Study(spec, out, only)
+    study = Study(spec, out, only, only_methods)
     done = study.load_done()
     if done:
         log(f"resume: {done} finished run(s) found in {out}")
@@ -391,7 +402,7 @@ def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
         study_jobs.write_json(path, study.summary(meta, status, t0))
         raise
     pool.shutdown()
-    study.only = None
+    study.only = study.only_methods = None
     summary = study.summary(meta, "finished" if study.pending_total() == 0 else "partial", t0)
     study_jobs.write_json(path, summary)
     return summary
