@@ -48,6 +48,18 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _subset(flag: str, value, names: list[str], what: str):
+    """The set of names a comma-separated flag picks among ``names`` (None when not given)."""
+    if value is None:
+        return None
+    picked = {x.strip() for x in value.split(",") if x.strip()}
+    unknown = sorted(picked - set(names))
+    if unknown or not picked:
+        raise UsageError(f"{flag}: {', '.join(unknown) or f'no {what} named'}: not a {what} of "
+                         f"the spec (its {what}s: {', '.join(names)})")
+    return picked
+
+
 def _env_threads():
     v = os.environ.get("OMP_NUM_THREADS", "")
     return int(v) if v.isdigit() and int(v) >= 1 else None
@@ -96,22 +108,9 @@ def run(args) -> int:
         if not gpus:
             raise UsageError("--device cuda: no CUDA GPU is visible")
     threads = args.threads or _env_threads() or max(1, (os.cpu_count() or 1) // args.jobs)
-    only = None
-    if args.tasks is not None:
-        names = [t["name"] for t in spec["tasks"]]
-        only = {x.strip() for x in args.tasks.split(",") if x.strip()}
-        unknown = sorted(only - set(names))
-        if unknown or not only:
-            raise UsageError(f"--tasks: {', '.join(unknown) or 'no task named'}: not a task of "
-                             f"the spec (its tasks: {', '.join(names)})")
-    only_methods = None
-    if args.methods is not None:
-        names = [m["name"] for m in spec["methods"]]
-        only_methods = {x.strip() for x in args.methods.split(",") if x.strip()}
-        unknown = sorted(only_methods - set(names))
-        if unknown or not only_methods:
-            raise UsageError(f"--methods: {', '.join(unknown) or 'no method named'}: not a method "
-                             f"of the spec (its methods: {', '.join(names)})")
+    only = _subset("--tasks", args.tasks, [t["name"] for t in spec["tasks"]], "task")
+    only_methods = _subset("--methods", args.methods, [m["name"] for m in spec["methods"]],
+                           "method")
     if args.report:
         if not os.path.isfile(os.path.join(args.out, "study.json")):
             raise UsageError(f"--report: {args.out!r} holds no study (no study.json)")
