@@ -339,19 +339,17 @@ def test_fsdp2_example_trains_checkpoints_and_exports(tmp_path):
     """The documented command: torchrun, 2 ranks, 14 steps, 6 switches; the checkpoint it saved
     from the sharded run loads into one process, and its adapter computes what that model
     computes."""
-    import subprocess
     import sys
 
     from peft import PeftModel
 
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2",
-                           "examples/fsdp2_train.py", "--steps", "14", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("replicas identical:") and "on 2 ranks" in last, proc.stdout[-2000:]
+    from example_launch import run_example
+
+    out = run_example(["torchrun", "--standalone", "--nproc_per_node", "2",
+                       "examples/fsdp2_train.py", "--steps", "14", "--out", str(tmp_path)],
+                      OMP_NUM_THREADS="1")
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("replicas identical:") and "on 2 ranks" in last, out[-2000:]
     assert "14 optimizer steps and 6 switches" in last
     manifest = srlora.read_manifest(tmp_path / "ckpt")
     assert manifest["step"] == 14 and manifest["num_switches"] == 6
