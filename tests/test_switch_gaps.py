@@ -32,6 +32,7 @@ def test_run_gaps_of_a_staircase_on_noise():
     assert got["jump"] == pytest.approx(c, abs=1e-12)
     assert got["last"] == pytest.approx(3 * c, abs=1e-12)
     assert got["after"] == pytest.approx((c + 2 * c + 3 * c) / 3, abs=1e-12)
+    assert got["intervals"] == pytest.approx([0.0, c, 2 * c, 3 * c], abs=1e-12)
     # a transient: each switch costs c for 5 steps only, so jump = c and last ~ 0
     spike = [c if any(s <= t < s + 5 for s in cuts) else 0.0 for t in range(T)]
     got = run_gaps([x + y for x, y in zip(b, spike)], b, cuts, window=5)
@@ -57,6 +58,16 @@ def test_pair_gaps_pairs_seeds_and_gives_t_intervals():
     assert got["before"]["mean"] == pytest.approx(0.0, abs=1e-12)
     # jump: the shift at step 20, none at 40 and 60
     assert got["jump"]["mean"] == pytest.approx(want["mean_diff"] / 3, abs=1e-12)
+    # by interval: nothing before step 20, the shift in each of the three after it
+    assert got["intervals"][0]["mean"] == pytest.approx(0.0, abs=1e-12)
+    for c in got["intervals"][1:]:
+        assert c["mean"] == pytest.approx(want["mean_diff"], abs=1e-12)
+        assert c["ci_high"] == pytest.approx(want["ci_high"], abs=1e-12)
+    from srlora.experiments.study_report import switch_gap_table
+    md = switch_gap_table({"switch_gaps": [dict(got, task="t", a="x", b="y", lr_a=1e-3,
+                                                lr_b=1e-3)]}, "t")
+    assert "| a | b | from 0 | from 20 | from 40 | from 60 |" in md
+    assert "| x | y | +0.000 [" in md.splitlines()[-1]
     no_switch = {s: {"train_loss": base[s], "switch_steps": []} for s in (0, 1, 2)}
     assert pair_gaps(no_switch, b) is None
 
@@ -72,6 +83,7 @@ def test_seeds_that_switched_at_different_steps_still_pair():
     b = {s: {"train_loss": [1.0] * T} for s in (0, 1)}
     got = pair_gaps(a, b)
     assert got["n"] == 2 and got["switch_steps"] is None and got["window"] is None
+    assert got["intervals"] is None  # no shared intervals to line up
     assert got["after"]["mean"] == pytest.approx(0.2, abs=1e-12)
     assert got["jump"]["mean"] == pytest.approx((0.1 / 2 + 0.3) / 2, abs=1e-12)
     md = switch_gap_table({"switch_gaps": [dict(got, task="t", a="x", b="y", lr_a=1e-3,

@@ -136,6 +136,17 @@ def switch_gap_table(summary: dict, task: str) -> str:
         lrs = f"{g['lr_a']:g}, {g['lr_b']:g}" + ("" if g["lr_a"] == g["lr_b"] else " (differ)")
         lines.append(f"| {g['a']} | {g['b']} | {lrs} | {g['n']} | " + " | ".join(
             cell(g[k]) for k in ("before", "after", "last", "jump")) + " |")
+    by = [g for g in rows if g.get("intervals")]
+    if by:  # which switch opens the gap: one column per interval between switches
+        steps = [0, *by[0]["switch_steps"]]
+        lines += ["", "The same gap interval by interval (an interval starts at the step named; "
+                  "mean [95% interval]):", "",
+                  "| a | b | " + " | ".join(f"from {s}" for s in steps) + " |",
+                  "|---|---|" + "---|" * len(steps)]
+        for g in by:
+            if [0, *g["switch_steps"]] == steps:
+                lines.append(f"| {g['a']} | {g['b']} | "
+                             + " | ".join(cell(c) for c in g["intervals"]) + " |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,9 @@ switch after step ``s`` first shows in ``train_loss[s]``). Cut at ``a``'s switch
 * ``after``: the mean of ``d`` over ``[s_1, T)``: what the switches cost, in all;
 * ``last``: the mean of ``d`` over ``[s_k, T)``, the last interval;
 * ``jump``: the mean over switches of ``mean(d[s, s+w)) - mean(d[s-w, s))``, the change of the
-  gap across a switch, ``w`` steps each side.
+  gap across a switch, ``w`` steps each side;
+* ``intervals``: the mean of ``d`` over each of ``[0, s_1), [s_1, s_2), ..., [s_k, T)``: which
+  switch opens the gap (given only when every seed switched at the same steps).
 
 Reading them: ``before`` near zero and ``after`` above it say the switches open the gap; ``k``
 switches that each cost ``jump`` for good would leave ``last`` near ``k * jump``; a ``last``
@@ -54,7 +56,11 @@ def run_gaps(loss_a: Sequence[float], loss_b: Sequence[float], cuts: Sequence[in
     out = {"before": segment_mean(d, 0, cuts[0]), "after": segment_mean(d, cuts[0], len(d)),
            "last": segment_mean(d, cuts[-1], len(d)),
            "jump": sum(jumps) / len(jumps) if jumps else None}
-    return None if any(v is None for v in out.values()) else out
+    if any(v is None for v in out.values()):
+        return None
+    bounds = [0, *cuts, len(d)]
+    out["intervals"] = [segment_mean(d, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return out
 
 
 def window_for(cuts: Sequence[int], steps: int) -> int:
@@ -87,7 +93,15 @@ def pair_gaps(recs_a: dict, recs_b: dict) -> Optional[dict]:
     out = {"n": len(per), "switch_steps": list(cuts) if same else None,
            "window": w if same else None}
     for k in KEYS:
-        v = [g[k] for g in per]
-        ci = paired_interval(v, [0.0] * len(v))
-        out[k] = {"mean": ci["mean_diff"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"]}
+        out[k] = _interval([g[k] for g in per])
+    # interval by interval, when the seeds share the schedule (and no interval is empty)
+    out["intervals"] = [_interval([g["intervals"][j] for g in per])
+                        for j in range(len(cuts) + 1)] \
+        if same and all(None not in g["intervals"] for g in per) else None
     return out
+
+
+def _interval(v: list[float]) -> dict:
+    """The mean of paired gaps ``v`` with its 95% t-interval."""
+    ci = paired_interval(v, [0.0] * len(v))
+    return {"mean": ci["mean_diff"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"]}
