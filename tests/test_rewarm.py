@@ -10,13 +10,27 @@ from conftest import TinyNet, rel
 LR, B1, B2, EPS = 1e-3, 0.9, 0.999, 1e-8
 
 
-def _wrap(policy, interval, switches=1, seed=0):
+class TinyConvNet(torch.nn.Module):
+    """TinyNet with 1x1 convolutions (as EfficientNet's): PEFT's conv factors are 4-D,
+    A ``r x n x 1 x 1`` and B ``m x r x 1 x 1``. Takes the same ``(batch, 32)`` inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.value = torch.nn.Conv2d(32, 24, 1), torch.nn.Conv2d(24, 32, 1)
+        self.head = torch.nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.value(torch.tanh(self.query(x[:, :, None, None])))
+        return self.head(h.flatten(1))
+
+
+def _wrap(policy, interval, switches=1, seed=0, net=TinyNet):
     torch.manual_seed(seed)
     cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=4 + 2 * switches, gamma=0.5,
                               target_modules=["query", "value"], switch_interval=interval,
                               total_steps=interval * (switches + 1), svd_method="exact",
                               optimizer_state=policy)
-    model, ctl = srlora.wrap(TinyNet(), cfg)
+    model, ctl = srlora.wrap(net(), cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
                             betas=(B1, B2), eps=EPS, weight_decay=0.0)
     return model, ctl, opt
@@ -96,16 +110,19 @@ def test_rewarm_changes_nothing_else(at_1000):
         assert not torch.equal(Lz.A()[slots], Lr.A()[slots])
 
 
-def test_each_update_is_adams_formula_counted_from_the_restart():
+@pytest.mark.parametrize("net", [TinyNet, TinyConvNet], ids=["linear", "conv1x1"])
+def test_each_update_is_adams_formula_counted_from_the_restart(net):
     """Steps 1..6 after a restart at Adam step 20: the restarted slots moved by Adam's update
-    with bias correction at tau, the others at t (the formula written out in float64)."""
-    model, ctl, opt = _wrap("rewarm", interval=20)
+    with bias correction at tau, the others at t (the formula written out in float64); for
+    linear layers and for 1x1 convolutions, whose factors are 4-D."""
+    model, ctl, opt = _wrap("rewarm", interval=20, net=net)
     ctl.attach(opt)
     gen = torch.Generator().manual_seed(3)
     _steps(model, ctl, opt, 20, gen)
     assert ctl.history[0]["optimizer_step"] == 20
     for tau in range(1, 7):
-        before = [(L.A().double(), L.B().double()) for L in ctl.layers]
+        before = [(L.lora_A.detach().double(), L.lora_B.detach().double())
+                  for L in ctl.layers]  # as stored: 4-D for a conv
         _steps(model, ctl, opt, 1, gen)
         for i, L in enumerate(ctl.layers):
             slots = ctl.history[0]["slots"][i]

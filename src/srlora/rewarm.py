@@ -97,7 +97,8 @@ def rewarm_(optimizer: torch.optim.Optimizer, layers: list[AdaptedLayer], t0: to
                 continue
             done[id(p)] = t
             tau = torch.where(t0[i] >= 0, float(t) - t0[i], float(t)).clamp_min(1.0)
-            shape = (-1, 1) if dim == 0 else (1, -1)
+            shape = [1] * p.dim()  # A: r x n (x 1 x 1 for a 1x1 conv); B: m x r (x 1 x 1)
+            shape[dim] = -1
             g, st = groups[id(p)], optimizer.state[p]
             b1, b2 = g["betas"]
             fix = slot_correction(st["exp_avg"], st["exp_avg_sq"], float(g["lr"]), float(b1),
