@@ -558,3 +558,21 @@ def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))
     assert main(["study", str(tmp_path / "t.yaml"), "--out", str(out), "--report"]) == 2
     assert "another spec" in capsys.readouterr().err
+
+    # pairs and margins say how runs are compared, not what they are: a changed set is taken,
+    # said, and written back to spec.json and study.json with the recomputed verdicts
+    raw["tasks"][0]["steps"] = 100
+    raw["pairs"], raw["margins"] = [["srlora", "lora"]], {"accuracy": 1.0}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["study", str(tmp_path / "p.yaml"), "--out", str(out), "--report"]) == 0
+    assert "pairs and margins changed" in capsys.readouterr().out
+    md = (out / "verdicts.md").read_text()
+    assert "| final_accuracy | srlora vs lora | 5 | 80.00 | 82.00 | -2.00 [-2.00, -2.00] | 1.00 | " \
+        "worse |" in md and "lora vs srlora" not in md
+    assert json.loads((out / "spec.json").read_text())["pairs"] == [["srlora", "lora"]]
+    saved = json.loads((out / "study.json").read_text())
+    assert {(v["a"], v["b"]) for v in saved["verdicts"]} == {("srlora", "lora")}
+    assert saved["status"] == "running" and saved["wall_time_s"] >= 60.0
+    # and the same spec again: nothing to say
+    assert main(["study", str(tmp_path / "p.yaml"), "--out", str(out), "--report"]) == 0
+    assert "changed" not in capsys.readouterr().out

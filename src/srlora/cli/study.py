@@ -75,11 +75,15 @@ def _check_out(out: str, spec: dict, resume: bool) -> None:
                              "it or choose another folder")
         with open(spec_path) as f:
             old = json.load(f)
-        d = study_spec.diff(old, spec)
+        d = study_spec.run_diff(old, spec)
         if d:
             more = f" and {len(d) - 5} more" if len(d) > 5 else ""
             raise UsageError(f"--resume: {out!r} was made with another spec; it differs at "
                              f"{', '.join(d[:5])}{more}")
+        changed = [k for k in study_spec.ANALYSIS_KEYS if old.get(k) != spec[k]]
+        if changed:  # how runs are compared, not what they are: recomputed from the run files
+            print(f"note: the spec's {' and '.join(changed)} changed since {out!r} was made; "
+                  "the verdicts use the new ones", flush=True)
     elif os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out!r}: not a folder")
     parent = os.path.dirname(os.path.abspath(out))
@@ -123,7 +127,10 @@ def run(args) -> int:
         st.load_done()
         summary = st.summary(saved.get("meta", {}), saved.get("status", "unknown"),
                              __import__("time").time() - saved.get("wall_time_s", 0.0))
-        return _write_report(summary, args.out)
+        rc = _write_report(summary, args.out)
+        study_jobs.write_json(os.path.join(args.out, "study.json"), summary)
+        study_jobs.write_json(os.path.join(args.out, "spec.json"), spec)  # its pairs/margins
+        return rc
     _check_out(args.out, spec, args.resume)
     for d in args.reuse:
         if not os.path.isfile(os.path.join(d, "spec.json")):

@@ -321,8 +321,20 @@ def load(path: str) -> dict:
     return parse(raw, os.path.dirname(os.path.abspath(path)))
 
 
+#: settings that only say how finished runs are compared: a study may change them on --resume
+#: or --report (its runs stay the ones it would make), and the verdicts are recomputed
+ANALYSIS_KEYS = ("pairs", "margins")
+
+
+def run_diff(old: dict, new: dict) -> list[str]:
+    """Key paths where two resolved specs differ in what a run is (for --resume's refusal):
+    every setting but :data:`ANALYSIS_KEYS`."""
+    strip = lambda d: {k: v for k, v in d.items() if k not in ANALYSIS_KEYS}  # noqa: E731
+    return diff(strip(old), strip(new))
+
+
 def diff(old, new, path: str = "spec") -> list[str]:
-    """Key paths where two resolved specs differ (for --resume's refusal)."""
+    """Key paths where two resolved specs differ."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
