@@ -31,6 +31,9 @@ def load_4bit(path, compute_dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant,
                                                 device_map=device, dtype=torch.float32)
+    # on a CPU with AVX512-BF16, bitsandbytes would repack the 4-bit weights in place at the
+    # first eval forward (logits() below); srlora reads the standard layout
+    srlora.keep_standard_4bit_layout(base)
     return base.eval()
 
 

@@ -57,9 +57,13 @@ def llama_dir(tmp_path_factory):
 def load(path, kind):
     import transformers
     transformers.logging.set_verbosity_error()  # the "Loading weights" bar
-    return LlamaForCausalLM.from_pretrained(
+    model = LlamaForCausalLM.from_pretrained(
         path, quantization_config=BitsAndBytesConfig(**KINDS[kind]), device_map="cpu",
         dtype=torch.float32).eval()
+    # the reference forwards below run before srlora.wrap: without this, bitsandbytes repacks
+    # the 4-bit weights in place on a CPU with AVX512-BF16 (and fails for these tiny layers)
+    srlora.keep_standard_4bit_layout(model)
+    return model
 
 
 def quantized_bytes(model) -> dict:
@@ -270,6 +274,46 @@ def test_unquantized_4bit_layer_is_refused():
     with pytest.raises(UnsupportedModuleError, match="not quantized yet"):  # quant_state yet
         srlora.wrap(net, config(target_modules=["0"]))
     assert not hasattr(net, "peft_config")
+
+
+def test_wrap_keeps_bitsandbytes_standard_4bit_layout(llama_dir):
+    """bitsandbytes 0.49+ repacks a Linear4bit weight in place at an eval-mode no-grad forward
+    on a CPU with AVX512-BF16 (block scales rounded to bf16, a layout srlora cannot read).
+    wrap turns that off for every 4-bit layer, targeted or not; keep_standard_4bit_layout is
+    what it calls."""
+    q = LlamaForCausalLM.from_pretrained(
+        llama_dir, quantization_config=BitsAndBytesConfig(**KINDS["nf4-dq"]), device_map="cpu",
+        dtype=torch.float32)
+    fours = [m for m in q.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(fours) == 14  # 7 projections x 2 layers; 3 of them per layer targeted below
+    for m in fours:
+        m.support_avx512bf16_for_cpu = True  # as on such a CPU, whatever this one has
+    model, _ = srlora.wrap(q, config())
+    assert all(m.support_avx512bf16_for_cpu is False for m in fours)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=IDS)
+    assert not any(srlora.layers.packed_for_cpu(m) for m in fours)
+    assert srlora.keep_standard_4bit_layout(nn.Sequential(nn.Linear(4, 4))) == 0
+
+
+def test_a_4bit_layer_repacked_for_the_cpu_is_refused_before_any_change(llama_dir):
+    """A layer that bitsandbytes has repacked already (flagged in its quant_state: the flag is
+    set by hand here, since only an AVX512-BF16 CPU repacks) is refused by wrap with the way
+    out, and by the dequantization that export and set-up use."""
+    from srlora.layers import dequantize_bnb
+
+    q = load(llama_dir, "nf4-dq")
+    before = quantized_bytes(q)
+    target = q.model.layers[1].self_attn.v_proj
+    target.weight.quant_state.packing_format_for_cpu = True
+    with pytest.raises(UnsupportedModuleError, match="v_proj.*repacked by bitsandbytes.*"
+                                                     "keep_standard_4bit_layout"):
+        srlora.wrap(q, config())
+    assert not hasattr(q, "peft_config")
+    assert_same_bytes(before, quantized_bytes(q))
+    with pytest.raises(UnsupportedModuleError, match="repacked by bitsandbytes"):
+        dequantize_bnb(target)
 
 
 class FakeTorchaoTensor(nn.Parameter):  # stands in for torchao's tensor subclasses (see below)

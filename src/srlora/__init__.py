@@ -4,6 +4,7 @@ from ._errors import (CheckpointMismatchError, SRLoRAError, SVDInputError,
 from .config import SRLoRAConfig
 from .controller import SRLoRAController
 from .wrap import wrap
+from .layers import keep_standard_4bit_layout
 from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from .export import ExportResult, export_adapter, save_merged
 from . import distributed
@@ -13,4 +14,4 @@ __version__ = "0.1.0"
 __all__ = ["SRLoRAConfig", "SRLoRAController", "wrap", "SRLoRAError", "SVDInputError",
            "UnsupportedModuleError", "UnsupportedEngineError", "CheckpointMismatchError",
            "__version__", "save_checkpoint", "load_checkpoint", "read_manifest", "export_adapter",
-           "save_merged", "ExportResult", "distributed"]
+           "save_merged", "ExportResult", "distributed", "keep_standard_4bit_layout"]

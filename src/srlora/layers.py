@@ -63,6 +63,28 @@ def other_quantizer(module: nn.Module) -> Optional[str]:
     return None
 
 
+def packed_for_cpu(module: nn.Module) -> bool:
+    """True when bitsandbytes has repacked this ``Linear4bit``'s weight into its CPU inference
+    layout (``quant_state.packing_format_for_cpu``): bitsandbytes 0.49+ does so in place at the
+    first forward in eval mode without gradients on a CPU with AVX512-BF16, rounding the
+    block scales to bf16. srlora reads and dequantizes the standard layout only."""
+    qs = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(qs, "packing_format_for_cpu", False))
+
+
+def keep_standard_4bit_layout(model: nn.Module) -> int:
+    """Turn off bitsandbytes' in-place CPU repack (:func:`packed_for_cpu`) for every
+    ``Linear4bit`` of ``model``; returns how many layers it set. ``srlora.wrap`` calls it; call it
+    yourself right after loading a 4-bit model on a CPU if you run the model in eval mode before
+    wrapping it. Layers keep computing the same function (bitsandbytes' generic CPU path)."""
+    n = 0
+    for m in model.modules():
+        if bnb_kind(m) == "4bit" and hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
 @torch.no_grad()
 def dequantize_bnb(module: nn.Module) -> torch.Tensor:
     """The ``m x n`` weight a bitsandbytes layer computes with, as a new tensor: 4-bit in the
@@ -72,9 +94,17 @@ def dequantize_bnb(module: nn.Module) -> torch.Tensor:
 
     w = module.weight
     if bnb_kind(module) == "4bit":
+        if packed_for_cpu(module):
+            raise UnsupportedModuleError(PACKED_MSG.format(what="a Linear4bit layer"))
         return bnb.functional.dequantize_4bit(w.data, w.quant_state)
     scb = module.state.SCB if module.state.SCB is not None else w.SCB
     return bnb.functional.int8_vectorwise_dequant(w.data, scb).float()
+
+
+PACKED_MSG = ("{what}: its weight was repacked by bitsandbytes into its CPU inference layout (a "
+              "forward in eval mode without gradients on a CPU with AVX512-BF16); srlora needs "
+              "the standard 4-bit layout: load the model again and call "
+              "srlora.keep_standard_4bit_layout(model) before running it, or wrap it first")
 
 
 def _check_bnb(name: str, module: nn.Module, kind: str, fusion: str) -> None:
@@ -85,6 +115,8 @@ def _check_bnb(name: str, module: nn.Module, kind: str, fusion: str) -> None:
             "weight. Use SRLoRAConfig(fusion='virtual') (the base stays quantized and "
             "untouched; they go into a frozen low-rank side path), or method='lora' for QLoRA")
     w = module.weight
+    if kind == "4bit" and packed_for_cpu(module):
+        raise UnsupportedModuleError(PACKED_MSG.format(what=f"target module {name!r}"))
     if kind == "4bit" and getattr(w, "quant_state", None) is None:
         raise UnsupportedModuleError(
             f"target module {name!r}: its Linear4bit weight is not quantized yet (bitsandbytes "

@@ -12,7 +12,7 @@ from .config import SRLoRAConfig
 from .controller import SRLoRAController, SVDFn
 from .distributed import default_svd_fn
 from .engines import check_engine_at_wrap
-from .layers import AdaptedLayer, check_supported
+from .layers import AdaptedLayer, check_supported, keep_standard_4bit_layout
 
 
 # SRLoRAConfig's own fields: setting them again in extra_lora_kwargs would disagree with it
@@ -182,4 +182,5 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
     except BaseException:
         snapshot.restore()
         raise
+    keep_standard_4bit_layout(peft_model)  # what srlora reads and exports stays readable
     return peft_model, controller
