@@ -65,9 +65,9 @@ def other_quantizer(module: nn.Module) -> Optional[str]:
 
 def packed_for_cpu(module: nn.Module) -> bool:
     """True when bitsandbytes has repacked this ``Linear4bit``'s weight into its CPU inference
-    layout (``quant_state.packing_format_for_cpu``): bitsandbytes 0.49+ does so in place at the
-    first forward in eval mode without gradients on a CPU with AVX512-BF16, rounding the
-    block scales to bf16. srlora reads and dequantizes the standard layout only."""
+    layout (``quant_state.packing_format_for_cpu``): bitsandbytes (0.50.2, pinned) does so in
+    place at the first forward in eval mode without gradients on a CPU with AVX512-BF16,
+    rounding the block scales to bf16. srlora reads and dequantizes the standard layout only."""
     qs = getattr(getattr(module, "weight", None), "quant_state", None)
     return bool(getattr(qs, "packing_format_for_cpu", False))
 

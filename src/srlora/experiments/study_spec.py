@@ -329,8 +329,11 @@ ANALYSIS_KEYS = ("pairs", "margins")
 def run_diff(old: dict, new: dict) -> list[str]:
     """Key paths where two resolved specs differ in what a run is (for --resume's refusal):
     every setting but :data:`ANALYSIS_KEYS`."""
-    strip = lambda d: {k: v for k, v in d.items() if k not in ANALYSIS_KEYS}  # noqa: E731
-    return diff(strip(old), strip(new))
+    return diff(_run_settings(old), _run_settings(new))
+
+
+def _run_settings(spec: dict) -> dict:
+    return {k: v for k, v in spec.items() if k not in ANALYSIS_KEYS}
 
 
 def diff(old, new, path: str = "spec") -> list[str]:
