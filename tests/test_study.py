@@ -398,6 +398,58 @@ def test_pairs_table_gives_each_pairs_loss_and_accuracy_verdicts_per_task():
     assert "Claims" not in md and "Pairs" in md
 
 
+@pytest.mark.parametrize("verdicts, expected", [
+    ([], "not run"),
+    (["better", "worse"], "worse"),
+    (["better", "inconclusive"], "better"),
+    (["equivalent", "equivalent"], "equivalent"),
+    (["equivalent", "inconclusive"], "inconclusive"),
+])
+def test_a_tasks_standing_from_its_loss_and_accuracy_verdicts(verdicts, expected):
+    from srlora.experiments.study_verdicts import standing
+    assert standing(verdicts) == expected
+
+
+def test_the_default_rule_reads_both_orders_of_a_pair_and_needs_every_task():
+    from srlora.experiments.study_report import format_markdown, rule_table
+    from srlora.experiments.study_verdicts import default_rule, rule_outcome
+
+    def v(task, metric, a, b, verdict, complete=True):
+        return {"task": task, "metric": metric, "a": a, "b": b, "verdict": verdict,
+                "complete": complete}
+
+    vs = [v("rt", "final_test_loss", "srlora-x", "srlora", "better"),
+          v("rt", "final_accuracy", "srlora", "srlora-x", "equivalent"),
+          v("rt", "val_loss", "srlora-x", "srlora", "worse"),          # not a rule metric
+          v("mnist", "final_test_loss", "srlora", "srlora-x", "better"),  # read: x worse
+          v("fm", "final_accuracy", "srlora-x", "srlora", "better", complete=False)]
+    r = default_rule(vs, ["rt", "mnist", "fm"], "srlora-x")
+    assert r["tasks"] == {"rt": "better", "mnist": "worse", "fm": "partial"}
+    assert r["outcome"] == "fails (worse)"
+    r2 = default_rule(vs[:2], ["rt", "mnist"], "srlora-x")
+    assert r2["tasks"] == {"rt": "better", "mnist": "not run"} and r2["outcome"] == "undecided"
+    assert default_rule(vs[:2], ["rt"], "srlora-x")["outcome"] == "passes"
+    assert rule_outcome(["equivalent", "equivalent"]) == "fails (no gain)"
+    assert rule_outcome(["better", "inconclusive"]) == "undecided"
+    # the report's table: variants of srlora paired with it, in spec order; controls left out
+    summary = {"spec": {"name": "v", "tasks": [{"name": "rt"}, {"name": "mnist"}],
+                        "margins": {"accuracy": 0.5, "loss_rel": 0.02},
+                        "pairs": [["srlora-x", "srlora"], ["srlora-x", "pissa"]],
+                        "methods": [{"name": "pissa", "method": "pissa", "config": {}},
+                                    {"name": "srlora", "method": "srlora", "config": {}},
+                                    {"name": "srlora-i40", "method": "srlora",
+                                     "config": {"switch_interval": 40}},
+                                    {"name": "srlora-x", "method": "srlora",
+                                     "config": {"optimizer_state": "rewarm"}}]},
+               "verdicts": vs + [v("rt", "final_accuracy", "srlora-x", "pissa", "worse")],
+               "status": "complete", "wall_time_s": 60.0, "claims": [],
+               "lr_selection": {"criterion": "c", "tasks": {}}}
+    assert rule_table(summary).splitlines()[2:] == [
+        "| srlora-x | better / worse | worse / not run | fails (worse) |"]
+    assert "Default rule" in format_markdown({**summary, "spec": {**summary["spec"],
+                                                                 "tasks": []}})
+
+
 def test_bad_flags_and_unloadable_data_exit_2_before_anything_is_written(tmp_path, capsys):
     good = tmp_path / "spec.yaml"
     good.write_text(yaml.safe_dump(base_spec()))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from .study_verdicts import default_rule, pair_standing
+
 SHORT = {"holds": "holds", "inconclusive": "inconclusive", "not run": "-"}
 
 
@@ -41,6 +43,27 @@ def pairs_table(summary: dict) -> str:
                      if m in got]
             cells.append(", ".join(parts) or "-")
         lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rule_variants(summary: dict) -> list[str]:
+    """The spec's SRLoRA variants paired with the paper's SRLoRA ("srlora"), in spec order."""
+    paired = {x for a, b in summary["spec"]["pairs"] for x in (a, b) if "srlora" in (a, b)}
+    return [m["name"] for m in summary["spec"]["methods"] if isinstance(m, dict)
+            and m.get("method") == "srlora" and m["name"] != "srlora" and m["name"] in paired]
+
+
+def rule_table(summary: dict) -> str:
+    """Each variant x task: its standing against the paper and against PiSSA on held-out loss and
+    accuracy together (study_verdicts.standing), and the default rule's outcome."""
+    tasks = [t["name"] for t in summary["spec"]["tasks"]]
+    lines = ["| variant | " + " | ".join(f"{t}: vs paper / vs pissa" for t in tasks)
+             + " | default rule |", "|---|" + "---|" * (len(tasks) + 1)]
+    for name in rule_variants(summary):
+        rule = default_rule(summary["verdicts"], tasks, name)
+        cells = [f"{rule['tasks'][t]} / {pair_standing(summary['verdicts'], t, name, 'pissa')}"
+                 for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rule['outcome']} |")
     return "\n".join(lines)
 
 
@@ -163,6 +186,11 @@ def format_markdown(summary: dict) -> str:
                 "", claims_table(summary), ""]
     out += ["Pairs (a - b on held-out test loss and on test accuracy; a 'worse' loss is a higher "
             "one):", "", pairs_table(summary), ""]
+    if rule_variants(summary):
+        out += ["Default rule (a variant replaces the paper's SRLoRA only if better than or "
+                "equivalent to it on every task, better on one; per task: worse if test loss or "
+                "accuracy is worse, better if one is better and none worse):", "",
+                rule_table(summary), ""]
     out += [f"Margins: {spec['margins']['accuracy']} accuracy points; "
             f"{100 * spec['margins']['loss_rel']:g}% of the mean loss. Accuracy in %. "
             f"lr choice: {summary['lr_selection']['criterion']}.", ""]
@@ -180,12 +208,15 @@ def format_markdown(summary: dict) -> str:
 
 
 def format_console(summary: dict) -> str:
-    """The claim x task table (the pair x task table for a study without LoRA) and a one-line
-    count of verdicts (the end of the CLI's output)."""
+    """The claim x task table (the pair x task table for a study without LoRA; then the default
+    rule's table when the spec has SRLoRA variants) and a one-line count of verdicts (the end of
+    the CLI's output)."""
     counts: dict = {}
     for v in summary["verdicts"]:
         counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
     names = [m["name"] if isinstance(m, dict) else m for m in summary["spec"]["methods"]]
     head = claims_table(summary) if "lora" in names else pairs_table(summary)
+    if rule_variants(summary):
+        head += "\n\n" + rule_table(summary)
     return "\n".join([head, "",
                       "verdicts: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))])

@@ -203,3 +203,66 @@ def claims(verdicts: list[dict], tasks: list[str], subject: str = "srlora") -> l
         out.append({**{k: c[k] for k in ("id", "claim", "metrics", "baselines", "expect")},
                     "subject": subject, "tasks": per_task})
     return out
+
+
+# The default rule (issue 14, docs/algorithm.md): a variant replaces the paper's SRLoRA as the
+# default only if, on every task of the study, it is better than or equivalent to the paper on
+# held-out loss and accuracy, and better on at least one task.
+RULE_METRICS = ("final_test_loss", "final_accuracy")
+_FLIP = {"better": "worse", "worse": "better"}
+
+
+def standing(task_verdicts: list[str]) -> str:
+    """One task's standing of a against b from its verdicts on RULE_METRICS: "worse" if any is
+    worse; "better" if one is better and none worse; "equivalent" if all are; otherwise
+    "inconclusive"; "not run" without verdicts."""
+    if not task_verdicts:
+        return "not run"
+    if "worse" in task_verdicts:
+        return "worse"
+    if "better" in task_verdicts:
+        return "better"
+    if all(v == "equivalent" for v in task_verdicts):
+        return "equivalent"
+    return "inconclusive"
+
+
+def pair_standing(verdicts: list[dict], task: str, a: str, b: str) -> str:
+    """``standing`` of a against b on one task from the complete verdicts of either order of the
+    pair (a reversed entry's verdict is flipped); "partial" while only incomplete ones exist."""
+    got, partial = [], False
+    for v in verdicts:
+        if v["task"] != task or v["metric"] not in RULE_METRICS:
+            continue
+        if (v["a"], v["b"]) == (a, b):
+            x = v["verdict"]
+        elif (v["a"], v["b"]) == (b, a):
+            x = _FLIP.get(v["verdict"], v["verdict"])
+        else:
+            continue
+        if v["complete"]:
+            got.append(x)
+        else:
+            partial = True
+    return standing(got) if got or not partial else "partial"
+
+
+def rule_outcome(standings: list[str]) -> str:
+    """passes: better or equivalent on every task and better on one; fails: worse on a task, or
+    equivalent everywhere (no gain); undecided: otherwise (an inconclusive or missing task)."""
+    if "worse" in standings:
+        return "fails (worse)"
+    if standings and all(s == "equivalent" for s in standings):
+        return "fails (no gain)"
+    if standings and all(s in ("better", "equivalent") for s in standings):
+        return "passes"
+    return "undecided"
+
+
+def default_rule(verdicts: list[dict], tasks: list[str], variant: str,
+                 reference: str = "srlora") -> dict:
+    """The variant's standing against the reference (the paper's SRLoRA) per task, and the
+    rule's outcome over all ``tasks``."""
+    per_task = {t: pair_standing(verdicts, t, variant, reference) for t in tasks}
+    return {"variant": variant, "reference": reference, "tasks": per_task,
+            "outcome": rule_outcome(list(per_task.values()))}
