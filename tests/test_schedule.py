@@ -17,7 +17,8 @@ from srlora.schedule import AdaptiveSchedule
 @pytest.mark.parametrize("field, value", [
     ("switch_schedule", "sometimes"), ("exhaustion", "wrap"), ("adaptive_window", 0),
     ("adaptive_window", 2.5), ("adaptive_settled", 0.0), ("adaptive_settled", 1.5),
-    ("adaptive_plateau", -0.1), ("adaptive_plateau", float("nan"))])
+    ("adaptive_plateau", -0.1), ("adaptive_plateau", float("nan")), ("switch_span", 0.0),
+    ("switch_span", 1.5), ("switch_span", float("nan")), ("switch_span", True)])
 def test_bad_fields_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=f"SRLoRAConfig.{field}"):
         srlora.SRLoRAConfig(**{field: value})
@@ -180,6 +181,54 @@ def test_fixed_schedule_records_its_reason_and_manual_switches_theirs():
     ctl.switch_now()
     assert [(e["step"], e["reason"]) for e in ctl.history] == [(2, "fixed"), (4, "fixed"),
                                                                (4, "manual")]
+
+
+def test_switch_span_puts_every_switch_in_the_first_part_of_the_run_and_keeps_the_output():
+    """switch_span=0.5: the N = 4 switches at k * floor(0.5 * 40 / 4) = 5, 10, 15, 20 (the
+    paper's spread: 8, 16, 24, 32), each leaving the output unchanged (fp32, 1e-5), and none
+    after; refused with switch_interval, with the adaptive schedule and without total_steps."""
+    from srlora.factors import switch_steps
+    assert switch_steps(40, 4, None) == [8, 16, 24, 32]
+    assert switch_steps(40, 4, None, span=0.5) == [5, 10, 15, 20]
+    assert switch_steps(300, 6, None, span=0.7) == [35, 70, 105, 140, 175, 210]
+    assert switch_steps(40, 4, None, span=1.0) == [10, 20, 30, 40]
+    with pytest.raises(ValueError, match="too short for 4 switches"):
+        switch_steps(6, 4, None, span=0.5)
+    for kw in (dict(switch_interval=3), dict(switch_schedule="adaptive", total_steps=40)):
+        with pytest.raises(ValueError, match="SRLoRAConfig.switch_span"):
+            srlora.SRLoRAConfig(switch_span=0.5, **kw)
+    torch.manual_seed(0)
+    model, ctl = srlora.wrap(TinyNet(), srlora.SRLoRAConfig(
+        r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], svd_method="exact",
+        switch_span=0.5))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(ValueError, match="switch_span needs total_steps"):
+        ctl.attach(opt)
+    ctl.set_total_steps(40)
+    ctl.attach(opt)
+    assert ctl.switch_steps == [5, 10, 15, 20]
+    probe = torch.randn(16, 32, generator=torch.Generator().manual_seed(7))
+    real_switch, outputs = ctl.switch_now, []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def switch(*a, **kw):
+        with torch.no_grad():
+            y0, p0 = model(probe).clone(), [p.clone() for p in trainable]
+            n = real_switch(*a, **kw)
+            changed = sum(int(not torch.equal(p, q)) for p, q in zip(trainable, p0))
+            outputs.append((y0, model(probe).clone(), changed))
+        return n
+    ctl.switch_now = switch
+    g = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        model(torch.randn(8, 32, generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert [(e["step"], e["reason"]) for e in ctl.history] == [(t, "fixed")
+                                                               for t in (5, 10, 15, 20)]
+    assert len(outputs) == 4
+    for y0, y1, changed in outputs:
+        assert changed > 0 and rel(y1, y0) <= 1e-5  # the factors moved, the output did not
 
 
 # ---------------------------------------------------------------------- resume

@@ -65,6 +65,11 @@ class SRLoRAConfig:
         output by a forward hook: ``(2p - r)(m + n)`` more multiply-adds per token per module, a
         switch rewrites only those factors. ``half_fusion`` does not apply (no rounding of W).
         srlora and pissa only.
+      switch_span: the fraction of the run in which the fixed schedule's N switches are made:
+        at ``k * floor(switch_span * total_steps / N)``, k = 1..N, the last at about
+        ``switch_span * total_steps``, the rest of the run training without switches (None: the
+        paper's spread above, the last at ``N/(N+1)`` of the run). Not with ``switch_interval``
+        or the adaptive schedule; needs ``total_steps`` (docs/algorithm.md section 4).
       switch_schedule: when switches fire (docs/algorithm.md section 4). "fixed" (the paper):
         at the steps above. "adaptive": the same budget of switches (as many as "fixed" plans),
         each fired once at least half the fixed interval has passed and either the pairs'
@@ -99,6 +104,7 @@ class SRLoRAConfig:
     beta2: float = 0.85
     total_steps: Optional[int] = None
     switch_interval: Optional[int] = None
+    switch_span: Optional[float] = None
     target_modules: Optional[Union[list[str], str]] = None
     modules_to_save: Optional[list[str]] = None
     lora_dropout: float = 0.0
@@ -194,6 +200,8 @@ class SRLoRAConfig:
                                      f"got {type(self.extra_lora_kwargs).__name__}")
         integer("total_steps", 1, optional=True)
         integer("switch_interval", 1, optional=True)
+        if self.switch_span is not None:
+            number("switch_span", 0.0, 1.0, True, False)
         if self.method != "srlora":
             return  # the baselines never switch: the fields below do not apply
         number("gamma", 0.0, 1.0, True, False)
@@ -201,6 +209,12 @@ class SRLoRAConfig:
             bad("gamma", f"round(gamma * r) = round({self.gamma} * {self.r}) = 0 pairs per switch; "
                          "raise gamma or r")
         integer("r_target", self.r)
+        if self.switch_span is not None and self.switch_interval is not None:
+            bad("switch_span", "sets the interval from the run's length; give it or "
+                               "switch_interval, not both")
+        if self.switch_span is not None and self.switch_schedule == "adaptive":
+            bad("switch_span", "shapes the fixed schedule; the adaptive schedule times its own "
+                               "switches (use switch_schedule='fixed')")
         if self.insertion == "gradient" and self.switch_schedule == "adaptive":
             bad("insertion", "'gradient' needs the fixed schedule (it records the weight "
                              "gradient during the step before a switch, known only ahead of a "

@@ -147,15 +147,26 @@ def _join_bf16(hi: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return x.add_(q, alpha=256).add_(128).view(torch.float32)
 
 
-def switch_steps(total_steps: int | None, num_switches: int, interval: int | None) -> list[int]:
+def switch_steps(total_steps: int | None, num_switches: int, interval: int | None,
+                 span: float | None = None) -> list[int]:
     """Optimizer steps (1-based counts) after which a switch happens.
 
     Default: ``k * (total_steps // (num_switches + 1))`` for k = 1..num_switches, so the last
     switch is not wasted on the final step. With an explicit ``interval``: ``k * interval``, kept
-    within total_steps when that is known.
+    within total_steps when that is known. With ``span`` (0 < span <= 1): ``k * floor(span *
+    total_steps / num_switches)``, so every switch lands at or before ``span * total_steps``.
     """
     if num_switches <= 0:
         return []
+    if span is not None:
+        if total_steps is None:
+            raise ValueError("SRLoRAConfig.switch_span needs total_steps (the span is a fraction "
+                             "of the run)")
+        interval = math.floor(span * total_steps / num_switches + 1e-9)  # 0.7*300/6 is 35
+        if interval < 1:
+            raise ValueError(f"SRLoRAConfig.switch_span = {span} of total_steps = {total_steps} "
+                             f"is too short for {num_switches} switches; raise switch_span or "
+                             "total_steps, or lower r_target")
     if interval is None:
         if total_steps is None:
             raise ValueError("SRLoRAConfig.total_steps (or switch_interval) must be set to "

@@ -1,6 +1,7 @@
 """When switches fire: ``SRLoRAConfig.switch_schedule`` "fixed" (the paper) or "adaptive".
 
-Fixed: ``k * floor(total_steps / (N + 1))`` for k = 1..N, or ``k * switch_interval``
+Fixed: ``k * floor(total_steps / (N + 1))`` for k = 1..N, ``k * floor(switch_span * total_steps /
+N)``, or ``k * switch_interval``
 (:func:`srlora.factors.switch_steps`); with ``exhaustion="refresh"`` and ``switch_interval`` the
 interval continues to the end of training (every ``k * switch_interval < total_steps``).
 
@@ -49,7 +50,8 @@ def fixed_steps(config: "SRLoRAConfig", total_steps: Optional[int]) -> list[int]
                              "to the end of the run: set total_steps (the Trainer callback sets "
                              "it from max_steps)")
         return list(range(config.switch_interval, total_steps, config.switch_interval))
-    return switch_steps(total_steps, config.num_switches, config.switch_interval)
+    return switch_steps(total_steps, config.num_switches, config.switch_interval,
+                        config.switch_span)
 
 
 def check_adaptive(config: "SRLoRAConfig", total_steps: Optional[int]) -> list[int]:
