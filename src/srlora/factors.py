@@ -162,7 +162,8 @@ def switch_steps(total_steps: int | None, num_switches: int, interval: int | Non
         if total_steps is None:
             raise ValueError("SRLoRAConfig.switch_span needs total_steps (the span is a fraction "
                              "of the run)")
-        interval = math.floor(span * total_steps / num_switches + 1e-9)  # 0.7*300/6 is 35
+        # + 1e-9: a product that is an integer on paper (0.7 * 300 / 6 = 35) may round below it
+        interval = math.floor(span * total_steps / num_switches + 1e-9)
         if interval < 1:
             raise ValueError(f"SRLoRAConfig.switch_span = {span} of total_steps = {total_steps} "
                              f"is too short for {num_switches} switches; raise switch_span or "

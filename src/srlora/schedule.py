@@ -1,9 +1,9 @@
 """When switches fire: ``SRLoRAConfig.switch_schedule`` "fixed" (the paper) or "adaptive".
 
-Fixed: ``k * floor(total_steps / (N + 1))`` for k = 1..N, ``k * floor(switch_span * total_steps /
-N)``, or ``k * switch_interval``
-(:func:`srlora.factors.switch_steps`); with ``exhaustion="refresh"`` and ``switch_interval`` the
-interval continues to the end of training (every ``k * switch_interval < total_steps``).
+Fixed: ``k * floor(total_steps / (N + 1))`` for k = 1..N, or ``k * floor(switch_span *
+total_steps / N)``, or ``k * switch_interval`` (:func:`srlora.factors.switch_steps`); with
+``exhaustion="refresh"`` and ``switch_interval`` the interval continues to the end of training
+(every ``k * switch_interval < total_steps``).
 
 Adaptive (:class:`AdaptiveSchedule`): the same budget (as many switches as the fixed schedule
 plans) and the same ``total_steps``; with ``I`` the fixed interval, a switch fires at step t when
