@@ -117,6 +117,24 @@ def reference(keys, losses, cfg, total, switchable):
     return out
 
 
+def record_switches(model, ctl) -> list:
+    """Wrap ``ctl.switch_now``: each switch appends (output before, output after, how many
+    trainable tensors it changed) on a fixed probe batch."""
+    probe = torch.randn(16, 32, generator=torch.Generator().manual_seed(7))
+    real_switch, outputs = ctl.switch_now, []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def switch(*a, **kw):
+        with torch.no_grad():
+            y0, p0 = model(probe).clone(), [p.clone() for p in trainable]
+            n = real_switch(*a, **kw)
+            changed = sum(int(not torch.equal(p, q)) for p, q in zip(trainable, p0))
+            outputs.append((y0, model(probe).clone(), changed))
+        return n
+    ctl.switch_now = switch
+    return outputs
+
+
 def adaptive_run(r, settled, plateau, lr):
     """A real adaptive run checked against the reference; returns the reasons it fired."""
     total = 60
@@ -128,22 +146,15 @@ def adaptive_run(r, settled, plateau, lr):
     model, ctl = srlora.wrap(TinyNet(), cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     ctl.attach(opt)
-    keys, losses, outputs = [], [], []
-    real_decide, real_switch = ctl.schedule.decide, ctl.switch_now
-    probe = torch.randn(16, 32, generator=torch.Generator().manual_seed(7))
+    keys, losses = [], []
+    real_decide = ctl.schedule.decide
+    outputs = record_switches(model, ctl)
 
     def decide(c, updated):
         assert updated
         keys.append([ctl.pair_scores(i).clone() for i in range(len(ctl.layers))])
         return real_decide(c, updated)
-
-    def switch(*a, **kw):
-        with torch.no_grad():
-            y0 = model(probe).clone()
-            n = real_switch(*a, **kw)
-            outputs.append((y0, model(probe).clone()))
-        return n
-    ctl.schedule.decide, ctl.switch_now = decide, switch
+    ctl.schedule.decide = decide
     g = torch.Generator().manual_seed(1)
     for _ in range(total):
         loss = model(torch.randn(8, 32, generator=g)).pow(2).mean()
@@ -155,7 +166,7 @@ def adaptive_run(r, settled, plateau, lr):
     fired = [(e["step"], e["reason"]) for e in ctl.history]
     assert fired == reference(keys, losses, cfg, total, [True, True])
     assert 1 <= len(fired) <= cfg.num_switches
-    for y0, y1 in outputs:
+    for y0, y1, _ in outputs:
         assert rel(y1, y0) <= 1e-5
     return {r for _, r in fired}
 
@@ -207,18 +218,7 @@ def test_switch_span_puts_every_switch_in_the_first_part_of_the_run_and_keeps_th
     ctl.set_total_steps(40)
     ctl.attach(opt)
     assert ctl.switch_steps == [5, 10, 15, 20]
-    probe = torch.randn(16, 32, generator=torch.Generator().manual_seed(7))
-    real_switch, outputs = ctl.switch_now, []
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def switch(*a, **kw):
-        with torch.no_grad():
-            y0, p0 = model(probe).clone(), [p.clone() for p in trainable]
-            n = real_switch(*a, **kw)
-            changed = sum(int(not torch.equal(p, q)) for p, q in zip(trainable, p0))
-            outputs.append((y0, model(probe).clone(), changed))
-        return n
-    ctl.switch_now = switch
+    outputs = record_switches(model, ctl)
     g = torch.Generator().manual_seed(1)
     for _ in range(40):
         model(torch.randn(8, 32, generator=g)).pow(2).mean().backward()

@@ -28,6 +28,7 @@ METRICS = {
     "early_test_loss": (False, "loss"),
 }
 SEEDS_CAP = 100_000
+_FLIP = {"better": "worse", "worse": "better"}  # a verdict read from the other side of its pair
 
 
 def train_auc(losses: list[float], frac: float = EARLY_FRAC) -> Optional[float]:
@@ -182,7 +183,6 @@ def claim_outcome(expect: str, verdicts: list[str]) -> str:
 def claims(verdicts: list[dict], tasks: list[str], subject: str = "srlora") -> list[dict]:
     """Each claim with, per task it covers, the outcome and the verdicts behind it (subject vs
     each baseline, in either order of the pair: a reversed entry's verdict is flipped)."""
-    flip = {"better": "worse", "worse": "better"}
     out = []
     for c in CLAIMS:
         per_task = {}
@@ -196,7 +196,7 @@ def claims(verdicts: list[dict], tasks: list[str], subject: str = "srlora") -> l
                 if v["a"] == subject and v["b"] in c["baselines"]:
                     used.append((v["metric"], v["b"], v["verdict"]))
                 elif v["b"] == subject and v["a"] in c["baselines"]:
-                    used.append((v["metric"], v["a"], flip.get(v["verdict"], v["verdict"])))
+                    used.append((v["metric"], v["a"], _FLIP.get(v["verdict"], v["verdict"])))
             per_task[task] = {"outcome": claim_outcome(c["expect"], [u[2] for u in used]),
                               "verdicts": [{"metric": m, "against": b, "verdict": x}
                                            for m, b, x in used]}
@@ -209,7 +209,6 @@ def claims(verdicts: list[dict], tasks: list[str], subject: str = "srlora") -> l
 # default only if, on every task of the study, it is better than or equivalent to the paper on
 # held-out loss and accuracy, and better on at least one task.
 RULE_METRICS = ("final_test_loss", "final_accuracy")
-_FLIP = {"better": "worse", "worse": "better"}
 
 
 def standing(task_verdicts: list[str]) -> str:
