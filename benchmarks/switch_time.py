@@ -100,7 +100,7 @@ def build(pkg, fusion="weight"):
         def loss(m):
             return m(input_ids=ids, labels=ids).loss
     else:
-        from srlora.bench.shapes import SHAPES, build_base_model, loss_of, make_batch
+        from srlora_lab.bench.shapes import SHAPES, build_base_model, loss_of, make_batch
 
         shape = SHAPES["many-small"]
         model = build_base_model(shape, dev).to(dtype)

@@ -12,7 +12,7 @@ below both. With ``k <= r`` every method can reach zero.
 
 Protocol (the study's, in miniature): each method's lr is chosen on the selection seeds by the
 final population loss (mean over seeds), then the final seeds run at it; paired differences with
-95% t-intervals (``srlora.experiments.stats.paired_interval``). One thread; 316 s for
+95% t-intervals (``srlora_lab.experiments.stats.paired_interval``). One thread; 316 s for
 ``--ranks 4,16,32`` on this project's CPU, beside two study jobs.
 
     python studies/high_rank_target.py --ranks 4,16,32       # the table in docs/study.md
@@ -29,7 +29,7 @@ from collections import OrderedDict
 import torch
 
 import srlora
-from srlora.experiments.stats import paired_interval
+from srlora_lab.experiments.stats import paired_interval
 
 METHODS = {  # name -> SRLoRAConfig fields
     "lora": {"method": "lora"},

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from srlora.experiments import models, runner, tasks
+from srlora_lab.experiments import models, runner, tasks
 
 TASKS = [("rt-polarity", 40), ("bbc-news", 64), ("fashion-mnist", 64), ("mnist", 64)]
 

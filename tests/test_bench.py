@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from srlora import SRLoRAConfig, bench
-from srlora.cli import main
+from srlora import SRLoRAConfig
+from srlora_lab import bench
+from srlora_lab.cli import main
 
 
 @pytest.fixture
@@ -161,7 +162,7 @@ def test_svd_accuracy_on_pretrained_minilm():
 
 def test_bench_fusion_virtual_tiny(tmp_path, capsys, one_thread, monkeypatch):
     """--fusion virtual reaches the SRLoRA model that is timed."""
-    import srlora.bench.run as run_mod
+    import srlora_lab.bench.run as run_mod
 
     seen, real = [], run_mod.wrap
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from srlora.cli import main
-from srlora.experiments import diagnostics_plots, runner, tasks
-from srlora.experiments.models import LM_TARGETS, Bundle, LMEncoded, ModelError, load_model
+from srlora_lab.cli import main
+from srlora_lab.experiments import diagnostics_plots, runner, tasks
+from srlora_lab.experiments.models import LM_TARGETS, Bundle, LMEncoded, ModelError, load_model
 
 WORDS = ["the", "bank", "rate", "rose", "fell", "minister", "said", "club", "won", "match", "film",
          "music", "shares", "game", "new", "year", "labour", "government", "market", "players"]

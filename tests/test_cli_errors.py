@@ -7,7 +7,7 @@ import pytest
 import yaml
 from test_compare_cli import synthetic_csv, tiny_model
 
-from srlora.cli import main
+from srlora_lab.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_export_corrupt_checkpoint(trained, tmp_path, capsys):
 
 def test_a_bug_keeps_its_traceback(assets, tmp_path, monkeypatch):
     """Only known input errors become exit 2; anything else propagates."""
-    import srlora.cli.compare as cc
+    import srlora_lab.cli.compare as cc
 
     def boom(cfg):
         raise RuntimeError("a bug")

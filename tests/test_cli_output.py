@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from test_compare_cli import synthetic_csv, tiny_model
 
-from srlora.experiments import report
-from srlora.experiments.stats import t_quantile
+from srlora_lab.experiments import report
+from srlora_lab.experiments.stats import t_quantile
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_missing_weights_outside_the_head_are_still_reported(headless, tmp_path,
 
     from safetensors.torch import load_file, save_file
 
-    from srlora.experiments.models import load_model
+    from srlora_lab.experiments.models import load_model
 
     broken = tmp_path / "broken"
     shutil.copytree(headless["model"], broken)
@@ -130,7 +130,7 @@ def test_table_shows_wall_median_range_and_paired_block():
 
 
 def test_plots_explain_the_band_and_mark_switches():
-    from srlora.experiments import plots
+    from srlora_lab.experiments import plots
 
     res = _results()
     for fig in (plots.loss_figure(res), plots.accuracy_figure(res)):
@@ -142,7 +142,7 @@ def test_plots_explain_the_band_and_mark_switches():
 
 
 def test_default_eval_interval_gives_ten_points():
-    from srlora.experiments.tasks import CUSTOM_DEFAULTS, TASKS
+    from srlora_lab.experiments.tasks import CUSTOM_DEFAULTS, TASKS
 
     # the classification tasks; bbc-lm (SmolLM2, one eval of its 16 blocks costs about two
     # training steps on this CPU) keeps two points per run (docs/compare.md)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from srlora.cli import main
+from srlora_lab.cli import main
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 ENV = dict(os.environ, PYTHONPATH=SRC, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -104,7 +104,7 @@ def test_compare_end_to_end(assets_dir, tmp_path):
     assert "paired difference against lora" in proc.stdout
     paired = res["paired_vs_lora"]
     assert paired["seeds"] == [0, 1] and set(paired["methods"]) == {"pissa", "srlora"}
-    from srlora.experiments.stats import paired_interval
+    from srlora_lab.experiments.stats import paired_interval
     lora = {r["seed"]: r for r in res["runs"] if r["method"] == "lora"
             and r["lr"] == res["best_lr"]["lora"]}
     sr = {r["seed"]: r for r in res["runs"] if r["method"] == "srlora"}
@@ -165,9 +165,9 @@ def test_unwritable_out_exits_2(assets_dir, tmp_path, capsys):
 
 def test_interrupt_keeps_finished_runs(assets_dir, tmp_path):
     """Ctrl-C during the third run: results.json holds the two finished runs."""
-    from srlora.cli.compare import build_config, prepare
-    from srlora.cli import build_parser
-    from srlora.experiments.compare import run_compare
+    from srlora_lab.cli.compare import build_config, prepare
+    from srlora_lab.cli import build_parser
+    from srlora_lab.experiments.compare import run_compare
 
     args = build_parser().parse_args(_args(assets_dir, tmp_path / "o", "--methods",
                                            "lora,srlora", "--lr", "1e-2"))
@@ -193,9 +193,9 @@ def test_run_one_is_seeded_whatever_the_global_rng(assets_dir):
     global torch RNG was consumed in between; another seed gives other losses."""
     import torch
 
-    from srlora.cli import build_parser
-    from srlora.cli.compare import build_config, prepare
-    from srlora.experiments.runner import run_one
+    from srlora_lab.cli import build_parser
+    from srlora_lab.cli.compare import build_config, prepare
+    from srlora_lab.experiments.runner import run_one
 
     cfg = build_config(build_parser().parse_args(_args(assets_dir, "unused", "--lr", "1e-2")))
     bundle, enc, sp, _ = prepare(cfg)
@@ -212,9 +212,9 @@ def test_run_one_is_seeded_whatever_the_global_rng(assets_dir):
 def test_task_defaults_resolve_and_are_listed_in_help():
     """Every built-in task's defaults resolve (its lr string gives one lr per method, also with a
     partial --lr override) and `srlora compare --help` prints them."""
-    from srlora.cli import build_parser
-    from srlora.cli.compare import METHODS, _task_help, build_config, parse_lrs
-    from srlora.experiments.tasks import TASKS
+    from srlora_lab.cli import build_parser
+    from srlora_lab.cli.compare import METHODS, _task_help, build_config, parse_lrs
+    from srlora_lab.experiments.tasks import TASKS
 
     help_text = _task_help()
     for name, t in TASKS.items():

@@ -12,7 +12,7 @@ import torch
 
 import srlora
 from srlora.importance import ImportanceTracker
-from srlora.precision import measure_fusion_error
+from srlora_lab.precision import measure_fusion_error
 from srlora.svd import subspace_error, top_singular_directions_many
 
 from conftest import TinyNet, rel

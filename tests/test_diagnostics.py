@@ -1,4 +1,4 @@
-"""Mechanism diagnostics (srlora.experiments.diagnostics) on hand-made histories, random factors
+"""Mechanism diagnostics (srlora_lab.experiments.diagnostics) on hand-made histories, random factors
 and a tiny model trained with a known switch schedule."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import srlora
-from srlora.experiments import diagnostics as dg
+from srlora_lab.experiments import diagnostics as dg
 
 from conftest import TinyNet
 

@@ -8,7 +8,7 @@ import torch
 from conftest import rel, tiny_bert
 
 import srlora
-from srlora.reference import reference_switch
+from srlora_lab.reference import reference_switch
 from srlora.switch import switch_groups
 
 

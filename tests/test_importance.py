@@ -6,7 +6,7 @@ import torch
 from conftest import TinyNet, rel
 
 import srlora
-from srlora.reference import (reference_importance_step, reference_pair_scores,
+from srlora_lab.reference import (reference_importance_step, reference_pair_scores,
                               reference_switch, reference_top_svd)
 
 

@@ -6,7 +6,7 @@ import torch
 from conftest import TinyNet, rel, tiny_bert, train_steps
 
 import srlora
-from srlora.reference import reference_top_svd
+from srlora_lab.reference import reference_top_svd
 
 
 def cfg(**kw):

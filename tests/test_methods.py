@@ -1,8 +1,8 @@
 """Method texts (srlora compare --methods, study specs): experiments/methods.py."""
 import pytest
 
-from srlora.experiments import methods
-from srlora.experiments.methods import MethodError, parse_method
+from srlora_lab.experiments import methods
+from srlora_lab.experiments.methods import MethodError, parse_method
 
 
 @pytest.mark.parametrize("text, base, config", [

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from srlora.precision import measure_fusion_error
+from srlora_lab.precision import measure_fusion_error
 
 
 @pytest.mark.parametrize("fusion", ["residual", "original"])

@@ -314,7 +314,7 @@ def test_trainer_feeds_the_logged_loss_and_resumes_the_schedule_exactly(tmp_path
 def test_study_spec_takes_the_variants_and_refuses_bad_values_by_key():
     from test_study import base_spec
 
-    from srlora.experiments import study_spec
+    from srlora_lab.experiments import study_spec
     spec = study_spec.parse(base_spec(methods=[
         "srlora", {"name": "srlora-adaptive", "method": "srlora", "switch_schedule": "adaptive",
                    "adaptive_window": 5},
@@ -336,7 +336,7 @@ def _compare_assets(tmp_path):
 def test_compare_refuses_bad_variant_fields_with_exit_2(tmp_path, capsys):
     from test_compare_cli import _args
 
-    from srlora.cli import main
+    from srlora_lab.cli import main
     a = {"model": str(tmp_path / "no-model-needed"), "csv": str(tmp_path / "no-data-needed.csv")}
     for bad, msg in [("srlora:switch_schedule=often", "SRLoRAConfig.switch_schedule"),
                      ("srlora:adaptive_window=0", "SRLoRAConfig.adaptive_window"),
@@ -353,7 +353,7 @@ def test_compare_runs_the_variants_and_records_why_each_switch_fired(tmp_path):
 
     from test_compare_cli import _args
 
-    from srlora.cli import main
+    from srlora_lab.cli import main
     out = tmp_path / "out"
     args = _args(_compare_assets(tmp_path), out, "--seeds", "0", "--r-target", "8", "--methods",
                  "srlora:adaptive:refresh:switch_interval=2:adaptive_window=2")

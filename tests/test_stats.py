@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from srlora.experiments.stats import betainc, paired_interval, t_cdf, t_quantile
+from srlora_lab.experiments.stats import betainc, paired_interval, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize("df,q975", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776),

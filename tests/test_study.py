@@ -12,9 +12,9 @@ import time
 import pytest
 import yaml
 
-from srlora.cli import main
-from srlora.experiments import study_spec
-from srlora.experiments.study_verdicts import (claim_outcome, compare, seeds_needed, train_auc,
+from srlora_lab.cli import main
+from srlora_lab.experiments import study_spec
+from srlora_lab.experiments.study_verdicts import (claim_outcome, compare, seeds_needed, train_auc,
                                                early_point, verdict)
 from test_compare_cli import ENV, synthetic_csv, tiny_model
 
@@ -253,7 +253,7 @@ def test_a_method_may_set_the_rank_the_task_sets_too(tiny_spec):
     """A method's own r (or any field the task also sets) overrides the task's in the up-front
     adapter check, as in the runs (it raised 'multiple values for keyword argument' before);
     a rank the task cannot take (above its r_target, 12) still fails there, naming the method."""
-    from srlora.experiments import study_jobs
+    from srlora_lab.experiments import study_jobs
 
     raw = yaml.safe_load(tiny_spec.read_text())
     raw["tasks"][0].update(dataset=str(tiny_spec.parent / "d.csv"),
@@ -350,7 +350,7 @@ def test_the_shipped_specs_and_the_docs_example_parse(tmp_path):
 
 
 def test_claims_read_each_pair_from_srloras_side():
-    from srlora.experiments.study_verdicts import claims
+    from srlora_lab.experiments.study_verdicts import claims
 
     def v(task, metric, a, b, verdict):
         return {"task": task, "metric": metric, "a": a, "b": b, "verdict": verdict}
@@ -371,7 +371,7 @@ def test_claims_read_each_pair_from_srloras_side():
 
 
 def test_pairs_table_gives_each_pairs_loss_and_accuracy_verdicts_per_task():
-    from srlora.experiments.study_report import format_markdown, pairs_table
+    from srlora_lab.experiments.study_report import format_markdown, pairs_table
 
     def v(task, metric, a, b, verdict, complete=True):
         return {"task": task, "metric": metric, "a": a, "b": b, "verdict": verdict,
@@ -406,13 +406,13 @@ def test_pairs_table_gives_each_pairs_loss_and_accuracy_verdicts_per_task():
     (["equivalent", "inconclusive"], "inconclusive"),
 ])
 def test_a_tasks_standing_from_its_loss_and_accuracy_verdicts(verdicts, expected):
-    from srlora.experiments.study_verdicts import standing
+    from srlora_lab.experiments.study_verdicts import standing
     assert standing(verdicts) == expected
 
 
 def test_the_default_rule_reads_both_orders_of_a_pair_and_needs_every_task():
-    from srlora.experiments.study_report import format_markdown, rule_table
-    from srlora.experiments.study_verdicts import default_rule, rule_outcome
+    from srlora_lab.experiments.study_report import format_markdown, rule_table
+    from srlora_lab.experiments.study_verdicts import default_rule, rule_outcome
 
     def v(task, metric, a, b, verdict, complete=True):
         return {"task": task, "metric": metric, "a": a, "b": b, "verdict": verdict,
@@ -475,7 +475,7 @@ def test_bad_flags_and_unloadable_data_exit_2_before_anything_is_written(tmp_pat
 def test_methods_subset_plans_only_those_methods(tmp_path):
     """--methods: ready() and pending_total() hold only the named methods' runs, in the same
     order as the whole study's; every method still counts in the verdicts."""
-    from srlora.experiments.study import Study
+    from srlora_lab.experiments.study import Study
 
     spec = study_spec.parse(base_spec(methods=["lora", "pissa", "srlora"],
                                       selection={"seeds": [10, 11], "steps_frac": 0.5}))
@@ -487,7 +487,7 @@ def test_methods_subset_plans_only_those_methods(tmp_path):
 def test_schedule_order_and_lr_choice(tmp_path):
     """First task's selection, then its final runs (at the lr of lowest mean validation loss)
     before the next task's selection; ties on the loss go to the higher validation accuracy."""
-    from srlora.experiments.study import Study
+    from srlora_lab.experiments.study import Study
 
     spec = study_spec.parse(base_spec(methods=["lora", "srlora"],
                                       tasks=[{"name": "rt-polarity", "steps": 100},
@@ -519,7 +519,7 @@ def test_schedule_order_and_lr_choice(tmp_path):
 def test_reuse_copies_only_the_runs_this_study_would_run_identically(tmp_path):
     """--reuse: another study's finished runs are copied when task settings, method (and its
     fields), lr, steps and seed all match this spec's plan; nothing else."""
-    from srlora.experiments.study import reuse_runs, run_file
+    from srlora_lab.experiments.study import reuse_runs, run_file
 
     mk = lambda methods, steps: study_spec.parse(base_spec(
         methods=methods, tasks=[{"name": "rt-polarity", "steps": steps},
@@ -559,8 +559,8 @@ def test_reuse_copies_only_the_runs_this_study_would_run_identically(tmp_path):
 def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys):
     """--report runs nothing: it recomputes the verdicts and the mechanism table from the run
     files in --out and writes verdicts.md; refused without a study or with another spec."""
-    from srlora.experiments.study import run_file
-    from srlora.experiments.study_jobs import write_json
+    from srlora_lab.experiments.study import run_file
+    from srlora_lab.experiments.study_jobs import write_json
 
     raw = base_spec(methods=["lora", "srlora"], selection={"seeds": [10, 11], "steps_frac": 0.5})
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))

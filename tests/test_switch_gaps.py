@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from srlora.experiments.stats import paired_interval
-from srlora.experiments.switch_gaps import (pair_gaps, run_gaps, segment_mean, switch_jumps,
+from srlora_lab.experiments.stats import paired_interval
+from srlora_lab.experiments.switch_gaps import (pair_gaps, run_gaps, segment_mean, switch_jumps,
                                             window_for)
 
 
@@ -63,7 +63,7 @@ def test_pair_gaps_pairs_seeds_and_gives_t_intervals():
     for c in got["intervals"][1:]:
         assert c["mean"] == pytest.approx(want["mean_diff"], abs=1e-12)
         assert c["ci_high"] == pytest.approx(want["ci_high"], abs=1e-12)
-    from srlora.experiments.study_report import switch_gap_table
+    from srlora_lab.experiments.study_report import switch_gap_table
     md = switch_gap_table({"switch_gaps": [dict(got, task="t", a="x", b="y", lr_a=1e-3,
                                                 lr_b=1e-3)]}, "t")
     assert "| a | b | from 0 | from 20 | from 40 | from 60 |" in md
@@ -75,7 +75,7 @@ def test_pair_gaps_pairs_seeds_and_gives_t_intervals():
 def test_seeds_that_switched_at_different_steps_still_pair():
     """The adaptive schedule: each seed is cut at its own switches; the shared steps and window
     are then None, and the report's table says how the window was chosen."""
-    from srlora.experiments.study_report import switch_gap_table
+    from srlora_lab.experiments.study_report import switch_gap_table
 
     T = 60
     a = {0: {"train_loss": [1.0] * 20 + [1.1] * 40, "switch_steps": [20, 40]},

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from srlora.experiments import tasks
-from srlora.experiments.report import mean_ci, smooth, steps_to, t975
-from srlora.experiments.runner import batch_order, lr_factor
+from srlora_lab.experiments import tasks
+from srlora_lab.experiments.report import mean_ci, smooth, steps_to, t975
+from srlora_lab.experiments.runner import batch_order, lr_factor
 
 
 def _data(n=300, dup_every=7, seed=0):

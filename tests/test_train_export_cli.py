@@ -7,7 +7,7 @@ import torch
 import yaml
 from test_compare_cli import synthetic_csv, tiny_model
 
-from srlora.cli import main
+from srlora_lab.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_train_resume_is_exact_and_export_reproduces(assets, tmp_path):
                  "--no-progress"]) == 0
     # an interrupted twin: stop after step 6 (a checkpoint at 4), then resume from the folder
     cfg_b = write_config(tmp_path / "b.yaml", assets, part)
-    from srlora.experiments import runner
+    from srlora_lab.experiments import runner
     real = runner.run_one
 
     def stop_at_6(*a, **k):

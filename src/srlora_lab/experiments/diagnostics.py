@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..factors import pissa_factors
+from srlora.factors import pissa_factors
 
 SPECTRUM_TOP = 64  # singular values kept per module in the record
 

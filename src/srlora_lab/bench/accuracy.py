@@ -6,8 +6,8 @@ from typing import Optional
 
 import torch
 
-from ..config import SRLoRAConfig
-from ..svd import subspace_error, top_singular_directions
+from srlora.config import SRLoRAConfig
+from srlora.svd import subspace_error, top_singular_directions
 from .timing import _median, _timed
 
 

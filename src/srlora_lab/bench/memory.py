@@ -1,4 +1,4 @@
-"""Peak memory, one child process per method (``python -m srlora.bench '<json spec>'``)."""
+"""Peak memory, one child process per method (``python -m srlora_lab.bench '<json spec>'``)."""
 from __future__ import annotations
 
 import gc
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..svd import top_singular_directions
-from ..wrap import wrap
+from srlora.svd import top_singular_directions
+from srlora.wrap import wrap
 from .shapes import (
     MALLOC_MMAP_THRESHOLD,
     MEMORY_RATIO_TARGET,
@@ -115,7 +115,7 @@ def run_memory_child(spec: dict, timeout: float = 1800) -> dict:
     # glibc raises its mmap threshold after the first large free, and from then on keeps freed
     # tensors in the heap: RSS would count transient set-up buffers as if still alive
     env["MALLOC_MMAP_THRESHOLD_"] = str(MALLOC_MMAP_THRESHOLD)
-    proc = subprocess.run([sys.executable, "-m", "srlora.bench", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "srlora_lab.bench", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child ({spec['method']}) failed with exit code "

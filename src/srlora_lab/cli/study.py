@@ -1,7 +1,7 @@
 """``srlora study SPEC.yaml --out DIR``: the paired, powered experiment described by a spec file.
 
 Checks the spec, the output folder, every task's data and model and every adapter before any run;
-then calls srlora.experiments.study. See docs/study.md.
+then calls srlora_lab.experiments.study. See docs/study.md.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """How far a half-precision base weight drifts over many switches, against an fp64 reference.
 
-Run ``python -m srlora.precision`` for the table in docs/algorithm.md. The experiment: one
+Run ``python -m srlora_lab.precision`` for the table in docs/algorithm.md. The experiment: one
 ``m x m`` linear layer in bf16 (or fp16), SRLoRA with r=4, r'=2; between switches the factors are
 moved by a random "training" update, which an fp64 ledger applies to the reference effective
 weight ``W0 + sum of updates``; switches leave the effective weight unchanged in exact
@@ -16,8 +16,8 @@ import torch
 def measure_fusion_error(dtype: torch.dtype = torch.bfloat16, switches: int = 50,
                          fusion: str = "residual", m: int = 128, seed: int = 0,
                          device: str = "cpu", offload_device: Optional[str] = "cpu") -> dict:
-    from .config import SRLoRAConfig
-    from .wrap import wrap
+    from srlora.config import SRLoRAConfig
+    from srlora.wrap import wrap
 
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(m, m, bias=False)).to(dtype).to(device)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..wrap import wrap
+from srlora.wrap import wrap
 from .accuracy import pretrained_minilm_weights, svd_accuracy
 from .memory import memory_summary, run_memory_child
 from .report import targets

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..wrap import wrap
+from srlora.wrap import wrap
 from .shapes import Shape, lora_config, loss_of, schedule_for, srlora_config, svd_settings
 
 
@@ -192,7 +192,7 @@ def setup_times(base: torch.nn.Module, shape: Shape, device: torch.device, total
     cfg = srlora_config(shape, total_steps, schedule_for(shape, total_steps), **(extra or {}))
     runs = [("srlora_wrap_s", {})]
     if variants:
-        from ..svd import SMALL_SOLVER
+        from srlora.svd import SMALL_SOLVER
 
         other = "svd" if SMALL_SOLVER.get(device.type, "svd") == "eigh" else "eigh"
         out["small_solver"] = {"default": SMALL_SOLVER.get(device.type, "svd"), "other": other}

@@ -1,6 +1,6 @@
 """The ``srlora`` console command: a thin dispatcher over one module per subcommand.
 
-Each module ``srlora.cli.<name>`` defines ``register(subparsers)`` (adds its parser, sets
+Each module ``srlora_lab.cli.<name>`` defines ``register(subparsers)`` (adds its parser, sets
 ``func``) and holds no training logic: it parses flags and calls into the library.
 Exit codes: 0 success, 2 bad input (before any work starts), 130 interrupted.
 """
@@ -19,8 +19,8 @@ class UsageError(Exception):
 
 # Library exceptions that mean "the input is bad" (a data file, a model, a checkpoint), never a
 # bug: main() prints them as one line with exit code 2. Anything else keeps its traceback.
-INPUT_ERRORS = (("srlora.experiments.tasks", "DataError"),
-                ("srlora.experiments.models", "ModelError"),
+INPUT_ERRORS = (("srlora_lab.experiments.tasks", "DataError"),
+                ("srlora_lab.experiments.models", "ModelError"),
                 ("srlora._errors", "CheckpointMismatchError"))
 
 
@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
-            mod = importlib.import_module(f"srlora.cli.{name}")
+            mod = importlib.import_module(f"srlora_lab.cli.{name}")
         except ModuleNotFoundError as e:
-            if e.name == f"srlora.cli.{name}":
+            if e.name == f"srlora_lab.cli.{name}":
                 continue  # subcommand not built yet
             raise
         mod.register(sub)

@@ -12,7 +12,7 @@ bf16, batch 8 x 512; CUDA only) and ``tiny`` (for smoke tests).
 
 The package: ``shapes`` (what is measured: shapes, options, models, configurations, the memory
 allowance), ``timing`` (interleaved steps, switches, set-up), ``accuracy`` (singular directions
-against an exact SVD), ``memory`` (one child process per method; ``python -m srlora.bench``
+against an exact SVD), ``memory`` (one child process per method; ``python -m srlora_lab.bench``
 runs one), ``run`` (``run_bench``, the whole benchmark) and ``report`` (targets and the
 markdown table).
 """

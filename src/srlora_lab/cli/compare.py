@@ -1,6 +1,6 @@
 """``srlora compare``: LoRA vs PiSSA vs SRLoRA on one model and dataset, several seeds.
 
-Parses flags, checks every input before any training, and calls srlora.experiments.
+Parses flags, checks every input before any training, and calls srlora_lab.experiments.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..config import SRLoRAConfig
+from srlora.config import SRLoRAConfig
 
 STEP_RATIO_TARGET = 1.03
 MEMORY_RATIO_TARGET = 1.03
@@ -173,7 +173,7 @@ def state_options(opts: BenchOptions) -> dict:
 def svd_settings(device_type: str, batch_bytes: Optional[int] = None,
                  small: Optional[str] = None):
     """Temporarily set srlora.svd's batch size / small solver for ``device_type`` (timing)."""
-    from .. import svd as svd_mod
+    from srlora import svd as svd_mod
 
     old = (svd_mod.BATCH_BYTES.get(device_type), svd_mod.SMALL_SOLVER.get(device_type))
     if batch_bytes is not None:

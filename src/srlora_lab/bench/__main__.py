@@ -1,4 +1,4 @@
-"""The memory child: ``python -m srlora.bench '<json spec>'`` prints one JSON line."""
+"""The memory child: ``python -m srlora_lab.bench '<json spec>'`` prints one JSON line."""
 import json
 import sys
 
