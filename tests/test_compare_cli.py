@@ -213,7 +213,8 @@ def test_task_defaults_resolve_and_are_listed_in_help():
     """Every built-in task's defaults resolve (its lr string gives one lr per method, also with a
     partial --lr override) and `srlora compare --help` prints them."""
     from srlora_lab.cli import build_parser
-    from srlora_lab.cli.compare import METHODS, _task_help, build_config, parse_lrs
+    from srlora_lab.cli.compare import _task_help, build_config, parse_lrs
+    from srlora_lab.experiments.methods import BASE_METHODS as METHODS
     from srlora_lab.experiments.tasks import TASKS
 
     help_text = _task_help()

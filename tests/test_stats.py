@@ -56,3 +56,30 @@ def test_paired_interval_edge_cases():
         paired_interval([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="at least one"):
         paired_interval([], [])
+
+
+def test_paired_p_against_a_printed_value_and_its_edges():
+    from srlora_lab.experiments.stats import paired_p
+    # d = 1..5: t = 3 / (1.5811 / sqrt 5) = 4.2426, df 4: two-sided p = 0.013236 (t tables)
+    assert paired_p([1, 2, 3, 4, 5], [0, 0, 0, 0, 0]) == pytest.approx(0.013236, abs=2e-6)
+    assert paired_p([1.0, 1.0], [0.0, 0.0]) == 0.0 and paired_p([1.0, 2.0], [1.0, 2.0]) == 1.0
+    assert paired_p([1.0], [0.0]) != paired_p([1.0], [0.0])  # nan with one pair
+
+
+def test_holm_by_hand():
+    from srlora_lab.experiments.stats import holm
+    # sorted 0.005 x4, 0.01 x3, 0.03 x2 (then the running max), 0.04 x1 -> max(0.06, 0.04)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    got = holm([0.2, float("nan"), 0.01])  # nan is left out of the family (m = 2)
+    assert got[0] == pytest.approx(0.2) and got[2] == pytest.approx(0.02) and got[1] != got[1]
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # 2 x 0.8 capped at 1; monotone
+
+
+def test_bootstrap_ratio_is_the_ratio_of_means_with_a_deterministic_interval():
+    from srlora_lab.experiments.stats import bootstrap_ratio
+    num, den = [-0.1, -0.12, -0.08, -0.11, -0.09], [-0.3, -0.31, -0.29, -0.3, -0.32]
+    a = bootstrap_ratio(num, den, reps=2000)
+    assert a["ratio"] == pytest.approx(sum(num) / sum(den))
+    assert a["ci_low"] < a["ratio"] < a["ci_high"] and a == bootstrap_ratio(num, den, reps=2000)
+    same = bootstrap_ratio([0.5] * 4, [1.0] * 4, reps=100)
+    assert same["ci_low"] == same["ci_high"] == pytest.approx(0.5)

@@ -11,7 +11,9 @@ import sys
 
 from . import UsageError
 
-METHODS = ("lora", "pissa", "srlora")
+def _methods() -> tuple[str, ...]:
+    from ..experiments.methods import all_methods
+    return all_methods()
 
 
 def _task_help() -> str:
@@ -103,7 +105,7 @@ def parse_lrs(spec: str, methods: list[str], default: str, bases: dict | None = 
     """``--lr`` into {method: [lr, ...]}; methods not named take the plain values, else the
     task default for that method's base method (``bases``: name -> base method)."""
     bases = bases or {m: m for m in methods}
-    known = tuple(METHODS) + tuple(m for m in methods if m not in METHODS)
+    known = _methods() + tuple(m for m in methods if m not in _methods())
     def parse(s: str, flag: str):
         shared, per = [], {}
         for item in [x.strip() for x in s.split(",") if x.strip()]:
@@ -178,7 +180,7 @@ def build_config(args):
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise UsageError(f"--methods: no method in {args.methods!r}; choose from "
-                         f"{', '.join(METHODS)}")
+                         f"{', '.join(_methods())}")
     variants = {}
     for m in methods:
         try:
@@ -245,8 +247,13 @@ def build_config(args):
     if args.target_modules is not None and not cfg.target_modules:
         raise UsageError("--target-modules: empty")
     import srlora
+    if any(v["method"] == "full" for v in variants.values()) and cfg.save_every:
+        raise UsageError("--save-every: full fine-tuning runs do not checkpoint; drop "
+                         "--save-every or the method 'full'")
     for m in methods:  # the library's own validation of r, r_target, gamma, ...
         v = variants[m]
+        if v["method"] == "full":  # no adapter: nothing for SRLoRAConfig to check
+            continue
         try:
             srlora.SRLoRAConfig(**{"method": v["method"], "r": cfg.r, "lora_alpha": cfg.lora_alpha,
                                    "r_target": cfg.r_target, "gamma": cfg.gamma,

@@ -80,7 +80,7 @@ def _check_out(out: str, spec: dict, resume: bool) -> None:
             more = f" and {len(d) - 5} more" if len(d) > 5 else ""
             raise UsageError(f"--resume: {out!r} was made with another spec; it differs at "
                              f"{', '.join(d[:5])}{more}")
-        changed = [k for k in study_spec.ANALYSIS_KEYS if old.get(k) != spec[k]]
+        changed = [k for k in study_spec.ANALYSIS_KEYS if old.get(k) != spec.get(k)]
         if changed:  # how runs are compared, not what they are: recomputed from the run files
             print(f"note: the spec's {' and '.join(changed)} changed since {out!r} was made; "
                   "the verdicts use the new ones", flush=True)
@@ -115,10 +115,32 @@ def run(args) -> int:
     only = _subset("--tasks", args.tasks, [t["name"] for t in spec["tasks"]], "task")
     only_methods = _subset("--methods", args.methods, [m["name"] for m in spec["methods"]],
                            "method")
+    from ..experiments.fingerprint import machine_fingerprint
+    from ..experiments.records import RecordError, StudyLock
+
+    if args.report and not os.path.isfile(os.path.join(args.out, "study.json")):
+        raise UsageError(f"--report: {args.out!r} holds no study (no study.json)")
+    _check_out(args.out, spec, resume=args.resume or args.report)
+    lock = StudyLock(args.out)
+
+    def take_lock():  # before the first write: one process per study folder
+        lock.acquire()  # the kernel frees it when this process ends, however it ends
+        _check_out(args.out, spec, resume=args.resume or args.report)  # still true under it
+
+    try:
+        return _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint,
+                    take_lock)
+    except RecordError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        lock.release()
+
+
+def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, take_lock) -> int:
+    from ..experiments import compare, study, study_jobs
+
     if args.report:
-        if not os.path.isfile(os.path.join(args.out, "study.json")):
-            raise UsageError(f"--report: {args.out!r} holds no study (no study.json)")
-        _check_out(args.out, spec, resume=True)
+        take_lock()
         with open(os.path.join(args.out, "study.json")) as f:
             saved = json.load(f)
         # recomputed from the run files with this code (a study.json written by older code
@@ -131,14 +153,24 @@ def run(args) -> int:
         study_jobs.write_json(os.path.join(args.out, "study.json"), summary)
         study_jobs.write_json(os.path.join(args.out, "spec.json"), spec)  # its pairs/margins
         return rc
-    _check_out(args.out, spec, args.resume)
+    device = "cuda" if gpus else "cpu"
+    fp = machine_fingerprint(threads=threads, device=device)
+    if args.resume:
+        take_lock()
+        other = study.other_machine_runs(args.out, fp["id"])
+        if other:
+            raise UsageError(
+                f"--resume: {len(other)} finished run(s) in {args.out!r} were made on another "
+                f"machine or before machine fingerprints (e.g. {other[0]}); a study pairs only "
+                f"runs of one machine (this one is {fp['id']}: {fp['cpu']}, "
+                f"{fp['cpu_capability']}, {threads} thread(s)). Resume on that machine, or start "
+                f"a new --out here (add --reuse {args.out} to copy what this machine made)")
     for d in args.reuse:
         if not os.path.isfile(os.path.join(d, "spec.json")):
             raise UsageError(f"--reuse {d!r}: not a study folder (no spec.json)")
     import torch
     torch.set_num_threads(threads)
     task_meta = {}
-    device = "cuda" if gpus else "cpu"
     try:  # every task's data, model and adapters, before anything is written
         for t in spec["tasks"]:
             if only is not None and t["name"] not in only:
@@ -150,13 +182,18 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     if args.jobs > 1:
         study_jobs.forget()  # the workers load their own
-    os.makedirs(args.out, exist_ok=True)
+    if not args.resume:
+        take_lock()
     study_jobs.write_json(os.path.join(args.out, "spec.json"), spec)
     reused = {}
     for d in args.reuse:
-        reused[d] = study.reuse_runs(spec, args.out, d)
-        print(f"--reuse {d}: {reused[d]['copied']} run(s) copied", flush=True)
-    meta = {"versions": compare.versions(), "hardware": compare.hardware(),
+        reused[d] = study.reuse_runs(spec, args.out, d, fingerprint=fp["id"])
+        skipped = {k: n for k, n in reused[d]["skipped"].items()
+                   if k in ("made on another machine", "no machine fingerprint", "damaged")}
+        print(f"--reuse {d}: {reused[d]['copied']} run(s) copied"
+              + "".join(f"; {n} not copied ({k}: they run here)" for k, n in skipped.items()),
+              flush=True)
+    meta = {"versions": compare.versions(), "hardware": compare.hardware(), "fingerprint": fp,
             "git_commit": compare.git_commit(), "jobs": args.jobs, "threads_per_job": threads,
             "device": device, "tasks": task_meta, "reused": reused,
             "started": __import__("time").strftime("%Y-%m-%dT%H:%M:%S%z")}

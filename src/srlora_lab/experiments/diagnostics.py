@@ -209,3 +209,26 @@ def collect(controller, top: int = SPECTRUM_TOP) -> dict:
         summary["energy99_mean"] = _r(sum(s["energy99"] for s in spectra) / len(spectra))
     return {"modules": [L.name for L in layers], "summary": summary, "pairs": pairs,
             "spectra": spectra, "spectrum_top": top}
+
+
+@torch.no_grad()
+def collect_full(model, initial: dict, top: int = SPECTRUM_TOP) -> dict:
+    """The ``diagnostics`` entry of a full fine-tuning run: per module that adapters would
+    target (``initial``: name -> weight before training), the spectrum and effective ranks of
+    its total change ``W_final - W0`` (fp64; a convolution's weight as out x rest), and their
+    means in ``summary``: how many directions an unconstrained update actually used."""
+    weights = dict(model.named_modules())
+    spectra = []
+    for name, w0 in initial.items():
+        d = (weights[name].weight.detach().double() - w0.double()).reshape(w0.shape[0], -1)
+        sv = torch.linalg.svdvals(d).cpu()
+        er = effective_rank(sv)
+        spectra.append({"sv": [_r(float(v)) for v in sv[:top]], "erank": _r(er["erank"]),
+                        "energy90": er["energy90"], "energy99": er["energy99"]})
+    summary: dict = {"method": "full", "fused_pairs": 0}
+    if spectra:
+        summary["erank_mean"] = _r(sum(s["erank"] for s in spectra) / len(spectra))
+        summary["energy90_mean"] = _r(sum(s["energy90"] for s in spectra) / len(spectra))
+        summary["energy99_mean"] = _r(sum(s["energy99"] for s in spectra) / len(spectra))
+    return {"modules": list(initial), "summary": summary, "pairs": [], "spectra": spectra,
+            "spectrum_top": top}

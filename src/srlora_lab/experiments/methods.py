@@ -18,6 +18,9 @@ import typing
 from typing import Any
 
 BASE_METHODS = ("lora", "pissa", "srlora")
+# methods with no adapter, run by the lab only: ``full`` trains every weight (the yardstick)
+FULL = "full"
+LAB_METHODS = (FULL,)
 SHORTHANDS = {"dora": ("lora", {"use_dora": True}),
               "olora": ("lora", {"init_lora_weights": "olora"})}
 HARNESS_FIELDS = ("method", "total_steps", "target_modules", "modules_to_save")
@@ -25,6 +28,11 @@ HARNESS_FIELDS = ("method", "total_steps", "target_modules", "modules_to_save")
 
 class MethodError(ValueError):
     """A method text that cannot be run; the message names the part at fault."""
+
+
+def all_methods() -> tuple[str, ...]:
+    """Every method name a compare or study accepts as a base."""
+    return BASE_METHODS + tuple(SHORTHANDS) + LAB_METHODS
 
 
 def choice_fields() -> dict[str, list[str]]:
@@ -57,9 +65,13 @@ def parse_method(text: str) -> tuple[str, str, dict]:
 
     name = text.strip()
     base, *parts = [p.strip() for p in name.split(":")]
+    if base in LAB_METHODS:
+        if parts:
+            raise MethodError(f"{name!r}: {base!r} takes no settings (it has no adapter)")
+        return name, base, {}
     if base not in BASE_METHODS + tuple(SHORTHANDS):
         raise MethodError(f"unknown method {base!r} in {name!r}; choose from "
-                          f"{', '.join(BASE_METHODS + tuple(SHORTHANDS))}")
+                          f"{', '.join(all_methods())}")
     config: dict = {}
     if base in SHORTHANDS:
         base, flags = SHORTHANDS[base]

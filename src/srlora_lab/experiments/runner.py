@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import srlora
 
 from . import diagnostics
+from .fingerprint import machine_fingerprint
 from .models import Bundle
 
 Callback = Callable[[int, torch.nn.Module, "srlora.SRLoRAController", torch.optim.Optimizer,
@@ -105,6 +106,36 @@ def _switch_log(controller) -> list[dict]:
     return [log(e) for e in controller.history]
 
 
+def _switch_fields(controller) -> dict:
+    return {"switch_steps": [e["step"] for e in controller.history],
+            "switches": _switch_log(controller), "num_switches": controller.num_switches,
+            "pointers": controller.pointers}
+
+
+def full_model(bundle: Bundle, model: torch.nn.Module, lr: float, head_lr: float,
+               target_modules: list[str]):
+    """Full fine-tuning's side of a run: every parameter of ``model`` trains (at ``lr``; the
+    task's head at ``head_lr``, as the adapters' head). Returns (model, None, param groups,
+    {module name: its weight before training} for the modules adapters would target), the
+    last for the spectrum of the change (diagnostics.collect_full)."""
+    head = tuple(bundle.head or ())
+    is_head = lambda n: any(n == h or n.startswith(h + ".") or f".{h}." in f".{n}"
+                            for h in head)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not is_head(n)], "lr": lr},
+              {"params": [p for n, p in named if is_head(n)], "lr": head_lr}]
+    suffixes = tuple(target_modules or ())
+    initial = {n: m.weight.detach().clone() for n, m in model.named_modules()
+               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
+               and not is_head(n) and any(n == t or n.endswith("." + t) for t in suffixes)}
+    return model, None, groups, initial
+
+
+FULL = "full"  # the full fine-tuning yardstick: every weight trained, no adapter
+
+
 def adapter_config(bundle: Bundle, *, method: str, r: int, lora_alpha: float, r_target: int,
                    gamma: float, steps: int, target_modules: Optional[list[str]] = None,
                    config: Optional[dict] = None) -> "srlora.SRLoRAConfig":
@@ -141,15 +172,24 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # LoRA's random A init draws from the global generator
     base = bundle.make(seed)
-    cfg = adapter_config(bundle, method=method, r=r, lora_alpha=lora_alpha, r_target=r_target,
-                         gamma=gamma, steps=steps, target_modules=target_modules, config=config)
-    model, controller = srlora.wrap(base, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    lora_ids = {id(p) for L in controller.layers for p in (L.lora_A, L.lora_B)}
-    groups = [{"params": [p for p in params if id(p) in lora_ids], "lr": lr},
-              {"params": [p for p in params if id(p) not in lora_ids], "lr": head_lr or lr}]
+    if method == FULL:
+        if config:
+            raise ValueError(f"full fine-tuning takes no adapter settings, got {sorted(config)}")
+        model, controller, groups, initial = full_model(bundle, base, lr, head_lr or lr,
+                                                         target_modules or bundle.target_modules)
+        params = [p for g in groups for p in g["params"]]
+    else:
+        cfg = adapter_config(bundle, method=method, r=r, lora_alpha=lora_alpha,
+                             r_target=r_target, gamma=gamma, steps=steps,
+                             target_modules=target_modules, config=config)
+        model, controller = srlora.wrap(base, cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        lora_ids = {id(p) for L in controller.layers for p in (L.lora_A, L.lora_B)}
+        groups = [{"params": [p for p in params if id(p) in lora_ids], "lr": lr},
+                  {"params": [p for p in params if id(p) not in lora_ids], "lr": head_lr or lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-    controller.attach(optimizer)
+    if controller is not None:
+        controller.attach(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, schedule))
     train, test = _units(bundle, enc, split.train), _units(bundle, enc, split.test)
@@ -161,6 +201,8 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     setup_s = time.perf_counter() - t0
 
     losses, curve, start = [], [], 1
+    if resume_from and controller is None:
+        raise ValueError("full fine-tuning runs do not checkpoint (resume needs an adapter)")
     if resume_from:
         from . import checkpointing
         saved = checkpointing.load(resume_from, model, controller, optimizer, scheduler)
@@ -185,7 +227,8 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
-        controller.observe_loss(loss)  # switch_schedule="adaptive": the plateau test
+        if controller is not None:
+            controller.observe_loss(loss)  # switch_schedule="adaptive": the plateau test
         optimizer.step()  # the controller's hook runs here: importance, step count, switch
         scheduler.step()
         losses.append(float(loss.item()))
@@ -199,12 +242,14 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
             eval_s += time.perf_counter() - te
         if callback is not None:
             callback(step, model, controller, optimizer, scheduler)
-        if checkpoint_dir and save_every and (step % save_every == 0 or step == steps):
+        if checkpoint_dir and save_every and controller is not None and (
+                step % save_every == 0 or step == steps):
             from . import checkpointing
             checkpointing.save(checkpoint_dir, step, model, controller, optimizer, scheduler,
                                {"losses": losses, "curve": curve})
         if bar is not None:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", sw=controller.num_switches)
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}",
+                            sw=controller.num_switches if controller is not None else 0)
             bar.update(1)
     if bar is not None:
         bar.close()
@@ -213,21 +258,24 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     val = evaluate(bundle, model, enc, _units(bundle, enc, split.val)) if eval_val else {
         "accuracy": None, "loss": None, "perplexity": None}
     td = time.perf_counter()
-    diag = diagnostics.collect(controller)
+    diag = diagnostics.collect(controller) if controller is not None else \
+        diagnostics.collect_full(model, initial)
     diag_s = time.perf_counter() - td
     lm = {"final_perplexity": test_ev["perplexity"], "val_perplexity": val["perplexity"],
           "train_blocks": len(train), "test_blocks": len(test)} if bundle.kind == "lm" else {}
     return {
-        "method": method, "seed": seed, "lr": lr, "head_lr": head_lr or lr, "steps": controller.global_step,
+        "method": method, "seed": seed, "lr": lr, "head_lr": head_lr or lr, "steps": len(losses),
         "config": dict(config or {}),
         "final_accuracy": test_ev["accuracy"], "final_test_loss": test_ev["loss"],
         "val_accuracy": val["accuracy"], "val_loss": val["loss"],
         "train_loss": losses, "eval_curve": curve,
-        "switch_steps": [e["step"] for e in controller.history], "switches": _switch_log(controller),
-        "num_switches": controller.num_switches, "pointers": controller.pointers,
+        **(_switch_fields(controller) if controller is not None else
+           {"switch_steps": [], "switches": [], "num_switches": 0, "pointers": []}),
         "wall_time_s": time.perf_counter() - t0, "train_time_s": train_s, "eval_time_s": eval_s,
         "setup_time_s": setup_s, "diagnostics_time_s": diag_s,
         "trainable_params": sum(p.numel() for p in params),
-        "adapted_modules": len(controller.layers), **lm,
+        "fingerprint": machine_fingerprint(device=str(next(model.parameters()).device.type)),
+        "adapted_modules": len(controller.layers) if controller is not None else len(initial),
+        **lm,
         "diagnostics": diag,
     }

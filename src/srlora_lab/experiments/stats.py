@@ -99,3 +99,59 @@ def paired_interval(a: Sequence[float], b: Sequence[float], conf: float = 0.95) 
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     half = t_quantile(0.5 + conf / 2.0, n - 1) * sd / math.sqrt(n)
     return {"n": n, "mean_diff": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def paired_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p value of the paired t-test of ``mean(a - b) = 0`` (nan with under 2 pairs;
+    0 when every difference is the same nonzero number, 1 when all are zero)."""
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    n = len(d)
+    if n < 2:
+        return float("nan")
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    t = abs(mean) / (sd / math.sqrt(n))
+    return min(1.0, 2.0 * (1.0 - t_cdf(t, n - 1)))
+
+
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p values, in the order given: with the p values sorted
+    ascending, ``adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))`` (Holm 1979). It controls the
+    family-wise error rate at level alpha when ``adj <= alpha`` is read as significant. A nan
+    p (no estimate) stays nan and does not count in m."""
+    idx = sorted((i for i, p in enumerate(ps) if p == p), key=lambda i: ps[i])
+    m, out, running = len(idx), [float("nan")] * len(ps), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def bootstrap_ratio(num: Sequence[float], den: Sequence[float], reps: int = 10000,
+                    conf: float = 0.95, seed: int = 0) -> dict:
+    """``mean(num) / mean(den)`` with a paired percentile-bootstrap interval: seeds resampled
+    with replacement, the same draw for numerator and denominator (``num[i]``, ``den[i]`` are one
+    seed's paired differences). Draws whose denominator mean is 0 are dropped. Deterministic for
+    a given ``seed``."""
+    import random
+
+    if len(num) != len(den) or not num:
+        raise ValueError("bootstrap_ratio needs equal, non-empty samples")
+    n = len(num)
+    md = sum(den) / n
+    est = (sum(num) / n) / md if md != 0 else float("nan")
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(reps):
+        pick = [rng.randrange(n) for _ in range(n)]
+        d = sum(den[i] for i in pick)
+        if d != 0:
+            draws.append(sum(num[i] for i in pick) / d)
+    if not draws:
+        return {"ratio": est, "ci_low": float("nan"), "ci_high": float("nan"), "reps": 0}
+    draws.sort()
+    lo = draws[int(math.floor((1 - conf) / 2 * (len(draws) - 1)))]
+    hi = draws[int(math.ceil((1 + conf) / 2 * (len(draws) - 1)))]
+    return {"ratio": est, "ci_low": lo, "ci_high": hi, "reps": len(draws)}

@@ -22,6 +22,9 @@ import time
 from typing import Callable, Optional
 
 from . import study_jobs
+from .fingerprint import record_id
+from .records import RecordError, lr_text, read_record, set_aside
+from .family import confirmatory, headroom
 from .study_verdicts import claims, compare, early_point, metrics_of
 from .switch_gaps import pair_gaps
 
@@ -35,17 +38,19 @@ CRITERION = ("lowest mean validation loss over the selection seeds; ties: higher
 
 
 def run_file(out: str, task: str, method: str, lr: float, steps: int, seed: int) -> str:
-    return os.path.join(out, "runs", task, method, f"lr={lr:g}", f"steps={steps}",
+    return os.path.join(out, "runs", task, method, f"lr={lr_text(lr)}", f"steps={steps}",
                         f"seed={seed}.json")
 
 
-def reuse_runs(spec: dict, out: str, other: str) -> dict:
+def reuse_runs(spec: dict, out: str, other: str, fingerprint: Optional[str] = None) -> dict:
     """Copy into ``out`` every finished run of the study in ``other`` that this study would run
     identically: the same task (every resolved setting but the lr grids), the same method (name,
     base method and SRLoRAConfig fields), an lr of this study's grid, and the selection or final
     steps and seeds of this study. Files already in ``out`` are kept. Reads ``other/spec.json``;
-    returns {"copied": n, "skipped": {reason: n}}. Runs are deterministic per seed (the
-    ``--jobs 2`` test), so a copied record is the record this study would write."""
+    returns {"copied": n, "skipped": {reason: n}}. Runs are deterministic per seed on one
+    machine (the ``--jobs 2`` test), not across machines, so with ``fingerprint`` (this machine's
+    id) only records made on an equal machine are copied; a record without a fingerprint (made
+    before they existed) or with another is skipped and counted."""
     import json
     import shutil
 
@@ -71,6 +76,17 @@ def reuse_runs(spec: dict, out: str, other: str) -> dict:
                     src = run_file(other, task["name"], m["name"], lr, steps, seed)
                     dst = run_file(out, task["name"], m["name"], lr, steps, seed)
                     if os.path.exists(src) and not os.path.exists(dst):
+                        if fingerprint is not None:
+                            try:
+                                theirs_fp = record_id(read_record(src))
+                            except RecordError:
+                                theirs_fp = "damaged"
+                            if theirs_fp != fingerprint:
+                                why = ("made on another machine" if theirs_fp not in
+                                       (None, "damaged") else "damaged" if theirs_fp else
+                                       "no machine fingerprint")
+                                skipped[why] = skipped.get(why, 0) + 1
+                                continue
                         os.makedirs(os.path.dirname(dst), exist_ok=True)
                         shutil.copyfile(src, dst + ".tmp")
                         os.replace(dst + ".tmp", dst)
@@ -78,10 +94,28 @@ def reuse_runs(spec: dict, out: str, other: str) -> dict:
     return {"copied": copied, "skipped": skipped}
 
 
+def other_machine_runs(out: str, fingerprint: str) -> list[str]:
+    """Run files under ``out/runs`` not made on the machine ``fingerprint`` names (records
+    without a fingerprint included; damaged ones are left to ``--resume``'s repair)."""
+    found = []
+    for root, _, files in os.walk(os.path.join(out, "runs")):
+        for name in sorted(files):
+            if name.endswith(".json"):
+                path = os.path.join(root, name)
+                try:
+                    fp = record_id(read_record(path))
+                except RecordError:
+                    continue
+                if fp != fingerprint:
+                    found.append(os.path.relpath(path, out))
+    return sorted(found)
+
+
 def compact(rec: dict, out: str, path: str) -> dict:
     """A run's line in study.json: its identity and metrics, no per-step arrays."""
     c = {k: rec.get(k) for k in ("task", "name", "method", "lr", "seed", "steps", "failed")}
     c["file"] = os.path.relpath(path, out)
+    c["fp"] = record_id(rec)
     if rec.get("failed"):
         c["error"] = rec.get("error")
         return c
@@ -100,8 +134,11 @@ class Study:
     """The state of one study in ``out``: which runs are done, the lr choices, the verdicts."""
 
     def __init__(self, spec: dict, out: str, only: Optional[set] = None,
-                 only_methods: Optional[set] = None):
+                 only_methods: Optional[set] = None, repair: bool = False,
+                 log: Callable[[str], None] = print):
         self.spec, self.out = spec, out
+        # repair: a damaged record is set aside and its run done again (--resume); else it raises
+        self.repair, self.log = repair, log
         # task and method names to run (None: all); the verdicts cover every task and method
         self.only, self.only_methods = only, only_methods
         self.runs: dict = {}  # (task, method, lr, steps, seed) -> compact record
@@ -111,7 +148,10 @@ class Study:
         return run_file(self.out, *key)
 
     def load_done(self) -> int:
-        """Read the run files already in ``out`` (for --resume); returns how many."""
+        """Read the run files already in ``out`` (for --resume); returns how many. Every record
+        under ``out/runs`` is checked first: a damaged one raises RecordError, or with
+        ``repair`` is moved aside (so its run is done again)."""
+        self._check_files()
         n = 0
         for job in self.all_selection_jobs():
             n += self._load(job)
@@ -123,13 +163,31 @@ class Study:
                         n += self._load((task["name"], m["name"], lr, task["steps"], s))
         return n
 
-    def _load(self, key) -> int:
-        import json
+    def _check_files(self) -> None:
+        for root, _, files in os.walk(os.path.join(self.out, "runs")):
+            for name in sorted(files):
+                if not name.endswith(".json"):
+                    continue
+                path = os.path.join(root, name)
+                try:
+                    read_record(path)
+                except RecordError as e:
+                    if not self.repair:
+                        raise
+                    self.log(f"{e}; moved to {set_aside(path)} and run again")
 
-        if key in self.runs or not os.path.exists(self.key_file(key)):
+    def _load(self, key) -> int:
+        path = self.key_file(key)
+        if key in self.runs or not os.path.exists(path):
             return 0
-        with open(self.key_file(key)) as f:
-            self.runs[key] = compact(json.load(f), self.out, self.key_file(key))
+        try:
+            rec = read_record(path)
+        except RecordError as e:
+            if not self.repair:
+                raise
+            self.log(f"{e}; moved to {set_aside(path)} and run again")
+            return 0
+        self.runs[key] = compact(rec, self.out, path)
         return 1
 
     # ------------------------------------------------------------------ plan
@@ -227,14 +285,25 @@ class Study:
         for task in self.spec["tasks"]:
             for a, b in self.spec["pairs"]:
                 ra, rb = self.final_values(task, a), self.final_values(task, b)
+                # a seed pairs only runs made on one machine (equal fingerprints)
+                other = sorted(s for s in set(ra) & set(rb) if ra[s].get("fp") != rb[s].get("fp"))
+                ra = {s: r for s, r in ra.items() if s not in other}
+                rb = {s: r for s, r in rb.items() if s not in other}
                 names = [k for k in metrics_of_keys(ra) if k in metrics_of_keys(rb)]
                 for metric in names:
                     va = {s: r[metric] for s, r in ra.items() if r.get(metric) is not None}
                     vb = {s: r[metric] for s, r in rb.items() if r.get(metric) is not None}
                     v = compare(task["name"], metric, a, b, va, vb, self.spec["margins"], n_final)
                     if v is not None:
+                        if other:
+                            v["unpaired_other_machine"] = other
                         out.append(v)
         return out
+
+    def paired_values(self, task: dict, method: str, metric: str) -> dict:
+        """seed -> (metric value, fingerprint id) of a method's finished final runs."""
+        return {s: (r[metric], r.get("fp")) for s, r in self.final_values(task, method).items()
+                if r.get(metric) is not None}
 
     def switch_gaps(self) -> list[dict]:
         """For each pair with one switching method (put on the ``a`` side; both: as given): the
@@ -272,7 +341,12 @@ class Study:
         verdicts = self.verdicts()
         sel = {t["name"]: {m["name"]: self.selection(t, m["name"]) for m in self.spec["methods"]}
                for t in self.spec["tasks"]}
+        family = confirmatory(self.spec.get("confirmatory") or [], verdicts)
+        heads = [h for t in self.spec["tasks"] for spec_h in self.spec.get("headroom") or []
+                 for h in [headroom(t["name"], spec_h, lambda m, k, t=t:
+                                    self.paired_values(t, m, k))] if h is not None]
         return {"spec": self.spec, "meta": meta, "status": status,
+                "confirmatory": family, "headroom": heads,
                 "wall_time_s": time.time() - t0, "lr_selection": {"criterion": CRITERION,
                                                                   "tasks": sel},
                 "runs": sorted(self.runs.values(), key=lambda r: (r["task"], r["name"], r["lr"],
@@ -351,7 +425,7 @@ def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
 
     ``study.json`` is rewritten after every finished run; ``on_update(summary)`` is called then
     (the CLI writes the plots and the table there at the end only)."""
-    study = Study(spec, out, only, only_methods)
+    study = Study(spec, out, only, only_methods, repair=True, log=log)
     done = study.load_done()
     if done:
         log(f"resume: {done} finished run(s) found in {out}")
@@ -372,6 +446,7 @@ def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
                     continue
                 task, method, lr, steps, seed = key
                 job = {"task": tasks[task], "method": methods[method], "lr": lr, "steps": steps,
+                       "full_records": spec.get("records") == "full",
                        "seed": seed, "file": study.key_file(key), "device": device,
                        "progress": progress and jobs == 1,
                        "desc": f"{task} {method} lr={lr:g} seed={seed}"}

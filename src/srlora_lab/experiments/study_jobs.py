@@ -74,10 +74,13 @@ def check_adapters(task: dict, methods: list[dict], device: str = "cpu") -> None
     """Wrap the task's model once per method (seed 0): an adapter that does not fit raises."""
     import srlora
 
+    from . import runner
     from .runner import adapter_config
 
     bundle = prepare(task, device)[0]
     for m in methods:
+        if m["method"] == runner.FULL:  # no adapter to fit
+            continue
         try:
             cfg = adapter_config(bundle, method=m["method"], r=task["r"],
                                  lora_alpha=task["lora_alpha"], r_target=task["r_target"],
@@ -132,8 +135,14 @@ def execute(job: dict) -> dict:
             config=method["config"])
         rec.update(ident, val_curve=val_curve, failed=False)
     except FloatingPointError as e:  # diverged: a result of the lr grid, not a crash
+        from .fingerprint import machine_fingerprint
+
         rec = {**ident, "method": method["method"], "seed": job["seed"], "lr": job["lr"],
-               "steps": steps, "failed": True, "error": str(e), "config": method["config"]}
+               "steps": steps, "failed": True, "error": str(e), "config": method["config"],
+               "fingerprint": machine_fingerprint(device=device)}
+    from .records import compact_record, seal
+
+    rec = seal(rec if job.get("full_records") else compact_record(rec))
     write_json(job["file"], rec)
     return rec
 

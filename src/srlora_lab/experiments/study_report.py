@@ -173,6 +173,47 @@ def switch_gap_table(summary: dict, task: str) -> str:
     return "\n".join(lines)
 
 
+def _p(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.2g}" if x >= 0.001 else f"{x:.1e}"
+
+
+def confirmatory_table(summary: dict) -> str:
+    """The family declared before the runs: each comparison, its prediction, the paired
+    interval, p and Holm's adjusted p, and what was found."""
+    lines = ["| task | a vs b | metric | prediction | a - b [95% CI] | p | Holm p | found |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in summary.get("confirmatory") or []:
+        iv = "pending" if r.get("mean_diff") is None else \
+            f"{_num(r['mean_diff'])} [{_num(r['ci_low'])}, {_num(r['ci_high'])}]"
+        lines.append(f"| {r['task']} | {r['a']} vs {r['b']} | {r['metric']} | {r['prediction']} "
+                     f"| {iv} | {_p(r.get('p'))} | {_p(r.get('p_holm'))} | {r['finding']} |")
+    return "\n".join(lines)
+
+
+def headroom_table(summary: dict) -> str:
+    """Per task and metric: H = full - LoRA(r) and each method's recovered fraction of it."""
+    lines = ["| task | metric | H = full - LoRA [95% CI] (n) | method | method - LoRA [95% CI] | "
+             "fraction of H [95% bootstrap CI] |", "|---|---|---|---|---|---|"]
+    for h in summary.get("headroom") or []:
+        for metric, e in h["metrics"].items():
+            H = e["H"]
+            head = (f"| {h['task']} | {metric} | {_num(H['mean_diff'])} [{_num(H['ci_low'])}, "
+                    f"{_num(H['ci_high'])}] ({H['n']}) ")
+            rows = e["methods"] or [{"method": "-", "n": 0}]
+            for m in rows:
+                if "fraction" not in m:
+                    lines.append(head + f"| {m['method']} | pending | - |")
+                    continue
+                d, f = m["vs_lora"], m["fraction"]
+                lines.append(head + f"| {m['method']} | {_num(d['mean_diff'])} "
+                                    f"[{_num(d['ci_low'])}, {_num(d['ci_high'])}] | "
+                                    f"{_num(f['ratio'], 2)} [{_num(f['ci_low'], 2)}, "
+                                    f"{_num(f['ci_high'], 2)}] |")
+    return "\n".join(lines)
+
+
 def format_markdown(summary: dict) -> str:
     spec = summary["spec"]
     out = [f"# Study `{spec['name']}`: verdicts ({summary['status']}, "
@@ -180,6 +221,17 @@ def format_markdown(summary: dict) -> str:
     if spec.get("smoke"):
         out += ["**Smoke spec: too few seeds or learning rates for a verdict to mean anything.**",
                 ""]
+    if summary.get("confirmatory"):
+        out += ["Confirmatory comparisons (declared with their predictions before the runs; "
+                "Holm's correction over this family; 'found' needs Holm p < 0.05). Every other "
+                "verdict below is **exploratory**.", "", confirmatory_table(summary), ""]
+    else:
+        out += ["No comparison was declared confirmatory: every verdict below is "
+                "**exploratory** (uncorrected 95% intervals).", ""]
+    if summary.get("headroom"):
+        out += ["Headroom (full fine-tuning against LoRA at the same r, paired seeds of one "
+                "machine; a method's fraction is (method - LoRA) / H, 1 = as good as full "
+                "fine-tuning, 0 = no better than LoRA):", "", headroom_table(summary), ""]
     names = [m["name"] if isinstance(m, dict) else m for m in spec["methods"]]
     if "lora" in names:  # the paper's claims are about SRLoRA against LoRA and PiSSA
         out += ["Claims (SRLoRA against the baselines named in each claim; see docs/study.md):",

@@ -31,7 +31,8 @@ import os
 from typing import Any
 
 # SRLoRAConfig fields the harness sets itself (from the task and the model): HARNESS_FIELDS
-from .methods import BASE_METHODS, HARNESS_FIELDS, SHORTHANDS, MethodError, parse_method
+from .methods import (BASE_METHODS, HARNESS_FIELDS, LAB_METHODS, SHORTHANDS, MethodError,
+                      all_methods, parse_method)
 
 # run settings a task entry (or the spec's ``defaults``) may set; see srlora compare --help
 TASK_KEYS = {"steps": int, "batch_size": int, "eval_every": int, "eval_size": int,
@@ -40,7 +41,7 @@ TASK_KEYS = {"steps": int, "batch_size": int, "eval_every": int, "eval_size": in
              "head_lr": float, "warmup": float, "schedule": str, "split_seed": int, "model": str,
              "target_modules": list}
 TOP_KEYS = ("name", "lrs", "selection", "final", "margins", "pairs", "methods", "tasks",
-            "defaults", "smoke", "description")
+            "defaults", "smoke", "description", "confirmatory", "headroom", "records")
 MIN_SELECTION_SEEDS, MIN_LRS, MIN_FINAL_SEEDS = 2, 3, 5
 DEFAULT_MARGINS = {"accuracy": 0.5, "loss_rel": 0.02}
 
@@ -138,10 +139,15 @@ def _method(v: Any, path: str) -> dict:
     if not isinstance(name, str) or not name.strip() or "/" in name or name.startswith("."):
         _fail(f"{path}.name", f"expected a plain name (no '/'), got {name!r}")
     base = v.get("method", name)
-    if base not in BASE_METHODS + tuple(SHORTHANDS):
+    if base not in all_methods():
         _fail(f"{path}.method", f"unknown method {base!r} (choose from "
-                                f"{', '.join(BASE_METHODS + tuple(SHORTHANDS))})")
+                                f"{', '.join(all_methods())})")
     config = {k: x for k, x in v.items() if k not in ("name", "method", "lrs")}
+    if base in LAB_METHODS:
+        if config:
+            _fail(f"{path}.{sorted(config)[0]}", f"method {base!r} has no adapter: it takes no "
+                                                 "adapter settings")
+        return {"name": name, "method": base, "config": {}}
     extra = config.get("extra_lora_kwargs", {})
     if not isinstance(extra, dict):
         _fail(f"{path}.extra_lora_kwargs", f"expected a mapping, got {extra!r}")
@@ -303,8 +309,73 @@ def parse(raw: Any, spec_dir: str = ".") -> dict:
     name = raw.get("name", "study")
     if not isinstance(name, str):
         _fail("name", f"expected a string, got {name!r}")
-    return {"name": name, "smoke": smoke, "methods": methods, "tasks": tasks,
-            "selection": selection, "final": final, "margins": margins, "pairs": pairs}
+    out = {"name": name, "smoke": smoke, "methods": methods, "tasks": tasks,
+           "selection": selection, "final": final, "margins": margins, "pairs": pairs}
+    records = raw.get("records", "compact")
+    if records not in ("compact", "full"):
+        _fail("records", f"must be compact or full, got {records!r}")
+    if records == "full":
+        out["records"] = "full"
+    if "confirmatory" in raw:
+        out["confirmatory"] = _confirmatory(raw["confirmatory"], names, tnames, pairs)
+    if "headroom" in raw:
+        out["headroom"] = _headroom(raw["headroom"], names)
+    return out
+
+
+def _confirmatory(v: Any, names: list[str], tnames: list[str], pairs: list) -> list[dict]:
+    """The comparisons declared before the runs, each with its prediction (Holm's family)."""
+    from .study_verdicts import METRICS
+
+    if not isinstance(v, list) or not v:
+        _fail("confirmatory", "expected a non-empty list of {task, a, b, metric, prediction}")
+    out = []
+    for i, c in enumerate(v):
+        path = f"confirmatory[{i}]"
+        _mapping(c, path, ("task", "a", "b", "metric", "prediction"))
+        for k in ("task", "a", "b", "metric", "prediction"):
+            if not isinstance(c.get(k), str) or not c[k].strip():
+                _fail(f"{path}.{k}", f"expected a non-empty string, got {c.get(k)!r}")
+        if c["task"] not in tnames:
+            _fail(f"{path}.task", f"{c['task']!r} is not a task of this spec")
+        for k in ("a", "b"):
+            if c[k] not in names:
+                _fail(f"{path}.{k}", f"{c[k]!r} is not a method of this spec")
+        if [c["a"], c["b"]] not in pairs and [c["b"], c["a"]] not in pairs:
+            _fail(path, f"[{c['a']}, {c['b']}] is not one of the spec's pairs")
+        if c["metric"] not in METRICS and not (c["metric"].endswith("_loss")
+                                               or "perplexity" in c["metric"]):
+            _fail(f"{path}.metric", f"unknown metric {c['metric']!r} (e.g. "
+                                    f"{', '.join(METRICS)}, final_perplexity)")
+        out.append({k: c[k] for k in ("task", "a", "b", "metric", "prediction")})
+    keys = [(c["task"], frozenset((c["a"], c["b"])), c["metric"]) for c in out]
+    if len(set(keys)) != len(keys):
+        _fail("confirmatory", "a comparison is declared twice")
+    return out
+
+
+def _headroom(v: Any, names: list[str]) -> list[dict]:
+    """Which method is full fine-tuning, which LoRA(r) it is measured against, and which
+    methods' recovered fraction of it to report."""
+    if not isinstance(v, list) or not v:
+        _fail("headroom", "expected a non-empty list of {full, lora, methods, metrics}")
+    out = []
+    for i, h in enumerate(v):
+        path = f"headroom[{i}]"
+        _mapping(h, path, ("full", "lora", "methods", "metrics"))
+        for k in ("full", "lora"):
+            if h.get(k) not in names:
+                _fail(f"{path}.{k}", f"{h.get(k)!r} is not a method of this spec")
+        ms = h.get("methods", [])
+        if not isinstance(ms, list) or any(m not in names for m in ms):
+            _fail(f"{path}.methods", f"expected a list of this spec's methods, got {ms!r}")
+        metrics = h.get("metrics", ["final_test_loss", "final_accuracy"])
+        if not isinstance(metrics, list) or not metrics or \
+                not all(isinstance(m, str) for m in metrics):
+            _fail(f"{path}.metrics", f"expected a list of metric names, got {metrics!r}")
+        out.append({"full": h["full"], "lora": h["lora"], "methods": list(ms),
+                    "metrics": list(metrics)})
+    return out
 
 
 def load(path: str) -> dict:
@@ -323,7 +394,7 @@ def load(path: str) -> dict:
 
 #: settings that only say how finished runs are compared: a study may change them on --resume
 #: or --report (its runs stay the ones it would make), and the verdicts are recomputed
-ANALYSIS_KEYS = ("pairs", "margins")
+ANALYSIS_KEYS = ("pairs", "margins", "headroom")
 
 
 def run_diff(old: dict, new: dict) -> list[str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from .stats import paired_interval, t_quantile
+from .stats import paired_interval, paired_p, t_quantile
 
 EARLY_FRAC = 0.25
 # metric -> (higher is better, kind of margin); other metrics found in a record: lower, loss
@@ -132,6 +132,7 @@ def compare(task: str, metric: str, a: str, b: str, va: dict, vb: dict, margins:
            "mean_a": sum(xa) / len(xa), "mean_b": sum(xb) / len(xb),
            "mean_diff": iv["mean_diff"], "sd_diff": iv["sd"], "ci_low": iv["ci_low"],
            "ci_high": iv["ci_high"], "margin": margin, "higher_is_better": higher,
+           "p": paired_p(xa, xb),
            "verdict": v, "within_margin": iv["n"] >= 2 and -margin <= iv["ci_low"]
            and iv["ci_high"] <= margin, "complete": iv["n"] >= expected_n}
     if v == "inconclusive":
