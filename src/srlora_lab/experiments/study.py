@@ -116,6 +116,8 @@ def compact(rec: dict, out: str, path: str) -> dict:
     c = {k: rec.get(k) for k in ("task", "name", "method", "lr", "seed", "steps", "failed")}
     c["file"] = os.path.relpath(path, out)
     c["fp"] = record_id(rec)
+    if rec.get("copied_from"):  # a record copied by an earlier --reuse (compact_records.py)
+        c["origin"] = rec["copied_from"]
     if rec.get("failed"):
         c["error"] = rec.get("error")
         return c
@@ -297,6 +299,8 @@ class Study:
                     if v is not None:
                         if other:
                             v["unpaired_other_machine"] = other
+                        if any(ra[s].get("origin") != rb[s].get("origin") for s in v["seeds"]):
+                            v["mixed_sessions"] = True  # legacy runs: see study_report
                         out.append(v)
         return out
 

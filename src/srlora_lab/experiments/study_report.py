@@ -71,8 +71,8 @@ def verdict_table(summary: dict, task: str) -> str:
     rows = [v for v in summary["verdicts"] if v["task"] == task]
     if not rows:
         return "(no paired final runs yet)"
-    lines = ["| metric | a vs b | n | mean a | mean b | a - b [95% CI] | margin | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| metric | a vs b | n | mean a | mean b | a - b [95% CI] | p | margin | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for v in rows:
         d = 2 if v["metric"].endswith("accuracy") else 4
         verdict = v["verdict"]
@@ -82,11 +82,18 @@ def verdict_table(summary: dict, task: str) -> str:
             verdict += " (within margin)"
         if not v["complete"]:
             verdict += " [partial]"
+        if v.get("mixed_sessions"):
+            verdict += " [mixed sessions]"
         lines.append(f"| {v['metric']} | {v['a']} vs {v['b']} | {v['n']} | {_num(v['mean_a'], d)}"
                      f" | {_num(v['mean_b'], d)} | {_num(v['mean_diff'], d)} "
-                     f"[{_num(v['ci_low'], d)}, {_num(v['ci_high'], d)}] | {_num(v['margin'], d)}"
-                     f" | {verdict} |")
-    return "\n".join(lines)
+                     f"[{_num(v['ci_low'], d)}, {_num(v['ci_high'], d)}] | {_p(v.get('p'))} | "
+                     f"{_num(v['margin'], d)} | {verdict} |")
+    out = "\n".join(lines)
+    if any(v.get("mixed_sessions") for v in rows):
+        out += ("\n\n[mixed sessions]: one side's runs were copied from another study (made in "
+                "another session, before machine fingerprints, possibly on another machine): "
+                "not a one-machine comparison.")
+    return out
 
 
 def selection_table(summary: dict, task: str) -> str:
