@@ -600,7 +600,7 @@ def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys
     assert main(["study", str(tmp_path / "s.yaml"), "--out", str(out), "--report"]) == 0
     md = (out / "verdicts.md").read_text()
     assert "| claim |" in md and "(running, 1 min)" in md
-    assert "| final_accuracy | lora vs srlora | 5 | 82.00 | 80.00 | 2.00 [2.00, 2.00] | 0.50 | " \
+    assert "| final_accuracy | lora vs srlora | 5 | 82.00 | 80.00 | 2.00 [2.00, 2.00] | 0 | 0.50 | " \
         "better |" in md
     assert "| srlora | 5 | 50.0 | 10.0 | 20 | 0.50 |" in md and "| lora | 5 | 4.0 | - |" in md
     # the gap: 0 before step 40, 0.07 +- 0.0157 (t_4 * sd 0.0158 / sqrt 5) after; jump at 40 is

@@ -183,6 +183,8 @@ def switch_gap_table(summary: dict, task: str) -> str:
 def _p(x) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
+    if x == 0:
+        return "0"  # every paired difference the same nonzero number
     return f"{x:.2g}" if x >= 0.001 else f"{x:.1e}"
 
 
