@@ -620,7 +620,7 @@ def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys
     assert main(["study", str(tmp_path / "p.yaml"), "--out", str(out), "--report"]) == 0
     assert "pairs and margins changed" in capsys.readouterr().out
     md = (out / "verdicts.md").read_text()
-    assert "| final_accuracy | srlora vs lora | 5 | 80.00 | 82.00 | -2.00 [-2.00, -2.00] | 1.00 | " \
+    assert "| final_accuracy | srlora vs lora | 5 | 80.00 | 82.00 | -2.00 [-2.00, -2.00] | 0 | 1.00 | " \
         "worse |" in md and "lora vs srlora" not in md
     assert json.loads((out / "spec.json").read_text())["pairs"] == [["srlora", "lora"]]
     saved = json.loads((out / "study.json").read_text())
