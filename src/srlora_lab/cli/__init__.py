@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("compare", "study", "train", "export", "bench", "assets")
+SUBCOMMANDS = ("compare", "study", "train", "export", "bench", "assets", "summary")
 
 
 class UsageError(Exception):
