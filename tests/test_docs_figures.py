@@ -1,0 +1,38 @@
+"""Every figure docs/study.md's summary quotes comes from the committed studies: each row of its
+corrected table is a row that studies/corrected_reading.py computes from the study.json files."""
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "studies"))
+
+import corrected_reading  # noqa: E402
+
+
+def _summary_rows() -> list[str]:
+    text = open(os.path.join(ROOT, "docs", "study.md")).read()
+    block = re.search(r"<!-- corrected:begin -->\n(.*?)<!-- corrected:end -->", text, re.S)
+    assert block, "docs/study.md lost its corrected table"
+    return [ln for ln in block.group(1).splitlines()[2:] if ln.startswith("|")]
+
+
+def test_every_summary_row_is_recomputed_from_the_committed_studies():
+    computed = set(corrected_reading.table(corrected_reading.family()).splitlines()[2:])
+    rows = _summary_rows()
+    assert len(rows) >= 5
+    missing = [r for r in rows if r not in computed]
+    assert missing == [], f"rows that the committed studies do not give: {missing}"
+
+
+def test_the_summary_counts_match_the_families():
+    rows = corrected_reading.family()
+    text = open(os.path.join(ROOT, "docs", "study.md")).read()
+    paper = [r for r in rows if r["family"] == "paper"]
+    variants = [r for r in rows if r["family"] == "variants"]
+    assert f"({len(paper)}\ncomparisons" in text or f"({len(paper)} comparisons" in text
+    assert f"every variant against the published SRLoRA or PiSSA ({len(variants)})" in text
+    assert f"{sum(r['p'] < 0.05 for r in paper)} of {len(paper)} comparisons" in text
+    assert f"one of {len(variants)} survives" in text
+    assert sum(r["found"] != "-" for r in paper) == 2 and all(
+        r["found"] == "worse" for r in paper if r["found"] != "-")
