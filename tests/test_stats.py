@@ -83,3 +83,13 @@ def test_bootstrap_ratio_is_the_ratio_of_means_with_a_deterministic_interval():
     assert a["ci_low"] < a["ratio"] < a["ci_high"] and a == bootstrap_ratio(num, den, reps=2000)
     same = bootstrap_ratio([0.5] * 4, [1.0] * 4, reps=100)
     assert same["ci_low"] == same["ci_high"] == pytest.approx(0.5)
+
+
+def test_compare_says_when_no_paired_interval_excludes_zero():
+    from srlora_lab.experiments.report import distinguishable
+    iv = lambda lo, hi: {"ci_low": lo, "ci_high": hi}
+    flat = {"methods": {"pissa": {"accuracy": iv(-0.05, 0.03), "test_loss": iv(-0.1, 0.2),
+                                  "wall_time_s": iv(1.0, 2.0)}}}
+    assert not distinguishable(flat)  # wall time is not a quality metric
+    flat["methods"]["srlora"] = {"accuracy": iv(-0.05, -0.01)}
+    assert distinguishable(flat)

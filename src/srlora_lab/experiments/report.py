@@ -166,6 +166,25 @@ def _json_safe(p: dict) -> dict:
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in p.items()}
 
 
+PAIRED_METRICS = ("accuracy", "test_loss", "perplexity", "val_accuracy", "loss_auc")
+
+
+def distinguishable(paired: dict) -> bool:
+    """Whether any method's paired interval against LoRA excludes zero on a quality metric
+    (accuracy, test loss, perplexity, validation accuracy, loss AUC; not wall time)."""
+    for e in paired["methods"].values():
+        for k in PAIRED_METRICS:
+            iv = e.get(k)
+            if iv and iv.get("ci_low") is not None and iv.get("ci_high") is not None and (
+                    iv["ci_low"] > 0 or iv["ci_high"] < 0):
+                return True
+    return False
+
+
+def cfg_steps(results: dict):
+    return results.get("config", {}).get("steps", "?")
+
+
 def _fmt_paired(p, scale=1.0, digits=1) -> str:
     if p is None:
         return "-"
@@ -260,6 +279,11 @@ def format_report(results: dict, threshold: Optional[float] = None) -> str:
         out += ["", f"paired difference against lora (method - lora on the same seed; mean "
                     f"[95% paired t-interval]; seeds {seeds}; each method at its lr above):",
                 _paired_table(paired, order)]
+        if not distinguishable(paired):
+            out += ["", f"Every paired interval holds zero: at {cfg_steps(results)} steps and "
+                        f"{len(paired['seeds'])} seeds the methods are not distinguishable. The "
+                        "longer answer (each method at its validated lr, 5+ paired seeds, "
+                        "corrected for multiplicity): srlora study, docs/study.md."]
     if len(rows) > len(best_rows):
         out += ["", "full learning-rate grid (best lr per method chosen on validation accuracy):",
                 _table(rows)]
