@@ -53,7 +53,7 @@ def _warm_linalg(shape: Shape, device: torch.device) -> None:
 
 
 def memory_child(spec: dict) -> dict:
-    """Peak memory of one method ("lora" or "srlora") set up and trained ``steps`` steps.
+    """Peak memory of one method ("lora", "srlora" or "full") set up and trained ``steps`` steps.
 
     SRLoRA switches every ``steps // 2`` steps here, so its peak covers set-up, steps and
     switches; after the steps it calls ``switch_now()`` until every direction is used, so the
@@ -85,6 +85,10 @@ def memory_child(spec: dict) -> dict:
     controller = None
     if spec["method"] == "lora":
         model = get_peft_model(base, lora_config(shape))
+    elif spec["method"] == "full":  # the full fine-tuning yardstick: every weight trains
+        model = base
+        for prm in model.parameters():
+            prm.requires_grad_(True)
     else:  # switch inside the measured steps, so the peak includes a switch's buffers
         model, controller = wrap(base, srlora_config(shape, spec["total_steps"],
                                                      max(1, spec["steps"] // 2),

@@ -138,6 +138,11 @@ def format_report(result: dict) -> str:
                      f"(allowed {_fmt(mem['allowed_bytes'], 'MiB')}: 1.03x + SVD cache "
                      f"{_fmt(mem['svd_cache_bytes'], 'MiB')}; ledger "
                      f"{_fmt(mem['ledger_bytes'], 'MiB')}) |")
+        if mem.get("full_peak_bytes") is not None:
+            lines.append(f"| peak memory of full fine-tuning (every weight, AdamW), the "
+                         f"yardstick | {_fmt(mem['lora_peak_bytes'], 'MiB')} | "
+                         f"{_fmt(mem['full_peak_bytes'], 'MiB')} (full) | "
+                         f"{_fmt(mem['full_ratio'], 'x')} LoRA's |")
     lines += ["", "| target | value | result |", "|---|---|---|"]
     for t in result["targets"]:
         res = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")

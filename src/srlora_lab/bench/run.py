@@ -119,6 +119,10 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: None) -
         sr = run_memory_child({**spec, "method": "srlora"})
         mem = memory_summary(lo, sr, svd_cache_bytes(shapes, shape.r_target), device,
                              ledger_bytes(shapes, shape.r, shape.r_target))
+        fu = run_memory_child({**spec, "method": "full"})  # the full fine-tuning yardstick
+        mem["full_peak_bytes"] = fu["peak_bytes"] - (fu["base_bytes"] if device.type != "cuda"
+                                                     else 0)
+        mem["full_ratio"] = mem["full_peak_bytes"] / mem["lora_peak_bytes"]
 
     result = {"shape": asdict(shape), "options": asdict(opts), "machine": machine_info(device),
               "modules": len(shapes), "switch_interval": interval, "steps": steps,
