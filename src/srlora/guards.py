@@ -1,0 +1,252 @@
+"""Runtime checks that keep srlora from quietly doing something other than what was asked.
+
+The rule (docs/checkpoints.md, "Nothing silent"): a user's file is never overwritten unless they
+ask (``overwrite=True``); what the library cannot do correctly it refuses before any change, with
+a message naming the way out; what it does differently than asked it says once, in a warning
+naming the field. Each function here is one such check, called by a one- or two-line hook from
+the code it guards (export, the controller's step and switch, attach/detach, resume, wrap).
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from .controller import SRLoRAController
+
+
+# ---------------------------------------------------------------------- files (case 1)
+# What ``save_pretrained`` of a transformers model (and ``save_merged`` of a plain module) may
+# write: a folder holding any of these already holds a model the merge would overwrite.
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
+               "model.safetensors.index.json", "model-*-of-*.safetensors", "pytorch_model.bin",
+               "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin")
+
+
+def existing_files(folder, names: Iterable[str]) -> list[str]:
+    """The entries of ``folder`` matching any of ``names`` (glob patterns), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    present = sorted(os.listdir(folder))
+    return [f for f in present if any(fnmatch.fnmatchcase(f, pat) for pat in names)]
+
+
+def check_not_overwriting(folder, names: Iterable[str], overwrite: bool, what: str) -> None:
+    """Refuse (``FileExistsError``, before anything is written) to write ``names`` into
+    ``folder`` when it already holds one of them, unless ``overwrite``."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{what}: {str(folder)!r} exists and is not a folder")
+    if overwrite:
+        return
+    clash = existing_files(folder, names)
+    if clash:
+        more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
+        raise FileExistsError(f"{what}: {str(folder / clash[0])!r}{more} already exists; nothing "
+                              "was written. Choose a new folder, or pass overwrite=True to "
+                              "replace it")
+
+
+def move_into(tmp: Path, folder: Path, overwrite: bool, what: str) -> None:
+    """Move every file written into ``tmp`` into ``folder`` (created if needed), after checking
+    that none of them would replace a file there (unless ``overwrite``); ``tmp`` is removed."""
+    names = sorted(os.listdir(tmp))
+    check_not_overwriting(folder, names, overwrite, what)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        os.replace(tmp / name, folder / name)
+
+
+# ---------------------------------------------------------------------- stepping (cases 3, 15)
+def hooked_step(ctl: "SRLoRAController") -> None:
+    """What the optimizer's step post-hook runs (``attach``): ``ctl.step()``, marked as the
+    hook's own call so that :func:`check_not_double_step` lets it through."""
+    ctl._in_hook = True
+    try:
+        ctl.step()
+    finally:
+        ctl._in_hook = False
+
+
+def check_not_double_step(ctl: "SRLoRAController") -> None:
+    """``step()`` called by hand while attached: the hook already steps the controller after
+    every ``optimizer.step()``, so this would count the same optimizer step twice (switches at
+    half the planned steps). Refused before anything is counted."""
+    if ctl.attached and not getattr(ctl, "_in_hook", False):
+        raise RuntimeError("SRLoRA: controller.step() called while the controller is attached "
+                           "to the optimizer; attach() already steps it after every "
+                           "optimizer.step(), so this would count the optimizer step twice. "
+                           "Remove the controller.step() call, or call controller.detach() to "
+                           "step it by hand")
+
+
+def check_attach(ctl: "SRLoRAController", inner) -> None:
+    """``attach()`` to a second optimizer while attached to another: refused (a silent switch
+    of optimizers would stop the first one's switching and reset the wrong state)."""
+    if ctl.attached and ctl.optimizer is not None and ctl.optimizer is not inner:
+        raise ValueError(f"attach: the controller is already attached to another optimizer "
+                         f"({type(ctl.optimizer).__name__} at {id(ctl.optimizer):#x}); call "
+                         "controller.detach() first to move it to this one")
+
+
+def release(ctl: "SRLoRAController") -> None:
+    """Remove the step hook without a warning (the Trainer callback, re-attaching to the
+    optimizer a resumed Trainer built)."""
+    if ctl._hook is not None:
+        ctl._hook.remove()
+    ctl._hook = None
+
+
+def remaining_switches(ctl: "SRLoRAController") -> list[int]:
+    """The fixed schedule's switch steps after ``global_step`` (empty when unknown)."""
+    if ctl.config.method != "srlora" or ctl.schedule is not None:
+        return []
+    try:
+        steps = ctl.switch_steps
+    except ValueError:
+        return []
+    left = [t for t in steps if t > ctl.global_step]
+    if ctl.config.exhaustion != "refresh" and not any(ctl.switchable()):
+        return []
+    return left
+
+
+def warn_detach(ctl: "SRLoRAController") -> None:
+    """``detach()`` while switches are still to come: say that they now need ``step()``."""
+    if not ctl.attached or ctl.config.method != "srlora" or ctl.global_step == 0:
+        return
+    if ctl.schedule is not None:
+        left = "the adaptive schedule's remaining switches"
+        if ctl.schedule.done or (ctl.total_steps and ctl.global_step >= ctl.total_steps):
+            return
+    else:
+        steps = remaining_switches(ctl)
+        if not steps:
+            return
+        more = "..." if len(steps) > 4 else ""
+        left = f"{len(steps)} scheduled switch(es) (steps {steps[:4]}{more})"
+    warnings.warn(f"SRLoRA: detach() at optimizer step {ctl.global_step}: {left} will not "
+                  "happen unless you call controller.step(optimizer) after each optimizer step "
+                  "or attach(optimizer) again (importance is no longer tracked either)",
+                  RuntimeWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------- zeroed gradients (case 4)
+def _importance_all_zero(ctl: "SRLoRAController") -> bool:
+    """Every importance update so far saw only zero gradients (``ibar`` all zero), and at least
+    one update happened."""
+    imp = ctl.importance
+    if imp is None or int(imp.updates) == 0:
+        return False
+    return not any(bool(g[1].any()) for g in imp._groups if g[1].numel())
+
+
+def check_zero_gradients(ctl: "SRLoRAController", at_switch: bool = False) -> None:
+    """Warn once when the importance has only seen all-zero gradients: at the first step and at
+    the first switch (later, a switch's reset of the importance zeroes it legitimately).
+    ``zero_grad(set_to_none=False)`` before ``step()`` gives this: the switches then choose the
+    pairs to fuse by index, not by importance."""
+    if "zerograd" in ctl._warned or (ctl.history if at_switch else ctl.global_step != 1):
+        return
+    if _importance_all_zero(ctl):
+        ctl._warn_once("zerograd", "SRLoRA: every gradient on the LoRA factors was zero at "
+                       f"{int(ctl.importance.updates)} importance update(s): no importance is "
+                       "tracked and switches choose the pairs to fuse by index. Call "
+                       "controller.step() after optimizer.step() and before zero_grad() (with "
+                       "zero_grad(set_to_none=False) the gradients are zeros, not None)")
+
+
+# ---------------------------------------------------------------------- non-finite (case 5)
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def finite_modules(ctl: "SRLoRAController", todo: list[int]) -> list[int]:
+    """``todo`` without the modules whose LoRA factors or importance scores hold NaN/Inf: their
+    switch would write non-finite values into the frozen weight (or the side path), which the
+    user cannot repair. They are skipped, with a warning naming them; one host sync."""
+    if not todo or ctl.importance is None:
+        return todo
+    flags = []
+    for i in todo:
+        L = ctl.layers[i]
+        ok = torch.isfinite(_local(L.lora_A)).all() & torch.isfinite(_local(L.lora_B)).all()
+        for f in "AB":
+            ok = ok & torch.isfinite(_local(ctl.importance.scores(ctl.importance_name(i, f)))).all()
+        flags.append(ok.to("cpu") if ok.device.type != "cpu" else ok)
+    ok = torch.stack(flags).to(torch.int32)
+    if ctl.sharded is not None and torch.distributed.is_available() and \
+            torch.distributed.is_initialized():  # local shards differ: every rank decides alike
+        dev = ctl.layers[todo[0]].lora_A.device
+        ok = ok.to(dev)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        ok = ok.cpu()
+    bad = [i for i, f in zip(todo, ok.tolist()) if not f]
+    if not bad:
+        return todo
+    names = [ctl.layers[i].name for i in bad]
+    ctl._warn_once("nonfinite", f"SRLoRA: switch at step {ctl.global_step} skipped for "
+                   f"{len(bad)} of {len(todo)} module(s) whose LoRA factors or importance hold "
+                   f"NaN/Inf (e.g. {names[0]!r}): fusing them would put non-finite values into "
+                   "the frozen weight. Their frozen weights are left as they are; the training "
+                   "has diverged (lower the learning rate, clip gradients, or skip non-finite "
+                   "steps) - later switches skip such modules too, without a new warning")
+    return [i for i in todo if i not in set(bad)]
+
+
+# ---------------------------------------------------------------------- resume (case 6)
+def resume_total_steps(ctl: "SRLoRAController", live: Optional[int]) -> None:
+    """After a load: ``total_steps`` may differ between save and resume (docs/checkpoints.md).
+    The live value (the new config's, or ``set_total_steps``) wins over the saved one; the fixed
+    schedule's remaining switches are placed by the new run length (the new schedule's steps
+    after the current one, as many as the switch budget has left), with a warning naming the
+    field."""
+    saved = ctl.total_steps
+    if live is None or live == saved:
+        return
+    ctl.total_steps = live
+    ctl._switch_steps = None
+    if ctl.config.method != "srlora":
+        return
+    msg = (f"SRLoRA: the checkpoint was saved with total_steps={saved}, this run has "
+           f"total_steps={live}: the new total_steps is used")
+    if ctl.schedule is None:
+        from .schedule import fixed_steps
+        new = fixed_steps(ctl.config, live)
+        done = [e["step"] for e in ctl.history]
+        later = [t for t in new if t > ctl.global_step]
+        unbounded = ctl.config.exhaustion == "refresh" and ctl.config.switch_interval is not None
+        if not unbounded:
+            later = later[:max(0, ctl.config.num_switches - len(done))]
+        ctl._switch_steps = set(done) | set(later)
+        msg += (f"; the remaining switches are rescheduled for it: steps {later} (done at "
+                f"{done})")
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------------- wrap (case 8)
+def check_reachable_switches(ctl: "SRLoRAController") -> None:
+    """Warn at wrap when ``r_target`` plans more switches than the layers have directions for
+    (exhaustion "stop": a module whose directions are used up switches no more), naming
+    ``r_target`` and the number of switches that will change anything."""
+    cfg = ctl.config
+    if cfg.method != "srlora" or cfg.exhaustion == "refresh" or not ctl.modules:
+        return
+    k = cfg.r_prime
+    K = max(st.K for st in ctl.modules)
+    real = max(0, (K - cfg.r) // k) if k else 0
+    planned = cfg.num_switches
+    if real >= planned:
+        return
+    warnings.warn(f"SRLoRAConfig.r_target={cfg.r_target} plans {planned} switches, but the "
+                  f"adapted layers have at most {K} singular directions (min(out, in) of the "
+                  f"weight): only the first {real} switch(es) can change anything, the other "
+                  f"{planned - real} would do nothing. Set r_target={K} to spread the {real} "
+                  "real switches over the run (or exhaustion='refresh' to keep switching)",
+                  RuntimeWarning, stacklevel=3)
