@@ -160,7 +160,7 @@ def test_resume_with_another_total_steps_uses_the_new_one(tmp_path):
     srlora.save_checkpoint(tmp_path / "ck", model=model, controller=ctl, optimizer=opt)
     model2, ctl2, opt2 = setup(total_steps=24, r_target=16)
     assert ctl2.switch_steps == [3, 6, 9, 12, 15, 18]
-    with pytest.warns(RuntimeWarning, match=r"total_steps=12.*total_steps=24"):
+    with pytest.warns(RuntimeWarning, match=r"total_steps changes from 12 to 24"):
         srlora.load_checkpoint(tmp_path / "ck", model=model2, controller=ctl2, optimizer=opt2)
     assert ctl2.total_steps == 24
     # 5 switches done (steps 1..5); the 1 left is placed by the new schedule, after step 5
@@ -236,3 +236,19 @@ def test_detach_mid_run_warns_that_switching_stops():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         ctl.detach()
+
+
+def test_set_total_steps_mid_run_keeps_the_switch_budget():
+    # the Trainer callback's path (set_total_steps after the load, from max_steps). 2f10a77:
+    # [3, 6, ..., 18] from scratch, so with exhaustion="refresh" 4 switches beyond the budget
+    model, ctl, opt = trained(steps=5, total_steps=12, r_target=16, exhaustion="refresh")
+    assert [e["step"] for e in ctl.history] == [1, 2, 3, 4, 5]
+    with pytest.warns(RuntimeWarning, match=r"total_steps changes from 12 to 24.*\[6\]"):
+        ctl.set_total_steps(24)
+    assert ctl.switch_steps == [1, 2, 3, 4, 5, 6] and ctl.total_steps == 24
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ctl.set_total_steps(24)  # the same: nothing changes, nothing said
+        model, ctl, opt = setup()
+        ctl.set_total_steps(30)  # before the first step: a plain setting
+    assert ctl.switch_steps == [6, 12, 18, 24]

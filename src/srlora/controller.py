@@ -85,6 +85,8 @@ class SRLoRAController:
         """Set the run length (the Trainer callback does this from ``max_steps``)."""
         if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+        if self.global_step > 0:  # mid-run: the schedule left is re-placed, with a warning
+            return guards.resume_total_steps(self, total_steps)
         self.total_steps = total_steps
         self._switch_steps = None
 

@@ -202,20 +202,22 @@ def finite_modules(ctl: "SRLoRAController", todo: list[int]) -> list[int]:
 
 # ---------------------------------------------------------------------- resume (case 6)
 def resume_total_steps(ctl: "SRLoRAController", live: Optional[int]) -> None:
-    """After a load: ``total_steps`` may differ between save and resume (docs/checkpoints.md).
-    The live value (the new config's, or ``set_total_steps``) wins over the saved one; the fixed
-    schedule's remaining switches are placed by the new run length (the new schedule's steps
-    after the current one, as many as the switch budget has left), with a warning naming the
-    field."""
-    saved = ctl.total_steps
-    if live is None or live == saved:
+    """``total_steps`` changed mid-run: a load into a controller built with another
+    ``total_steps`` (``live``, which docs/checkpoints.md allows), or ``set_total_steps`` after
+    steps were taken (the Trainer callback on a resume with another ``max_steps``). The new value
+    wins; the switches made stay; the fixed schedule's remaining switches are the new schedule's
+    steps after the current one, at most as many as the switch budget has left. One warning
+    naming the field (none when no run length was known before)."""
+    old = ctl.total_steps
+    if live is None or live == old:
         return
     ctl.total_steps = live
     ctl._switch_steps = None
     if ctl.config.method != "srlora":
         return
-    msg = (f"SRLoRA: the checkpoint was saved with total_steps={saved}, this run has "
-           f"total_steps={live}: the new total_steps is used")
+    msg = (f"SRLoRA: total_steps changes from {old} to {live} at optimizer step "
+           f"{ctl.global_step} (a resume with another total_steps, or set_total_steps mid-run): "
+           "the new total_steps is used")
     if ctl.schedule is None:
         from .schedule import fixed_steps
         new = fixed_steps(ctl.config, live)
@@ -225,9 +227,9 @@ def resume_total_steps(ctl: "SRLoRAController", live: Optional[int]) -> None:
         if not unbounded:
             later = later[:max(0, ctl.config.num_switches - len(done))]
         ctl._switch_steps = set(done) | set(later)
-        msg += (f"; the remaining switches are rescheduled for it: steps {later} (done at "
-                f"{done})")
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        msg += f"; the remaining switches are at steps {later} (done at {done})"
+    if old is not None:
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------- wrap (case 8)
