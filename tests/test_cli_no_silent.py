@@ -46,7 +46,10 @@ def test_export_refuses_the_runs_own_folder(run, fmt, capsys):
     before = sorted(os.listdir(run))
     ck = run / "checkpoints"
     step = sorted((ck / os.listdir(ck)[0]).iterdir())[-1]
-    for out in (run, step):
+    link = run.with_name(f"link-to-run-{fmt}")
+    if not link.exists():
+        link.symlink_to(run)
+    for out in (run, step, link, f"{run}/../{run.name}"):
         for extra in ([], ["--overwrite"]):
             assert main(["export", str(run), "--format", fmt, "--out", str(out), *extra]) == 2
             assert "run's own folder" in capsys.readouterr().err
@@ -89,3 +92,10 @@ def test_export_with_a_damaged_run_record_is_one_line_exit_2(run, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"runs[...].{field}" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_export_into_an_empty_or_new_folder_needs_no_flag(run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(run), "--out", str(tmp_path / "empty")]) == 0
+    assert main(["export", str(run), "--format", "merged", "--out", str(tmp_path / "a" / "b")]) == 0
+    assert "model.safetensors" in os.listdir(tmp_path / "a" / "b")

@@ -68,6 +68,12 @@ def test_export_adapter_refuses_to_overwrite_a_users_adapter(tmp_path):
     with pytest.raises(FileExistsError, match=r"adapter_config\.json.*overwrite=True"):
         srlora.export_adapter(model, ctl, d)
     assert snapshot(d) == before  # nothing written
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        srlora.export_adapter(model, ctl, d, overwrite="yes")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        srlora.save_merged(model, ctl, tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "x"
     res = srlora.export_adapter(model, ctl, d, overwrite=True)
     assert json.loads((d / "adapter_config.json").read_text()).get("r") == res.rank
     # a new or empty folder, or one holding other files, needs no flag

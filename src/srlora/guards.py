@@ -40,6 +40,8 @@ def existing_files(folder, names: Iterable[str]) -> list[str]:
 def check_not_overwriting(folder, names: Iterable[str], overwrite: bool, what: str) -> None:
     """Refuse (``FileExistsError``, before anything is written) to write ``names`` into
     ``folder`` when it already holds one of them, unless ``overwrite``."""
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"{what}: overwrite must be True or False, got {overwrite!r}")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{what}: {str(folder)!r} exists and is not a folder")
