@@ -181,14 +181,12 @@ def finite_modules(ctl: "SRLoRAController", todo: list[int]) -> list[int]:
         ok = torch.isfinite(_local(L.lora_A)).all() & torch.isfinite(_local(L.lora_B)).all()
         for f in "AB":
             ok = ok & torch.isfinite(_local(ctl.importance.scores(ctl.importance_name(i, f)))).all()
-        flags.append(ok.to("cpu") if ok.device.type != "cpu" else ok)
-    ok = torch.stack(flags).to(torch.int32)
+        flags.append(ok)
+    dev = flags[0].device  # one device-side stack, then a single host read below
+    ok = torch.stack([f.to(dev) for f in flags]).to(torch.int32)
     if ctl.sharded is not None and torch.distributed.is_available() and \
             torch.distributed.is_initialized():  # local shards differ: every rank decides alike
-        dev = ctl.layers[todo[0]].lora_A.device
-        ok = ok.to(dev)
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-        ok = ok.cpu()
     bad = [i for i, f in zip(todo, ok.tolist()) if not f]
     if not bad:
         return todo
