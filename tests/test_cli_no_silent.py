@@ -24,7 +24,14 @@ def run(tmp_path_factory):
 
 
 def listing(folder):
-    return {p: open(os.path.join(folder, p), "rb").read() for p in sorted(os.listdir(folder))}
+    """Every file under ``folder`` (relative path -> bytes)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = fh.read()
+    return out
 
 
 def test_export_refuses_a_non_empty_out_unless_overwrite(run, tmp_path, capsys):
@@ -99,3 +106,17 @@ def test_export_into_an_empty_or_new_folder_needs_no_flag(run, tmp_path):
     assert main(["export", str(run), "--out", str(tmp_path / "empty")]) == 0
     assert main(["export", str(run), "--format", "merged", "--out", str(tmp_path / "a" / "b")]) == 0
     assert "model.safetensors" in os.listdir(tmp_path / "a" / "b")
+
+
+def test_train_and_compare_refuse_an_out_holding_a_run(run, capsys):
+    # beyond the cases, the same rule: 2f10a77 overwrote a finished run's results.json (and
+    # mixed new checkpoints into its folder) when train/compare were pointed at it again
+    before = listing(run)
+    assert main(["train", "--config", str(run.parent / "a.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err
+    assert main(["compare", "--model", str(run.parent / "tiny-bert"), "--dataset",
+                 str(run.parent / "d.csv"), "--steps", "4", "--batch-size", "8", "--r", "4",
+                 "--r-target", "12", "--out", str(run), "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert listing(run) == before
