@@ -24,7 +24,11 @@ MODES = {  # name -> (config fields, base dtype)
     "residual-fp16": (dict(half_fusion="residual"), torch.float16),
     "original-bf16": (dict(half_fusion="original"), torch.bfloat16),
     "inplace-bf16": (dict(half_fusion="inplace"), torch.bfloat16),
+    "original-fp16": (dict(half_fusion="original"), torch.float16),
+    "inplace-fp16": (dict(half_fusion="inplace"), torch.float16),
+    "virtual-fp16": (dict(fusion="virtual"), torch.float16),
 }
+FP16 = [m for m in MODES if m.endswith("fp16")]
 
 
 def make(mode, **kw):
@@ -163,3 +167,24 @@ def test_finite_runs_do_not_warn_about_non_finite_values():
                 opt.step()
                 opt.zero_grad()
         assert ctl.num_switches == 4, mode
+
+
+@pytest.mark.parametrize("mode", FP16)
+def test_finite_factors_whose_fusion_overflows_float16_are_skipped(mode):
+    """Finite fp32 factors large enough that the fused float16 weight (or the float16 side path)
+    would hold Inf: 2f10a77 wrote the Inf (no warning); now that module is skipped, with a
+    warning naming the dtype, and the other module switches."""
+    model, ctl, opt, dtype = make(mode)
+    ctl.attach(opt)
+    model(x(0, dtype)).float().pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    c = 1e6 if mode.startswith("virtual") else 3e3
+    with torch.no_grad():
+        ctl.layers[0].A().mul_(c)
+        ctl.layers[0].B().mul_(c)
+    assert torch.isfinite(ctl.layers[0].A()).all()
+    with pytest.warns(RuntimeWarning, match=r"range of torch.float16.*" + ctl.layers[0].name):
+        assert ctl.switch_now() == 1
+    assert ctl.history[-1]["modules"] == [1]
+    assert_finite(frozen_state(ctl))

@@ -169,10 +169,32 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _in_range(ctl: "SRLoRAController", i: int) -> Optional[torch.Tensor]:
+    """For a float16 frozen weight (or side path): whether the switch's writes stay within the
+    dtype's range, by a bound (0-dim bool tensor); None for wider dtypes. Weight: ``max|W| +
+    s * sum_j max|B_j| max|A_j|`` over the live pairs (the fused ones are among them) ``+ sum_j
+    S_j max|U_j| max|Vh_j|`` over the next directions; side path: the largest factor entry."""
+    L, st = ctl.layers[i], ctl.modules[i]
+    dtype = st.side.Bt.dtype if st.side is not None else L.base_weight.dtype
+    if not dtype.is_floating_point or torch.finfo(dtype).max > 1e10:
+        return None
+    B, A = _local(L.B()).float(), _local(L.A()).float()
+    big = torch.finfo(dtype).max
+    if st.side is not None:
+        return torch.maximum(B.abs().amax(), A.abs().amax()) < big
+    k, p, s = ctl.config.r_prime, st.p, abs(L.scaling)
+    U, S, Vh = st.U[:, p:p + k], st.S[p:p + k], st.Vh[p:p + k]
+    new = (S * U.abs().amax(0) * Vh.abs().amax(1)).sum() if S.numel() else torch.zeros(())
+    bound = (_local(L.W()).abs().amax().float() + s * (B.abs().amax(0) * A.abs().amax(1)).sum()
+             + new.to(B.device))
+    return bound < big
+
+
 def finite_modules(ctl: "SRLoRAController", todo: list[int]) -> list[int]:
-    """``todo`` without the modules whose LoRA factors or importance scores hold NaN/Inf: their
-    switch would write non-finite values into the frozen weight (or the side path), which the
-    user cannot repair. They are skipped, with a warning naming them; one host sync."""
+    """``todo`` without the modules whose switch would write a non-finite value into the frozen
+    weight (or the side path), which the user cannot repair: LoRA factors or importance scores
+    holding NaN/Inf, or (float16) a fused weight beyond the dtype's range. They are skipped,
+    with a warning naming one; one host sync."""
     if not todo or ctl.importance is None:
         return todo
     flags = []
@@ -181,23 +203,35 @@ def finite_modules(ctl: "SRLoRAController", todo: list[int]) -> list[int]:
         ok = torch.isfinite(_local(L.lora_A)).all() & torch.isfinite(_local(L.lora_B)).all()
         for f in "AB":
             ok = ok & torch.isfinite(_local(ctl.importance.scores(ctl.importance_name(i, f)))).all()
-        flags.append(ok)
+        fits = _in_range(ctl, i)
+        flags += [ok, ok if fits is None else fits.to(ok.device)]
     dev = flags[0].device  # one device-side stack, then a single host read below
     ok = torch.stack([f.to(dev) for f in flags]).to(torch.int32)
     if ctl.sharded is not None and torch.distributed.is_available() and \
             torch.distributed.is_initialized():  # local shards differ: every rank decides alike
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-    bad = [i for i, f in zip(todo, ok.tolist()) if not f]
-    if not bad:
-        return todo
-    names = [ctl.layers[i].name for i in bad]
-    ctl._warn_once("nonfinite", f"SRLoRA: switch at step {ctl.global_step} skipped for "
-                   f"{len(bad)} of {len(todo)} module(s) whose LoRA factors or importance hold "
-                   f"NaN/Inf (e.g. {names[0]!r}): fusing them would put non-finite values into "
-                   "the frozen weight. Their frozen weights are left as they are; the training "
-                   "has diverged (lower the learning rate, clip gradients, or skip non-finite "
-                   "steps) - later switches skip such modules too, without a new warning")
-    return [i for i in todo if i not in set(bad)]
+    ok = ok.view(-1, 2).tolist()
+    nonfinite = [i for i, (f, _) in zip(todo, ok) if not f]
+    overflow = [i for i, (f, r) in zip(todo, ok) if f and not r]
+    if nonfinite:
+        ctl._warn_once("nonfinite", f"SRLoRA: switch at step {ctl.global_step} skipped for "
+                       f"{len(nonfinite)} of {len(todo)} module(s) whose LoRA factors or "
+                       f"importance hold NaN/Inf (e.g. {ctl.layers[nonfinite[0]].name!r}): "
+                       "fusing them would put non-finite values into the frozen weight. Their "
+                       "frozen weights are left as they are; the training has diverged (lower "
+                       "the learning rate, clip gradients, or skip non-finite steps) - later "
+                       "switches skip such modules too, without a new warning")
+    if overflow:
+        L = ctl.layers[overflow[0]]
+        ctl._warn_once("overflow", f"SRLoRA: switch at step {ctl.global_step} skipped for "
+                       f"{len(overflow)} of {len(todo)} module(s) whose fused weight could exceed "
+                       f"the range of {L.dtype} (e.g. {L.name!r}, LoRA factors up to "
+                       f"{float(L.B().abs().max()):.3g} / {float(L.A().abs().max()):.3g}): it "
+                       "would hold Inf. Their frozen weights are left as they are; lower the "
+                       "learning rate or clip gradients (or use a float32 / bfloat16 base) - "
+                       "later switches skip such modules too, without a new warning")
+    bad = set(nonfinite) | set(overflow)
+    return [i for i in todo if i not in bad] if bad else todo
 
 
 # ---------------------------------------------------------------------- resume (case 6)
