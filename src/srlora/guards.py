@@ -105,34 +105,54 @@ def release(ctl: "SRLoRAController") -> None:
     ctl._hook = None
 
 
-def remaining_switches(ctl: "SRLoRAController") -> list[int]:
-    """The fixed schedule's switch steps after ``global_step`` (empty when unknown)."""
-    if ctl.config.method != "srlora" or ctl.schedule is not None:
-        return []
+def planned_steps(ctl: "SRLoRAController") -> Optional[list[int]]:
+    """The switch steps when the schedule plans them ahead (the fixed one), else None (the
+    adaptive schedule, the baselines, or a schedule that cannot be built yet)."""
+    if ctl.config.method != "srlora":
+        return None
+    planned = getattr(ctl.schedule, "planned", None)  # a strategy object, where it is one
+    if ctl.schedule is not None and planned is None:
+        return None  # the adaptive schedule of this tree
     try:
-        steps = ctl.switch_steps
+        return ctl.switch_steps if planned is None else planned(ctl.total_steps)
     except ValueError:
+        return None
+
+
+def _override_planned(ctl: "SRLoRAController", steps: set) -> None:
+    """Make ``steps`` the planned switch steps for the current ``total_steps``."""
+    if ctl.schedule is None:  # this tree: the fixed schedule is kept by the controller
+        ctl._switch_steps = set(steps)
+    else:  # a fixed-schedule strategy caching (total_steps, its steps)
+        ctl.schedule._cache = (ctl.total_steps, frozenset(steps))
+
+
+def remaining_switches(ctl: "SRLoRAController") -> list[int]:
+    """The planned switch steps after ``global_step`` that can still change something."""
+    steps = planned_steps(ctl)
+    if not steps:
         return []
-    left = [t for t in steps if t > ctl.global_step]
-    if ctl.config.exhaustion != "refresh" and not any(ctl.switchable()):
+    if ctl.config.exhaustion == "stop" and not any(ctl.switchable()):
         return []
-    return left
+    return [t for t in steps if t > ctl.global_step]
 
 
 def warn_detach(ctl: "SRLoRAController") -> None:
     """``detach()`` while switches are still to come: say that they now need ``step()``."""
     if not ctl.attached or ctl.config.method != "srlora" or ctl.global_step == 0:
         return
-    if ctl.schedule is not None:
-        left = "the adaptive schedule's remaining switches"
-        if ctl.schedule.done or (ctl.total_steps and ctl.global_step >= ctl.total_steps):
-            return
-    else:
+    if planned_steps(ctl) is not None:
         steps = remaining_switches(ctl)
         if not steps:
             return
         more = "..." if len(steps) > 4 else ""
         left = f"{len(steps)} scheduled switch(es) (steps {steps[:4]}{more})"
+    else:  # decided as training goes (the adaptive schedule)
+        ended = ctl.total_steps is not None and ctl.global_step >= ctl.total_steps
+        if getattr(ctl.schedule, "done", False) or ended or (
+                ctl.config.exhaustion == "stop" and not any(ctl.switchable())):
+            return
+        left = "the adaptive schedule's remaining switches"
     warnings.warn(f"SRLoRA: detach() at optimizer step {ctl.global_step}: {left} will not "
                   "happen unless you call controller.step(optimizer) after each optimizer step "
                   "or attach(optimizer) again (importance is no longer tracked either)",
@@ -239,28 +259,30 @@ def resume_total_steps(ctl: "SRLoRAController", live: Optional[int]) -> None:
     """``total_steps`` changed mid-run: a load into a controller built with another
     ``total_steps`` (``live``, which docs/checkpoints.md allows), or ``set_total_steps`` after
     steps were taken (the Trainer callback on a resume with another ``max_steps``). The new value
-    wins; the switches made stay; the fixed schedule's remaining switches are the new schedule's
-    steps after the current one, at most as many as the switch budget has left. One warning
-    naming the field (none when no run length was known before)."""
+    wins; the switches made stay; a planned (fixed) schedule's remaining switches are the new
+    schedule's steps after the current one, at most as many as the switch budget has left. One
+    warning naming the field (none when no run length was known before)."""
     old = ctl.total_steps
     if live is None or live == old:
         return
     ctl.total_steps = live
-    ctl._switch_steps = None
+    if ctl.schedule is None:
+        ctl._switch_steps = None  # rebuilt from the new total_steps on the next read
     if ctl.config.method != "srlora":
         return
     msg = (f"SRLoRA: total_steps changes from {old} to {live} at optimizer step "
            f"{ctl.global_step} (a resume with another total_steps, or set_total_steps mid-run): "
            "the new total_steps is used")
-    if ctl.schedule is None:
-        from .schedule import fixed_steps
-        new = fixed_steps(ctl.config, live)
+    new = planned_steps(ctl)
+    if new is not None:
         done = [e["step"] for e in ctl.history]
         later = [t for t in new if t > ctl.global_step]
-        unbounded = ctl.config.exhaustion == "refresh" and ctl.config.switch_interval is not None
+        unbounded = getattr(ctl.schedule, "unbounded", None)
+        if unbounded is None:
+            unbounded = ctl.config.exhaustion == "refresh" and ctl.config.switch_interval is not None
         if not unbounded:
             later = later[:max(0, ctl.config.num_switches - len(done))]
-        ctl._switch_steps = set(done) | set(later)
+        _override_planned(ctl, set(done) | set(later))
         msg += f"; the remaining switches are at steps {later} (done at {done})"
     if old is not None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
