@@ -277,10 +277,9 @@ def resume_total_steps(ctl: "SRLoRAController", live: Optional[int]) -> None:
     if new is not None:
         done = [e["step"] for e in ctl.history]
         later = [t for t in new if t > ctl.global_step]
-        unbounded = getattr(ctl.schedule, "unbounded", None)
-        if unbounded is None:
-            unbounded = ctl.config.exhaustion == "refresh" and ctl.config.switch_interval is not None
-        if not unbounded:
+        # directions never run out and switch_interval: the interval runs to the end of the run
+        unbounded = getattr(ctl.schedule, "unbounded", ctl.config.exhaustion == "refresh")
+        if not (unbounded and ctl.config.switch_interval is not None):
             later = later[:max(0, ctl.config.num_switches - len(done))]
         _override_planned(ctl, set(done) | set(later))
         msg += f"; the remaining switches are at steps {later} (done at {done})"
