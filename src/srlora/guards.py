@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from .controller import SRLoRAController
 
 
+def _switching(ctl: "SRLoRAController") -> bool:
+    """Does this controller's method switch (srlora; and any other the config lists)?"""
+    from . import config
+    return ctl.config.method in getattr(config, "SWITCHING", ("srlora",))
+
+
 # ---------------------------------------------------------------------- files (case 1)
 # What ``save_pretrained`` of a transformers model (and ``save_merged`` of a plain module) may
 # write: a folder holding any of these already holds a model the merge would overwrite.
@@ -108,7 +114,7 @@ def release(ctl: "SRLoRAController") -> None:
 def planned_steps(ctl: "SRLoRAController") -> Optional[list[int]]:
     """The switch steps when the schedule plans them ahead (the fixed one), else None (the
     adaptive schedule, the baselines, or a schedule that cannot be built yet)."""
-    if ctl.config.method != "srlora":
+    if not _switching(ctl):
         return None
     planned = getattr(ctl.schedule, "planned", None)  # a strategy object, where it is one
     if ctl.schedule is not None and planned is None:
@@ -139,7 +145,7 @@ def remaining_switches(ctl: "SRLoRAController") -> list[int]:
 
 def warn_detach(ctl: "SRLoRAController") -> None:
     """``detach()`` while switches are still to come: say that they now need ``step()``."""
-    if not ctl.attached or ctl.config.method != "srlora" or ctl.global_step == 0:
+    if not ctl.attached or not _switching(ctl) or ctl.global_step == 0:
         return
     if planned_steps(ctl) is not None:
         steps = remaining_switches(ctl)
@@ -268,7 +274,7 @@ def resume_total_steps(ctl: "SRLoRAController", live: Optional[int]) -> None:
     ctl.total_steps = live
     if ctl.schedule is None:
         ctl._switch_steps = None  # rebuilt from the new total_steps on the next read
-    if ctl.config.method != "srlora":
+    if not _switching(ctl):
         return
     msg = (f"SRLoRA: total_steps changes from {old} to {live} at optimizer step "
            f"{ctl.global_step} (a resume with another total_steps, or set_total_steps mid-run): "
@@ -293,7 +299,7 @@ def check_reachable_switches(ctl: "SRLoRAController") -> None:
     (exhaustion "stop": a module whose directions are used up switches no more), naming
     ``r_target`` and the number of switches that will change anything."""
     cfg = ctl.config
-    if cfg.method != "srlora" or cfg.exhaustion == "refresh" or not ctl.modules:
+    if not _switching(ctl) or cfg.exhaustion != "stop" or not ctl.modules:
         return
     k = cfg.r_prime
     K = max(st.K for st in ctl.modules)
