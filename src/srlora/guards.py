@@ -12,12 +12,12 @@ import fnmatch
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
-if TYPE_CHECKING:
-    from .controller import SRLoRAController
+# "SRLoRAController" in the annotations is srlora.controller.SRLoRAController; not imported, even
+# under TYPE_CHECKING: the controller imports this module (no import cycle under src/)
 
 
 def _switching(ctl: "SRLoRAController") -> bool:
