@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import controller_state
+from . import controller_state, guards
 from .config import SRLoRAConfig
 from .engines import check_engine, is_fsdp2, sharding_reason, unwrap_optimizer
 from .fusion import delta_factors
@@ -85,6 +85,8 @@ class SRLoRAController:
         """Set the run length (the Trainer callback does this from ``max_steps``)."""
         if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+        if self.global_step > 0:  # mid-run: the schedule left is re-placed, with a warning
+            return guards.resume_total_steps(self, total_steps)
         self.total_steps = total_steps
         self._switch_steps = None
 
@@ -150,14 +152,17 @@ class SRLoRAController:
         trains the adapter's factors and that the schedule is known, before hooking in.
         """
         inner = self._bind(optimizer)
+        guards.check_attach(self, inner)  # attached to another optimizer: refused
         _ = self.switch_steps  # raises now if the schedule cannot be built
-        self.detach()
+        guards.release(self)
         self.optimizer = inner
         self._rewarm.reset()
-        self._hook = inner.register_step_post_hook(lambda opt, args, kwargs: self.step())
+        self._hook = inner.register_step_post_hook(lambda opt, a, kw: guards.hooked_step(self))
         return self
 
     def detach(self) -> None:
+        """Stop stepping after ``optimizer.step()`` (warns if switches were still to come)."""
+        guards.warn_detach(self)
         if self._hook is not None:
             self._hook.remove()
         self._hook = None
@@ -205,12 +210,10 @@ class SRLoRAController:
         state a switch resets; it is checked as ``attach`` checks it. ``loss``: this step's
         training loss, for the adaptive schedule (:meth:`observe_loss`).
         """
+        guards.check_not_double_step(self)  # attached: the hook steps it already
         if loss is not None:
             self.observe_loss(loss)
         if optimizer is not None and self.optimizer is not unwrap_optimizer(optimizer):
-            if self.attached:
-                raise ValueError("step(optimizer): the controller is attached to another "
-                                 "optimizer; call step() without it, or detach() first")
             self.optimizer = self._bind(optimizer)
             self._rewarm.reset()
         policy = self.config.optimizer_state
@@ -231,6 +234,7 @@ class SRLoRAController:
             self._warn_once("nograd", "SRLoRA: step() found no gradient on the LoRA factors; "
                             "call it after optimizer.step() and before zero_grad()")
         self.global_step += 1
+        guards.check_zero_gradients(self)  # zero_grad(set_to_none=False) before step()
         if self.schedule is not None:
             reason = self.schedule.decide(self, updated)
             if reason is not None:
@@ -284,6 +288,8 @@ class SRLoRAController:
         k = self.config.r_prime
         todo = [i for i, ok in enumerate(self.switchable()) if ok]  # others: exhausted
         grads = self._probe.take() if self._probe is not None else None  # (a collective)
+        guards.check_zero_gradients(self, at_switch=True)
+        todo = guards.finite_modules(self, todo)  # NaN/Inf factors are never fused
         if not todo:
             if self.schedule is not None:
                 self.schedule.switched(self.global_step, False)
@@ -373,8 +379,10 @@ class SRLoRAController:
 
     def load_state_dict(self, sd: dict) -> None:
         """Load state saved by ``state_dict()``; checks every key and shape before writing."""
+        live = self.total_steps
         controller_state.load_state(self, sd)
         self._switch_steps = None
+        guards.resume_total_steps(self, live)  # the new total_steps wins (docs/checkpoints.md)
         self._rewarm.reset()
         if self._probe is not None:
             self._probe.clear()

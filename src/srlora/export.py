@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -31,8 +32,10 @@ import torch
 
 from ._errors import SRLoRAError
 from .controller import SRLoRAController
+from .guards import MODEL_FILES, check_not_overwriting, move_into
 
 EXPORT_INFO = "srlora_export.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", EXPORT_INFO)
 _PREFIX = "base_model.model."
 
 __all__ = ["export_adapter", "save_merged", "delta_svd", "truncate_delta", "ExportResult"]
@@ -123,7 +126,7 @@ def _write_atomic(path: Path, write) -> None:
 # ---------------------------------------------------------------------- export_adapter
 @torch.no_grad()
 def export_adapter(model, controller: SRLoRAController, path, rank: Optional[int] = None,
-                   energy: Optional[float] = None) -> ExportResult:
+                   energy: Optional[float] = None, overwrite: bool = False) -> ExportResult:
     """Write a plain PEFT LoRA adapter, relative to the ORIGINAL base weights, into ``path``.
 
     Without ``rank``/``energy`` the export is exact: per module the rank is ``r + (p - r) + p``
@@ -133,7 +136,9 @@ def export_adapter(model, controller: SRLoRAController, path, rank: Optional[int
     ``modules_to_save`` weights are included. Load with
     ``PeftModel.from_pretrained(original_base_model, path)``. The live model is not changed.
     Writes ``adapter_model.safetensors``, ``adapter_config.json`` and ``srlora_export.json``
-    (ranks and errors); returns the same as an :class:`ExportResult`.
+    (ranks and errors); returns the same as an :class:`ExportResult`. A folder that already
+    holds one of these files is refused (``FileExistsError``, nothing written) unless
+    ``overwrite=True``.
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -144,8 +149,10 @@ def export_adapter(model, controller: SRLoRAController, path, rank: Optional[int
         raise ValueError("export_adapter: give rank or energy, not both")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ValueError(f"export_adapter: rank must be an integer >= 1, got {rank!r}")
-    if energy is not None and not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0):
+    if energy is not None and (not isinstance(energy, (int, float)) or isinstance(energy, bool)
+                               or not 0.0 < energy <= 1.0):
         raise ValueError(f"export_adapter: energy must be in (0, 1], got {energy!r}")
+    check_not_overwriting(path, ADAPTER_FILES, overwrite, "export_adapter")
     adapter = controller.layers[0].adapter if controller.layers else "default"
     peft_cfg = model.peft_config[adapter]
     _check_exportable(peft_cfg)
@@ -221,7 +228,8 @@ def _check_patterns(cfg, ranks: dict[str, int]) -> None:
 
 # ---------------------------------------------------------------------- save_merged
 @torch.no_grad()
-def save_merged(model, controller: SRLoRAController, path, safe_merge: bool = True):
+def save_merged(model, controller: SRLoRAController, path, safe_merge: bool = True,
+                overwrite: bool = False):
     """Save the trained model with ``W + s*B@A`` merged into every adapted layer.
 
     Works on a deep copy (PEFT's ``merge_and_unload``), so the live training model is left as
@@ -236,9 +244,15 @@ def save_merged(model, controller: SRLoRAController, path, safe_merge: bool = Tr
     layer holds ``deq(Wq) + s*Bd@Ad``, one rounding to the dequantized dtype. It computes what
     the trained model computes up to that rounding (and, for 8-bit, up to the int8 kernel's
     own activation rounding, which the full-precision model no longer does).
+
+    A folder that already holds model files (``config.json``, ``model.safetensors``, shards, ...)
+    is refused (``FileExistsError``, checked before the merge and again before the files are
+    moved in from a temporary folder beside it) unless ``overwrite=True``.
     """
     if model is not controller.model:
         raise ValueError("model is not the model this controller adapts")
+    out = Path(path)
+    check_not_overwriting(out, MODEL_FILES, overwrite, "save_merged")
     if any(L.quantized for L in controller.layers):  # bitsandbytes: a full-precision model
         _check_exportable(model.peft_config[controller.layers[0].adapter])
         merged = dequantized_copy(model)
@@ -247,13 +261,19 @@ def save_merged(model, controller: SRLoRAController, path, safe_merge: bool = Tr
         merged = copy.deepcopy(model).merge_and_unload(safe_merge=safe_merge)
         if controller.config.fusion == "virtual":  # the side path is not in PEFT's merge
             _merge_virtual_(merged, controller)
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    if hasattr(merged, "save_pretrained"):
-        merged.save_pretrained(str(out))
-    else:
-        from safetensors.torch import save_model
-        _write_atomic(out / "model.safetensors", lambda p: save_model(merged, str(p)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:  # written beside the target, then moved in: nothing there is replaced unless asked
+        if hasattr(merged, "save_pretrained"):
+            merged.save_pretrained(str(tmp))
+        else:
+            from safetensors.torch import save_model
+            save_model(merged, str(tmp / "model.safetensors"))
+        move_into(tmp, out, overwrite, "save_merged")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -12,6 +12,7 @@ from .config import SRLoRAConfig
 from .controller import SRLoRAController, SVDFn
 from .distributed import default_svd_fn
 from .engines import check_engine_at_wrap
+from .guards import check_reachable_switches
 from .layers import AdaptedLayer, check_supported, keep_standard_4bit_layout
 
 
@@ -183,4 +184,5 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
         snapshot.restore()
         raise
     keep_standard_4bit_layout(peft_model)  # what srlora reads and exports stays readable
+    check_reachable_switches(controller)  # r_target beyond the layers' directions: warned
     return peft_model, controller

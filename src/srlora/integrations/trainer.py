@@ -34,6 +34,7 @@ from transformers import TrainerCallback
 from .._errors import CheckpointMismatchError
 from ..checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from ..controller import SRLoRAController
+from ..guards import release
 
 SUBDIR = "srlora"
 
@@ -116,6 +117,7 @@ class SRLoRACallback(TrainerCallback):
                              f"{ctl.global_step} optimizer steps but the Trainer starts at step "
                              "0; wrap a fresh model for a new run, or resume from a checkpoint")
         ctl.set_total_steps(int(state.max_steps))
+        release(ctl)  # the Trainer's (possibly new) optimizer replaces the one this hooked
         ctl.attach(optimizer)
         return control
 

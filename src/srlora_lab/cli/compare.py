@@ -147,6 +147,15 @@ def _check_out(out: str) -> None:
         raise UsageError(f"--out {out!r}: not writable (no write permission in {parent!r})")
 
 
+def check_new_out(out: str) -> None:
+    """Without --resume: refuse an --out that already holds a run (its results.json or
+    checkpoints would be overwritten), naming the ways out."""
+    held = [p for p in ("results.json", "checkpoints") if os.path.exists(os.path.join(out, p))]
+    if held:
+        raise UsageError(f"--out {out!r} already holds a run ({held[0]}); nothing was written. "
+                         "Pass --resume to continue it, or choose another --out")
+
+
 def make_out(out: str) -> None:
     """Create the output folder (after every input check)."""
     try:
@@ -309,6 +318,8 @@ def run(args) -> int:
     _check_out(cfg.out)
     if args.resume:
         check_resumable(cfg.out)
+    else:
+        check_new_out(cfg.out)  # a finished run is never overwritten
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)

@@ -96,7 +96,8 @@ def run(args) -> int:
 
     from ..experiments import plots, report
     from ..experiments.compare import run_compare
-    from .compare import _check_out, build_config, check_resumable, make_out, prepare
+    from .compare import (_check_out, build_config, check_new_out, check_resumable, make_out,
+                          prepare)
 
     if args.resume:
         saved = os.path.join(args.resume, "run.yaml")
@@ -131,6 +132,8 @@ def run(args) -> int:
     _check_out(cfg.out)
     if args.resume:
         check_resumable(cfg.out)
+    else:
+        check_new_out(cfg.out)  # a finished run is never overwritten
     bundle, enc, sp, meta = prepare(cfg)
     make_out(cfg.out)  # only now, with every input checked: a refused input leaves nothing
     with open(os.path.join(cfg.out, "run.yaml"), "w") as f:
