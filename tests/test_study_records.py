@@ -188,3 +188,21 @@ def test_full_takes_no_adapter_settings(tiny_dir):
     with pytest.raises(study_spec.SpecError, match=r"methods\[0\].r: method 'full' has no adapter"):
         study_spec.parse(yaml.safe_load(_spec(tiny_dir, methods=[
             {"name": "full", "method": "full", "r": 4}, "lora"]).read_text()))
+
+
+def test_compare_runs_full_and_refuses_what_it_cannot_do(tiny_dir, tmp_path, capsys):
+    common = ["compare", "--model", str(tiny_dir / "tiny-bert"), "--dataset",
+              str(tiny_dir / "d.csv"), "--steps", "4", "--seeds", "0,1", "--no-progress",
+              "--target-modules", "query,value", "--lr", "1e-2,full=1e-3"]
+    out = tmp_path / "cmp"
+    assert main(common + ["--methods", "lora,full", "--out", str(out)]) == 0
+    runs = json.load(open(out / "results.json"))["runs"]
+    assert {r["method"] for r in runs} == {"lora", "full"}
+    capsys.readouterr()
+    assert main(["export", str(out), "--run", "full,0,0.001", "--out", str(tmp_path / "e")]) == 2
+    assert "no adapter to export" in capsys.readouterr().err
+    assert main(common + ["--methods", "lora,full", "--save-every", "2", "--out",
+                          str(tmp_path / "c2")]) == 2
+    assert "full fine-tuning runs do not checkpoint" in capsys.readouterr().err
+    assert main(common + ["--methods", "full:gamma=1", "--out", str(tmp_path / "c3")]) == 2
+    assert "takes no settings" in capsys.readouterr().err

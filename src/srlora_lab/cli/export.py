@@ -126,6 +126,10 @@ def run(args) -> int:
     # moved run folder exports itself)
     here = dataclasses.replace(cfg, out=args.run_dir)
     ckpt = checkpointing.latest(run_dir(here, rec["method"], rec["lr"], rec["seed"]))
+    if ckpt is None and (cfg.variants.get(rec["method"], {}).get("method") or
+                         rec["method"]) == "full":
+        raise UsageError(f"run {rec['method']},{rec['seed']},{rec['lr']:g} is full "
+                         "fine-tuning: it has no adapter to export")
     if ckpt is None:
         raise UsageError(f"run {rec['method']},{rec['seed']},{rec['lr']:g} has no checkpoint; "
                          "train with save_every (srlora train always saves the final step)")
