@@ -9,9 +9,11 @@ import math
 import os
 import sys
 
+from srlora.config import METHODS  # the library's list of methods
+
 from . import UsageError
 
-METHODS = ("lora", "pissa", "srlora")
+LR_LIKE = {"relora": "lora"}  # no per-method task lr of its own: this one's (ReLoRA starts as LoRA)
 
 
 def _task_help() -> str:
@@ -125,7 +127,9 @@ def parse_lrs(spec: str, methods: list[str], default: str, bases: dict | None = 
         raise UsageError("--lr: empty")
     out = {}
     for m in methods:
-        v = per.get(m) or shared or d_per.get(m) or d_per.get(bases.get(m, m)) or d_shared
+        base = bases.get(m, m)
+        v = (per.get(m) or shared or d_per.get(m) or d_per.get(base)
+             or d_per.get(LR_LIKE.get(base, base)) or d_shared)
         out[m] = sorted(set(v))
     return out
 
