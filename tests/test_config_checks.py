@@ -85,3 +85,14 @@ def test_an_absent_accelerator_is_refused_by_wrap_naming_the_field():
     with pytest.raises(ValueError, match="SRLoRAConfig.offload_device: 'cuda:0' cannot hold"):
         srlora.wrap(net, cfg)
     assert not has_peft_layers(net)
+
+
+def test_a_field_only_an_unchosen_strategy_reads_warns_naming_it():
+    """Strategies declare the fields only they read (``reads``): set while another strategy is
+    chosen, the field is named in one warning, not silently ignored."""
+    with pytest.warns(UserWarning, match=r"adaptive_window=3 is ignored \(read only by "
+                                         r"switch_schedule='adaptive'\)"):
+        srlora.SRLoRAConfig(adaptive_window=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        srlora.SRLoRAConfig(adaptive_window=3, switch_schedule="adaptive", total_steps=100)

@@ -233,20 +233,24 @@ class SRLoRAConfig:
         if self.switch_span is not None and self.switch_interval is not None:
             bad("switch_span", "sets the interval from the run's length; give it or "
                                "switch_interval, not both")
-        from .strategies import check_config
+        from .strategies import check_config, ignored_fields
         check_config(self)  # the strategies' declared needs and conflicts, in one place
+        unread = ignored_fields(self, _DEFAULTS)
+        self._warn_once("strategy", list(unread), "read only by " + ", ".join(
+            sorted(set(unread.values()))))
 
     def _warn_ignored(self) -> None:
-        """Once per config: a method that never switches ignores the switching fields set."""
-        set_ = [f"{k}={getattr(self, k)!r}" for k in SWITCH_FIELDS
-                if getattr(self, k) != _DEFAULTS[k]]
-        if set_ and self.__dict__.get("_ignored_warned") != set_:
-            self.__dict__["_ignored_warned"] = set_
-            one = len(set_) == 1
-            warnings.warn(f"SRLoRAConfig: method={self.method!r} never switches, so "
-                          f"{', '.join(set_)} {'is' if one else 'are'} ignored "
-                          f"({'it steers' if one else 'they steer'} switches only; use "
-                          "method='srlora' to switch)", UserWarning, stacklevel=5)
+        """A method that never switches ignores the switching fields set."""
+        self._warn_once("method", [k for k in SWITCH_FIELDS if getattr(self, k) != _DEFAULTS[k]],
+                        f"method={self.method!r} never switches; use method='srlora' to switch")
+
+    def _warn_once(self, key: str, names: list, why: str) -> None:
+        """Once per config and set of fields: warn that ``names`` (set) are ignored, and why."""
+        set_ = [f"{k}={getattr(self, k)!r}" for k in names]
+        if set_ and self.__dict__.get(f"_warned_{key}") != set_:
+            self.__dict__[f"_warned_{key}"] = set_
+            warnings.warn(f"SRLoRAConfig: {', '.join(set_)} {'is' if len(set_) == 1 else 'are'}"
+                          f" ignored ({why})", UserWarning, stacklevel=5)
 
     def _apply_preset(self) -> None:
         """A preset method's fields: set where left at the default, refused where set

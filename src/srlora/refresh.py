@@ -28,8 +28,7 @@ from typing import NamedTuple
 import torch
 
 from .distributed import broadcast_from_rank0
-from .factors import join_residual
-from .fusion import rebuild_base, subtracted_factors
+from .fusion import frozen_weight
 from .module_state import ModuleState, StateStack
 from .svd import top_singular_directions_many
 
@@ -60,24 +59,6 @@ def block_size(st: ModuleState, k: int) -> int:
 def needs_refresh(st: ModuleState, k: int) -> bool:
     """Fewer than ``k`` unused directions, and a refresh can supply ``k``."""
     return st.p + k > st.K and block_size(st, k) >= k
-
-
-@torch.no_grad()
-def frozen_weight(st: ModuleState) -> torch.Tensor:
-    """The module's current frozen weight (everything but ``s*B@A``) in fp32, on its device."""
-    L, s = st.layer, st.layer.scaling
-    W = L.W()
-    if st.side is not None:  # fusion="virtual": W is W0; the change lives in the side path
-        Bs, As = subtracted_factors(st, W.device)
-        out = W.float() - s * (Bs @ As)
-        if st.fused() > 0:
-            out += s * (st.fetch(st.FB, W.device) @ st.fetch(st.FA, W.device))
-        return out
-    if st.original is not None:
-        return rebuild_base(st)
-    if st.residual is not None:
-        return join_residual(W, st.residual)
-    return W.float()
 
 
 def stacks_at_one_pointer(modules: list[ModuleState], idx: list[int]) -> list[StateStack]:

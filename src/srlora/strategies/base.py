@@ -10,7 +10,9 @@ a registered :class:`Strategy` subclass that declares
   the weight-gradient probe during the step before a switch, ``"optimizer"``: the optimizer
   whose state a switch edits);
 * ``refuses``: field values it cannot be combined with, each with the reason;
-* ``fsdp2``: whether it runs under FSDP2's sharded switch.
+* ``fsdp2``: whether it runs under FSDP2's sharded switch;
+* ``reads``: the config fields only it reads (set while another strategy is chosen, they are
+  ignored, and the config warns once naming them).
 
 :mod:`srlora.strategies.checks` turns those declarations into the refusals, in one place. The
 core (controller, switch) asks the registry for a field's strategy and never names a variant.
@@ -31,6 +33,7 @@ class Strategy:
     needs: ClassVar[frozenset] = frozenset()
     refuses: ClassVar[dict] = {}  # other field -> (values, why)
     fsdp2: ClassVar[bool] = True
+    reads: ClassVar[frozenset] = frozenset()
 
     def __init__(self, config):
         self.config = config

@@ -28,6 +28,19 @@ def check_config(config) -> None:
                                  f"SRLoRAConfig.{other}={value!r})")
 
 
+def ignored_fields(config, defaults: dict) -> dict[str, str]:
+    """Fields set away from their default (``defaults``) that only strategies not chosen read
+    -> ``field='value'`` of the strategies that would read them."""
+    read = {f for cls in chosen(config) for f in cls.reads}
+    owners: dict[str, list[str]] = {}
+    for by_name in REGISTRY.values():
+        for cls in by_name.values():
+            for f in cls.reads:
+                owners.setdefault(f, []).append(f"{cls.field}={cls.name!r}")
+    return {f: " or ".join(o) for f, o in sorted(owners.items())
+            if f not in read and getattr(config, f) != defaults[f]}
+
+
 def needing(config, need: str) -> list[type]:
     return [cls for cls in chosen(config) if need in cls.needs]
 
@@ -43,5 +56,5 @@ def fsdp2_refused(config) -> list[str]:
     return [f"{cls.field}={cls.name!r}" for cls in chosen(config) if not cls.fsdp2]
 
 
-__all__ = ["Strategy", "check_config", "check_optimizer", "fsdp2_refused",
+__all__ = ["Strategy", "check_config", "ignored_fields", "check_optimizer", "fsdp2_refused",
            "chosen", "STEP_FIELDS"]

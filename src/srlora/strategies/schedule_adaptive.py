@@ -13,6 +13,7 @@ class AdaptiveSchedule(Schedule):
     name = "adaptive"
     stateful = True
     reads_loss = True
+    reads = frozenset({"adaptive_window", "adaptive_settled", "adaptive_plateau"})
     needs = frozenset({"total_steps"})
     refuses = {"switch_span": (None, "times its own switches; switch_span shapes the fixed "
                                "schedule (use switch_schedule='fixed')")}
