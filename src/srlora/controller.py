@@ -17,10 +17,11 @@ from typing import Optional
 
 import torch
 
-from . import controller_state, fsdp, fsdp_checks
+from . import controller_state, fsdp
 from .config import SRLoRAConfig
 from .distributed import mean_over_ranks
-from .engines import check_engine, is_fsdp2, sharding_reason, unwrap_optimizer
+from .engine_guard import EngineGuard
+from .engines import unwrap_optimizer
 from .factors import lowest_pairs, pair_scores
 from .fusion import delta_factors
 from .importance import ImportanceTracker
@@ -57,9 +58,8 @@ class SRLoRAController:
         self._warned: set[str] = set()
         self._first_version: Optional[int] = None  # lora_A's version at the first backward
         self._reason: Optional[str] = None  # why the schedule is calling switch_now()
-        self._engine_walked: Optional[list] = None  # edited parameters at the last model walk
+        self._engine = EngineGuard(model, config, layers)  # sharded engines: refused or bound
         self.sharded = None  # under FSDP2: the srlora.fsdp.ShardedSwitch bound to the shards
-        self._engine_fsdp2 = False  # FSDP2 (accepted) found at the last model walk
         self.modules: list[ModuleState] = []
         switches = config.switches
         self.steps = resolve(config, len(layers)) if switches else None  # the strategies
@@ -110,16 +110,7 @@ class SRLoRAController:
     def _bind(self, optimizer) -> torch.optim.Optimizer:
         """The torch optimizer behind ``optimizer``, checked: an engine SRLoRA supports, and it
         trains every adapted module's factors."""
-        fsdp2 = shard = False
-        if self.config.switches:
-            fsdp2 = is_fsdp2(sharding_reason(self.model, optimizer))
-            if fsdp2:  # fusion="virtual"; sharded: dim-0 shards. Else refused, naming why
-                fsdp_checks.check_fusion(self.config)
-                fsdp_checks.check_variants(self.config)
-                shard = fsdp_checks.is_sharded_model(self.model, self.layers)
-                if shard:
-                    fsdp_checks.check(self.config, self.layers)
-            check_engine(self.model, optimizer, fsdp2_ok=fsdp2)  # FSDP1 / DeepSpeed: refused
+        shard = self._engine.at_bind(optimizer) if self.config.switches else False
         inner = unwrap_optimizer(optimizer)
         if self.config.switches:
             check_optimizer(self.config, inner)  # a strategy that needs Adam
@@ -292,7 +283,7 @@ class SRLoRAController:
             raise RuntimeError(f"switch_now() applies to a method that switches ('srlora', "
                                f"'relora'), not {self.config.method!r}")
         reason, self._reason = reason or self._reason or "manual", None
-        self._check_engine()  # parameters sharded since set-up: refuse before any edit
+        self._engine.before_switch(self._bind_sharded)  # sharded since set-up: refuse, or bind
         if int(self.importance.updates) == 0:
             why = (f"all {int(self.importance.skipped)} importance update(s) so far were skipped "
                    "for NaN/Inf gradients" if int(self.importance.skipped) else
@@ -353,28 +344,6 @@ class SRLoRAController:
                 self.steps.optimizer.on_switch(self.optimizer, Ls, hit_slots(g))
             names = [(self.importance_name(i, "A"), self.importance_name(i, "B")) for i in g.idx]
             reset_importance(self.importance, names, g.slots, self.config.importance_reset)
-
-    def _check_engine(self) -> None:
-        """Refuse a sharded engine (FSDP, DeepSpeed) before a switch edits anything.
-
-        Every switch checks the launcher and each parameter it edits (DTensor, flat or ZeRO-3
-        partitioned); the whole model is walked again only when those parameters are not the
-        objects seen at the last walk (FSDP and FSDP2 replace them when they wrap a model; the
-        old ones are held, so their ids cannot be reused). Walking the model cost 45 ms of a
-        130 ms switch on the 144-module bench shape.
-        """
-        edited = [p for L in self.layers for p in (L.base_weight, L.lora_A, L.lora_B)]
-        seen = self._engine_walked
-        if seen is None or len(seen) != len(edited) or any(a is not b for a, b in
-                                                           zip(seen, edited)):
-            fsdp2 = is_fsdp2(sharding_reason(self.model))
-            if fsdp2:  # sharded since set-up or attach: bind, unless refused
-                fsdp_checks.check_fusion(self.config)
-                if fsdp_checks.is_sharded_model(self.model, self.layers):
-                    self._bind_sharded()
-            check_engine(self.model, fsdp2_ok=fsdp2)
-            self._engine_walked, self._engine_fsdp2 = edited, fsdp2
-        check_engine(params=edited, fsdp2_ok=self._engine_fsdp2)
 
     # ------------------------------------------------------------------ export helpers
     def delta_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
