@@ -26,6 +26,7 @@ def lora_a(k: int, n: int, seed: int) -> torch.Tensor:
 class LoRAInsertion(Insertion):
     name = "lora"
     reads_directions = False
+    fsdp2 = False  # FSDP2 needs fusion="virtual", which this insertion refuses
     refuses = {"fusion": (("virtual",), "needs fusion='weight' (the side path of "
                           "fusion='virtual' is built for SVD directions)")}
 

@@ -49,7 +49,7 @@ def register(sub) -> None:
     a("--dataset", help="a local CSV/TSV/JSONL with text,label columns, or a hub dataset name "
                         "(replaces the task's data)")
     a("--methods", default="lora,pissa,srlora",
-      help="comma list of lora, pissa, srlora, dora, olora, or a variant: srlora:rewarm, "
+      help="comma list of lora, pissa, srlora, relora, dora, olora, or a variant: srlora:rewarm, "
            "srlora:protect:rewarm, srlora:gamma=0.25, srlora:paper (docs/compare.md)")
     a("--seeds", help="comma list of ints (default per task: 0,1,2)")
     a("--steps", type=int, help="optimizer steps per run (default per task)")
