@@ -96,3 +96,13 @@ def test_a_field_only_an_unchosen_strategy_reads_warns_naming_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         srlora.SRLoRAConfig(adaptive_window=3, switch_schedule="adaptive", total_steps=100)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(method="relora", svd_method="exact"), r"svd_method='exact' is ignored \(no SVD"),
+    (dict(method="lora", svd_niter=2), r"svd_niter=2 is ignored \(no SVD"),
+    (dict(fusion="virtual", half_fusion="original"), r"half_fusion='original' is ignored"),
+])
+def test_a_set_up_field_that_does_not_apply_warns_naming_it(kw, match):
+    with pytest.warns(UserWarning, match=match):
+        srlora.SRLoRAConfig(**kw)

@@ -224,8 +224,18 @@ class SRLoRAConfig:
             number("switch_span", 0.0, 1.0, True, False)
         number("gamma", 0.0, 1.0, True, False)
         integer("r_target", self.r if self.switches else 1)
-        if not self.switches:
-            self._warn_ignored()
+        if not self.svd_init:
+            self._warn_once("svd", [k for k in ("svd_method", "svd_oversample", "svd_niter")
+                                    if getattr(self, k) != _DEFAULTS[k]],
+                            "no SVD is computed: the adapter starts as LoRA's init")
+        if self.fusion == "virtual" or self.method == "lora":
+            self._warn_once("half", ["half_fusion"] if self.half_fusion != _DEFAULTS["half_fusion"]
+                            else [], "the base weight is never written")
+        if not self.switches:  # a method that never switches ignores the switching fields set
+            self._warn_once("method", [k for k in SWITCH_FIELDS
+                                       if getattr(self, k) != _DEFAULTS[k]],
+                            f"method={self.method!r} never switches; use method='srlora' to "
+                            "switch")
             return
         if self.r_prime == 0:
             bad("gamma", f"round(gamma * r) = round({self.gamma} * {self.r}) = 0 pairs per switch; "
@@ -238,11 +248,6 @@ class SRLoRAConfig:
         unread = ignored_fields(self, _DEFAULTS)
         self._warn_once("strategy", list(unread), "read only by " + ", ".join(
             sorted(set(unread.values()))))
-
-    def _warn_ignored(self) -> None:
-        """A method that never switches ignores the switching fields set."""
-        self._warn_once("method", [k for k in SWITCH_FIELDS if getattr(self, k) != _DEFAULTS[k]],
-                        f"method={self.method!r} never switches; use method='srlora' to switch")
 
     def _warn_once(self, key: str, names: list, why: str) -> None:
         """Once per config and set of fields: warn that ``names`` (set) are ignored, and why."""
