@@ -80,7 +80,7 @@ def assert_same_run(a, b):
     assert sa.state_dict() == sb.state_dict()
 
 
-@pytest.mark.parametrize("method", ["srlora", "pissa", "lora"])
+@pytest.mark.parametrize("method", ["srlora", "pissa", "lora", "relora"])
 def test_resume_is_bitwise(tmp_path, method):
     k = 5
     seed_all(1)
@@ -95,6 +95,8 @@ def test_resume_is_bitwise(tmp_path, method):
     if method == "srlora":
         assert ctl.switch_steps == [2, 4, 6, 8]
         assert [e["step"] for e in ctl.history] == [2, 4, 6, 8]  # switches before and after k
+    if method == "relora":  # every pair merged at each restart, before and after k
+        assert [e["step"] for e in ctl.history] == [4, 8] == ctl.switch_steps
     # the adapter really trained: effective weights and outputs moved
     assert min(rel(a, b) for a, b in zip(effective(ctl), before)) > 1e-2
     straight[0].eval()

@@ -66,7 +66,7 @@ def trained(case="bert", method="srlora", steps=STEPS, **kw):
 
 
 @pytest.mark.parametrize("case", ["bert", "gpt2", "conv"])
-@pytest.mark.parametrize("method", ["srlora", "pissa", "lora"])
+@pytest.mark.parametrize("method", ["srlora", "pissa", "lora", "relora"])
 def test_exported_adapter_reproduces_the_trained_model_on_the_original_base(tmp_path, case,
                                                                             method):
     from peft import PeftModel
@@ -74,6 +74,8 @@ def test_exported_adapter_reproduces_the_trained_model_on_the_original_base(tmp_
     model, ctl, _ = trained(case, method)
     if method == "srlora":
         assert ctl.num_switches == 4
+    if method == "relora":  # r_target 12, r 4: every pair merged at 2 restarts, steps 4 and 8
+        assert ctl.num_switches == 2 and ctl.pointers == [12] * len(ctl.layers)
     x = make_x(torch.Generator().manual_seed(99))
     with torch.no_grad():
         y = out(model, x)
@@ -88,7 +90,8 @@ def test_exported_adapter_reproduces_the_trained_model_on_the_original_base(tmp_
     r = 4
     for i, L in enumerate(ctl.layers):
         p = ctl.modules[i].p if method != "lora" else 0
-        want = {"srlora": r + (p - r) + p, "pissa": 2 * r, "lora": r}[method]
+        want = {"srlora": r + (p - r) + p, "relora": r + (p - r) + p, "pissa": 2 * r,
+                "lora": r}[method]
         assert res.ranks[L.name.removeprefix("base_model.model.")] == want
     if method == "srlora" and case != "conv":  # conv's query is 16 x 6: only 6 directions
         assert set(res.ranks.values()) == {r + (12 - r) + 12}

@@ -30,7 +30,7 @@ def test_each_module_of_a_stacked_group_matches_the_reference(reset, split, devi
     model, ctl = srlora.wrap(bert, cfg)
     shapes = [L.shape for L in ctl.layers]
     assert shapes.count((32, 32)) >= 8 and len(set(shapes)) == 3  # stacked groups and others
-    groups = switch_groups(ctl, list(range(len(ctl.layers))))
+    groups = switch_groups(ctl.modules, list(range(len(ctl.layers))))
     whole = [ctl.modules[idx[0]].stack.is_whole([ctl.modules[i] for i in idx]) for idx in groups]
     assert len(groups) == 3 + split and all(whole) != split  # a split stack: not whole
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

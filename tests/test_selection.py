@@ -5,7 +5,12 @@ import torch
 from conftest import TinyNet, rel
 
 import srlora
-from srlora.switch import selection_scores
+from srlora.strategies import get
+
+
+def selection_scores(policy, scores, B, A, young):
+    """The ranking keys of the selection strategy registered as ``policy``."""
+    return get("selection", policy)(None).keys(scores, B, A, young)
 
 
 def reference_choice(policy, scores, B, A, young, k):

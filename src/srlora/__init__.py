@@ -9,7 +9,7 @@ from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from .export import ExportResult, export_adapter, save_merged
 from . import distributed
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["SRLoRAConfig", "SRLoRAController", "wrap", "SRLoRAError", "SVDInputError",
            "UnsupportedModuleError", "UnsupportedEngineError", "CheckpointMismatchError",

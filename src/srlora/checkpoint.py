@@ -35,9 +35,9 @@ from ._ckpt_io import (MANIFEST, atomic_directory, check_weights_only, fsync_fil
                        write_json)
 from ._errors import CheckpointMismatchError
 from .controller import SRLoRAController
-from .controller_state import CONFIG_MAY_DIFFER, saved_config
+from .controller_state import check_config, first
 from .engines import unwrap_optimizer
-from .fsdp import copy_into_, full, full_tree, is_dtensor, shard_like
+from .fsdp_tensors import copy_into_, full, full_tree, is_dtensor, shard_like
 
 FORMAT = "srlora-checkpoint"
 FORMAT_VERSION = 3  # 3: the manifest carries its own SHA-256; 2: bf16 residuals hold bits 8..15
@@ -211,7 +211,7 @@ def _write(path, live: dict, ctensors: dict, skeleton: dict, state: dict,
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
     return __version__
 
 
@@ -260,23 +260,14 @@ def _read_files(directory: Path, manifest: dict) -> tuple[dict, dict, dict]:
     return saved_model, ctrl, state
 
 
-def _first(names, k: int = 3) -> list:
-    return sorted(names)[:k]
-
-
 def _check_config(manifest: dict, controller: SRLoRAController) -> None:
-    mine = _normalized(controller.config.to_dict())
-    saved = saved_config(manifest["config"])  # fields added since the save: their defaults
-    diff = {k: (saved.get(k), v) for k, v in mine.items()
-            if k not in CONFIG_MAY_DIFFER and saved.get(k) != v}
-    if diff:
-        raise CheckpointMismatchError(f"SRLoRA config differs, field: (saved, current): {diff}")
+    check_config(manifest["config"], controller.config)  # the one saved-config check
     saved_mods = manifest["modules"]
     names = [L.name for L in controller.layers]
     if set(saved_mods) != set(names):
         raise CheckpointMismatchError(
-            f"adapted modules differ: only in checkpoint {_first(set(saved_mods) - set(names))}, "
-            f"only in model {_first(set(names) - set(saved_mods))}")
+            f"adapted modules differ: only in checkpoint {first(set(saved_mods) - set(names))}, "
+            f"only in model {first(set(names) - set(saved_mods))}")
     for L in controller.layers:
         s = saved_mods[L.name]
         if tuple(s["shape"]) != tuple(L.shape) or s["r"] != L.r:
@@ -287,8 +278,8 @@ def _check_config(manifest: dict, controller: SRLoRAController) -> None:
 def _check_model_tensors(saved: dict, live: dict) -> None:
     if set(saved) != set(live):
         raise CheckpointMismatchError(
-            f"model tensors differ: only in checkpoint {_first(set(saved) - set(live))}, only in "
-            f"model {_first(set(live) - set(saved))} (a different model or adapter config?)")
+            f"model tensors differ: only in checkpoint {first(set(saved) - set(live))}, only in "
+            f"model {first(set(live) - set(saved))} (a different model or adapter config?)")
     for k, t in live.items():
         s = saved[k]
         if tuple(s.shape) != tuple(t.shape) or s.dtype != t.dtype:
@@ -301,8 +292,8 @@ def _check_base(manifest: dict, model, controller: SRLoRAController, live: dict)
     current = _fingerprinted(model, controller, live)
     if set(saved_fp) != set(current):
         raise CheckpointMismatchError(
-            f"frozen weights differ: only in checkpoint {_first(set(saved_fp) - set(current))}, "
-            f"only in model {_first(set(current) - set(saved_fp))}")
+            f"frozen weights differ: only in checkpoint {first(set(saved_fp) - set(current))}, "
+            f"only in model {first(set(current) - set(saved_fp))}")
     for name, p in current.items():
         now = _fingerprint(p)
         if any(abs(a - b) > 1e-6 * max(abs(a), abs(b)) + 1e-12 for a, b in zip(saved_fp[name], now)):
@@ -387,8 +378,6 @@ def load_checkpoint(path, *, model=None, controller: SRLoRAController, optimizer
     _check_config(manifest, controller)
     _check_model_tensors(saved_model, live)
     _check_base(manifest, model, controller, live)
-    ctrl["config"] = controller.config.to_dict() | {k: ctrl["config"].get(k)
-                                                    for k in CONFIG_MAY_DIFFER}
     controller.check_state_dict(ctrl)
     inner = unwrap_optimizer(optimizer) if optimizer is not None else None
     if inner is not None:

@@ -7,22 +7,51 @@ before any model weight is touched.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional, Union
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional, Union
 
-METHODS = ("srlora", "pissa", "lora")
-SELECTIONS = ("importance", "protect", "normalized")
-SWITCH_SCHEDULES = ("fixed", "adaptive")
-EXHAUSTIONS = ("stop", "refresh")
+# the methods srlora builds (the lab imports this list); "srlora" and "relora" switch
+METHODS = ("srlora", "pissa", "lora", "relora")
+SWITCHING = ("srlora", "relora")
+# a method that is a preset of the switch's strategies: the fields it sets (a field left at its
+# default takes the preset's value; another value is refused)
+PRESETS = {"relora": {"gamma": 1.0, "insertion": "lora", "optimizer_state": "prune",
+                      "exhaustion": "extend"}}
+# the set-up choice fields' allowed values, here only; the switch steps' fields (selection,
+# insertion, switch_schedule, exhaustion, optimizer_state) take the names of the strategies
+# registered for them (srlora.strategies). choices() gives all of them.
+CHOICES: dict[str, tuple] = {
+    "method": METHODS,
+    "importance_reset": ("module", "slots"),
+    "svd_method": ("auto", "exact", "randomized"),
+    "half_fusion": ("residual", "original", "inplace"),
+    "fusion": ("weight", "virtual"),
+}
 # the method exactly as published (arXiv 2505.12433): SRLoRAConfig.paper() pins these
 PAPER = {"method": "srlora", "beta1": 0.85, "beta2": 0.85, "importance_reset": "module",
          "optimizer_state": "zero", "selection": "importance", "switch_schedule": "fixed",
          "exhaustion": "stop", "insertion": "svd"}
+# fields that steer only the switches: a method that never switches warns once, naming them, when
+# they are set (its r_target and gamma are range-checked only: the lab passes a task's r_target and
+# gamma to every method alike)
+SWITCH_FIELDS = ("beta1", "beta2", "switch_interval", "switch_span", "importance_reset",
+                 "optimizer_state", "selection", "switch_schedule", "exhaustion", "insertion",
+                 "adaptive_window", "adaptive_settled", "adaptive_plateau")
 
 
 @dataclass
 class SRLoRAConfig:
     """Configuration of one SRLoRA (or baseline) adapter.
+
+    Methods: "srlora" (the paper, each switch step as the fields below choose), "pissa" and
+    "lora" (the baselines: they never switch; setting a field that only steers switches warns
+    once, naming it),
+    "relora" (ReLoRA, Lialin et al. 2023: at each switch every pair is merged into the frozen
+    weight and restarts as LoRA's init, the optimizer state of the restarted slots magnitude-
+    pruned; a preset of the fields in ``PRESETS["relora"]``: gamma=1.0, insertion="lora",
+    optimizer_state="prune", exhaustion="extend"; its jagged learning-rate schedule is the
+    user's scheduler, examples/relora.py).
 
     Paper hyperparameters:
       r: LoRA rank, the number of trainable rank-1 pairs per module (trainable count never changes).
@@ -37,7 +66,8 @@ class SRLoRAConfig:
       importance_reset: "module" zeroes a module's whole importance state after its switch (the
         paper's "reset the importance scores"); "slots" zeroes only the reinitialized pairs.
       optimizer_state: "zero" zeroes the optimizer moments of the reinitialized slices (ReLoRA);
-        "keep" leaves them (GaLore); "rewarm" zeroes them and counts Adam's bias correction of
+        "keep" leaves them (GaLore); "prune" zeroes all but their largest 1% by magnitude
+        (ReLoRA's magnitude pruning); "rewarm" zeroes them and counts Adam's bias correction of
         each restarted slot from its own restart, so its first update is at most the learning
         rate per element, as a fresh parameter's (torch Adam/AdamW only; srlora.rewarm).
       selection: which pairs a switch fuses. "importance" (the paper): the r' lowest pair scores.
@@ -83,12 +113,14 @@ class SRLoRAConfig:
         paper): the module switches no more. "refresh": the next block (``r_target - r``
         directions) is the top of the SVD of the module's current frozen weight, appended to
         its SVD cache, and switching continues; with ``switch_interval`` the fixed schedule then
-        runs to the end of training (needs ``total_steps``).
+        runs to the end of training (needs ``total_steps``). "extend": as "refresh" with a block
+        of slots without directions (for insertion="lora" only).
       insertion: which directions a recomposed slot takes. "svd" (the paper): the next unused
         singular directions of the pretrained weight. "gradient": the top singular directions
         of the part of the last step's full weight gradient that the kept slots cannot follow,
         at the scale the paper's direction would have had (srlora.insertion); the fixed
-        schedule only.
+        schedule only. "lora": LoRA's init (B zero, A kaiming-uniform; nothing subtracted, no
+        SVD computed; ReLoRA's restart).
       adaptive_window, adaptive_settled, adaptive_plateau: the adaptive schedule's window (in
         importance updates and in observed losses), fraction of modules whose ranking must be
         settled, and relative loss improvement below which the loss has plateaued.
@@ -108,19 +140,19 @@ class SRLoRAConfig:
     target_modules: Optional[Union[list[str], str]] = None
     modules_to_save: Optional[list[str]] = None
     lora_dropout: float = 0.0
-    method: Literal["srlora", "pissa", "lora"] = "srlora"
-    importance_reset: Literal["module", "slots"] = "module"
-    optimizer_state: Literal["zero", "keep", "rewarm"] = "zero"
-    selection: Literal["importance", "protect", "normalized"] = "importance"
-    svd_method: Literal["auto", "exact", "randomized"] = "auto"
+    method: str = "srlora"
+    importance_reset: str = "module"
+    optimizer_state: str = "zero"
+    selection: str = "importance"
+    svd_method: str = "auto"
     svd_oversample: int = 16
     svd_niter: int = 4
     svd_seed: int = 0
-    half_fusion: Literal["residual", "original", "inplace"] = "residual"
-    fusion: Literal["weight", "virtual"] = "weight"
-    switch_schedule: Literal["fixed", "adaptive"] = "fixed"
-    exhaustion: Literal["stop", "refresh"] = "stop"
-    insertion: Literal["svd", "gradient"] = "svd"
+    half_fusion: str = "residual"
+    fusion: str = "weight"
+    switch_schedule: str = "fixed"
+    exhaustion: str = "stop"
+    insertion: str = "svd"
     adaptive_window: int = 10
     adaptive_settled: float = 0.9
     adaptive_plateau: float = 0.01
@@ -128,6 +160,11 @@ class SRLoRAConfig:
     extra_lora_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (``srlora.wrap`` calls it again: a field changed after construction
+        is checked before any model change). Raises ValueError naming the field."""
         def bad(name: str, why: str) -> None:
             raise ValueError(f"SRLoRAConfig.{name}: {why}")
 
@@ -147,26 +184,15 @@ class SRLoRAConfig:
                 bad(name, f"must be a number in {'(' if lo_open else '['}{lo}, {hi}"
                           f"{')' if hi_open else ']'}, got {v!r}")
 
-        def choice(name: str, allowed: tuple) -> None:
+        self._apply_preset()
+        for name, allowed in choices().items():
             if getattr(self, name) not in allowed:
                 bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
-
-        choice("method", METHODS)
         integer("r", 1)
         number("lora_alpha", 0.0, math.inf, True, True)
         number("beta1", 0.0, 1.0, False, True)
         number("beta2", 0.0, 1.0, False, True)
         number("lora_dropout", 0.0, 1.0, False, True)
-        for name, allowed in (("importance_reset", ("module", "slots")),
-                              ("optimizer_state", ("zero", "keep", "rewarm")),
-                              ("selection", SELECTIONS),
-                              ("svd_method", ("auto", "exact", "randomized")),
-                              ("half_fusion", ("residual", "original", "inplace")),
-                              ("fusion", ("weight", "virtual")),
-                              ("switch_schedule", SWITCH_SCHEDULES),
-                              ("exhaustion", EXHAUSTIONS),
-                              ("insertion", ("svd", "gradient"))):
-            choice(name, allowed)
         if self.fusion == "virtual" and self.method == "lora":
             bad("fusion", "'virtual' applies to method 'srlora' or 'pissa' (LoRA never writes "
                           "the base weight)")
@@ -176,13 +202,7 @@ class SRLoRAConfig:
         integer("svd_oversample", 0)
         integer("svd_niter", 0)
         integer("svd_seed", 0)
-        if self.offload_device is not None:
-            try:
-                import torch
-                torch.device(self.offload_device)
-            except (RuntimeError, TypeError, ValueError):
-                bad("offload_device", f"must be a torch device string (e.g. 'cpu', 'cuda:0') or "
-                                      f"None, got {self.offload_device!r}")
+        self._check_offload_device()
         tm = self.target_modules
         if tm is not None and not (isinstance(tm, str) or (isinstance(tm, (list, tuple)) and all(
                 isinstance(t, str) for t in tm))):
@@ -202,23 +222,80 @@ class SRLoRAConfig:
         integer("switch_interval", 1, optional=True)
         if self.switch_span is not None:
             number("switch_span", 0.0, 1.0, True, False)
-        if self.method != "srlora":
-            return  # the baselines never switch: the fields below do not apply
         number("gamma", 0.0, 1.0, True, False)
+        integer("r_target", self.r if self.switches else 1)
+        if not self.svd_init:
+            self._warn_once("svd", [k for k in ("svd_method", "svd_oversample", "svd_niter")
+                                    if getattr(self, k) != _DEFAULTS[k]],
+                            "no SVD is computed: the adapter starts as LoRA's init")
+        if self.fusion == "virtual" or self.method == "lora":
+            self._warn_once("half", ["half_fusion"] if self.half_fusion != _DEFAULTS["half_fusion"]
+                            else [], "the base weight is never written")
+        if not self.switches:  # a method that never switches ignores the switching fields set
+            self._warn_once("method", [k for k in SWITCH_FIELDS
+                                       if getattr(self, k) != _DEFAULTS[k]],
+                            f"method={self.method!r} never switches; use method='srlora' to "
+                            "switch")
+            return
         if self.r_prime == 0:
             bad("gamma", f"round(gamma * r) = round({self.gamma} * {self.r}) = 0 pairs per switch; "
                          "raise gamma or r")
-        integer("r_target", self.r)
         if self.switch_span is not None and self.switch_interval is not None:
             bad("switch_span", "sets the interval from the run's length; give it or "
                                "switch_interval, not both")
-        if self.switch_span is not None and self.switch_schedule == "adaptive":
-            bad("switch_span", "shapes the fixed schedule; the adaptive schedule times its own "
-                               "switches (use switch_schedule='fixed')")
-        if self.insertion == "gradient" and self.switch_schedule == "adaptive":
-            bad("insertion", "'gradient' needs the fixed schedule (it records the weight "
-                             "gradient during the step before a switch, known only ahead of a "
-                             "fixed schedule); use switch_schedule='fixed'")
+        from .strategies import check_config, ignored_fields
+        check_config(self)  # the strategies' declared needs and conflicts, in one place
+        unread = ignored_fields(self, _DEFAULTS)
+        self._warn_once("strategy", list(unread), "read only by " + ", ".join(
+            sorted(set(unread.values()))))
+
+    def _warn_once(self, key: str, names: list, why: str) -> None:
+        """Once per config and set of fields: warn that ``names`` (set) are ignored, and why."""
+        set_ = [f"{k}={getattr(self, k)!r}" for k in names]
+        if set_ and self.__dict__.get(f"_warned_{key}") != set_:
+            self.__dict__[f"_warned_{key}"] = set_
+            warnings.warn(f"SRLoRAConfig: {', '.join(set_)} {'is' if len(set_) == 1 else 'are'}"
+                          f" ignored ({why})", UserWarning, stacklevel=5)
+
+    def _apply_preset(self) -> None:
+        """A preset method's fields: set where left at the default, refused where set
+        otherwise."""
+        for name, value in PRESETS.get(self.method, {}).items():
+            have = getattr(self, name)
+            if have == _DEFAULTS[name]:
+                setattr(self, name, value)
+            elif have != value:
+                raise ValueError(f"SRLoRAConfig.{name}: method={self.method!r} sets {name}="
+                                 f"{value!r}, got {have!r}; use method='srlora' to combine "
+                                 "the steps freely")
+
+    def _check_offload_device(self) -> None:
+        if self.offload_device is None:
+            return
+        import torch
+        try:
+            dev = torch.device(self.offload_device)
+        except (RuntimeError, TypeError, ValueError):
+            dev = None
+        if dev is None or dev.type == "meta":
+            raise ValueError(f"SRLoRAConfig.offload_device: must be a torch device string that "
+                             f"holds data (e.g. 'cpu', 'cuda:0') or None, got "
+                             f"{self.offload_device!r}")
+
+    @property
+    def switches(self) -> bool:
+        """Does this method switch (recompose pairs during training)?"""
+        return self.method in SWITCHING
+
+    @property
+    def svd_init(self) -> bool:
+        """Do the slots start from the weight's top singular directions (PiSSA's init, which
+        needs the SVD of every adapted weight)? For a switching method: when its insertion reads
+        the SVD cache; else PEFT's LoRA init (B zero, A random) and no SVD."""
+        if self.method in ("lora", "pissa"):
+            return self.method == "pissa"
+        from .strategies import get
+        return get("insertion", self.insertion).reads_directions
 
     @classmethod
     def paper(cls, **fields) -> "SRLoRAConfig":
@@ -244,7 +321,7 @@ class SRLoRAConfig:
     @property
     def num_switches(self) -> int:
         """N_switch = floor((r_target - r) / r'): switch events the schedule plans."""
-        if self.method != "srlora":
+        if not self.switches:
             return 0
         return (self.r_target - self.r) // self.r_prime
 
@@ -258,3 +335,12 @@ class SRLoRAConfig:
         if unknown:
             raise ValueError(f"SRLoRAConfig: unknown field(s) {unknown}")
         return cls(**d)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(SRLoRAConfig)}
+
+
+def choices() -> dict[str, tuple]:
+    """Each choice field -> its allowed values (the step fields' from the strategy registry)."""
+    from .strategies import STEP_FIELDS, names
+    return CHOICES | {f: names(f) for f in STEP_FIELDS}

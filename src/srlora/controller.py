@@ -3,10 +3,12 @@
 Per adapted layer it holds a :class:`~srlora.module_state.ModuleState` (the SVD cache of the
 ORIGINAL weight, the pointer of directions consumed, the ledger of fused pairs, the half-precision
 residual or original copy); for all factors, the importance state; and the step counter, the
-schedule and the switch history. The work lives in small modules: set-up in ``initialize``, the
-switch in ``switch`` (with ``fusion`` and ``optimizer_state``), the state dict and its check in
-``controller_state``. Integrations (the optimizer hook here, the Trainer callback, the
-distributed helpers) only call into it.
+schedule and the switch history. The switch's steps are strategies chosen by the config
+(:mod:`srlora.strategies`: selection, insertion, schedule, exhaustion, optimizer state); this
+file names none of them. The work lives in small modules: set-up in ``initialize``, the switch
+in ``switch`` (fed the modules' factors and scores, never the controller), the state dict and
+its check in ``controller_state``. Integrations (the optimizer hook here, the Trainer callback,
+the distributed helpers) only call into it.
 """
 from __future__ import annotations
 
@@ -15,18 +17,21 @@ from typing import Optional
 
 import torch
 
-from . import controller_state, guards
+from . import controller_state, fsdp, guards
 from .config import SRLoRAConfig
-from .engines import check_engine, is_fsdp2, sharding_reason, unwrap_optimizer
+from .distributed import mean_over_ranks
+from .engine_guard import EngineGuard
+from .engines import unwrap_optimizer
+from .factors import lowest_pairs, pair_scores
 from .fusion import delta_factors
 from .importance import ImportanceTracker
 from .initialize import SVDFn, build_states, write_pissa_init_
+from .insertion import GradientProbe
 from .layers import AdaptedLayer
 from .module_state import ModuleState
-from .refresh import apply_refresh, needs_refresh, plan_refresh
-from .rewarm import Rewarm, check_optimizer
-from .schedule import AdaptiveSchedule, check_adaptive, fixed_steps
-from .switch import apply_switch, check_module, group_pair_scores, plan_switch
+from .strategies import check_optimizer, resolve
+from .switch import (apply_switch, check_module, hit_slots, plan_switch, ranking_keys,
+                     reset_importance, switch_groups)
 
 __all__ = ["SRLoRAController", "unwrap_optimizer", "SVDFn"]
 
@@ -52,27 +57,24 @@ class SRLoRAController:
         self._hook = None
         self._warned: set[str] = set()
         self._first_version: Optional[int] = None  # lora_A's version at the first backward
-        self._switch_steps: Optional[set[int]] = None
         self._reason: Optional[str] = None  # why the schedule is calling switch_now()
-        self._engine_walked: Optional[list] = None  # edited parameters at the last model walk
-        self._rewarm = Rewarm()  # optimizer_state="rewarm": its per-step correction
+        self._engine = EngineGuard(model, config, layers)  # sharded engines: refused or bound
         self.sharded = None  # under FSDP2: the srlora.fsdp.ShardedSwitch bound to the shards
-        self._engine_fsdp2 = False  # FSDP2 (accepted) found at the last model walk
         self.modules: list[ModuleState] = []
+        switches = config.switches
+        self.steps = resolve(config, len(layers)) if switches else None  # the strategies
+        self.schedule = self.steps.schedule if switches else None
         plan = None
-        if config.method in ("pissa", "srlora"):  # everything computed before the first write
+        if config.method != "lora":  # everything computed before the first write
             self.modules, plan = build_states(config, layers, svd_fn)
         self.importance = ImportanceTracker(
             {self.importance_name(i, f): getattr(L, f"lora_{f}") for i, L in enumerate(layers)
-             for f in "AB"}, config.beta1, config.beta2) if config.method == "srlora" else None
+             for f in "AB"}, config.beta1, config.beta2) if switches else None
         self._grad_hook = layers[0].lora_A.register_post_accumulate_grad_hook(
-            self._check_stepped) if config.method == "srlora" and layers else None
-        self.schedule = AdaptiveSchedule(config, len(layers)) if (
-            config.method == "srlora" and config.switch_schedule == "adaptive") else None
-        self._probe = None  # insertion="gradient": the weight-gradient hooks (srlora.insertion)
-        if config.method == "srlora" and config.insertion == "gradient":
-            from .insertion import GradientProbe
-            self._probe = GradientProbe(self)
+            self._check_stepped) if switches and layers else None
+        self._probe = None  # a strategy that needs the weight gradient (srlora.insertion)
+        if switches and self.steps.needs("probe"):
+            self._probe = GradientProbe(layers, self.switch_is_next)
         if plan is not None:  # the last step of the set-up: the only writes into the model
             write_pissa_init_(self.modules, plan)
 
@@ -88,52 +90,32 @@ class SRLoRAController:
         if self.global_step > 0:  # mid-run: the schedule left is re-placed, with a warning
             return guards.resume_total_steps(self, total_steps)
         self.total_steps = total_steps
-        self._switch_steps = None
 
     @property
     def switch_steps(self) -> list[int]:
         """The optimizer-step counts after which a switch happens (empty for the baselines).
-        With ``switch_schedule="adaptive"`` they are not known ahead: the steps of the switches
-        so far (``history``)."""
-        if self.config.method != "srlora":
+        For a schedule that decides as training goes (``switch_schedule="adaptive"``) they are
+        not known ahead: the steps of the switches so far (``history``)."""
+        if self.schedule is None:
             return []
-        if self.schedule is not None:
-            check_adaptive(self.config, self.total_steps)  # raises now if it cannot run
-            return [e["step"] for e in self.history]
-        if self._switch_steps is None:
-            self._switch_steps = set(fixed_steps(self.config, self.total_steps))
-        return sorted(self._switch_steps)
+        planned = self.schedule.planned(self.total_steps)  # raises now if it cannot run
+        return [e["step"] for e in self.history] if planned is None else planned
 
     def switch_is_next(self) -> bool:
         """Will the optimizer step being computed now (step ``global_step + 1``) be followed by
-        a scheduled switch? (The fixed schedule only; False when it cannot be built yet.)"""
-        if self.schedule is not None:
-            return False
-        if self._switch_steps is None:
-            try:
-                _ = self.switch_steps
-            except ValueError:
-                return False
-        return self.global_step + 1 in self._switch_steps
+        a scheduled switch? (Known only for a schedule planned ahead; False when it cannot be
+        built yet.)"""
+        return self.schedule is not None and self.schedule.is_next(self.global_step,
+                                                                   self.total_steps)
 
     # ------------------------------------------------------------------ hooks
     def _bind(self, optimizer) -> torch.optim.Optimizer:
         """The torch optimizer behind ``optimizer``, checked: an engine SRLoRA supports, and it
         trains every adapted module's factors."""
-        fsdp2 = shard = False
-        if self.config.method == "srlora":
-            fsdp2 = is_fsdp2(sharding_reason(self.model, optimizer))
-            if fsdp2:  # fusion="virtual"; sharded: dim-0 shards. Else refused, naming why
-                from . import fsdp
-                fsdp.check_fusion(self)
-                fsdp.check_variants(self)
-                shard = fsdp.is_sharded_model(self)
-                if shard:
-                    fsdp.check(self)
-            check_engine(self.model, optimizer, fsdp2_ok=fsdp2)  # FSDP1 / DeepSpeed: refused
+        shard = self._engine.at_bind(optimizer) if self.config.switches else False
         inner = unwrap_optimizer(optimizer)
-        if self.config.method == "srlora" and self.config.optimizer_state == "rewarm":
-            check_optimizer(inner)
+        if self.config.switches:
+            check_optimizer(self.config, inner)  # a strategy that needs Adam
         trained = {id(p) for g in inner.param_groups for p in g["params"]}
         missing = [L.name for L in self.layers if id(L.lora_A) not in trained
                    or id(L.lora_B) not in trained]
@@ -142,8 +124,14 @@ class SRLoRAController:
                              f"adapted module(s), e.g. {missing[0]!r}; build it from "
                              "model.parameters() after srlora.wrap()")
         if shard:
-            fsdp.bind(self)  # sharded importance state, switches on the shards
+            self._bind_sharded()  # sharded importance state, switches on the shards
         return inner
+
+    def _bind_sharded(self) -> None:
+        names = [(self.importance_name(i, "A"), self.importance_name(i, "B"))
+                 for i in range(len(self.layers))]
+        self.importance, self.sharded = fsdp.bind(self.config, self.layers, self.importance,
+                                                  self.modules, names, self.sharded)
 
     def attach(self, optimizer) -> "SRLoRAController":
         """Run ``step()`` after every ``optimizer.step()`` (an optimizer step post-hook).
@@ -156,9 +144,13 @@ class SRLoRAController:
         _ = self.switch_steps  # raises now if the schedule cannot be built
         guards.release(self)
         self.optimizer = inner
-        self._rewarm.reset()
+        self._reset_policy()
         self._hook = inner.register_step_post_hook(lambda opt, a, kw: guards.hooked_step(self))
         return self
+
+    def _reset_policy(self) -> None:
+        if self.steps is not None:
+            self.steps.optimizer.reset()
 
     def detach(self) -> None:
         """Stop stepping after ``optimizer.step()`` (warns if switches were still to come)."""
@@ -196,10 +188,9 @@ class SRLoRAController:
         pass ``step(optimizer, loss=...)``. Under torch.distributed it is averaged over the
         ranks (a collective: every rank must call it). Non-finite losses are ignored; with the
         fixed schedule it does nothing."""
-        if self.schedule is None:
+        if self.schedule is None or not self.schedule.reads_loss:
             return
         value = float(loss.detach().float().mean()) if torch.is_tensor(loss) else float(loss)
-        from .distributed import mean_over_ranks
         self.schedule.observe_loss(mean_over_ranks(value))
 
     def step(self, optimizer=None, loss=None) -> None:
@@ -215,47 +206,66 @@ class SRLoRAController:
             self.observe_loss(loss)
         if optimizer is not None and self.optimizer is not unwrap_optimizer(optimizer):
             self.optimizer = self._bind(optimizer)
-            self._rewarm.reset()
+            self._reset_policy()
         policy = self.config.optimizer_state
-        if self.config.method == "srlora" and policy != "keep" and self.optimizer is None:
+        if self.steps is not None and self.steps.needs("optimizer") and self.optimizer is None:
             raise ValueError(f"SRLoRAConfig.optimizer_state={policy!r} resets the optimizer "
                              "state of reinitialized slots: call controller.step(optimizer) (or "
                              "controller.attach(optimizer)) so the controller knows it")
         self._step()
 
     def _step(self) -> None:
-        if self.config.method != "srlora":
+        if self.steps is None:
             self.global_step += 1
             return
-        if self.config.optimizer_state == "rewarm" and self.optimizer is not None:
-            self._rewarm(self.optimizer, self.layers, self.history)  # srlora.rewarm
+        if self.optimizer is not None:  # e.g. optimizer_state="rewarm"'s per-step correction
+            self.steps.optimizer.after_step(self.optimizer, self.layers, self.history)
         updated = self.importance.update()
         if not updated:
             self._warn_once("nograd", "SRLoRA: step() found no gradient on the LoRA factors; "
                             "call it after optimizer.step() and before zero_grad()")
         self.global_step += 1
         guards.check_zero_gradients(self)  # zero_grad(set_to_none=False) before step()
-        if self.schedule is not None:
-            reason = self.schedule.decide(self, updated)
-            if reason is not None:
-                self._reason = reason
-                self.switch_now()
-            return
-        if self._switch_steps is None:
-            _ = self.switch_steps
-        if self.global_step in self._switch_steps:
-            self._reason = "fixed"
+        reason = self.schedule.decide(self.global_step, self.total_steps, updated,
+                                      self._would_fuse, self.switchable)
+        if reason is not None:
+            self._reason = reason
             self.switch_now()
 
     # ------------------------------------------------------------------ the switch
+    def _factors(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the factors of modules ``idx``, stacked: ``G x m x r``, ``G x r x n``."""
+        Ls = [self.layers[i] for i in idx]
+        return torch.stack([L.B() for L in Ls]), torch.stack([L.A() for L in Ls])
+
+    def _group_scores(self, idx: list[int]) -> torch.Tensor:
+        """Step 1, the pair scores of modules ``idx`` (one group): ``G x r`` fp32,
+        ``S_j = mean_i score(B[i, j]) + mean_l score(A[j, l])``."""
+        G, r = len(idx), self.layers[idx[0]].r
+        imp = self.importance
+        sA = imp.scores_many([self.importance_name(i, "A") for i in idx]).reshape(G, r, -1)
+        sB = imp.scores_many([self.importance_name(i, "B") for i in idx]).reshape(G, -1, r)
+        return pair_scores(sB, sA)
+
+    def _would_fuse(self) -> torch.Tensor:
+        """``M x k`` (host): the pairs each module's switch would fuse now."""
+        k = self.config.r_prime
+        sets = torch.empty(len(self.layers), k, dtype=torch.long)
+        for idx in switch_groups(self.modules, list(range(len(self.layers)))):
+            keys = ranking_keys(self.steps.selection, self._group_scores(idx), self.history,
+                                idx, self._factors)
+            sets[idx] = lowest_pairs(keys, k).cpu()
+        return sets
+
     def pair_scores(self, i: int) -> torch.Tensor:
         """Per-pair importance of module i (length r, fp32)."""
-        return group_pair_scores(self, [i])[0]
+        return self._group_scores([i])[0]
 
     def switchable(self) -> list[bool]:
-        """Per module: can it switch now (unused directions left, or a refresh can add them)?"""
-        k, refresh = self.config.r_prime, self.config.exhaustion == "refresh"
-        return [st.p + k <= st.K or (refresh and needs_refresh(st, k)) for st in self.modules]
+        """Per module: can it switch now (unused directions left, or the exhaustion strategy
+        can add them)?"""
+        k, ex = self.config.r_prime, self.steps.exhaustion
+        return [ex.can_switch(st, k) for st in self.modules]
 
     @torch.no_grad()
     def switch_now(self, reason: Optional[str] = None) -> int:
@@ -273,11 +283,11 @@ class SRLoRAController:
         importance. Everything is checked and planned before the first write: a failure leaves
         the run as it was.
         """
-        if self.config.method != "srlora":
-            raise RuntimeError(f"switch_now() applies to method='srlora', not "
-                               f"{self.config.method!r}")
+        if self.steps is None:
+            raise RuntimeError(f"switch_now() applies to a method that switches ('srlora', "
+                               f"'relora'), not {self.config.method!r}")
         reason, self._reason = reason or self._reason or "manual", None
-        self._check_engine()  # parameters sharded since set-up: refuse before any edit
+        self._engine.before_switch(self._bind_sharded)  # sharded since set-up: refuse, or bind
         if int(self.importance.updates) == 0:
             why = (f"all {int(self.importance.skipped)} importance update(s) so far were skipped "
                    "for NaN/Inf gradients" if int(self.importance.skipped) else
@@ -294,22 +304,32 @@ class SRLoRAController:
             if self.schedule is not None:
                 self.schedule.switched(self.global_step, False)
             return 0
+        steps = self.steps
         if self.sharded is not None:  # FSDP2: the same switch on gathered factors (srlora.fsdp)
-            entry = self.sharded.switch(todo, k)
+            entry = self.sharded.switch(todo, k, self.importance, self.history, self.global_step,
+                                        steps, self.optimizer, self.config.importance_reset)
         else:
             stale = [i for i in todo if self.modules[i].p + k > self.modules[i].K]
             refreshed: list[int] = []
-            if stale:  # exhaustion="refresh": a new block first (the model is not touched)
+            if stale:  # a new block first (exhaustion strategy; the model is not touched)
                 for i in todo:  # the factors' shapes, checked before anything is written
-                    check_module(self, i, 0)
-                refreshed = apply_refresh(self, plan_refresh(self, stale, k))
+                    L = self.layers[i]
+                    check_module(self.modules[i], L.B(), L.A(), L.shape, 0)
+                refreshed = steps.exhaustion.apply(self.modules,
+                                                   steps.exhaustion.plan(self.modules, stale, k))
             if grads is not None and not grads:
-                self._warn_once("nogradient", "SRLoRA insertion='gradient': this switch saw no "
-                                "weight gradient (it is recorded during the step before a "
-                                "scheduled switch); the new slots take the paper's directions")
-            plans = plan_switch(self, todo, k, grads)  # score, choose, fetch: reads only
-            entry = apply_switch(self, plans, k)  # fuse, reinitialize, reset
-            if self.config.exhaustion == "refresh":
+                self._warn_once("nogradient", f"SRLoRA insertion={self.config.insertion!r}: this "
+                                "switch saw no weight gradient (it is recorded during the step "
+                                "before a scheduled switch); the new slots take the paper's "
+                                "directions")
+            plans = plan_switch(self.modules, todo, k, self._factors, self._group_scores,
+                                self.history, steps.selection, steps.insertion, grads,
+                                self.global_step)  # score, choose, fetch: reads only
+            entry = apply_switch(self.modules, plans, k, self.global_step)  # fuse, new pairs
+            self._write_back(plans)  # the factors, the optimizer state, the importance
+            if self.optimizer is not None:
+                entry.update(steps.optimizer.entry(self.optimizer, [self.layers[todo[0]]]))
+            if steps.exhaustion.grows:
                 entry["refreshed"] = refreshed
         entry["reason"] = reason
         self.num_switches += 1
@@ -318,28 +338,18 @@ class SRLoRAController:
             self.schedule.switched(self.global_step, True)
         return len(todo)
 
-    def _check_engine(self) -> None:
-        """Refuse a sharded engine (FSDP, DeepSpeed) before a switch edits anything.
-
-        Every switch checks the launcher and each parameter it edits (DTensor, flat or ZeRO-3
-        partitioned); the whole model is walked again only when those parameters are not the
-        objects seen at the last walk (FSDP and FSDP2 replace them when they wrap a model; the
-        old ones are held, so their ids cannot be reused). Walking the model cost 45 ms of a
-        130 ms switch on the 144-module bench shape.
-        """
-        edited = [p for L in self.layers for p in (L.base_weight, L.lora_A, L.lora_B)]
-        seen = self._engine_walked
-        if seen is None or len(seen) != len(edited) or any(a is not b for a, b in
-                                                           zip(seen, edited)):
-            fsdp2 = is_fsdp2(sharding_reason(self.model))
-            if fsdp2:  # sharded since set-up or attach: bind, unless refused
-                from . import fsdp
-                fsdp.check_fusion(self)
-                if fsdp.is_sharded_model(self):
-                    fsdp.bind(self)
-            check_engine(self.model, fsdp2_ok=fsdp2)
-            self._engine_walked, self._engine_fsdp2 = edited, fsdp2
-        check_engine(params=edited, fsdp2_ok=self._engine_fsdp2)
+    @torch.no_grad()
+    def _write_back(self, plans: list) -> None:
+        """Step 4's new factors into the parameters, then step 5: the optimizer state and the
+        importance of the recomposed slots, per the strategies."""
+        for g in plans:
+            Ls = [self.layers[i] for i in g.idx]
+            torch._foreach_copy_([L.B() for L in Ls] + [L.A() for L in Ls],
+                                 list(g.B.unbind(0)) + list(g.A.unbind(0)))
+            if self.optimizer is not None:
+                self.steps.optimizer.on_switch(self.optimizer, Ls, hit_slots(g))
+            names = [(self.importance_name(i, "A"), self.importance_name(i, "B")) for i in g.idx]
+            reset_importance(self.importance, names, g.slots, self.config.importance_reset)
 
     # ------------------------------------------------------------------ export helpers
     def delta_factors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +360,7 @@ class SRLoRAController:
             raise RuntimeError("delta_factors() under FSDP2 reads the whole factors: call it "
                                "(or export_adapter) inside `with srlora.fsdp.unsharded(model):`,"
                                " entered on every rank")
-        if self.config.method == "lora":
+        if not self.modules:  # method="lora": the adapter is the whole change
             L = self.layers[i]
             return L.B().float(), L.A().float()
         return delta_factors(self.modules[i])
@@ -381,8 +391,7 @@ class SRLoRAController:
         """Load state saved by ``state_dict()``; checks every key and shape before writing."""
         live = self.total_steps
         controller_state.load_state(self, sd)
-        self._switch_steps = None
         guards.resume_total_steps(self, live)  # the new total_steps wins (docs/checkpoints.md)
-        self._rewarm.reset()
+        self._reset_policy()
         if self._probe is not None:
             self._probe.clear()

@@ -1,16 +1,15 @@
 """The controller's state as a plain dict, and the one check of a saved state against a live
 controller (used by ``controller.load_state_dict`` and by ``load_checkpoint`` before anything is
-written)."""
+written), with the one check of a saved config (:func:`check_config`)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from dataclasses import MISSING, fields
 
 import torch
 
 from ._errors import CheckpointMismatchError
-
-if TYPE_CHECKING:
-    from .controller import SRLoRAController
+from .config import SRLoRAConfig
 
 CONFIG_MAY_DIFFER = ("total_steps", "offload_device")  # may change between save and resume
 
@@ -18,23 +17,35 @@ CONFIG_MAY_DIFFER = ("total_steps", "offload_device")  # may change between save
 def saved_config(saved: dict) -> dict:
     """A saved config with every field it predates set to that field's default: a state saved
     before a field existed ran with the default's behaviour (e.g. ``fusion="weight"``)."""
-    from dataclasses import MISSING, fields
-
-    from .config import SRLoRAConfig
-
     out = {f.name: f.default if f.default is not MISSING else f.default_factory()
            for f in fields(SRLoRAConfig)}
     return out | saved
 
 
-def state_dict(ctl: "SRLoRAController") -> dict:
+def check_config(saved: dict, config: SRLoRAConfig) -> None:
+    """Raise CheckpointMismatchError naming every field (but ``CONFIG_MAY_DIFFER``) whose saved
+    value differs from ``config``'s; both sides compared as JSON reads them back."""
+    mine = json.loads(json.dumps(config.to_dict()))
+    theirs = json.loads(json.dumps(saved_config(saved)))
+    diff = {k: (theirs.get(k), v) for k, v in mine.items()
+            if k not in CONFIG_MAY_DIFFER and theirs.get(k) != v}
+    if diff:
+        raise CheckpointMismatchError(f"SRLoRA config differs, field: (saved, current): {diff}")
+
+
+def grows(ctl) -> bool:
+    """Does the controller's exhaustion strategy grow the cache (saved as "blocks")?"""
+    return ctl.steps is not None and ctl.steps.exhaustion.grows
+
+
+def state_dict(ctl) -> dict:
     """All controller state: tensors, ints, strings, lists and dicts only."""
     sd: dict = {"config": ctl.config.to_dict(), "global_step": ctl.global_step,
                 "num_switches": ctl.num_switches, "total_steps": ctl.total_steps,
                 "history": ctl.history, "modules": {}}
     for st in ctl.modules:
         m = {"p": st.p, "U": st.U, "S": st.S, "Vh": st.Vh, "FB": st.FB, "FA": st.FA}
-        if ctl.config.exhaustion == "refresh":
+        if grows(ctl):
             m["blocks"] = list(st.blocks)
         if st.original is not None:
             m["original"] = st.original
@@ -43,7 +54,7 @@ def state_dict(ctl: "SRLoRAController") -> dict:
         sd["modules"][st.layer.name] = m
     if ctl.importance is not None:
         sd["importance"] = ctl.importance.flat_state()
-    if ctl.schedule is not None:
+    if ctl.schedule is not None and ctl.schedule.stateful:
         sd["schedule"] = ctl.schedule.state_dict()
     return sd
 
@@ -62,7 +73,7 @@ def _check_blocks(st, m: dict, refresh: bool) -> tuple[int, int]:
     if not refresh:
         if blocks:
             raise CheckpointMismatchError(f"{name}: saved with refreshed directions, but "
-                                          "exhaustion is not 'refresh'")
+                                          "the exhaustion strategy does not grow the cache")
         return st.K, st.K
     ok = isinstance(blocks, list) and all(isinstance(b, int) and not isinstance(b, bool)
                                           for b in blocks)
@@ -74,33 +85,29 @@ def _check_blocks(st, m: dict, refresh: bool) -> tuple[int, int]:
     return K, blocks[0] if blocks else st.K0
 
 
-def _first(names, k: int = 3) -> list:
+def first(names, k: int = 3) -> list:
+    """The first ``k`` of ``names``, sorted: what an error message lists."""
     return sorted(names)[:k]
 
 
-def check_state(ctl: "SRLoRAController", sd: dict) -> None:
+def check_state(ctl, sd: dict) -> None:
     """Raise CheckpointMismatchError naming the first difference between ``sd`` and what
     ``ctl`` can load: keys, config, modules, pointers, shapes, half-precision state, the base
     model's singular values, the importance state. Reads only."""
     for key in ("config", "global_step", "num_switches", "history", "modules"):
         if key not in sd:
             raise CheckpointMismatchError(f"controller state lacks {key!r}")
-    mine, saved = ctl.config.to_dict(), saved_config(sd["config"])
-    diff = {k: (saved.get(k), v) for k, v in mine.items()
-            if k not in CONFIG_MAY_DIFFER and saved.get(k) != v}
-    if diff:
-        raise CheckpointMismatchError(f"controller config differs, field: (saved, current): "
-                                      f"{diff}")
-    if ctl.schedule is not None:
+    check_config(sd["config"], ctl.config)
+    if ctl.schedule is not None and ctl.schedule.stateful:
         why = ctl.schedule.check_state(sd.get("schedule"))
         if why:
             raise CheckpointMismatchError(f"controller state {why}")
-    refresh = ctl.config.exhaustion == "refresh"
+    refresh = grows(ctl)
     names = [st.layer.name for st in ctl.modules]
     if set(sd["modules"]) != set(names):
         raise CheckpointMismatchError(
-            f"adapted modules differ: only saved {_first(set(sd['modules']) - set(names))}, "
-            f"only current {_first(set(names) - set(sd['modules']))}")
+            f"adapted modules differ: only saved {first(set(sd['modules']) - set(names))}, "
+            f"only current {first(set(names) - set(sd['modules']))}")
     for st in ctl.modules:
         m, name = sd["modules"][st.layer.name], st.layer.name
         K, K_orig = _check_blocks(st, m, refresh)
@@ -151,7 +158,7 @@ def check_state(ctl: "SRLoRAController", sd: dict) -> None:
 
 
 @torch.no_grad()
-def load_state(ctl: "SRLoRAController", sd: dict) -> None:
+def load_state(ctl, sd: dict) -> None:
     """Check ``sd`` (:func:`check_state`), then write it into ``ctl``."""
     check_state(ctl, sd)
     from .refresh import resize
@@ -163,7 +170,7 @@ def load_state(ctl: "SRLoRAController", sd: dict) -> None:
     for st in ctl.modules:
         st.load(sd["modules"][st.layer.name])
     if ctl.schedule is not None:
-        ctl.schedule.load_state_dict(sd["schedule"])
+        ctl.schedule.load_state_dict(sd.get("schedule", {}))
     if ctl.importance is not None:
         ctl.importance.load_flat_state(sd["importance"])
     ctl.global_step = int(sd["global_step"])

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .engines import check_engine, sharding_reason, unwrap_optimizer  # noqa: F401 (re-exported)
-from .fsdp import full, full_tree
+from .fsdp_tensors import full, full_tree
 from .svd import top_singular_directions_many
 
 

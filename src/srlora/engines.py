@@ -22,7 +22,19 @@ SUPPORTED_ENGINES = ("DistributedDataParallel launched with torchrun, Accelerate
                      "multi-process DDP (accelerate launch --multi_gpu, or --cpu), a single "
                      "process, or FSDP2 (torch.distributed.fsdp.fully_shard, or accelerate "
                      "launch --use_fsdp --fsdp_version 2) with SRLoRAConfig(fusion='virtual')")
-FSDP2 = "FSDP2"  # every FSDP2 reason starts with it: the one sharded engine SRLoRA can run under
+
+
+class Engine(str):
+    """A sharded engine found (the text names it and where it was seen; ``kind`` identifies it:
+    "fsdp2", the one sharded engine SRLoRA can run under, "fsdp1", "deepspeed", "megatron",
+    "tensor-parallel")."""
+
+    kind: str
+
+    def __new__(cls, kind: str, text: str) -> "Engine":
+        obj = super().__new__(cls, text)
+        obj.kind = kind
+        return obj
 
 
 def unwrap_optimizer(optimizer):
@@ -43,21 +55,21 @@ def _module_origin(obj) -> str:
     return type(obj).__module__ or ""
 
 
-def _param_reason(p) -> Optional[str]:
+def _param_reason(p) -> Optional[Engine]:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - old torch
         DTensor = ()
     if DTensor and isinstance(p, DTensor):
-        return "FSDP2 / tensor parallelism (DTensor parameters)"  # starts with FSDP2
+        return Engine("fsdp2", "FSDP2 / tensor parallelism (DTensor parameters)")
     if getattr(p, "_is_flat_param", False):
-        return "FSDP (FullyShardedDataParallel flat parameters)"
+        return Engine("fsdp1", "FSDP (FullyShardedDataParallel flat parameters)")
     if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
-        return "DeepSpeed ZeRO-3 (partitioned parameters)"
+        return Engine("deepspeed", "DeepSpeed ZeRO-3 (partitioned parameters)")
     return None
 
 
-def _module_reason(model) -> Optional[str]:
+def _module_reason(model) -> Optional[Engine]:
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
     except ImportError:  # pragma: no cover
@@ -68,11 +80,11 @@ def _module_reason(model) -> Optional[str]:
         FSDPModule = ()
     for m in model.modules():
         if FSDP1 and isinstance(m, FSDP1):
-            return f"FSDP ({type(m).__name__})"
+            return Engine("fsdp1", f"FSDP ({type(m).__name__})")
         if FSDPModule and isinstance(m, FSDPModule):
-            return f"FSDP2 (fully_shard: {type(m).__name__})"
+            return Engine("fsdp2", f"FSDP2 (fully_shard: {type(m).__name__})")
         if _module_origin(m).startswith("deepspeed"):
-            return f"DeepSpeed ({type(m).__name__})"
+            return Engine("deepspeed", f"DeepSpeed ({type(m).__name__})")
     for p in model.parameters():
         reason = _param_reason(p)
         if reason:
@@ -80,12 +92,12 @@ def _module_reason(model) -> Optional[str]:
     return None
 
 
-def _optimizer_reason(optimizer) -> Optional[str]:
+def _optimizer_reason(optimizer) -> Optional[Engine]:
     seen, opt = 0, optimizer
     while opt is not None and seen < 8:
         name = type(opt).__name__
         if _module_origin(opt).startswith("deepspeed") or "DeepSpeed" in name:
-            return f"DeepSpeed (optimizer {name})"
+            return Engine("deepspeed", f"DeepSpeed (optimizer {name})")
         for g in getattr(opt, "param_groups", None) or []:
             for p in g.get("params", []):
                 reason = _param_reason(p)
@@ -95,16 +107,18 @@ def _optimizer_reason(optimizer) -> Optional[str]:
     return None
 
 
-def _launcher_reason() -> Optional[str]:
+def _launcher_reason() -> Optional[Engine]:
     true = ("1", "true", "yes")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in true:
         if os.environ.get("FSDP_VERSION", "1").strip() == "2":
-            return ("FSDP2 (accelerate launch with an FSDP config: ACCELERATE_USE_FSDP is set, "
-                    "FSDP_VERSION=2)")
-        return ("FSDP (version 1: accelerate launch with an FSDP config: ACCELERATE_USE_FSDP is "
-                "set, FSDP_VERSION is not 2; use fsdp_version: 2, i.e. FSDP2)")
+            return Engine("fsdp2", "FSDP2 (accelerate launch with an FSDP config: "
+                          "ACCELERATE_USE_FSDP is set, FSDP_VERSION=2)")
+        return Engine("fsdp1", "FSDP (version 1: accelerate launch with an FSDP config: "
+                      "ACCELERATE_USE_FSDP is set, FSDP_VERSION is not 2; use fsdp_version: 2, "
+                      "i.e. FSDP2)")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in true:
-        return "DeepSpeed (accelerate launch with DeepSpeed: ACCELERATE_USE_DEEPSPEED is set)"
+        return Engine("deepspeed", "DeepSpeed (accelerate launch with DeepSpeed: "
+                      "ACCELERATE_USE_DEEPSPEED is set)")
     if "accelerate.state" in sys.modules:
         shared = getattr(sys.modules["accelerate.state"].AcceleratorState, "_shared_state", {})
         kind = str(shared.get("distributed_type", ""))
@@ -112,21 +126,23 @@ def _launcher_reason() -> Optional[str]:
             if kind.endswith(engine):
                 plugin = shared.get("fsdp_plugin")
                 if engine == "FSDP" and getattr(plugin, "fsdp_version", 1) == 2:
-                    return "FSDP2 (the Accelerator was created with fsdp_version=2)"
-                return f"{engine} (the Accelerator was created with distributed_type={engine})"
+                    return Engine("fsdp2", "FSDP2 (the Accelerator was created with fsdp_version=2)")
+                return Engine({"FSDP": "fsdp1", "DEEPSPEED": "deepspeed"}.get(engine, "megatron"),
+                              f"{engine} (the Accelerator was created with distributed_type="
+                              f"{engine})")
     return None
 
 
-def sharding_reason(model=None, optimizer=None) -> Optional[str]:
-    """Name of the sharded engine ``model``/``optimizer``/the launcher uses, or None. A name
-    that starts with "FSDP2" is FSDP2 (``fully_shard``, DTensor parameters)."""
+def sharding_reason(model=None, optimizer=None) -> Optional[Engine]:
+    """The sharded engine ``model``/``optimizer``/the launcher uses (an :class:`Engine`: its
+    text names it, its ``kind`` identifies it), or None."""
     return (_launcher_reason() or (_module_reason(model) if model is not None else None)
             or (_optimizer_reason(optimizer) if optimizer is not None else None))
 
 
-def is_fsdp2(reason: Optional[str]) -> bool:
-    """True when a :func:`sharding_reason` names FSDP2."""
-    return bool(reason) and reason.startswith(FSDP2)
+def is_fsdp2(reason: Optional[Engine]) -> bool:
+    """True when a :func:`sharding_reason` is FSDP2 (by its kind, not its text)."""
+    return reason is not None and reason.kind == "fsdp2"
 
 
 def check_engine(model=None, optimizer=None, params=None, fsdp2_ok: bool = False) -> None:

@@ -41,23 +41,55 @@ def rebuild_base(st: ModuleState) -> torch.Tensor:
     return W
 
 
+def weight_mode(st: ModuleState) -> str:
+    """How module ``st``'s frozen weight is held, the one dispatch of every fusion mode:
+    "virtual" (W stays W0; the change lives in the side path), "original" (rebuilt from a copy
+    of W0), "residual" (a 16-bit W and its int8 rounding residual) or "plain" (W itself: fp32
+    in place, or a 16-bit W rounded at every switch, ``half_fusion="inplace"``)."""
+    if st.side is not None:
+        return "virtual"
+    if st.original is not None:
+        return "original"
+    if st.residual is not None:
+        return "residual"
+    return "plain"
+
+
+@torch.no_grad()
+def frozen_weight(st: ModuleState) -> torch.Tensor:
+    """The module's current frozen weight (everything but ``s*B@A``) in fp32, on its device."""
+    mode, W = weight_mode(st), st.layer.W()
+    if mode == "virtual":  # W is W0: the change is ``s*(FB@FA - B_sub@A_sub)``
+        Bs, As = subtracted_factors(st, W.device)
+        out = W.float() - st.layer.scaling * (Bs @ As)
+        if st.fused() > 0:
+            out += st.layer.scaling * (st.fetch(st.FB, W.device) @ st.fetch(st.FA, W.device))
+        return out
+    if mode == "original":
+        return rebuild_base(st)
+    if mode == "residual":
+        return join_residual(W, st.residual)
+    return W.float()
+
+
 def fuse_into_weight(st: ModuleState, k: int, Bc: torch.Tensor, Ac: torch.Tensor,
                      B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
                      A_new: torch.Tensor) -> None:
     """Add ``s*(B_low@A_low - B_new@A_new)`` (``= s*Bc@Ac``) to one frozen weight; advance p by
     k (with ``half_fusion="original"`` the pairs go into the ledger first: the rebuild reads
     them)."""
-    if st.side is not None:  # fusion="virtual": only the side path's factors are written
+    mode = weight_mode(st)
+    if mode == "virtual":  # only the side path's factors are written
         f0 = st.fused()
         st.p += k
         st.side.write_switch(f0, B_low, A_low, B_new, A_new)
         return
     W, s = st.layer.W(), st.layer.scaling
     st.p += k
-    if st.original is not None:
+    if mode == "original":
         st.store_fused(B_low, A_low)
         W.copy_(rebuild_base(st).to(W.dtype))
-    elif st.residual is not None:
+    elif mode == "residual":
         split_residual_(join_residual(W, st.residual).addmm_(Bc, Ac, alpha=s), W, st.residual)
     elif W.dtype == torch.float32:
         W.addmm_(Bc, Ac, alpha=s)

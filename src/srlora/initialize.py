@@ -34,8 +34,17 @@ def store_device(config: SRLoRAConfig, L: AdaptedLayer) -> torch.device:
 
 
 def directions_per_layer(config: SRLoRAConfig, layers: list[AdaptedLayer]) -> list[int]:
-    """K per layer: ``min(r_target, m, n)`` for SRLoRA, ``min(r, m, n)`` for PiSSA."""
-    return [min(config.r_target if config.method == "srlora" else L.r, *L.shape) for L in layers]
+    """K per layer: ``min(r_target, m, n)`` for a switching method, ``min(r, m, n)`` for
+    PiSSA; ``r_target`` slots when no SVD is read (``insertion="lora"``: no direction bound)."""
+    if not config.svd_init:
+        return [max(config.r_target, L.r) for L in layers]
+    return [min(config.r_target if config.switches else L.r, *L.shape) for L in layers]
+
+
+def zero_directions(layers: list[AdaptedLayer], ks: list[int]) -> list:
+    """A cache of zero directions (``S = 0``) per layer, for an insertion that reads none."""
+    return [(torch.zeros(L.shape[0], k), torch.zeros(k), torch.zeros(k, L.shape[1]))
+            for L, k in zip(layers, ks)]
 
 
 class Weights(Sequence):
@@ -58,7 +67,9 @@ def build_states(config: SRLoRAConfig, layers: list[AdaptedLayer],
     """The SVD of every layer's weight in its cache, the initial pairs' factors and every buffer
     the init will need. Writes nothing into the model. Returns the states and the init plan."""
     ks = directions_per_layer(config, layers)
-    if svd_fn is None:
+    if not config.svd_init:
+        results = zero_directions(layers, ks)
+    elif svd_fn is None:
         results = top_singular_directions_many(
             Weights(layers), ks, config.svd_method, config.svd_oversample,
             config.svd_niter, config.svd_seed, names=[L.name for L in layers])
@@ -75,13 +86,15 @@ def build_states(config: SRLoRAConfig, layers: list[AdaptedLayer],
         st.S.copy_(S)
         st.Vh.copy_(Vh)
         dev = L.base_weight.device
-        half = L.dtype != torch.float32 and config.method == "srlora" and not virtual
+        half = L.dtype != torch.float32 and config.switches and not virtual
         if half and config.half_fusion == "original":
             st.keep_original(L.W())
         if half and config.half_fusion == "residual":
             st.residual = torch.empty(L.shape, dtype=torch.int8, device=dev)
         r0 = min(L.r, k)
         B0, A0 = pissa_factors(U[:, :r0], S[:r0], Vh[:r0], L.scaling)
+        if not config.svd_init:  # PEFT's LoRA init stays: B zero, A random, W untouched
+            B0, A0 = torch.zeros_like(B0), L.A()[:r0].detach().float().clone()
         factors.append((r0, B0.to(dev), A0.to(dev)))
         if virtual:
             st.side = VirtualSide(L, k, r0)

@@ -29,14 +29,11 @@ broadcast, so every rank inserts bitwise the same. Not with ``switch_schedule="a
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Callable, Optional
 
 import torch
 
 from .distributed import broadcast_from_rank0, is_distributed, sum_over_ranks
-
-if TYPE_CHECKING:
-    from .controller import SRLoRAController
 
 
 def _orthonormal(M: torch.Tensor) -> torch.Tensor:
@@ -88,21 +85,21 @@ def layer_gradient(x: torch.Tensor, gy: torch.Tensor, conv: bool) -> torch.Tenso
 
 class GradientProbe:
     """Forward hooks that accumulate each adapted layer's full weight gradient, but only during
-    the step before a scheduled switch (``ctl.switch_is_next()``); otherwise a hook returns at
+    the step before a scheduled switch (``switch_is_next()``); otherwise a hook returns at
     once. ``take()`` hands the sums over and clears them."""
 
-    def __init__(self, ctl: "SRLoRAController"):
-        self.ctl = ctl
+    def __init__(self, layers: list, switch_is_next: Callable[[], bool]):
+        self.layers, self.switch_is_next = layers, switch_is_next
         self.sums: dict[int, torch.Tensor] = {}
         self.handles = [L.layer.register_forward_hook(self._hook(i))
-                        for i, L in enumerate(ctl.layers)]
+                        for i, L in enumerate(layers)]
 
     def _hook(self, i: int):
-        conv = isinstance(self.ctl.layers[i].layer.get_base_layer(), torch.nn.Conv2d)
+        conv = isinstance(self.layers[i].layer.get_base_layer(), torch.nn.Conv2d)
 
         def hook(module, args, out):
             if not (torch.is_grad_enabled() and torch.is_tensor(out) and out.requires_grad
-                    and args and torch.is_tensor(args[0]) and self.ctl.switch_is_next()):
+                    and args and torch.is_tensor(args[0]) and self.switch_is_next()):
                 return
             x = args[0].detach()
 
@@ -123,12 +120,12 @@ class GradientProbe:
         sums, self.sums = self.sums, {}
         if is_distributed():
             # every rank needs the same keys: which modules saw a gradient anywhere
-            seen = torch.zeros(len(self.ctl.layers))
+            seen = torch.zeros(len(self.layers))
             for i in sums:
                 seen[i] = 1.0
             seen = sum_over_ranks(seen)
-            for i in [j for j in range(len(self.ctl.layers)) if seen[j] > 0]:
-                m, n = self.ctl.layers[i].shape
+            for i in [j for j in range(len(self.layers)) if seen[j] > 0]:
+                m, n = self.layers[i].shape
                 sums[i] = sum_over_ranks(sums[i] if i in sums else torch.zeros(m, n))
         return sums
 

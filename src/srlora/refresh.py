@@ -23,18 +23,14 @@ virtual side path's buffers) and writes the new block. Neither touches the model
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from .distributed import broadcast_from_rank0
-from .factors import join_residual
-from .fusion import rebuild_base, subtracted_factors
+from .fusion import frozen_weight
 from .module_state import ModuleState, StateStack
 from .svd import top_singular_directions_many
-
-if TYPE_CHECKING:
-    from .controller import SRLoRAController
 
 
 class StackRefresh(NamedTuple):
@@ -65,37 +61,27 @@ def needs_refresh(st: ModuleState, k: int) -> bool:
     return st.p + k > st.K and block_size(st, k) >= k
 
 
-@torch.no_grad()
-def frozen_weight(st: ModuleState) -> torch.Tensor:
-    """The module's current frozen weight (everything but ``s*B@A``) in fp32, on its device."""
-    L, s = st.layer, st.layer.scaling
-    W = L.W()
-    if st.side is not None:  # fusion="virtual": W is W0; the change lives in the side path
-        Bs, As = subtracted_factors(st, W.device)
-        out = W.float() - s * (Bs @ As)
-        if st.fused() > 0:
-            out += s * (st.fetch(st.FB, W.device) @ st.fetch(st.FA, W.device))
-        return out
-    if st.original is not None:
-        return rebuild_base(st)
-    if st.residual is not None:
-        return join_residual(W, st.residual)
-    return W.float()
-
-
-def plan_refresh(ctl: "SRLoRAController", idx: list[int], k: int) -> list[StackRefresh]:
-    """The new block of every stack with a member in ``idx`` (all its members must be at one
-    pointer, as the switches keep them). Reads only."""
+def stacks_at_one_pointer(modules: list[ModuleState], idx: list[int]) -> list[StateStack]:
+    """The stacks with a member in ``idx``; raises unless each stack's members share a pointer
+    (as the switches keep them)."""
     stacks: dict[int, StateStack] = {}
     for i in idx:
-        stacks.setdefault(id(ctl.modules[i].stack), ctl.modules[i].stack)
-    cfg, plans = ctl.config, []
+        stacks.setdefault(id(modules[i].stack), modules[i].stack)
     for stack in stacks.values():
+        if len({st.p for st in stack.members}) > 1:
+            raise RuntimeError(f"SRLoRA refresh: the modules of one shape are at different "
+                               f"pointers {sorted({st.p for st in stack.members})}; nothing was "
+                               "changed")
+    return list(stacks.values())
+
+
+def plan_refresh(modules: list[ModuleState], idx: list[int], k: int, cfg) -> list[StackRefresh]:
+    """The new block of every stack with a member in ``idx``: the top directions of its
+    members' current frozen weights (``cfg``: the SVD settings). Reads only."""
+    plans = []
+    for stack in stacks_at_one_pointer(modules, idx):
         sts = stack.members
         p = sts[0].p
-        if any(st.p != p for st in sts):
-            raise RuntimeError(f"SRLoRA refresh: the modules of one shape are at different "
-                               f"pointers {sorted({st.p for st in sts})}; nothing was changed")
         b = block_size(sts[0], k)
         res = top_singular_directions_many(
             [frozen_weight(st) for st in sts], [b] * len(sts), cfg.svd_method,
@@ -130,7 +116,7 @@ def resize(stack: StateStack, K: int, keep: int) -> None:
 
 
 @torch.no_grad()
-def apply_refresh(ctl: "SRLoRAController", plans: list[StackRefresh]) -> list[int]:
+def apply_refresh(modules: list[ModuleState], plans: list[StackRefresh]) -> list[int]:
     """Write each planned block into its stack at ``p``; returns the refreshed modules."""
     done = []
     for pl in plans:
@@ -142,5 +128,5 @@ def apply_refresh(ctl: "SRLoRAController", plans: list[StackRefresh]) -> list[in
         for st in pl.stack.members:
             st.blocks.append(pl.p)
             done.append(st)
-    index = {id(st): i for i, st in enumerate(ctl.modules)}
+    index = {id(st): i for i, st in enumerate(modules)}
     return sorted(index[id(st)] for st in done)

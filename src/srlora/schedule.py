@@ -1,9 +1,10 @@
 """When switches fire: ``SRLoRAConfig.switch_schedule`` "fixed" (the paper) or "adaptive".
 
 Fixed: ``k * floor(total_steps / (N + 1))`` for k = 1..N, or ``k * floor(switch_span *
-total_steps / N)``, or ``k * switch_interval`` (:func:`srlora.factors.switch_steps`); with
-``exhaustion="refresh"`` and ``switch_interval`` the interval continues to the end of training
-(every ``k * switch_interval < total_steps``).
+total_steps / N)``, or ``k * switch_interval`` (:func:`srlora.factors.switch_steps`); when the
+exhaustion strategy never runs out of directions (``exhaustion="refresh"``) and
+``switch_interval`` is given, the interval continues to the end of training (every
+``k * switch_interval < total_steps``).
 
 Adaptive (:class:`AdaptiveSchedule`): the same budget (as many switches as the fixed schedule
 plans) and the same ``total_steps``; with ``I`` the fixed interval, a switch fires at step t when
@@ -27,46 +28,43 @@ controller all-reduces the observed loss, so every rank decides the same.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Callable, Optional
 
 import torch
 
-from .factors import lowest_pairs, switch_steps
-
-if TYPE_CHECKING:
-    from .config import SRLoRAConfig
-    from .controller import SRLoRAController
+from .factors import switch_steps
 
 MIN_GAP = 0.5  # of the fixed interval: no adaptive switch sooner after the last one
 MAX_GAP = 2.0  # of the fixed interval: a switch is forced this long after the last one
 REASONS = ("fixed", "ranking-settled", "loss-plateau", "max-interval", "deadline", "manual")
 
 
-def fixed_steps(config: "SRLoRAConfig", total_steps: Optional[int]) -> list[int]:
-    """The fixed schedule's switch steps (for "adaptive": its budget and interval)."""
-    if config.exhaustion == "refresh" and config.switch_interval is not None:
+def fixed_steps(config, total_steps: Optional[int], unbounded: bool = False) -> list[int]:
+    """The fixed schedule's switch steps (for "adaptive": its budget and interval).
+    ``unbounded``: the exhaustion strategy never runs out of directions."""
+    if unbounded and config.switch_interval is not None:
         if total_steps is None:
-            raise ValueError("SRLoRAConfig.exhaustion='refresh' with switch_interval switches "
-                             "to the end of the run: set total_steps (the Trainer callback sets "
-                             "it from max_steps)")
+            raise ValueError(f"SRLoRAConfig.exhaustion={config.exhaustion!r} with switch_interval "
+                             "switches to the end of the run: set total_steps (the Trainer "
+                             "callback sets it from max_steps)")
         return list(range(config.switch_interval, total_steps, config.switch_interval))
     return switch_steps(total_steps, config.num_switches, config.switch_interval,
                         config.switch_span)
 
 
-def check_adaptive(config: "SRLoRAConfig", total_steps: Optional[int]) -> list[int]:
+def check_adaptive(config, total_steps: Optional[int], unbounded: bool = False) -> list[int]:
     """The fixed steps the adaptive schedule budgets against; raises if it cannot run."""
     if total_steps is None:
         raise ValueError("SRLoRAConfig.switch_schedule='adaptive' needs total_steps (its switches "
                          "must fit before the end; the Trainer callback sets it from max_steps)")
-    return fixed_steps(config, total_steps)
+    return fixed_steps(config, total_steps, unbounded)
 
 
 class AdaptiveSchedule:
     """The adaptive schedule's detector state for ``M`` modules and ``k`` pairs per switch."""
 
-    def __init__(self, config: "SRLoRAConfig", n_modules: int):
-        self.config = config
+    def __init__(self, config, n_modules: int, unbounded: bool = False):
+        self.config, self.unbounded = config, unbounded
         self.window = config.adaptive_window
         self.k = config.r_prime
         self.n_modules = n_modules
@@ -94,11 +92,7 @@ class AdaptiveSchedule:
         self.loss_ema = x if self.loss_ema is None else b * self.loss_ema + (1.0 - b) * x
         self.losses = (self.losses + [self.loss_ema])[-(self.window + 1):]
 
-    def _observe_ranking(self, ctl: "SRLoRAController") -> None:
-        from .switch import ranking_keys, switch_groups
-        sets = torch.empty(self.n_modules, self.k, dtype=torch.long)
-        for idx in switch_groups(ctl, list(range(self.n_modules))):
-            sets[idx] = lowest_pairs(ranking_keys(ctl, idx), self.k).cpu()
+    def _observe_ranking(self, sets: torch.Tensor) -> None:
         if self.sets is None:
             self.runs.fill_(1)
         else:
@@ -112,12 +106,13 @@ class AdaptiveSchedule:
         lo = max(1, math.ceil(MIN_GAP * interval))
         return lo, max(lo, math.ceil(MAX_GAP * interval))
 
-    def decide(self, ctl: "SRLoRAController", updated: bool) -> Optional[str]:
+    def decide(self, step: int, total: Optional[int], updated: bool, would_fuse: Callable,
+               switchable: Callable) -> Optional[str]:
         """Called once per optimizer step (after the importance update and the step count):
-        the reason to switch now, or None."""
-        total, step = ctl.total_steps, ctl.global_step
+        the reason to switch now, or None. ``would_fuse()``: ``M x k`` (on the host) the pairs
+        each module's switch would fuse now; ``switchable()``: per module, can it switch."""
         if self._fixed[0] != total:
-            self._fixed = (total, check_adaptive(self.config, total))
+            self._fixed = (total, check_adaptive(self.config, total, self.unbounded))
         fixed = self._fixed[1]
         self._take_loss()
         if self.done or self.fired >= len(fixed):
@@ -125,10 +120,10 @@ class AdaptiveSchedule:
         lo, hi = self.gaps(fixed)
         gap = step - self.last
         if updated and gap >= lo - self.window:
-            self._observe_ranking(ctl)
+            self._observe_ranking(would_fuse())
         if gap < lo or step > total - lo:
             return None
-        live = torch.tensor(ctl.switchable(), dtype=torch.bool)
+        live = torch.tensor(switchable(), dtype=torch.bool)
         if live.any() and self.sets is not None:
             settled = (self.runs[live] >= self.window).float().mean().item()
             if settled >= self.config.adaptive_settled:

@@ -45,7 +45,7 @@ def check_extra_lora_kwargs(config: SRLoRAConfig) -> None:
                              "use 'gaussian', 'pissa', 'olora', ...)")
         return
     refused = [k for k in extra if k not in SVD_INIT_OPTIONS
-               or (k == "rank_pattern" and config.method == "srlora" and extra[k])]
+               or (k == "rank_pattern" and config.switches and extra[k])]
     if refused:
         why = ("per-module ranks are not supported by SRLoRA's schedule and switch (one r for "
                "every module)" if refused == ["rank_pattern"] else
@@ -53,7 +53,7 @@ def check_extra_lora_kwargs(config: SRLoRAConfig) -> None:
                f"model's function at set-up; these PEFT options would change it")
         raise ValueError(f"SRLoRAConfig.extra_lora_kwargs: {refused} refused: {why}. Accepted "
                          f"with method={config.method!r}: {list(SVD_INIT_OPTIONS)}"
-                         f"{' (rank_pattern: pissa only)' if config.method == 'srlora' else ''}; "
+                         f"{' (rank_pattern: pissa only)' if config.switches else ''}; "
                          "method='lora' takes PEFT's other options (use_dora, olora, ...)")
 
 
@@ -63,7 +63,7 @@ def lora_config(config: SRLoRAConfig):
 
     kw = dict(r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
               lora_dropout=config.lora_dropout, modules_to_save=config.modules_to_save,
-              init_lora_weights=True if config.method == "lora" else False)
+              init_lora_weights=not config.svd_init)  # PiSSA's init is srlora's own
     kw.update(config.extra_lora_kwargs)
     try:
         return LoraConfig(**kw)
@@ -125,6 +125,19 @@ def _check_not_wrapped(model: nn.Module) -> None:
                           "re-initialize the first")
 
 
+def _check_usable_device(config: SRLoRAConfig) -> None:
+    """``offload_device`` must be a device this process can allocate on (a valid name of an
+    absent accelerator would fail inside the first switch)."""
+    if config.offload_device is None or config.method == "lora":
+        return
+    try:
+        torch.empty(0, device=config.offload_device)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise ValueError(f"SRLoRAConfig.offload_device: {config.offload_device!r} cannot hold "
+                         f"tensors in this process ({str(e).splitlines()[0]}); use 'cpu' or "
+                         "None (beside the weight)") from None
+
+
 def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
          svd_fn: Optional[SVDFn] = None):
     """Add an SRLoRA (or LoRA / PiSSA baseline) adapter to ``model``.
@@ -142,12 +155,14 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
         raise TypeError(f"config must be an SRLoRAConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config.validate()  # a field changed since construction is checked before any change
+    _check_usable_device(config)
     _check_not_wrapped(model)
     check_extra_lora_kwargs(config)
     if config.target_modules is None:
         from dataclasses import replace
         config = replace(config, target_modules=_default_targets(model))
-    if config.method == "srlora":
+    if config.switches:
         check_engine_at_wrap(model, config.fusion)  # sharded already, FSDP1, DeepSpeed: refused
     pcfg = lora_config(config)
     targets = _targets(model, pcfg)
@@ -160,10 +175,10 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
     if config.method != "lora":
         for name, mod in targets:
             check_supported(name, mod, config.fusion)
-            if not torch.isfinite(mod.weight.detach()).all():
+            if config.svd_init and not torch.isfinite(mod.weight.detach()).all():
                 raise SVDInputError(f"target module {name!r}: NaN/Inf in its weight; SRLoRA's "
                                     "SVD needs a finite weight")
-    if svd_fn is None and config.method != "lora":
+    if svd_fn is None and config.svd_init:
         svd_fn = default_svd_fn(config)  # under torch.distributed: computed once, broadcast
     snapshot = ModelSnapshot(model)
     try:

@@ -11,6 +11,9 @@ import sys
 
 from . import UsageError
 
+LR_LIKE = {"relora": "lora"}  # no per-method task lr of its own: this one's (ReLoRA starts as LoRA)
+
+
 def _methods() -> tuple[str, ...]:
     from ..experiments.methods import all_methods
     return all_methods()
@@ -49,7 +52,7 @@ def register(sub) -> None:
     a("--dataset", help="a local CSV/TSV/JSONL with text,label columns, or a hub dataset name "
                         "(replaces the task's data)")
     a("--methods", default="lora,pissa,srlora",
-      help="comma list of lora, pissa, srlora, dora, olora, or a variant: srlora:rewarm, "
+      help="comma list of lora, pissa, srlora, relora, dora, olora, or a variant: srlora:rewarm, "
            "srlora:protect:rewarm, srlora:gamma=0.25, srlora:paper (docs/compare.md)")
     a("--seeds", help="comma list of ints (default per task: 0,1,2)")
     a("--steps", type=int, help="optimizer steps per run (default per task)")
@@ -127,7 +130,9 @@ def parse_lrs(spec: str, methods: list[str], default: str, bases: dict | None = 
         raise UsageError("--lr: empty")
     out = {}
     for m in methods:
-        v = per.get(m) or shared or d_per.get(m) or d_per.get(bases.get(m, m)) or d_shared
+        base = bases.get(m, m)
+        v = (per.get(m) or shared or d_per.get(m) or d_per.get(base)
+             or d_per.get(LR_LIKE.get(base, base)) or d_shared)
         out[m] = sorted(set(v))
     return out
 

@@ -14,10 +14,9 @@ by building the SRLoRAConfig, so a bad one is refused before anything runs.
 """
 from __future__ import annotations
 
-import typing
 from typing import Any
 
-BASE_METHODS = ("lora", "pissa", "srlora")
+from srlora.config import METHODS as BASE_METHODS  # the library's list of methods
 # methods with no adapter, run by the lab only: ``full`` trains every weight (the yardstick)
 FULL = "full"
 LAB_METHODS = (FULL,)
@@ -36,15 +35,15 @@ def all_methods() -> tuple[str, ...]:
 
 
 def choice_fields() -> dict[str, list[str]]:
-    """Each value of SRLoRAConfig's choice fields (``Literal[...]``) -> the fields it belongs to."""
-    import srlora
+    """Each value of SRLoRAConfig's choice fields (``srlora.config.choices()``) -> the fields it
+    belongs to."""
+    from srlora.config import choices
 
     out: dict[str, list[str]] = {}
-    hints = typing.get_type_hints(srlora.SRLoRAConfig)
-    for name, hint in hints.items():
-        if name in HARNESS_FIELDS or typing.get_origin(hint) is not typing.Literal:
+    for name, allowed in choices().items():
+        if name in HARNESS_FIELDS:
             continue
-        for value in typing.get_args(hint):
+        for value in allowed:
             out.setdefault(value, []).append(name)
     return out
 
