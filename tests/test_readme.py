@@ -25,3 +25,58 @@ def test_first_readme_example_runs(tmp_path):
 def test_readme_example_is_the_quickstart_file():
     readme = (ROOT / "README.md").read_text()
     assert (ROOT / "examples" / "quickstart.py").read_text().strip() in readme
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def _tested_examples() -> dict:
+    """examples/*.py that a test runs (named in a tests/*.py file), by name -> text."""
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    return {p.name: p.read_text() for p in (ROOT / "examples").glob("*.py")
+            if p.name in tests or p.stem in tests}
+
+
+def test_every_other_readme_snippet_is_an_excerpt_of_a_tested_example():
+    examples = _tested_examples()
+    for block in _python_blocks()[1:]:
+        lines = [ln.strip() for ln in block.splitlines() if ln.strip()]
+        found = []
+        for name, text in examples.items():
+            src = [ln.strip() for ln in text.splitlines()]
+            pos = 0
+            for ln in lines:  # every line, in order
+                try:
+                    pos = src.index(ln, pos) + 1
+                except ValueError:
+                    break
+            else:
+                found.append(name)
+        assert found, f"README snippet not taken from a tested example:\n{block}"
+
+
+def test_every_srlora_command_in_the_readme_parses():
+    from srlora_lab.cli import build_parser
+
+    text = (ROOT / "README.md").read_text()
+    cmds = [ln.split("#")[0].strip() for b in re.findall(r"```bash\n(.*?)```", text, re.S)
+            for ln in b.splitlines() if ln.strip().startswith("srlora ")]
+    assert len(cmds) >= 4
+    parser = build_parser()
+    for c in cmds:
+        parser.parse_args(c.split()[1:])  # exits (SystemExit) on an unknown flag or value
+
+
+def test_checkpoint_export_example_resumes_bitwise_and_exports_exactly():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"),
+                                                       str(ROOT / "examples")]),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "checkpoint_export.py")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = out.stdout.strip().splitlines()[-1]
+    assert "resumed run bitwise equal: True" in line and "6 switches" in line
+    rel = [float(x) for x in re.findall(r"difference ([0-9.e+-]+); merged ([0-9.e+-]+)",
+                                        line)[0]]
+    assert max(rel) < 1e-4
