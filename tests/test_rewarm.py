@@ -99,7 +99,7 @@ def test_first_update_of_a_restarted_slot_at_step_1000(at_1000):
 def test_rewarm_changes_nothing_else(at_1000):
     """Until the first restart "rewarm" trains bitwise as "zero"; after it, the slots that were
     not restarted get bitwise the same update (their correction is exactly zero)."""
-    (cz, oz, bz), (cr, orw, br) = at_1000["zero"], at_1000["rewarm"]
+    (cz, _, bz), (cr, _, br) = at_1000["zero"], at_1000["rewarm"]
     for i, (Lz, Lr) in enumerate(zip(cz.layers, cr.layers)):
         assert torch.equal(bz[i][0], br[i][0]) and torch.equal(bz[i][1], br[i][1])
         slots = cz.history[0]["slots"][i]

@@ -12,15 +12,16 @@ import fnmatch
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
-# "SRLoRAController" in the annotations is srlora.controller.SRLoRAController; not imported, even
-# under TYPE_CHECKING: the controller imports this module (no import cycle under src/)
+# srlora.controller.SRLoRAController; not imported, even under TYPE_CHECKING: the controller
+# imports this module (no import cycle under src/)
+SRLoRAController = Any
 
 
-def _switching(ctl: "SRLoRAController") -> bool:
+def _switching(ctl: SRLoRAController) -> bool:
     """Does this controller's method switch (srlora; and any other the config lists)?"""
     from . import config
     return ctl.config.method in getattr(config, "SWITCHING", ("srlora",))
@@ -72,7 +73,7 @@ def move_into(tmp: Path, folder: Path, overwrite: bool, what: str) -> None:
 
 
 # ---------------------------------------------------------------------- stepping (cases 3, 15)
-def hooked_step(ctl: "SRLoRAController") -> None:
+def hooked_step(ctl: SRLoRAController) -> None:
     """What the optimizer's step post-hook runs (``attach``): ``ctl.step()``, marked as the
     hook's own call so that :func:`check_not_double_step` lets it through."""
     ctl._in_hook = True
@@ -82,7 +83,7 @@ def hooked_step(ctl: "SRLoRAController") -> None:
         ctl._in_hook = False
 
 
-def check_not_double_step(ctl: "SRLoRAController") -> None:
+def check_not_double_step(ctl: SRLoRAController) -> None:
     """``step()`` called by hand while attached: the hook already steps the controller after
     every ``optimizer.step()``, so this would count the same optimizer step twice (switches at
     half the planned steps). Refused before anything is counted."""
@@ -94,7 +95,7 @@ def check_not_double_step(ctl: "SRLoRAController") -> None:
                            "step it by hand")
 
 
-def check_attach(ctl: "SRLoRAController", inner) -> None:
+def check_attach(ctl: SRLoRAController, inner) -> None:
     """``attach()`` to a second optimizer while attached to another: refused (a silent switch
     of optimizers would stop the first one's switching and reset the wrong state)."""
     if ctl.attached and ctl.optimizer is not None and ctl.optimizer is not inner:
@@ -103,7 +104,7 @@ def check_attach(ctl: "SRLoRAController", inner) -> None:
                          "controller.detach() first to move it to this one")
 
 
-def release(ctl: "SRLoRAController") -> None:
+def release(ctl: SRLoRAController) -> None:
     """Remove the step hook without a warning (the Trainer callback, re-attaching to the
     optimizer a resumed Trainer built)."""
     if ctl._hook is not None:
@@ -111,7 +112,7 @@ def release(ctl: "SRLoRAController") -> None:
     ctl._hook = None
 
 
-def planned_steps(ctl: "SRLoRAController") -> Optional[list[int]]:
+def planned_steps(ctl: SRLoRAController) -> Optional[list[int]]:
     """The switch steps when the schedule plans them ahead (the fixed one), else None (the
     adaptive schedule, the baselines, or a schedule that cannot be built yet)."""
     if not _switching(ctl):
@@ -125,7 +126,7 @@ def planned_steps(ctl: "SRLoRAController") -> Optional[list[int]]:
         return None
 
 
-def _override_planned(ctl: "SRLoRAController", steps: set) -> None:
+def _override_planned(ctl: SRLoRAController, steps: set) -> None:
     """Make ``steps`` the planned switch steps for the current ``total_steps``."""
     if ctl.schedule is None:  # this tree: the fixed schedule is kept by the controller
         ctl._switch_steps = set(steps)
@@ -133,7 +134,7 @@ def _override_planned(ctl: "SRLoRAController", steps: set) -> None:
         ctl.schedule._cache = (ctl.total_steps, frozenset(steps))
 
 
-def remaining_switches(ctl: "SRLoRAController") -> list[int]:
+def remaining_switches(ctl: SRLoRAController) -> list[int]:
     """The planned switch steps after ``global_step`` that can still change something."""
     steps = planned_steps(ctl)
     if not steps:
@@ -143,7 +144,7 @@ def remaining_switches(ctl: "SRLoRAController") -> list[int]:
     return [t for t in steps if t > ctl.global_step]
 
 
-def warn_detach(ctl: "SRLoRAController") -> None:
+def warn_detach(ctl: SRLoRAController) -> None:
     """``detach()`` while switches are still to come: say that they now need ``step()``."""
     if not ctl.attached or not _switching(ctl) or ctl.global_step == 0:
         return
@@ -166,7 +167,7 @@ def warn_detach(ctl: "SRLoRAController") -> None:
 
 
 # ---------------------------------------------------------------------- zeroed gradients (case 4)
-def _importance_all_zero(ctl: "SRLoRAController") -> bool:
+def _importance_all_zero(ctl: SRLoRAController) -> bool:
     """Every importance update so far saw only zero gradients (``ibar`` all zero), and at least
     one update happened."""
     imp = ctl.importance
@@ -175,7 +176,7 @@ def _importance_all_zero(ctl: "SRLoRAController") -> bool:
     return not any(bool(g[1].any()) for g in imp._groups if g[1].numel())
 
 
-def check_zero_gradients(ctl: "SRLoRAController", at_switch: bool = False) -> None:
+def check_zero_gradients(ctl: SRLoRAController, at_switch: bool = False) -> None:
     """Warn once when the importance has only seen all-zero gradients: at the first step and at
     the first switch (later, a switch's reset of the importance zeroes it legitimately).
     ``zero_grad(set_to_none=False)`` before ``step()`` gives this: the switches then choose the
@@ -195,7 +196,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _in_range(ctl: "SRLoRAController", i: int) -> Optional[torch.Tensor]:
+def _in_range(ctl: SRLoRAController, i: int) -> Optional[torch.Tensor]:
     """For a float16 frozen weight (or side path): whether the switch's writes stay within the
     dtype's range, by a bound (0-dim bool tensor); None for wider dtypes. Weight: ``max|W| +
     s * sum_j max|B_j| max|A_j|`` over the live pairs (the fused ones are among them) ``+ sum_j
@@ -216,7 +217,7 @@ def _in_range(ctl: "SRLoRAController", i: int) -> Optional[torch.Tensor]:
     return bound < big
 
 
-def finite_modules(ctl: "SRLoRAController", todo: list[int]) -> list[int]:
+def finite_modules(ctl: SRLoRAController, todo: list[int]) -> list[int]:
     """``todo`` without the modules whose switch would write a non-finite value into the frozen
     weight (or the side path), which the user cannot repair: LoRA factors or importance scores
     holding NaN/Inf, or (float16) a fused weight beyond the dtype's range. They are skipped,
@@ -261,7 +262,7 @@ def finite_modules(ctl: "SRLoRAController", todo: list[int]) -> list[int]:
 
 
 # ---------------------------------------------------------------------- resume (case 6)
-def resume_total_steps(ctl: "SRLoRAController", live: Optional[int]) -> None:
+def resume_total_steps(ctl: SRLoRAController, live: Optional[int]) -> None:
     """``total_steps`` changed mid-run: a load into a controller built with another
     ``total_steps`` (``live``, which docs/checkpoints.md allows), or ``set_total_steps`` after
     steps were taken (the Trainer callback on a resume with another ``max_steps``). The new value
@@ -294,7 +295,7 @@ def resume_total_steps(ctl: "SRLoRAController", live: Optional[int]) -> None:
 
 
 # ---------------------------------------------------------------------- wrap (case 8)
-def check_reachable_switches(ctl: "SRLoRAController") -> None:
+def check_reachable_switches(ctl: SRLoRAController) -> None:
     """Warn at wrap when ``r_target`` plans more switches than the layers have directions for
     (exhaustion "stop": a module whose directions are used up switches no more), naming
     ``r_target`` and the number of switches that will change anything."""

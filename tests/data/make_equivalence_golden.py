@@ -5,7 +5,6 @@ with the code of commit c7bf1de (run once; the test replays the runs with the cu
     cd tests && PYTHONPATH=/work/wt-old/src OMP_NUM_THREADS=1 python3 data/make_equivalence_golden.py
 """
 import json
-import os
 import shutil
 import subprocess
 import sys

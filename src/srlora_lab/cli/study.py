@@ -95,7 +95,7 @@ def _check_out(out: str, spec: dict, resume: bool) -> None:
 
 
 def run(args) -> int:
-    from ..experiments import compare, study, study_jobs, study_plots, study_report, study_spec
+    from ..experiments import study_spec
 
     try:
         spec = study_spec.load(args.spec)

@@ -31,7 +31,7 @@ import os
 from typing import Any
 
 # SRLoRAConfig fields the harness sets itself (from the task and the model): HARNESS_FIELDS
-from .methods import (BASE_METHODS, HARNESS_FIELDS, LAB_METHODS, SHORTHANDS, MethodError,
+from .methods import (HARNESS_FIELDS, LAB_METHODS, SHORTHANDS, MethodError,
                       all_methods, parse_method)
 
 # run settings a task entry (or the spec's ``defaults``) may set; see srlora compare --help
