@@ -10,8 +10,8 @@ SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 ENV = dict(os.environ, PYTHONPATH=SRC, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
-def _compare(tmp_path, *args):
-    out = tmp_path / "out"
+def _compare(tmp_path, *args, name="out"):
+    out = tmp_path / name  # a new folder per run: compare refuses one that holds a run
     proc = subprocess.run([sys.executable, "-m", "srlora", "compare", "--out", str(out),
                            "--no-progress", *args], env=ENV, capture_output=True, text=True,
                           timeout=1800)
@@ -50,5 +50,6 @@ def test_image_tasks_short(tmp_path, task):
 def test_bbc_and_subjectivity_load_and_train(tmp_path):
     for task in ("bbc-news", "rt-subjectivity"):
         res, _, _ = _compare(tmp_path, "--task", task, "--seeds", "0", "--steps", "10",
-                             "--max-test", "100", "--methods", "srlora", "--max-len", "64")
+                             "--max-test", "100", "--methods", "srlora", "--max-len", "64",
+                             name=task)
         assert res["runs"][0]["num_switches"] >= 1
