@@ -261,6 +261,7 @@ def build_config(args):
     if args.target_modules is not None and not cfg.target_modules:
         raise UsageError("--target-modules: empty")
     import srlora
+    from srlora_lab.experiments.runner import task_settings
     if any(v["method"] == "full" for v in variants.values()) and cfg.save_every:
         raise UsageError("--save-every: full fine-tuning runs do not checkpoint; drop "
                          "--save-every or the method 'full'")
@@ -269,9 +270,9 @@ def build_config(args):
         if v["method"] == "full":  # no adapter: nothing for SRLoRAConfig to check
             continue
         try:
-            srlora.SRLoRAConfig(**{"method": v["method"], "r": cfg.r, "lora_alpha": cfg.lora_alpha,
-                                   "r_target": cfg.r_target, "gamma": cfg.gamma,
-                                   "total_steps": cfg.steps, **v["config"]})
+            srlora.SRLoRAConfig(**{"method": v["method"], **task_settings(v["method"], {
+                "r": cfg.r, "lora_alpha": cfg.lora_alpha, "r_target": cfg.r_target,
+                "gamma": cfg.gamma, "total_steps": cfg.steps}), **v["config"]})
         except ValueError as e:
             raise UsageError(str(e).replace("SRLoRAConfig.", "--").replace("_", "-")) from None
     return cfg

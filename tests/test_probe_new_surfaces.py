@@ -1,0 +1,45 @@
+"""Issue 25's probe of the new surfaces (strategies, ReLoRA, the lab's ``full`` method and the
+study's records): each case that did not hold, as a test that failed before its fix."""
+import warnings
+
+import pytest
+import torch
+from conftest import TinyNet
+
+import srlora
+from srlora.strategies import REGISTRY, get, register
+from srlora.strategies.selection import Selection
+from srlora.strategies.base import Strategy
+
+RELORA = dict(method="relora", r=4, lora_alpha=8, target_modules=["query", "value"],
+              total_steps=22, switch_interval=5)
+
+
+@pytest.mark.parametrize("field,value", [("gamma", 0.5), ("insertion", "svd"),
+                                         ("exhaustion", "stop"), ("optimizer_state", "zero")])
+def test_relora_refuses_a_preset_field_given_at_its_default(field, value):
+    # the default value given explicitly was quietly replaced by the preset's
+    with pytest.raises(ValueError, match=f"SRLoRAConfig.{field}: method='relora' sets {field}="):
+        srlora.SRLoRAConfig(**RELORA, **{field: value})
+    c = srlora.SRLoRAConfig(**RELORA)  # not given: the preset's value
+    assert (c.gamma, c.insertion, c.exhaustion, c.optimizer_state) == (1.0, "lora", "extend",
+                                                                       "prune")
+
+
+def test_relora_refuses_a_preset_field_set_back_to_its_default_after_construction():
+    c = srlora.SRLoRAConfig(**RELORA)
+    c.insertion = "svd"
+    with pytest.raises(ValueError, match="SRLoRAConfig.insertion: method='relora' sets"):
+        srlora.wrap(TinyNet(), c)
+    c = srlora.SRLoRAConfig(r=4, target_modules=["query"], total_steps=10)
+    c.method = "relora"  # the preset fills the fields never given
+    c.validate()
+    assert (c.gamma, c.insertion) == (1.0, "lora")
+    assert srlora.SRLoRAConfig.from_dict(srlora.SRLoRAConfig(**RELORA).to_dict()).gamma == 1.0
+
+
+def test_the_lab_still_runs_relora_with_the_tasks_default_gamma():
+    from srlora_lab.experiments.runner import task_settings
+    assert task_settings("relora", {"gamma": 0.5, "r": 4}) == {"r": 4}
+    assert task_settings("relora", {"gamma": 0.25}) == {"gamma": 0.25}  # refused downstream
+    assert task_settings("srlora", {"gamma": 0.5}) == {"gamma": 0.5}
