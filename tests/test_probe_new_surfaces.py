@@ -43,3 +43,27 @@ def test_the_lab_still_runs_relora_with_the_tasks_default_gamma():
     assert task_settings("relora", {"gamma": 0.5, "r": 4}) == {"r": 4}
     assert task_settings("relora", {"gamma": 0.25}) == {"gamma": 0.25}  # refused downstream
     assert task_settings("srlora", {"gamma": 0.5}) == {"gamma": 0.5}
+
+
+def test_registering_a_taken_name_is_refused_unless_replace():
+    importance = get("selection", "importance")
+    with pytest.raises(ValueError, match="selection='importance' is already registered"):
+        @register
+        class Mine(Selection):
+            name = "importance"
+    assert get("selection", "importance") is importance
+    try:
+        @register(replace=True)
+        class Mine2(Selection):
+            name = "importance"
+        assert get("selection", "importance") is Mine2
+    finally:
+        REGISTRY["selection"]["importance"] = importance
+
+
+def test_registering_for_a_field_that_is_no_step_is_refused():
+    with pytest.raises(ValueError, match="field 'colour' is not a step of the switch"):
+        @register
+        class Red(Strategy):
+            field, name = "colour", "red"
+    assert "colour" not in REGISTRY

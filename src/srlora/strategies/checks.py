@@ -5,9 +5,7 @@
 """
 from __future__ import annotations
 
-from .base import REGISTRY, Strategy, get
-
-STEP_FIELDS = ("selection", "insertion", "switch_schedule", "exhaustion", "optimizer_state")
+from .base import REGISTRY, STEP_FIELDS, Strategy, get
 
 
 def chosen(config) -> list[type]:
