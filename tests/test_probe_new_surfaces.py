@@ -67,3 +67,19 @@ def test_registering_for_a_field_that_is_no_step_is_refused():
         class Red(Strategy):
             field, name = "colour", "red"
     assert "colour" not in REGISTRY
+
+
+@pytest.mark.parametrize("kw", [dict(method="relora", switch_interval=None, r_target=4),
+                                dict(method="srlora", r_target=5, gamma=0.5),
+                                dict(method="srlora", r_target=4, gamma=0.5, switch_interval=3)])
+def test_a_switching_method_that_plans_no_switch_warns_naming_r_target(kw):
+    cfg = srlora.SRLoRAConfig(**(RELORA | kw))
+    with pytest.warns(RuntimeWarning, match="SRLoRAConfig.r_target=.* plans no switch"):
+        srlora.wrap(TinyNet(), cfg)
+
+
+def test_relora_with_switch_interval_switches_past_r_target_without_that_warning():
+    cfg = srlora.SRLoRAConfig(**(RELORA | dict(r_target=4)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*plans no switch")
+        srlora.wrap(TinyNet(), cfg)
