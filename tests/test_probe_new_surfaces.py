@@ -83,3 +83,34 @@ def test_relora_with_switch_interval_switches_past_r_target_without_that_warning
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*plans no switch")
         srlora.wrap(TinyNet(), cfg)
+
+
+def test_relora_under_fsdp2_is_refused_naming_its_strategies_not_fusion_virtual():
+    # "needs fusion='virtual'" was a dead end: relora's insertion refuses fusion='virtual'
+    from srlora._errors import UnsupportedEngineError
+    from srlora.fsdp_checks import check_fusion
+    with pytest.raises(UnsupportedEngineError, match="does not support insertion='lora'"):
+        check_fusion(srlora.SRLoRAConfig(**RELORA))
+    with pytest.raises(UnsupportedEngineError, match="needs SRLoRAConfig\\(fusion='virtual'\\)"):
+        check_fusion(srlora.SRLoRAConfig(r=4, total_steps=10))
+
+
+def test_relora_on_a_4bit_base_is_refused_naming_a_way_that_works(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from test_quantized import TARGETS, assert_same_bytes, load, quantized_bytes
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from srlora._errors import UnsupportedModuleError
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False)).save_pretrained(tmp_path)
+    q = load(tmp_path, "nf4-dq")
+    before = quantized_bytes(q)
+    with pytest.raises(UnsupportedModuleError,
+                       match="which insertion='lora' refuses.*method='lora'"):
+        srlora.wrap(q, srlora.SRLoRAConfig(method="relora", r=4, target_modules=TARGETS,
+                                           total_steps=8))
+    assert not hasattr(q, "peft_config")
+    assert_same_bytes(before, quantized_bytes(q))
