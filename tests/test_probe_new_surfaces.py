@@ -1,5 +1,6 @@
 """Issue 25's probe of the new surfaces (strategies, ReLoRA, the lab's ``full`` method and the
 study's records): each case that did not hold, as a test that failed before its fix."""
+import re
 import warnings
 
 import pytest
@@ -114,3 +115,32 @@ def test_relora_on_a_4bit_base_is_refused_naming_a_way_that_works(tmp_path):
                                            total_steps=8))
     assert not hasattr(q, "peft_config")
     assert_same_bytes(before, quantized_bytes(q))
+
+
+def _spec(tmp_path, **over):
+    (tmp_path / "d.csv").write_text("text,label\na,0\n")
+    spec = {"name": "t", "smoke": True, "lrs": [1e-2], "selection": {"seeds": [0]},
+            "final": {"seeds": [0, 1]},
+            "methods": [{"name": "full", "method": "full", "lrs": [1e-3]}, "lora", "srlora"],
+            "pairs": [["full", "lora"], ["srlora", "lora"]],
+            "tasks": [{"name": "tiny", "dataset": str(tmp_path / "d.csv"), "model": "m", "steps": 8,
+                       "batch_size": 8, "r": 4, "r_target": 12, "eval_every": 2}]}
+    return spec | over
+
+
+@pytest.mark.parametrize("entry,where,msg", [
+    ({"full": "srlora", "lora": "lora"}, "headroom[0].full", "'srlora' is not full fine-tuning"),
+    ({"full": "lora", "lora": "lora"}, "headroom[0].full", "'lora' is not full fine-tuning"),
+    ({"full": "full", "lora": "full"}, "headroom[0].lora", "'full' is full fine-tuning"),
+    ({"full": "full", "lora": "lora", "metrics": ["banana"]}, "headroom[0].metrics[0]",
+     "unknown metric 'banana'"),
+])
+def test_a_headroom_that_cannot_be_measured_is_refused_naming_the_key(entry, where, msg,
+                                                                     tmp_path):
+    # each was accepted: the headroom measured from an adapter, against itself, or on a metric
+    # no run has (then left out of the report without a word)
+    from srlora_lab.experiments import study_spec
+    with pytest.raises(study_spec.SpecError, match=re.escape(f"{where}: {msg}")):
+        study_spec.parse(_spec(tmp_path, headroom=[{"methods": ["srlora"], **entry}]), "/tmp")
+    study_spec.parse(_spec(tmp_path, headroom=[{"full": "full", "lora": "lora",
+                                                "methods": ["srlora"]}]), "/tmp")
