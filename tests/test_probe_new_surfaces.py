@@ -1,5 +1,6 @@
 """Issue 25's probe of the new surfaces (strategies, ReLoRA, the lab's ``full`` method and the
 study's records): each case that did not hold, as a test that failed before its fix."""
+import json
 import re
 import warnings
 
@@ -144,3 +145,50 @@ def test_a_headroom_that_cannot_be_measured_is_refused_naming_the_key(entry, whe
         study_spec.parse(_spec(tmp_path, headroom=[{"methods": ["srlora"], **entry}]), "/tmp")
     study_spec.parse(_spec(tmp_path, headroom=[{"full": "full", "lora": "lora",
                                                 "methods": ["srlora"]}]), "/tmp")
+
+
+def test_a_record_unreadable_as_text_or_stripped_of_its_checksum_is_damaged(tmp_path):
+    # not UTF-8: a UnicodeDecodeError traceback from --report and --resume; a record with its
+    # sha256 deleted and a value edited was read as a record from before checksums
+    from srlora_lab.experiments import records
+    bad = tmp_path / "seed=0.json"
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(records.RecordError, match="seed=0.json: damaged run record .not UTF-8"):
+        records.read_record(str(bad))
+    rec = records.seal({"final_accuracy": 0.5, "fingerprint": {"id": "abc"}})
+    bad.write_text(json.dumps({k: v for k, v in rec.items() if k != "sha256"}
+                              | {"final_accuracy": 0.9}))
+    with pytest.raises(records.RecordError, match="machine fingerprint.*sha256.*gone"):
+        records.read_record(str(bad))
+    bad.write_text(json.dumps({"final_accuracy": 0.5}))  # before fingerprints and checksums
+    assert records.read_record(str(bad)) == {"final_accuracy": 0.5}
+
+
+def test_a_lock_path_that_cannot_be_opened_is_named(tmp_path):
+    from srlora_lab.experiments import records
+    (tmp_path / ".lock").mkdir()
+    with pytest.raises(records.RecordError, match="cannot open the study's lock file"):
+        records.StudyLock(str(tmp_path)).acquire()
+
+
+@pytest.mark.parametrize("damaged,flag,msg", [
+    ("study.json", "--report", "run --resume on this folder"),
+    ("spec.json", "--report", "restore it, or start a new --out"),
+    ("spec.json", "--resume", "restore it, or start a new --out"),
+])
+def test_a_damaged_study_file_exits_2_naming_it(tmp_path, capsys, damaged, flag, msg):
+    # each was a JSONDecodeError traceback, exit 1
+    import yaml
+
+    from srlora_lab.cli import main
+    from srlora_lab.experiments import study_spec
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(tmp_path)))
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "spec.json").write_text(json.dumps(study_spec.load(str(path))))
+    (out / "study.json").write_text("{}")
+    (out / damaged).write_text("{trunc")
+    assert main(["study", str(path), "--out", str(out), flag, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{damaged}: damaged or unreadable" in err and msg in err

@@ -65,6 +65,19 @@ def _env_threads():
     return int(v) if v.isdigit() and int(v) >= 1 else None
 
 
+def _read_json(path: str, way_out: str) -> dict:
+    """A study's own JSON file (spec.json, study.json); UsageError naming it when damaged."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, unreadable
+        why = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise UsageError(f"{path}: damaged or unreadable ({why}); {way_out}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: damaged (not a JSON object); {way_out}")
+    return data
+
+
 def _check_out(out: str, spec: dict, resume: bool) -> None:
     from ..experiments import study_spec
 
@@ -73,8 +86,7 @@ def _check_out(out: str, spec: dict, resume: bool) -> None:
         if not resume:
             raise UsageError(f"--out {out!r} already holds a study; pass --resume to continue "
                              "it or choose another folder")
-        with open(spec_path) as f:
-            old = json.load(f)
+        old = _read_json(spec_path, "restore it, or start a new --out")
         d = study_spec.run_diff(old, spec)
         if d:
             more = f" and {len(d) - 5} more" if len(d) > 5 else ""
@@ -141,8 +153,8 @@ def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, tak
 
     if args.report:
         take_lock()
-        with open(os.path.join(args.out, "study.json")) as f:
-            saved = json.load(f)
+        saved = _read_json(os.path.join(args.out, "study.json"),
+                           "run --resume on this folder to write it again")
         # recomputed from the run files with this code (a study.json written by older code
         # lacks what newer reports show); meta, status and wall time are the study's
         st = study.Study(spec, args.out)
@@ -168,6 +180,7 @@ def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, tak
     for d in args.reuse:
         if not os.path.isfile(os.path.join(d, "spec.json")):
             raise UsageError(f"--reuse {d!r}: not a study folder (no spec.json)")
+        _read_json(os.path.join(d, "spec.json"), f"restore it, or drop --reuse {d}")
     import torch
     torch.set_num_threads(threads)
     task_meta = {}
