@@ -192,3 +192,31 @@ def test_a_damaged_study_file_exits_2_naming_it(tmp_path, capsys, damaged, flag,
     assert main(["study", str(path), "--out", str(out), flag, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{damaged}: damaged or unreadable" in err and msg in err
+
+
+def test_summary_never_writes_past_its_overwrite_check(tmp_path, capsys):
+    # --out without an extension: matplotlib wrote OUT.png, replacing a user's OUT.png that the
+    # --overwrite check (made on OUT) never saw, and the message named OUT
+    from srlora_lab.cli import main
+    study = tmp_path / "s"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"verdicts": [
+        {"task": "t", "metric": "final_test_loss", "complete": True, "a": "full", "b": "lora",
+         "mean_diff": 0.1, "ci_low": 0.0, "ci_high": 0.2, "mean_b": 1.0, "n": 3}]}))
+    mine = tmp_path / "fig.png"
+    mine.write_bytes(b"the user's picture")
+    for out in (tmp_path / "fig", tmp_path / "fig.txt", tmp_path):
+        assert main(["summary", str(study), "--out", str(out), "--overwrite"]) == 2
+    assert "name the picture's file" in capsys.readouterr().err
+    assert mine.read_bytes() == b"the user's picture"
+    assert main(["summary", str(study), "--out", str(tmp_path / "new.png")]) == 0
+
+
+@pytest.mark.parametrize("text", ["{trunc", "[1]", '{"verdicts": [{"metric": '
+                                  '"final_test_loss", "complete": true}]}'])
+def test_summary_names_a_study_json_it_cannot_read(tmp_path, capsys, text):
+    from srlora_lab.cli import main
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.json").write_text(text)
+    assert main(["summary", str(tmp_path / "s"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "study.json: damaged or not a study's summary" in capsys.readouterr().err
