@@ -17,8 +17,8 @@ from typing import Optional, Union
 # the methods srlora builds (the lab imports this list); "srlora" and "relora" switch
 METHODS = ("srlora", "pissa", "lora", "relora")
 SWITCHING = ("srlora", "relora")
-# a method that is a preset of the switch's strategies: the fields it sets (a field left at its
-# default takes the preset's value; another value is refused)
+# a method that is a preset of the switch's strategies: the fields it sets (a field not given
+# takes the preset's value; another value given, even the field's default, is refused)
 PRESETS = {"relora": {"gamma": 1.0, "insertion": "lora", "optimizer_state": "prune",
                       "exhaustion": "extend"}}
 # the set-up choice fields' allowed values, here only; the switch steps' fields (selection,
