@@ -220,3 +220,16 @@ def test_summary_names_a_study_json_it_cannot_read(tmp_path, capsys, text):
     (tmp_path / "s" / "study.json").write_text(text)
     assert main(["summary", str(tmp_path / "s"), "--out", str(tmp_path / "x.png")]) == 2
     assert "study.json: damaged or not a study's summary" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("selection", ["protect", "normalized"])
+def test_a_selection_that_cannot_select_warns_naming_it(selection):
+    # relora (gamma 1) fuses every pair: protect / normalized changed nothing, silently
+    with pytest.warns(UserWarning, match=f"selection='{selection}' is ignored .round.gamma"):
+        srlora.SRLoRAConfig(**RELORA, selection=selection)
+    with pytest.warns(UserWarning, match="nothing to select"):
+        srlora.SRLoRAConfig(r=4, gamma=1.0, r_target=12, total_steps=10, selection=selection)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        srlora.SRLoRAConfig(**RELORA)
+        srlora.SRLoRAConfig(r=4, gamma=0.5, r_target=12, total_steps=10, selection=selection)

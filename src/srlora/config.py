@@ -260,6 +260,10 @@ class SRLoRAConfig:
         unread = ignored_fields(self, _DEFAULTS)
         self._warn_once("strategy", list(unread), "read only by " + ", ".join(
             sorted(set(unread.values()))))
+        if self.r_prime == self.r:  # every pair is fused: no selection is made
+            self._warn_once("selection", ["selection"] if self.selection != _DEFAULTS[
+                "selection"] else [], f"round(gamma * r) = r = {self.r}: every pair is fused "
+                                      "at each switch, so there is nothing to select")
 
     def _warn_once(self, key: str, names: list, why: str) -> None:
         """Once per config and set of fields: warn that ``names`` (set) are ignored, and why."""
