@@ -233,3 +233,17 @@ def test_a_selection_that_cannot_select_warns_naming_it(selection):
         warnings.simplefilter("error")
         srlora.SRLoRAConfig(**RELORA)
         srlora.SRLoRAConfig(r=4, gamma=0.5, r_target=12, total_steps=10, selection=selection)
+
+
+def test_a_confirmatory_metric_no_run_records_is_named_not_pending():
+    # "banana_loss" passes the spec's rule (any *_loss key a record may have); when the pair is
+    # complete on the other metrics it was reported "pending" for ever
+    from srlora_lab.experiments.family import confirmatory
+    declared = [{"task": "t", "a": "full", "b": "lora", "metric": m, "prediction": "x"}
+                for m in ("final_test_loss", "banana_loss")]
+    v = {"task": "t", "a": "full", "b": "lora", "metric": "final_test_loss", "complete": True,
+         "n": 3, "mean_a": 1.0, "mean_b": 1.1, "mean_diff": -0.1, "ci_low": -0.2,
+         "ci_high": 0.0, "p": 0.01, "higher_is_better": False, "verdict": "better"}
+    rows = confirmatory(declared, [v])
+    assert rows[1]["finding"] == "not measured: no run records 'banana_loss'"
+    assert confirmatory(declared, [{**v, "complete": False}])[1]["finding"] == "pending"
