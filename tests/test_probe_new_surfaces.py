@@ -247,3 +247,24 @@ def test_a_confirmatory_metric_no_run_records_is_named_not_pending():
     rows = confirmatory(declared, [v])
     assert rows[1]["finding"] == "not measured: no run records 'banana_loss'"
     assert confirmatory(declared, [{**v, "complete": False}])[1]["finding"] == "pending"
+
+
+def test_resume_with_another_thread_count_names_threads_not_another_machine(tmp_path, capsys):
+    # the thread count is part of the fingerprint: --resume --threads 2 on a study run with one
+    # thread was told the runs came from another machine, and to resume there
+    import yaml
+
+    from srlora_lab.cli import main
+    from srlora_lab.experiments import records, study_spec
+    from srlora_lab.experiments.fingerprint import machine_fingerprint
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(_spec(tmp_path)))
+    out = tmp_path / "study"
+    (out / "runs" / "tiny").mkdir(parents=True)
+    (out / "spec.json").write_text(json.dumps(study_spec.load(str(path))))
+    (out / "runs" / "tiny" / "seed=0.json").write_text(json.dumps(records.seal(
+        {"final_accuracy": 0.5, "fingerprint": machine_fingerprint(threads=1)})))
+    assert main(["study", str(path), "--out", str(out), "--resume", "--threads", "2",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "differs in threads (1 there, 2 here): pass --threads 1 to resume it" in err

@@ -173,7 +173,8 @@ def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, tak
         if other:
             raise UsageError(
                 f"--resume: {len(other)} finished run(s) in {args.out!r} were made on another "
-                f"machine or before machine fingerprints (e.g. {other[0]}); a study pairs only "
+                f"machine or before machine fingerprints (e.g. {other[0]}"
+                f"{_fingerprint_diff(os.path.join(args.out, other[0]), fp)}); a study pairs only "
                 f"runs of one machine (this one is {fp['id']}: {fp['cpu']}, "
                 f"{fp['cpu_capability']}, {threads} thread(s)). Resume on that machine, or start "
                 f"a new --out here (add --reuse {args.out} to copy what this machine made)")
@@ -228,6 +229,25 @@ def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, tak
                               progress=not args.no_progress, only=only,
                               only_methods=only_methods)
     return _write_report(summary, args.out)
+
+
+def _fingerprint_diff(path: str, fp: dict) -> str:
+    """How the fingerprint of the record at ``path`` differs from ``fp`` (this run's), as a
+    clause: a thread count alone differs with another --threads on this same machine."""
+    from ..experiments.records import RecordError, read_record
+
+    try:
+        theirs = read_record(path).get("fingerprint")
+    except RecordError:
+        return ""
+    if not isinstance(theirs, dict):
+        return ", which has no fingerprint"
+    keys = sorted(k for k in set(theirs) | set(fp) if k != "id" and theirs.get(k) != fp.get(k))
+    text = ", whose fingerprint differs in " + ", ".join(
+        f"{k} ({theirs.get(k)!r} there, {fp.get(k)!r} here)" for k in keys)
+    if keys == ["threads"]:
+        text += f": pass --threads {theirs['threads']} to resume it"
+    return text
 
 
 def _write_report(summary: dict, out: str) -> int:
