@@ -268,3 +268,12 @@ def test_resume_with_another_thread_count_names_threads_not_another_machine(tmp_
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "differs in threads (1 there, 2 here): pass --threads 1 to resume it" in err
+
+
+def test_an_unregistered_strategy_name_names_the_way_to_register_it():
+    # e.g. a checkpoint of a run with a strategy of the user's own, loaded before its module
+    with pytest.raises(ValueError, match="selection: must be one of .*got 'smallest' .a "
+                                         "strategy of your own: import the module"):
+        srlora.SRLoRAConfig(selection="smallest")
+    with pytest.raises(ValueError, match="fusion: must be one of .*got 'x'$"):
+        srlora.SRLoRAConfig(fusion="x")

@@ -199,7 +199,10 @@ class SRLoRAConfig:
         self._apply_preset()
         for name, allowed in choices().items():
             if getattr(self, name) not in allowed:
-                bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+                from .strategies import STEP_FIELDS
+                mine = (" (a strategy of your own: import the module that registers it first, "
+                        "docs/extending.md)") if name in STEP_FIELDS else ""
+                bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}{mine}")
         integer("r", 1)
         number("lora_alpha", 0.0, math.inf, True, True)
         number("beta1", 0.0, 1.0, False, True)
