@@ -38,6 +38,13 @@ def test_relora_refuses_a_preset_field_set_back_to_its_default_after_constructio
     c.validate()
     assert (c.gamma, c.insertion) == (1.0, "lora")
     assert srlora.SRLoRAConfig.from_dict(srlora.SRLoRAConfig(**RELORA).to_dict()).gamma == 1.0
+    import copy
+    c = srlora.SRLoRAConfig(r=4, target_modules=["query"], total_steps=10)
+    d = copy.copy(c)
+    d.gamma = 0.5  # given on the copy only
+    c.method = "relora"
+    c.validate()  # c never had gamma given: the preset fills it
+    assert c.gamma == 1.0
 
 
 def test_the_lab_still_runs_relora_with_the_tasks_default_gamma():

@@ -170,8 +170,8 @@ class SRLoRAConfig:
 
     def __setattr__(self, name: str, value) -> None:
         # a field set after construction counts as given (a preset must not quietly undo it)
-        if "_given" in self.__dict__ and name in _DEFAULTS:
-            self.__dict__["_given"].add(name)
+        if "_given" in self.__dict__ and name in _DEFAULTS:  # a new set: a copy's is its own
+            self.__dict__["_given"] = self.__dict__["_given"] | {name}
         super().__setattr__(name, value)
 
     def validate(self) -> None:
