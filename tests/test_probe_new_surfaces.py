@@ -284,3 +284,20 @@ def test_an_unregistered_strategy_name_names_the_way_to_register_it():
         srlora.SRLoRAConfig(selection="smallest")
     with pytest.raises(ValueError, match="fusion: must be one of .*got 'x'$"):
         srlora.SRLoRAConfig(fusion="x")
+
+
+def test_compare_full_alone_with_target_modules_that_match_nothing_names_the_flag(tmp_path,
+                                                                                  capsys):
+    # it said "the adapter does not fit" for a run that has no adapter
+    from test_compare_cli import synthetic_csv, tiny_model
+
+    from srlora_lab.cli import main
+    model, csv = tiny_model(str(tmp_path / "m")), synthetic_csv(str(tmp_path / "d.csv"))
+    args = ["compare", "--model", model, "--dataset", csv, "--steps", "4", "--batch-size", "8",
+            "--seeds", "0", "--lr", "1e-3", "--no-progress", "--target-modules", "nonexistent"]
+    assert main(args + ["--methods", "full", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--target-modules (the modules whose change full fine-tuning" in err
+    assert "adapter" not in err and "matches no module" in err
+    assert main(args + ["--methods", "full,lora", "--out", str(tmp_path / "b")]) == 2
+    assert "the adapter does not fit" in capsys.readouterr().err

@@ -313,7 +313,10 @@ def _check_adapter(cfg, bundle) -> None:
             gamma=cfg.gamma, total_steps=cfg.steps, modules_to_save=bundle.head,
             target_modules=cfg.target_modules or bundle.target_modules))
     except (srlora.SRLoRAError, ValueError) as e:
-        raise UsageError(f"the adapter does not fit model {bundle.name!r}: {e}") from None
+        what = "the adapter does not fit" if set(bases) != {"full"} else \
+            "--target-modules (the modules whose change full fine-tuning's diagnostics read) " \
+            "do not fit"
+        raise UsageError(f"{what} model {bundle.name!r}: {e}") from None
 
 
 def run(args) -> int:
