@@ -115,8 +115,8 @@ class StudyLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise RecordError(f"{self.path}: cannot open the study's lock file "
-                              f"({e.strerror or e}); remove what is there, or choose another "
-                              "--out") from None
+                              f"({e.strerror or e}); choose a writable --out, or remove what "
+                              "is at that path") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
