@@ -26,6 +26,8 @@ def make_run(method="srlora", r_target=12, seed=0, **kw):
     cfg = dict(r=4, lora_alpha=8, r_target=r_target, gamma=0.5, target_modules=["query", "value"],
                modules_to_save=["classifier"], total_steps=N_STEPS, svd_method="exact",
                lora_dropout=0.1, method=method)
+    if method == "relora":
+        del cfg["gamma"]  # the preset's (1.0); a gamma given is refused
     cfg.update(kw)
     model, ctl = srlora.wrap(base, srlora.SRLoRAConfig(**cfg))
     model.train()

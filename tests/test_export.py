@@ -52,6 +52,8 @@ def trained(case="bert", method="srlora", steps=STEPS, **kw):
     make_base, targets, to_save, make_x, out = CASES[case]
     cfg = dict(r=4, lora_alpha=8, r_target=12, gamma=0.5, target_modules=targets,
                modules_to_save=to_save, total_steps=STEPS, svd_method="exact", method=method)
+    if method == "relora":
+        del cfg["gamma"]  # the preset's (1.0); a gamma given is refused
     cfg.update(kw)
     model, ctl = srlora.wrap(make_base(), srlora.SRLoRAConfig(**cfg))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)

@@ -6,7 +6,10 @@ before any model weight is touched.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
@@ -14,8 +17,8 @@ from typing import Optional, Union
 # the methods srlora builds (the lab imports this list); "srlora" and "relora" switch
 METHODS = ("srlora", "pissa", "lora", "relora")
 SWITCHING = ("srlora", "relora")
-# a method that is a preset of the switch's strategies: the fields it sets (a field left at its
-# default takes the preset's value; another value is refused)
+# a method that is a preset of the switch's strategies: the fields it sets (a field not given
+# takes the preset's value; another value given, even the field's default, is refused)
 PRESETS = {"relora": {"gamma": 1.0, "insertion": "lora", "optimizer_state": "prune",
                       "exhaustion": "extend"}}
 # the set-up choice fields' allowed values, here only; the switch steps' fields (selection,
@@ -160,7 +163,16 @@ class SRLoRAConfig:
     extra_lora_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # the fields the caller gave (recorded by __init__, below the class); from here on a
+        # field set is added to them (__setattr__)
+        self.__dict__["_given"] = self.__dict__.pop("_given_now", set(_DEFAULTS))
         self.validate()
+
+    def __setattr__(self, name: str, value) -> None:
+        # a field set after construction counts as given (a preset must not quietly undo it)
+        if "_given" in self.__dict__ and name in _DEFAULTS:  # a new set: a copy's is its own
+            self.__dict__["_given"] = self.__dict__["_given"] | {name}
+        super().__setattr__(name, value)
 
     def validate(self) -> None:
         """Check every field (``srlora.wrap`` calls it again: a field changed after construction
@@ -187,7 +199,10 @@ class SRLoRAConfig:
         self._apply_preset()
         for name, allowed in choices().items():
             if getattr(self, name) not in allowed:
-                bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
+                from .strategies import STEP_FIELDS
+                mine = (" (a strategy of your own: import the module that registers it first, "
+                        "docs/extending.md)") if name in STEP_FIELDS else ""
+                bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}{mine}")
         integer("r", 1)
         number("lora_alpha", 0.0, math.inf, True, True)
         number("beta1", 0.0, 1.0, False, True)
@@ -248,6 +263,10 @@ class SRLoRAConfig:
         unread = ignored_fields(self, _DEFAULTS)
         self._warn_once("strategy", list(unread), "read only by " + ", ".join(
             sorted(set(unread.values()))))
+        if self.r_prime == self.r:  # every pair is fused: no selection is made
+            self._warn_once("selection", ["selection"] if self.selection != _DEFAULTS[
+                "selection"] else [], f"round(gamma * r) = r = {self.r}: every pair is fused "
+                                      "at each switch, so there is nothing to select")
 
     def _warn_once(self, key: str, names: list, why: str) -> None:
         """Once per config and set of fields: warn that ``names`` (set) are ignored, and why."""
@@ -255,16 +274,19 @@ class SRLoRAConfig:
         if set_ and self.__dict__.get(f"_warned_{key}") != set_:
             self.__dict__[f"_warned_{key}"] = set_
             warnings.warn(f"SRLoRAConfig: {', '.join(set_)} {'is' if len(set_) == 1 else 'are'}"
-                          f" ignored ({why})", UserWarning, stacklevel=5)
+                          f" ignored ({why})", UserWarning, stacklevel=_user_level())
 
     def _apply_preset(self) -> None:
-        """A preset method's fields: set where left at the default, refused where set
-        otherwise."""
+        """A preset method's fields: set where not given (left at the default), refused where
+        given otherwise, even when the value given is the field's default (gamma=0.5)."""
+        given = self.__dict__.get("_given", set())
         for name, value in PRESETS.get(self.method, {}).items():
             have = getattr(self, name)
-            if have == _DEFAULTS[name]:
-                setattr(self, name, value)
-            elif have != value:
+            if have == value:
+                continue
+            if name not in given and have == _DEFAULTS[name]:
+                self.__dict__[name] = value  # not a given field: no _given entry
+            else:
                 raise ValueError(f"SRLoRAConfig.{name}: method={self.method!r} sets {name}="
                                  f"{value!r}, got {have!r}; use method='srlora' to combine "
                                  "the steps freely")
@@ -338,6 +360,30 @@ class SRLoRAConfig:
 
 
 _DEFAULTS = {f.name: f.default for f in fields(SRLoRAConfig)}
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_level() -> int:
+    """The ``stacklevel`` of a warning raised here that names the user's line: the first frame
+    outside srlora and the dataclass's generated __init__."""
+    level, f = 1, sys._getframe(1)
+    while f is not None and (f.f_code.co_filename == "<string>" or os.path.abspath(
+            f.f_code.co_filename).startswith(_PACKAGE + os.sep)):
+        f, level = f.f_back, level + 1
+    return level
+_FIELD_ORDER = [f.name for f in fields(SRLoRAConfig) if f.init]
+_dataclass_init = SRLoRAConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_recording_given(self, *args, **kwargs) -> None:
+    """The dataclass __init__, first recording which fields the caller gave (positionally or
+    by name): a preset (``PRESETS``) fills only the fields not given."""
+    self.__dict__["_given_now"] = set(_FIELD_ORDER[:len(args)]) | set(kwargs)
+    _dataclass_init(self, *args, **kwargs)
+
+
+SRLoRAConfig.__init__ = _init_recording_given
 
 
 def choices() -> dict[str, tuple]:

@@ -25,6 +25,7 @@ def is_sharded_model(model: torch.nn.Module, layers: list) -> bool:
 def check_fusion(config) -> None:
     """Raise UnsupportedEngineError unless ``fusion="virtual"`` (FSDP2 shards the weight)."""
     if config.fusion != "virtual":
+        check_variants(config)  # first: their way out (relora's insertion refuses 'virtual')
         raise UnsupportedEngineError(
             "SRLoRA under FSDP2 needs SRLoRAConfig(fusion='virtual'): with fusion='weight' each "
             "switch writes the frozen weight, which FSDP2 shards across ranks. With "

@@ -300,6 +300,14 @@ def check_reachable_switches(ctl: SRLoRAController) -> None:
     (exhaustion "stop": a module whose directions are used up switches no more), naming
     ``r_target`` and the number of switches that will change anything."""
     cfg = ctl.config
+    if _switching(ctl) and cfg.num_switches == 0 and not (cfg.switch_interval is not None
+                                                        and ctl.steps.exhaustion.grows):
+        warnings.warn(f"SRLoRAConfig.r_target={cfg.r_target} plans no switch: (r_target - r) // "
+                      f"round(gamma * r) = ({cfg.r_target} - {cfg.r}) // {cfg.r_prime} = 0, so "
+                      f"method={cfg.method!r} trains as a plain adapter that never switches. "
+                      f"Set r_target >= {cfg.r + cfg.r_prime} for one switch or more",
+                      RuntimeWarning, stacklevel=3)
+        return
     if not _switching(ctl) or cfg.exhaustion != "stop" or not ctl.modules:
         return
     k = cfg.r_prime

@@ -7,13 +7,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._errors import SRLoRAError, SVDInputError
+from ._errors import SRLoRAError, SVDInputError, UnsupportedModuleError
 from .config import SRLoRAConfig
 from .controller import SRLoRAController, SVDFn
 from .distributed import default_svd_fn
 from .engines import check_engine_at_wrap
 from .guards import check_reachable_switches
-from .layers import AdaptedLayer, check_supported, keep_standard_4bit_layout
+from .layers import AdaptedLayer, bnb_kind, check_supported, keep_standard_4bit_layout
+from .strategies import virtual_refused
 
 
 # SRLoRAConfig's own fields: setting them again in extra_lora_kwargs would disagree with it
@@ -173,7 +174,15 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
         raise SRLoRAError(f"SRLoRAConfig.target_modules = {config.target_modules!r} matches "
                           f"no module of {type(model).__name__}")
     if config.method != "lora":
+        no_virtual = virtual_refused(config)
         for name, mod in targets:
+            if no_virtual and config.fusion != "virtual" and bnb_kind(mod) is not None:
+                raise UnsupportedModuleError(
+                    f"target module {name!r} is a bitsandbytes {bnb_kind(mod)} layer "
+                    f"({type(mod).__name__}): a quantized weight takes switches only through "
+                    f"fusion='virtual', which {', '.join(no_virtual)} refuses "
+                    f"(method={config.method!r}). Use method='lora' for QLoRA, or load the "
+                    "model unquantized")
             check_supported(name, mod, config.fusion)
             if config.svd_init and not torch.isfinite(mod.weight.detach()).all():
                 raise SVDInputError(f"target module {name!r}: NaN/Inf in its weight; SRLoRA's "

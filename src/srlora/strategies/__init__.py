@@ -10,10 +10,11 @@ from . import exhaustion_stop, exhaustion_refresh, exhaustion_extend  # noqa: F4
 from . import optimizer_zero, optimizer_keep, optimizer_rewarm, optimizer_prune  # noqa: F401,I001
 from .base import REGISTRY, Strategy, get, names, register
 from .checks import (STEP_FIELDS, check_config, check_optimizer, chosen, fsdp2_refused,
-                     ignored_fields)
+                     ignored_fields, virtual_refused)
 
 __all__ = ["REGISTRY", "Strategy", "get", "names", "register", "STEP_FIELDS", "check_config",
-           "check_optimizer", "chosen", "fsdp2_refused", "ignored_fields", "Steps", "resolve"]
+           "check_optimizer", "chosen", "fsdp2_refused", "ignored_fields", "virtual_refused",
+           "Steps", "resolve"]
 
 
 class Steps:

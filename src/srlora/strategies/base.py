@@ -19,9 +19,11 @@ core (controller, switch) asks the registry for a field's strategy and never nam
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 REGISTRY: dict[str, dict[str, type]] = {}  # config field -> value -> Strategy subclass
+# the SRLoRAConfig fields a strategy can be registered for, one per step of the switch
+STEP_FIELDS = ("selection", "insertion", "switch_schedule", "exhaustion", "optimizer_state")
 
 
 class Strategy:
@@ -39,10 +41,24 @@ class Strategy:
         self.config = config
 
 
-def register(cls: type) -> type:
-    """Class decorator: make ``cls`` the strategy of ``cls.field == cls.name``."""
+def register(cls: Optional[type] = None, *, replace: bool = False):
+    """Class decorator: make ``cls`` the strategy of ``cls.field == cls.name``. A name already
+    registered for that field is refused (it would silently change what every config naming it
+    runs) unless ``replace=True`` (``@register(replace=True)``)."""
+    if cls is None:
+        return lambda c: register(c, replace=replace)
     if not cls.field or not cls.name:
         raise ValueError(f"{cls.__name__}: a strategy needs its field and name")
+    if cls.field not in STEP_FIELDS:
+        raise ValueError(f"{cls.__name__}: field {cls.field!r} is not a step of the switch; "
+                         f"subclass the interface of one of {STEP_FIELDS}")
+    have = REGISTRY.get(cls.field, {}).get(cls.name)
+    same = have is not None and (have.__module__, have.__qualname__) == (cls.__module__,
+                                                                         cls.__qualname__)
+    if have is not None and not replace and not same:  # same: a module imported again
+        raise ValueError(f"{cls.__name__}: {cls.field}={cls.name!r} is already registered "
+                         f"({have.__module__}.{have.__qualname__}); choose another name, or "
+                         "@register(replace=True) to replace it")
     REGISTRY.setdefault(cls.field, {})[cls.name] = cls
     return cls
 

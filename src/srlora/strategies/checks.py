@@ -5,9 +5,7 @@
 """
 from __future__ import annotations
 
-from .base import REGISTRY, Strategy, get
-
-STEP_FIELDS = ("selection", "insertion", "switch_schedule", "exhaustion", "optimizer_state")
+from .base import REGISTRY, STEP_FIELDS, Strategy, get
 
 
 def chosen(config) -> list[type]:
@@ -51,10 +49,17 @@ def check_optimizer(config, optimizer) -> None:
         cls.check_optimizer(optimizer)
 
 
+def virtual_refused(config) -> list[str]:
+    """``field='value'`` of every chosen strategy that refuses ``fusion='virtual'``."""
+    return [f"{cls.field}={cls.name!r}" for cls in chosen(config)
+            if "virtual" in (cls.refuses.get("fusion", ((), ""))[0] or ())]
+
+
 def fsdp2_refused(config) -> list[str]:
     """``field='value'`` of every chosen strategy that does not run under FSDP2."""
     return [f"{cls.field}={cls.name!r}" for cls in chosen(config) if not cls.fsdp2]
 
 
 __all__ = ["Strategy", "check_config", "ignored_fields", "check_optimizer", "fsdp2_refused",
+           "virtual_refused",
            "chosen", "STEP_FIELDS"]

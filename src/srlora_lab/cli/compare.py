@@ -261,6 +261,7 @@ def build_config(args):
     if args.target_modules is not None and not cfg.target_modules:
         raise UsageError("--target-modules: empty")
     import srlora
+    from srlora_lab.experiments.runner import task_settings
     if any(v["method"] == "full" for v in variants.values()) and cfg.save_every:
         raise UsageError("--save-every: full fine-tuning runs do not checkpoint; drop "
                          "--save-every or the method 'full'")
@@ -269,9 +270,9 @@ def build_config(args):
         if v["method"] == "full":  # no adapter: nothing for SRLoRAConfig to check
             continue
         try:
-            srlora.SRLoRAConfig(**{"method": v["method"], "r": cfg.r, "lora_alpha": cfg.lora_alpha,
-                                   "r_target": cfg.r_target, "gamma": cfg.gamma,
-                                   "total_steps": cfg.steps, **v["config"]})
+            srlora.SRLoRAConfig(**{"method": v["method"], **task_settings(v["method"], {
+                "r": cfg.r, "lora_alpha": cfg.lora_alpha, "r_target": cfg.r_target,
+                "gamma": cfg.gamma, "total_steps": cfg.steps}), **v["config"]})
         except ValueError as e:
             raise UsageError(str(e).replace("SRLoRAConfig.", "--").replace("_", "-")) from None
     return cfg
@@ -312,7 +313,10 @@ def _check_adapter(cfg, bundle) -> None:
             gamma=cfg.gamma, total_steps=cfg.steps, modules_to_save=bundle.head,
             target_modules=cfg.target_modules or bundle.target_modules))
     except (srlora.SRLoRAError, ValueError) as e:
-        raise UsageError(f"the adapter does not fit model {bundle.name!r}: {e}") from None
+        what = "the adapter does not fit" if set(bases) != {"full"} else \
+            "--target-modules (the modules whose change full fine-tuning's diagnostics read) " \
+            "do not fit"
+        raise UsageError(f"{what} model {bundle.name!r}: {e}") from None
 
 
 def run(args) -> int:

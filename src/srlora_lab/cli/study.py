@@ -65,6 +65,19 @@ def _env_threads():
     return int(v) if v.isdigit() and int(v) >= 1 else None
 
 
+def _read_json(path: str, way_out: str) -> dict:
+    """A study's own JSON file (spec.json, study.json); UsageError naming it when damaged."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, unreadable
+        why = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise UsageError(f"{path}: damaged or unreadable ({why}); {way_out}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: damaged (not a JSON object); {way_out}")
+    return data
+
+
 def _check_out(out: str, spec: dict, resume: bool) -> None:
     from ..experiments import study_spec
 
@@ -73,8 +86,7 @@ def _check_out(out: str, spec: dict, resume: bool) -> None:
         if not resume:
             raise UsageError(f"--out {out!r} already holds a study; pass --resume to continue "
                              "it or choose another folder")
-        with open(spec_path) as f:
-            old = json.load(f)
+        old = _read_json(spec_path, "restore it, or start a new --out")
         d = study_spec.run_diff(old, spec)
         if d:
             more = f" and {len(d) - 5} more" if len(d) > 5 else ""
@@ -141,8 +153,8 @@ def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, tak
 
     if args.report:
         take_lock()
-        with open(os.path.join(args.out, "study.json")) as f:
-            saved = json.load(f)
+        saved = _read_json(os.path.join(args.out, "study.json"),
+                           "run --resume on this folder to write it again")
         # recomputed from the run files with this code (a study.json written by older code
         # lacks what newer reports show); meta, status and wall time are the study's
         st = study.Study(spec, args.out)
@@ -161,13 +173,15 @@ def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, tak
         if other:
             raise UsageError(
                 f"--resume: {len(other)} finished run(s) in {args.out!r} were made on another "
-                f"machine or before machine fingerprints (e.g. {other[0]}); a study pairs only "
+                f"machine or before machine fingerprints (e.g. {other[0]}"
+                f"{_fingerprint_diff(os.path.join(args.out, other[0]), fp)}); a study pairs only "
                 f"runs of one machine (this one is {fp['id']}: {fp['cpu']}, "
                 f"{fp['cpu_capability']}, {threads} thread(s)). Resume on that machine, or start "
                 f"a new --out here (add --reuse {args.out} to copy what this machine made)")
     for d in args.reuse:
         if not os.path.isfile(os.path.join(d, "spec.json")):
             raise UsageError(f"--reuse {d!r}: not a study folder (no spec.json)")
+        _read_json(os.path.join(d, "spec.json"), f"restore it, or drop --reuse {d}")
     import torch
     torch.set_num_threads(threads)
     task_meta = {}
@@ -215,6 +229,25 @@ def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, tak
                               progress=not args.no_progress, only=only,
                               only_methods=only_methods)
     return _write_report(summary, args.out)
+
+
+def _fingerprint_diff(path: str, fp: dict) -> str:
+    """How the fingerprint of the record at ``path`` differs from ``fp`` (this run's), as a
+    clause: a thread count alone differs with another --threads on this same machine."""
+    from ..experiments.records import RecordError, read_record
+
+    try:
+        theirs = read_record(path).get("fingerprint")
+    except RecordError:
+        return ""
+    if not isinstance(theirs, dict):
+        return ", which has no fingerprint"
+    keys = sorted(k for k in set(theirs) | set(fp) if k != "id" and theirs.get(k) != fp.get(k))
+    text = ", whose fingerprint differs in " + ", ".join(
+        f"{k} ({theirs.get(k)!r} there, {fp.get(k)!r} here)" for k in keys)
+    if keys == ["threads"]:
+        text += f": pass --threads {theirs['threads']} to resume it"
+    return text
 
 
 def _write_report(summary: dict, out: str) -> int:

@@ -28,9 +28,21 @@ def run(args) -> int:
     for d in args.studies:
         if not os.path.isfile(os.path.join(d, "study.json")):
             raise UsageError(f"{d!r}: not a study folder (no study.json)")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = sorted(FigureCanvasBase.get_supported_filetypes())
+    ext = os.path.splitext(args.out)[1].lstrip(".").lower()
+    if ext not in kinds:  # matplotlib would write OUT.png for no extension (past the check below)
+        raise UsageError(f"--out {args.out!r}: name the picture's file with one of the "
+                         f"extensions {', '.join(kinds)} (e.g. summary.png)")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a folder; name the picture's file")
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"--out {args.out!r} exists; pass --overwrite to replace it")
-    data = summary.collect(args.studies)
+    try:
+        data = summary.collect(args.studies)
+    except ValueError as e:  # a study.json that is not a study's summary
+        raise UsageError(str(e)) from None
     if not data:
         raise UsageError("no finished comparison with LoRA on test loss in these studies")
     print(f"wrote {summary.figure(data, args.out)} ({len(data)} task(s))")

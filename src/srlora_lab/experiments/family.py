@@ -49,7 +49,11 @@ def confirmatory(declared: list[dict], verdicts: list[dict]) -> list[dict]:
     ps = [r["p"] if r["p"] is not None else float("nan") for r in rows]
     for r, adj in zip(rows, holm(ps)):
         if r["p"] is None:
-            r.update(p_holm=None, finding="pending")
+            measured = any(v["task"] == r["task"] and {v["a"], v["b"]} == {r["a"], r["b"]}
+                           and v.get("complete") for v in verdicts)
+            # the pair is complete on other metrics: no run records this one (it never will)
+            r.update(p_holm=None, finding=f"not measured: no run records {r['metric']!r}"
+                     if measured else "pending")
             continue
         r["p_holm"] = adj
         if adj < ALPHA:

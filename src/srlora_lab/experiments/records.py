@@ -11,7 +11,8 @@ run. A study therefore writes the compact form unless its spec says ``records: f
   ``num_switches`` and ``pointers`` stay.
 
 Every record carries ``sha256``: the hash of its canonical JSON without that key. A record whose
-text is not JSON or whose hash does not match is *damaged*: ``--report`` refuses it naming the
+text is not JSON, whose hash does not match, or that has a machine fingerprint but no hash (the
+two were introduced together) is *damaged*: ``--report`` refuses it naming the
 file, ``--resume`` moves it aside (``<file>.damaged``) and runs it again.
 """
 from __future__ import annotations
@@ -68,10 +69,16 @@ def read_record(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise RecordError(f"{path}: damaged run record (not valid JSON: {e.msg} at line "
                           f"{e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{path}: damaged run record (not UTF-8 text: byte {e.start})") \
+            from None
     except OSError as e:
         raise RecordError(f"{path}: cannot read the run record ({e.strerror or e})") from None
     if not isinstance(rec, dict):
         raise RecordError(f"{path}: damaged run record (not a JSON object)")
+    if "sha256" not in rec and "fingerprint" in rec:  # both came in one change: sealed then
+        raise RecordError(f"{path}: damaged run record (it has a machine fingerprint, so it was "
+                          "written with a sha256, and that is gone)")
     if "sha256" in rec and rec["sha256"] != checksum(rec):
         raise RecordError(f"{path}: run record changed since it was written (its sha256 does "
                           "not match its content)")
@@ -103,8 +110,13 @@ class StudyLock:
 
         if self._fd is not None:
             return self
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RecordError(f"{self.path}: cannot open the study's lock file "
+                              f"({e.strerror or e}); choose a writable --out, or remove what "
+                              "is at that path") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

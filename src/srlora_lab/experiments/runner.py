@@ -141,10 +141,20 @@ def adapter_config(bundle: Bundle, *, method: str, r: int, lora_alpha: float, r_
                    config: Optional[dict] = None) -> "srlora.SRLoRAConfig":
     """The SRLoRAConfig of one run: the task's settings, then the method's own fields (``config``:
     r, gamma, selection, ...), which override them. Raises as SRLoRAConfig does on a bad field."""
-    return srlora.SRLoRAConfig(**{"method": method, "r": r, "lora_alpha": lora_alpha,
-                                  "r_target": r_target, "gamma": gamma, "total_steps": steps,
-                                  "target_modules": target_modules or bundle.target_modules,
-                                  "modules_to_save": bundle.head or None, **(config or {})})
+    return srlora.SRLoRAConfig(**{"method": method, **task_settings(method, {
+        "r": r, "lora_alpha": lora_alpha, "r_target": r_target, "gamma": gamma,
+        "total_steps": steps}), "target_modules": target_modules or bundle.target_modules,
+        "modules_to_save": bundle.head or None, **(config or {})})
+
+
+def task_settings(method: str, settings: dict) -> dict:
+    """A task's settings shared by every method (r, gamma, ...), less those a preset method sets
+    (``srlora.config.PRESETS``: relora's gamma 1) where the task leaves them at the library's
+    default; a task value other than the default still reaches SRLoRAConfig, which refuses it."""
+    from srlora.config import PRESETS
+    fields = srlora.SRLoRAConfig.__dataclass_fields__
+    preset = PRESETS.get(method, {})
+    return {k: v for k, v in settings.items() if not (k in preset and v == fields[k].default)}
 
 
 def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, steps: int,

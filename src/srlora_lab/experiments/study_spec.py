@@ -319,14 +319,13 @@ def parse(raw: Any, spec_dir: str = ".") -> dict:
     if "confirmatory" in raw:
         out["confirmatory"] = _confirmatory(raw["confirmatory"], names, tnames, pairs)
     if "headroom" in raw:
-        out["headroom"] = _headroom(raw["headroom"], names)
+        out["headroom"] = _headroom(raw["headroom"], names,
+                                    {m["name"]: m["method"] for m in methods})
     return out
 
 
 def _confirmatory(v: Any, names: list[str], tnames: list[str], pairs: list) -> list[dict]:
     """The comparisons declared before the runs, each with its prediction (Holm's family)."""
-    from .study_verdicts import METRICS
-
     if not isinstance(v, list) or not v:
         _fail("confirmatory", "expected a non-empty list of {task, a, b, metric, prediction}")
     out = []
@@ -343,10 +342,7 @@ def _confirmatory(v: Any, names: list[str], tnames: list[str], pairs: list) -> l
                 _fail(f"{path}.{k}", f"{c[k]!r} is not a method of this spec")
         if [c["a"], c["b"]] not in pairs and [c["b"], c["a"]] not in pairs:
             _fail(path, f"[{c['a']}, {c['b']}] is not one of the spec's pairs")
-        if c["metric"] not in METRICS and not (c["metric"].endswith("_loss")
-                                               or "perplexity" in c["metric"]):
-            _fail(f"{path}.metric", f"unknown metric {c['metric']!r} (e.g. "
-                                    f"{', '.join(METRICS)}, final_perplexity)")
+        _metric(c["metric"], f"{path}.metric")
         out.append({k: c[k] for k in ("task", "a", "b", "metric", "prediction")})
     keys = [(c["task"], frozenset((c["a"], c["b"])), c["metric"]) for c in out]
     if len(set(keys)) != len(keys):
@@ -354,9 +350,18 @@ def _confirmatory(v: Any, names: list[str], tnames: list[str], pairs: list) -> l
     return out
 
 
-def _headroom(v: Any, names: list[str]) -> list[dict]:
+def _metric(name: str, path: str) -> None:
+    """A metric the verdicts can compute: a known one, or a record's ``*_loss`` /
+    perplexity key."""
+    from .study_verdicts import METRICS
+
+    if name not in METRICS and not (name.endswith("_loss") or "perplexity" in name):
+        _fail(path, f"unknown metric {name!r} (e.g. {', '.join(METRICS)}, final_perplexity)")
+
+
+def _headroom(v: Any, names: list[str], bases: dict) -> list[dict]:
     """Which method is full fine-tuning, which LoRA(r) it is measured against, and which
-    methods' recovered fraction of it to report."""
+    methods' recovered fraction of it to report (``bases``: method name -> base method)."""
     if not isinstance(v, list) or not v:
         _fail("headroom", "expected a non-empty list of {full, lora, methods, metrics}")
     out = []
@@ -366,6 +371,12 @@ def _headroom(v: Any, names: list[str]) -> list[dict]:
         for k in ("full", "lora"):
             if h.get(k) not in names:
                 _fail(f"{path}.{k}", f"{h.get(k)!r} is not a method of this spec")
+        if bases.get(h["full"]) != "full":
+            _fail(f"{path}.full", f"{h['full']!r} is not full fine-tuning (method: full): the "
+                                  "headroom is measured from it")
+        if bases.get(h["lora"]) == "full":
+            _fail(f"{path}.lora", f"{h['lora']!r} is full fine-tuning; name the adapter the "
+                                  "headroom is measured against")
         ms = h.get("methods", [])
         if not isinstance(ms, list) or any(m not in names for m in ms):
             _fail(f"{path}.methods", f"expected a list of this spec's methods, got {ms!r}")
@@ -373,6 +384,8 @@ def _headroom(v: Any, names: list[str]) -> list[dict]:
         if not isinstance(metrics, list) or not metrics or \
                 not all(isinstance(m, str) for m in metrics):
             _fail(f"{path}.metrics", f"expected a list of metric names, got {metrics!r}")
+        for j, m in enumerate(metrics):
+            _metric(m, f"{path}.metrics[{j}]")
         out.append({"full": h["full"], "lora": h["lora"], "methods": list(ms),
                     "metrics": list(metrics)})
     return out

@@ -37,22 +37,32 @@ def collect(study_dirs: Iterable[str]) -> dict:
     names = dict(SHOWN)
     out: dict = {}
     for d in study_dirs:
-        with open(os.path.join(d, "study.json")) as f:
-            s = json.load(f)
-        for v in s.get("verdicts", []):
-            if v["metric"] != METRIC or not v.get("complete"):
-                continue
-            e = _against_lora(v)
-            if e is None or e["method"] not in names:
-                continue
-            cell = out.setdefault(v["task"], {})
-            if e["method"] in cell:
-                continue  # the first study given wins
-            scale = 100.0 / e["lora"]
-            cell[e["method"]] = {"mean": e["mean"] * scale, "lo": e["lo"] * scale,
-                                 "hi": e["hi"] * scale, "n": e["n"], "mixed": e["mixed"],
-                                 "study": os.path.basename(os.path.normpath(d))}
+        path = os.path.join(d, "study.json")
+        try:
+            _collect_one(path, os.path.basename(os.path.normpath(d)), names, out)
+        except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+            why = str(e).splitlines()[0] if isinstance(e, ValueError) else repr(e)
+            raise ValueError(f"{path}: damaged or not a study's summary ({why})") from None
     return out
+
+
+def _collect_one(path: str, study: str, names: dict, out: dict) -> None:
+    """Add one study.json's complete verdicts against LoRA to ``out`` (see :func:`collect`)."""
+    with open(path) as f:
+        s = json.load(f)
+    for v in s.get("verdicts", []):
+        if v["metric"] != METRIC or not v.get("complete"):
+            continue
+        e = _against_lora(v)
+        if e is None or e["method"] not in names:
+            continue
+        cell = out.setdefault(v["task"], {})
+        if e["method"] in cell:
+            continue  # the first study given wins
+        scale = 100.0 / e["lora"]
+        cell[e["method"]] = {"mean": e["mean"] * scale, "lo": e["lo"] * scale,
+                             "hi": e["hi"] * scale, "n": e["n"], "mixed": e["mixed"],
+                             "study": study}
 
 
 def figure(data: dict, path: str, title: str = "") -> str:
