@@ -375,12 +375,13 @@ def test_example_qlora_4bit_runs(tmp_path):
     close(logits(merged, res["ids"]), res["logits"], 1e-5)
 
 
-def test_readme_4bit_snippet_is_from_the_example():
+def test_usage_doc_4bit_snippet_is_from_the_example():
+    """docs/usage.md's 4-bit block (the README's is checked by tests/test_readme.py)."""
     import re
     from pathlib import Path
 
     root = Path(__file__).parents[1]
-    section = (root / "README.md").read_text().split("### 4-bit bases")[1]
+    section = (root / "docs" / "usage.md").read_text().split("### 4-bit bases")[1]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     example = {line.strip() for line in (root / "examples" / "qlora_4bit.py").read_text()
                .splitlines()}

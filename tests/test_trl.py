@@ -154,8 +154,9 @@ def test_peft_config_beside_an_srlora_model_is_refused(ex, tmp_path):
                    processing_class=tok, peft_config=LoraConfig(target_modules=["q_proj"]))
 
 
-def test_readme_trl_block_is_the_example_code():
-    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+def test_usage_doc_trl_block_is_the_example_code():
+    """docs/usage.md's TRL block (the README's snippets: tests/test_readme.py)."""
+    readme = (EXAMPLE.parents[1] / "docs" / "usage.md").read_text()
     section = readme[readme.index("## Fine-tune an LLM"):]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert "SFTTrainer(" in block and "SRLoRACallback(controller)" in block
