@@ -6,6 +6,7 @@ update / lr = (m / (1 - b1^t)) / sqrt(v / (1 - b2^t)). Run: python benchmarks/ad
 The second table is a short run's: bbc-lm's switches (120 steps, one every 17), each slot's
 largest multiple before the run ends and the tau where it falls.
 """
+
 import math
 
 B1, B2 = 0.9, 0.999
@@ -20,7 +21,7 @@ def multiples(t0: int, horizon: int) -> list[float]:
         t = t0 + tau
         m = B1 * m + (1 - B1)
         v = B2 * v + (1 - B2)
-        out.append((m / (1 - B1 ** t)) / math.sqrt(v / (1 - B2 ** t)))
+        out.append((m / (1 - B1**t)) / math.sqrt(v / (1 - B2**t)))
     return out
 
 

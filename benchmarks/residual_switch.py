@@ -8,6 +8,7 @@ again. Both versions run interleaved on the same tensors; the script prints how 
 stored value is from an fp64 reference (each version reads back its own encoding) and the
 median times.
 """
+
 import argparse
 import importlib.util
 import statistics
@@ -44,8 +45,9 @@ hi_old, q_old = old.split_residual(W0.clone(), torch.bfloat16) if old else (None
 
 def before():
     if not hasattr(old, "switch_factors"):  # 11e4298
-        return old.split_residual(old.join_residual(hi_old, q_old)
-                                  + old.switch_delta(B1, A1, B2, A2, 2.0), torch.bfloat16)
+        return old.split_residual(
+            old.join_residual(hi_old, q_old) + old.switch_delta(B1, A1, B2, A2, 2.0), torch.bfloat16
+        )
     W = old.join_residual(hi_old, q_old).addmm_(*old.switch_factors(B1, A1, B2, A2), alpha=2.0)
     return old.split_residual(W, torch.bfloat16)
 
@@ -70,5 +72,7 @@ for _ in range(12):
         fn()
         sync()
         times[name].append(time.perf_counter() - t)
-print(f"one {m}x{n} bf16 weight on {dev}, {a.threads} thread(s), median of 12 interleaved: "
-      + ", ".join(f"{name} {1e3 * statistics.median(ts):.1f} ms" for name, ts in times.items()))
+print(
+    f"one {m}x{n} bf16 weight on {dev}, {a.threads} thread(s), median of 12 interleaved: "
+    + ", ".join(f"{name} {1e3 * statistics.median(ts):.1f} ms" for name, ts in times.items())
+)

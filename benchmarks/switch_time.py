@@ -29,6 +29,7 @@ rank is then ``2K - r``, its largest), and prints their medians:
 
     PYTHONPATH=src python benchmarks/switch_time.py --fusion both --step-time 10
 """
+
 import argparse
 import importlib.util
 import shutil
@@ -52,12 +53,24 @@ p.add_argument("--r-target", type=int, default=None, help="default: 64 (llama), 
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--device", default="cpu")
 p.add_argument("--before", default=None, help="a src/ directory of another commit")
-p.add_argument("--fusion", choices=["weight", "virtual", "both"], default="weight",
-               help="SRLoRAConfig.fusion of this tree's run; both: a weight and a virtual run")
-p.add_argument("--step-time", type=int, default=0, metavar="N",
-               help="also time N training steps of each run (median)")
-p.add_argument("--count-ops", action="store_true",
-               help="also count the ATen ops one switch dispatches (a proxy for kernel launches)")
+p.add_argument(
+    "--fusion",
+    choices=["weight", "virtual", "both"],
+    default="weight",
+    help="SRLoRAConfig.fusion of this tree's run; both: a weight and a virtual run",
+)
+p.add_argument(
+    "--step-time",
+    type=int,
+    default=0,
+    metavar="N",
+    help="also time N training steps of each run (median)",
+)
+p.add_argument(
+    "--count-ops",
+    action="store_true",
+    help="also count the ATen ops one switch dispatches (a proxy for kernel launches)",
+)
 a = p.parse_args()
 if a.fusion == "both" and a.before:
     p.error("--fusion both compares two runs of this tree: drop --before")
@@ -76,8 +89,9 @@ def load_before(src: str):
     relative, so a renamed copy is self-contained)."""
     tmp = Path(tempfile.mkdtemp()) / "srlora_before"
     shutil.copytree(Path(src) / "srlora", tmp)
-    spec = importlib.util.spec_from_file_location("srlora_before", tmp / "__init__.py",
-                                                  submodule_search_locations=[str(tmp)])
+    spec = importlib.util.spec_from_file_location(
+        "srlora_before", tmp / "__init__.py", submodule_search_locations=[str(tmp)]
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules["srlora_before"] = mod
     spec.loader.exec_module(mod)
@@ -90,9 +104,15 @@ def build(pkg, fusion="weight"):
     if a.model == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(vocab_size=1000, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                          num_hidden_layers=a.layers, num_attention_heads=8,
-                          num_key_value_heads=8, max_position_embeddings=128)
+        cfg = LlamaConfig(
+            vocab_size=1000,
+            hidden_size=a.hidden,
+            intermediate_size=a.intermediate,
+            num_hidden_layers=a.layers,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=128,
+        )
         model = LlamaForCausalLM(cfg).to(dev, dtype)
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         ids = torch.randint(0, 1000, (2, 64), device=dev)
@@ -109,10 +129,19 @@ def build(pkg, fusion="weight"):
 
         def loss(m):
             return loss_of(shape, m, ids)
+
     extra = {} if fusion == "weight" else {"fusion": fusion}  # "before" may lack the field
-    model, ctl = pkg.wrap(model, pkg.SRLoRAConfig(r=8, lora_alpha=16, r_target=r_target,
-                                                  target_modules=targets, total_steps=10**6,
-                                                  **extra))
+    model, ctl = pkg.wrap(
+        model,
+        pkg.SRLoRAConfig(
+            r=8,
+            lora_alpha=16,
+            r_target=r_target,
+            target_modules=targets,
+            total_steps=10**6,
+            **extra,
+        ),
+    )
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     ctl.attach(opt)
 
@@ -179,7 +208,7 @@ def time_steps() -> dict:
     """``a.step_time`` training steps of each run, interleaved: their times by run."""
     out: dict = {k: [] for k in runs}
     for i in range(a.step_time):
-        for k in (names if i % 2 == 0 else names[::-1]):
+        for k in names if i % 2 == 0 else names[::-1]:
             out[k].append(timed_step(runs[k][1]))
     return out
 
@@ -195,28 +224,39 @@ while True:
         times[k].append(t)
 steps["after the last switch"] = time_steps()  # p = K (virtual: rank 2K - r)
 ctl = runs[names[-1]][0]
-print(f"{a.model}: {len(ctl.layers)} modules, {len(times[names[-1]])} switches, "
-      f"{str(dtype).removeprefix('torch.')} on {dev} with {a.threads} thread(s), "
-      f"fusion {a.fusion}")
+print(
+    f"{a.model}: {len(ctl.layers)} modules, {len(times[names[-1]])} switches, "
+    f"{str(dtype).removeprefix('torch.')} on {dev} with {a.threads} thread(s), "
+    f"fusion {a.fusion}"
+)
 for k, ts in times.items():
-    print(f"  {k}: switch_now() median {1e3 * statistics.median(ts):.1f} ms, "
-          f"min {1e3 * min(ts):.1f}, max {1e3 * max(ts):.1f}")
+    print(
+        f"  {k}: switch_now() median {1e3 * statistics.median(ts):.1f} ms, "
+        f"min {1e3 * min(ts):.1f}, max {1e3 * max(ts):.1f}"
+    )
 for when, by_run in steps.items():
     for k, ts in by_run.items():
         if ts:
-            print(f"  {k}: training step median {1e3 * statistics.median(ts):.1f} ms, "
-                  f"min {1e3 * min(ts):.1f}, max {1e3 * max(ts):.1f} ({when})")
+            print(
+                f"  {k}: training step median {1e3 * statistics.median(ts):.1f} ms, "
+                f"min {1e3 * min(ts):.1f}, max {1e3 * max(ts):.1f} ({when})"
+            )
 if len(names) == 2:
     first, second = names
     ratio = statistics.median([b / a_ for a_, b in zip(times[first], times[second])])
     print(f"  {second} / {first}, median of paired ratios: {ratio:.3f}")
 if a.count_ops:  # on fresh controllers: the timed ones have used every direction
-    mine = ([("weight", srlora, "weight"), ("virtual", srlora, "virtual")] if a.fusion == "both"
-            else [("this tree", srlora, a.fusion)])
+    mine = (
+        [("weight", srlora, "weight"), ("virtual", srlora, "virtual")]
+        if a.fusion == "both"
+        else [("this tree", srlora, a.fusion)]
+    )
     for k, pkg, fusion in [("before", sys.modules.get("srlora_before"), "weight")] + mine:
         if pkg is None:
             continue
         ops = counted_switch(build(pkg, fusion)[0])
         total, n = sum(ops.values()), len(ctl.layers)
-        print(f"  {k}: one switch dispatches {total} ATen ops ({total / n:.1f} per module); "
-              f"most: " + ", ".join(f"{name} {c}" for name, c in ops.most_common(6)))
+        print(
+            f"  {k}: one switch dispatches {total} ATen ops ({total / n:.1f} per module); "
+            f"most: " + ", ".join(f"{name} {c}" for name, c in ops.most_common(6))
+        )

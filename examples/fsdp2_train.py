@@ -14,6 +14,7 @@ set-up is split and shared), then fully_shard (each decoder layer, then the root
 optimizer and attach(). At the end: a checkpoint (save_checkpoint on every rank, rank 0 writes),
 the replica check, and a plain PEFT adapter exported from the sharded run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,19 @@ import srlora
 from srlora.fsdp import unsharded
 
 TEXTS = [
-    "the cat sat on the mat", "a dog ran under the big table", "the red bird sings in the morning",
-    "my small cat sleeps on the warm rug", "the old man reads a book by the fire",
-    "a child plays with a blue ball", "the sun sets behind the green hills",
-    "we walk to the river after dinner", "the train leaves the station at noon",
-    "he drinks hot tea in the garden", "the fish swim in the cold lake",
-    "they build a house near the sea", "the moon shines over the quiet town",
+    "the cat sat on the mat",
+    "a dog ran under the big table",
+    "the red bird sings in the morning",
+    "my small cat sleeps on the warm rug",
+    "the old man reads a book by the fire",
+    "a child plays with a blue ball",
+    "the sun sets behind the green hills",
+    "we walk to the river after dinner",
+    "the train leaves the station at noon",
+    "he drinks hot tea in the garden",
+    "the fish swim in the cold lake",
+    "they build a house near the sea",
+    "the moon shines over the quiet town",
     "a cook makes bread for the village",
 ]
 
@@ -45,15 +53,27 @@ def tiny_llama():
 
     vocab = {w: i + 1 for i, w in enumerate(sorted({w for t in TEXTS for w in t.split()}))}
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(vocab) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        pad_token_id=0, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(vocab) + 1,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            pad_token_id=0,
+            bos_token_id=None,
+            eos_token_id=None,
+            tie_word_embeddings=False,
+        )
+    )
 
     def encode(texts):
         ids = [[vocab[w] for w in t.split()] for t in texts]
         n = max(map(len, ids))
         return torch.tensor([x + [0] * (n - len(x)) for x in ids])
+
     return model, encode
 
 
@@ -84,8 +104,15 @@ def main(argv=None) -> int:
     base, encode = hub_model(args.model) if args.model else tiny_llama()
     base = base.to(device) if cuda else base
 
-    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=16, gamma=0.5, fusion="virtual",
-                              target_modules=["q_proj", "v_proj"], total_steps=args.steps)
+    cfg = srlora.SRLoRAConfig(
+        r=4,
+        lora_alpha=8,
+        r_target=16,
+        gamma=0.5,
+        fusion="virtual",
+        target_modules=["q_proj", "v_proj"],
+        total_steps=args.steps,
+    )
     model, controller = srlora.wrap(base, cfg)  # every rank, on the whole model
     for m in model.modules():  # FSDP2: each decoder layer, then the root
         if type(m).__name__.endswith("DecoderLayer"):
@@ -96,35 +123,43 @@ def main(argv=None) -> int:
 
     order = torch.randperm(len(TEXTS), generator=torch.Generator().manual_seed(0)).tolist()
     for step in range(args.steps):
-        g = [TEXTS[order[(step * args.batch_size * world + j) % len(TEXTS)]]
-             for j in range(args.batch_size * world)]
-        ids = encode(g[rank * args.batch_size:(rank + 1) * args.batch_size])
+        g = [
+            TEXTS[order[(step * args.batch_size * world + j) % len(TEXTS)]]
+            for j in range(args.batch_size * world)
+        ]
+        ids = encode(g[rank * args.batch_size : (rank + 1) * args.batch_size])
         ids = ids.to(device) if cuda else ids
         logits = model(input_ids=ids).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                               ignore_index=0)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), ignore_index=0
+        )
         loss.backward()
         optimizer.step()  # SRLoRA's post-hook: importance, step count, switch when scheduled
         optimizer.zero_grad(set_to_none=True)
         if rank == 0 and (step % 4 == 0 or step == args.steps - 1):
-            print(f"step {step + 1:3d}  loss {loss.item():.4f}  switches {controller.num_switches}",
-                  flush=True)
+            print(
+                f"step {step + 1:3d}  loss {loss.item():.4f}  switches {controller.num_switches}",
+                flush=True,
+            )
 
     out = args.out or tempfile.mkdtemp(prefix="srlora-fsdp2-") if rank == 0 else None
     holder = [out]
     dist.broadcast_object_list(holder)
     out = holder[0]
-    srlora.save_checkpoint(os.path.join(out, "ckpt"), model=model, controller=controller,
-                           optimizer=optimizer)  # every rank: gathered, rank 0 writes
+    srlora.save_checkpoint(
+        os.path.join(out, "ckpt"), model=model, controller=controller, optimizer=optimizer
+    )  # every rank: gathered, rank 0 writes
     n = srlora.distributed.assert_replicas_identical(model, controller)  # raises on every rank
     with unsharded(model):  # every rank; rank 0 writes a plain PEFT adapter
         if rank == 0:
             srlora.export_adapter(model, controller, os.path.join(out, "adapter"))
     if rank == 0:
         print(f"checkpoint and adapter in {out}")
-        print(f"replicas identical: {n} SRLoRA state entries bitwise equal on {world} ranks after "
-              f"{controller.global_step} optimizer steps and {controller.num_switches} switches",
-              flush=True)
+        print(
+            f"replicas identical: {n} SRLoRA state entries bitwise equal on {world} ranks after "
+            f"{controller.global_step} optimizer steps and {controller.num_switches} switches",
+            flush=True,
+        )
     dist.barrier()  # every rank done before the group goes
     dist.destroy_process_group()
     return 0

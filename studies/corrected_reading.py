@@ -15,6 +15,7 @@ comparisons.
     python studies/corrected_reading.py            # the comparisons with p < 0.05
     python studies/corrected_reading.py --all      # every comparison
 """
+
 from __future__ import annotations
 
 import json
@@ -65,30 +66,57 @@ def family(results: str = RESULTS) -> list[dict]:
             if key in seen:
                 continue
             seen.add(key)
-            rows.append({"study": name, "family": _family(ka, kb), **{k: v[k] for k in (
-                "task", "a", "b", "metric", "n", "mean_diff", "ci_low", "ci_high", "p",
-                "verdict", "higher_is_better")}, "mixed": bool(v.get("mixed_sessions"))})
+            rows.append(
+                {
+                    "study": name,
+                    "family": _family(ka, kb),
+                    **{
+                        k: v[k]
+                        for k in (
+                            "task",
+                            "a",
+                            "b",
+                            "metric",
+                            "n",
+                            "mean_diff",
+                            "ci_low",
+                            "ci_high",
+                            "p",
+                            "verdict",
+                            "higher_is_better",
+                        )
+                    },
+                    "mixed": bool(v.get("mixed_sessions")),
+                }
+            )
     for fam in ("paper", "variants", "exploratory"):
         members = [r for r in rows if r["family"] == fam]
         for r, adj in zip(members, holm([r["p"] for r in members])):
             good = (r["mean_diff"] > 0) == r["higher_is_better"]
             r["p_holm"] = adj if fam != "exploratory" else None
-            r["found"] = (("better" if good else "worse") if adj < 0.05 else "-") \
-                if fam != "exploratory" else "exploratory"
+            r["found"] = (
+                (("better" if good else "worse") if adj < 0.05 else "-")
+                if fam != "exploratory"
+                else "exploratory"
+            )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| family | study | task | a vs b | metric | a - b [95% CI] | p | Holm p | found |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| family | study | task | a vs b | metric | a - b [95% CI] | p | Holm p | found |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["family"] == "exploratory", r["family"], r["p"])):
         d = 2 if r["metric"] == "final_accuracy" else 4
         mixed = " (mixed sessions)" if r["mixed"] else ""
         holm_p = f"{r['p_holm']:.2g}" if r["p_holm"] is not None else "-"
-        lines.append(f"| {r['family']} | {r['study']} | {r['task']} | {r['a']} vs {r['b']}{mixed} "
-                     f"| {r['metric'].replace('final_', '')} | {r['mean_diff']:+.{d}f} "
-                     f"[{r['ci_low']:+.{d}f}, {r['ci_high']:+.{d}f}] | {r['p']:.2g} | "
-                     f"{holm_p} | {r['found']} |")
+        lines.append(
+            f"| {r['family']} | {r['study']} | {r['task']} | {r['a']} vs {r['b']}{mixed} "
+            f"| {r['metric'].replace('final_', '')} | {r['mean_diff']:+.{d}f} "
+            f"[{r['ci_low']:+.{d}f}, {r['ci_high']:+.{d}f}] | {r['p']:.2g} | "
+            f"{holm_p} | {r['found']} |"
+        )
     return "\n".join(lines)
 
 
@@ -97,9 +125,11 @@ def counts(rows: list[dict]) -> str:
     for fam in ("paper", "variants", "exploratory"):
         m = [r for r in rows if r["family"] == fam]
         found = sum(r["found"] in ("better", "worse") for r in m)
-        out.append(f"{fam}: {len(m)} comparisons, {sum(r['p'] < 0.05 for r in m)} with p < 0.05 "
-                   f"(~{0.05 * len(m):.0f} by chance)" + (f", {found} survive Holm"
-                                                          if fam != "exploratory" else ""))
+        out.append(
+            f"{fam}: {len(m)} comparisons, {sum(r['p'] < 0.05 for r in m)} with p < 0.05 "
+            f"(~{0.05 * len(m):.0f} by chance)"
+            + (f", {found} survive Holm" if fam != "exploratory" else "")
+        )
     return "; ".join(out)
 
 

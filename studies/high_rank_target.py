@@ -18,6 +18,7 @@ final population loss (mean over seeds), then the final seeds run at it; paired 
     python studies/high_rank_target.py --ranks 4,16,32       # the table in docs/study.md
     python studies/high_rank_target.py --ranks 32 --seeds 0,1 --steps 200   # a quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,22 +60,42 @@ def floors(W0: torch.Tensor, Wt: torch.Tensor, r: int) -> dict:
     U, S, Vh = torch.linalg.svd(W0.double())
     frozen = {"lora": W0.double(), "pissa": W0.double() - (U[:, :r] * S[:r]) @ Vh[:r]}
     d = W0.shape[0]
-    return {m: float((torch.linalg.svdvals(Wt.double() - F)[r:] ** 2).sum() / d)
-            for m, F in frozen.items()}
+    return {
+        m: float((torch.linalg.svdvals(Wt.double() - F)[r:] ** 2).sum() / d)
+        for m, F in frozen.items()
+    }
 
 
-def run(name: str, lr: float, seed: int, d: int, k: int, a: float, r: int, r_target: int,
-        steps: int, batch: int) -> dict:
+def run(
+    name: str,
+    lr: float,
+    seed: int,
+    d: int,
+    k: int,
+    a: float,
+    r: int,
+    r_target: int,
+    steps: int,
+    batch: int,
+) -> dict:
     W0, Wt = problem(d, k, a, seed)
     model = torch.nn.Sequential(OrderedDict(lin=torch.nn.Linear(d, d, bias=False)))
     with torch.no_grad():
         model.lin.weight.copy_(W0)
     torch.manual_seed(seed)  # LoRA's A init
-    cfg = srlora.SRLoRAConfig(r=r, lora_alpha=r, r_target=r_target, gamma=0.5,
-                              target_modules=["lin"], total_steps=steps, **METHODS[name])
+    cfg = srlora.SRLoRAConfig(
+        r=r,
+        lora_alpha=r,
+        r_target=r_target,
+        gamma=0.5,
+        target_modules=["lin"],
+        total_steps=steps,
+        **METHODS[name],
+    )
     model, ctl = srlora.wrap(model, cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     ctl.attach(opt)
     g = torch.Generator().manual_seed(seed)
     eye = torch.eye(d)
@@ -87,8 +108,14 @@ def run(name: str, lr: float, seed: int, d: int, k: int, a: float, r: int, r_tar
     with torch.no_grad():
         W = model(eye).T  # the effective weight: model(I) = I W^T
         pop = float(((W.double() - Wt.double()) ** 2).sum() / d)
-    return {"method": name, "lr": lr, "seed": seed, "loss": pop if math.isfinite(pop) else None,
-            "switches": ctl.num_switches, "floors": floors(W0, Wt, r)}
+    return {
+        "method": name,
+        "lr": lr,
+        "seed": seed,
+        "loss": pop if math.isfinite(pop) else None,
+        "switches": ctl.num_switches,
+        "floors": floors(W0, Wt, r),
+    }
 
 
 def main(argv=None) -> int:
@@ -114,19 +141,25 @@ def main(argv=None) -> int:
     for k in ints(a.ranks):
         final = {}
         for m in methods:
-            sel = {lr: [run(m, lr, s, k=k, **common)["loss"] for s in ints(a.selection_seeds)]
-                   for lr in lrs}
+            sel = {
+                lr: [run(m, lr, s, k=k, **common)["loss"] for s in ints(a.selection_seeds)]
+                for lr in lrs
+            }
             ok = {lr: sum(v) / len(v) for lr, v in sel.items() if all(x is not None for x in v)}
             lr = min(ok, key=ok.get)
             recs = [run(m, lr, s, k=k, **common) for s in ints(a.seeds)]
             out["runs"] += [dict(r, k=k) for r in recs]
             final[m] = (lr, [r["loss"] for r in recs])
         fl = {f: sum(r["floors"][f] for r in recs) / len(recs) for f in ("lora", "pissa")}
-        print(f"\nrank of dW* k = {k}; adapter r = {a.r}, r_target = {a.r_target}; start "
-              f"{k * a.a ** 2 / a.d:.5f}; floor of a rank-{a.r} product: on LoRA's frozen weight "
-              f"{fl['lora']:.5f}, on PiSSA's {fl['pissa']:.5f} (mean over the final seeds)")
-        print("| method | lr | final population loss, mean over seeds | / LoRA's floor | "
-              "/ PiSSA's floor |")
+        print(
+            f"\nrank of dW* k = {k}; adapter r = {a.r}, r_target = {a.r_target}; start "
+            f"{k * a.a**2 / a.d:.5f}; floor of a rank-{a.r} product: on LoRA's frozen weight "
+            f"{fl['lora']:.5f}, on PiSSA's {fl['pissa']:.5f} (mean over the final seeds)"
+        )
+        print(
+            "| method | lr | final population loss, mean over seeds | / LoRA's floor | "
+            "/ PiSSA's floor |"
+        )
         print("|---|---|---|---|---|")
         for m, (lr, v) in final.items():
             mean = sum(v) / len(v)
@@ -137,8 +170,10 @@ def main(argv=None) -> int:
             for b in ("pissa", "lora"):
                 if m != b and b in final and m.startswith("srlora"):
                     ci = paired_interval(final[m][1], final[b][1])
-                    print(f"{m} - {b}: {ci['mean_diff']:+.5f} [{ci['ci_low']:+.5f}, "
-                          f"{ci['ci_high']:+.5f}] (n = {ci['n']})")
+                    print(
+                        f"{m} - {b}: {ci['mean_diff']:+.5f} [{ci['ci_low']:+.5f}, "
+                        f"{ci['ci_high']:+.5f}] (n = {ci['n']})"
+                    )
                     out["rows"].append({"k": k, "a": m, "b": b, **ci})
     print(f"\n{time.time() - t0:.0f} s")
     if a.json:

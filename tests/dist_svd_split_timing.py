@@ -7,6 +7,7 @@ N > 1 each rank decomposes its share and broadcasts it; with N = 1 wrap() decomp
 Rank 0 prints, best of --repeats: wrap()'s wall time and its SVD part (max over ranks), and for
 N > 1 the time of the broadcasts and of the input check (SHA-256 of the weights, all-gathered).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,13 @@ def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     world = dist.get_world_size()
-    cfg = srlora.SRLoRAConfig(r=8, r_target=64, target_modules=[str(i) for i in range(a.layers)],
-                              total_steps=100, svd_method="randomized")
+    cfg = srlora.SRLoRAConfig(
+        r=8,
+        r_target=64,
+        target_modules=[str(i) for i in range(a.layers)],
+        total_steps=100,
+        svd_method="randomized",
+    )
     best = None
     for _ in range(a.repeats):
         torch.manual_seed(0)
@@ -39,24 +45,39 @@ def main() -> None:
         if world > 1:
             fn = shared_svd_fn(cfg)
         else:
+
             def fn(layers, ks):
                 t = time.perf_counter()
-                out = [top_singular_directions(L.W(), k, cfg.svd_method, cfg.svd_oversample,
-                                               cfg.svd_niter, cfg.svd_seed)
-                       for L, k in zip(layers, ks)]
+                out = [
+                    top_singular_directions(
+                        L.W(), k, cfg.svd_method, cfg.svd_oversample, cfg.svd_niter, cfg.svd_seed
+                    )
+                    for L, k in zip(layers, ks)
+                ]
                 fn.stats = {"svd_s": time.perf_counter() - t, "broadcast_s": 0.0, "check_s": 0.0}
                 return out
+
         dist.barrier()
         t0 = time.perf_counter()
         srlora.wrap(model, cfg, svd_fn=fn)
-        row = torch.tensor([time.perf_counter() - t0, fn.stats["svd_s"],
-                            fn.stats["broadcast_s"], fn.stats["check_s"]], dtype=torch.float64)
+        row = torch.tensor(
+            [
+                time.perf_counter() - t0,
+                fn.stats["svd_s"],
+                fn.stats["broadcast_s"],
+                fn.stats["check_s"],
+            ],
+            dtype=torch.float64,
+        )
         dist.all_reduce(row, op=dist.ReduceOp.MAX)
         best = row if best is None or row[0] < best[0] else best
     if dist.get_rank() == 0:
         w, svd, bc, chk = best.tolist()
-        print(f"ranks {world}  modules {a.layers} ({a.dim}x{a.dim}, r_target 64)  wrap {w:.2f} s  "
-              f"SVD {svd:.2f} s  broadcast {bc:.2f} s  input check {chk:.2f} s", flush=True)
+        print(
+            f"ranks {world}  modules {a.layers} ({a.dim}x{a.dim}, r_target 64)  wrap {w:.2f} s  "
+            f"SVD {svd:.2f} s  broadcast {bc:.2f} s  input check {chk:.2f} s",
+            flush=True,
+        )
     dist.destroy_process_group()
 
 

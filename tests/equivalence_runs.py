@@ -6,14 +6,22 @@ with the code of commit c7bf1de and writes what they produced into tests/data/; 
 two-linear model for ``STEPS`` AdamW steps on seeded batches under one SRLoRAConfig and returns
 the switch history, the pointers, the per-step losses and the output on a fixed batch.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 STEPS = 30
-BASE = dict(r=4, lora_alpha=8, r_target=12, gamma=0.5, target_modules=["query", "value"],
-            total_steps=STEPS, svd_method="exact")
+BASE = dict(
+    r=4,
+    lora_alpha=8,
+    r_target=12,
+    gamma=0.5,
+    target_modules=["query", "value"],
+    total_steps=STEPS,
+    svd_method="exact",
+)
 
 # name -> (SRLoRAConfig fields over BASE, base dtype); every variant field that exists at c7bf1de
 CONFIGS = {
@@ -22,29 +30,44 @@ CONFIGS = {
     "selection-normalized": ({"selection": "normalized"}, "float32"),
     "insertion-gradient": ({"insertion": "gradient"}, "float32"),
     "schedule-adaptive": ({"switch_schedule": "adaptive", "adaptive_window": 2}, "float32"),
-    "adaptive-normalized": ({"switch_schedule": "adaptive", "adaptive_window": 3,
-                             "selection": "normalized"}, "float32"),
+    "adaptive-normalized": (
+        {"switch_schedule": "adaptive", "adaptive_window": 3, "selection": "normalized"},
+        "float32",
+    ),
     "switch-interval": ({"switch_interval": 3}, "float32"),
     "switch-span": ({"switch_span": 0.5}, "float32"),
     "exhaustion-refresh": ({"exhaustion": "refresh", "r_target": 8}, "float32"),
-    "refresh-interval": ({"exhaustion": "refresh", "r_target": 8, "switch_interval": 4},
-                         "float32"),
-    "refresh-adaptive": ({"exhaustion": "refresh", "r_target": 8, "switch_schedule": "adaptive",
-                          "adaptive_window": 2, "switch_interval": 3}, "float32"),
+    "refresh-interval": ({"exhaustion": "refresh", "r_target": 8, "switch_interval": 4}, "float32"),
+    "refresh-adaptive": (
+        {
+            "exhaustion": "refresh",
+            "r_target": 8,
+            "switch_schedule": "adaptive",
+            "adaptive_window": 2,
+            "switch_interval": 3,
+        },
+        "float32",
+    ),
     "optimizer-keep": ({"optimizer_state": "keep"}, "float32"),
     "optimizer-rewarm": ({"optimizer_state": "rewarm"}, "float32"),
     "importance-slots": ({"importance_reset": "slots"}, "float32"),
     "betas": ({"beta1": 0.5, "beta2": 0.7}, "float32"),
     "fusion-virtual": ({"fusion": "virtual"}, "float32"),
-    "virtual-refresh": ({"fusion": "virtual", "exhaustion": "refresh", "r_target": 8,
-                         "switch_interval": 4}, "float32"),
-    "svd-randomized": ({"svd_method": "randomized", "svd_oversample": 4, "svd_niter": 2,
-                        "svd_seed": 3}, "float32"),
+    "virtual-refresh": (
+        {"fusion": "virtual", "exhaustion": "refresh", "r_target": 8, "switch_interval": 4},
+        "float32",
+    ),
+    "svd-randomized": (
+        {"svd_method": "randomized", "svd_oversample": 4, "svd_niter": 2, "svd_seed": 3},
+        "float32",
+    ),
     "half-residual": ({"half_fusion": "residual"}, "bfloat16"),
     "half-original": ({"half_fusion": "original"}, "bfloat16"),
     "half-inplace": ({"half_fusion": "inplace"}, "bfloat16"),
-    "half-residual-refresh": ({"half_fusion": "residual", "exhaustion": "refresh",
-                               "r_target": 8}, "bfloat16"),
+    "half-residual-refresh": (
+        {"half_fusion": "residual", "exhaustion": "refresh", "r_target": 8},
+        "bfloat16",
+    ),
     "offload-none": ({"offload_device": None, "selection": "protect"}, "float32"),
     "dropout-alpha": ({"lora_dropout": 0.1, "lora_alpha": 3.0, "gamma": 0.75}, "float32"),
     "pissa": ({"method": "pissa"}, "float32"),
@@ -77,8 +100,9 @@ def build(name: str):
     base = TwoLinear(getattr(torch, dtype))
     model, ctl = srlora.wrap(base, srlora.SRLoRAConfig(**(BASE | fields)))
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2,
-                            weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=2e-2, weight_decay=0.01
+    )
     ctl.attach(opt)
     return model, ctl, opt
 
@@ -120,8 +144,14 @@ def summary(model, ctl, losses: list[float]) -> dict:
     hist = []
     for e in ctl.history:
         hist.append({k: v for k, v in e.items()})
-    return {"history": hist, "pointers": ctl.pointers, "global_step": ctl.global_step,
-            "num_switches": ctl.num_switches, "losses": losses, "output": probe_output(model)}
+    return {
+        "history": hist,
+        "pointers": ctl.pointers,
+        "global_step": ctl.global_step,
+        "num_switches": ctl.num_switches,
+        "losses": losses,
+        "output": probe_output(model),
+    }
 
 
 def run(name: str) -> dict:

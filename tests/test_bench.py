@@ -1,4 +1,5 @@
 """``srlora bench``: correctness of what it reports (no timing assertions) and a smoke run."""
+
 import json
 import math
 import shlex
@@ -54,8 +55,12 @@ def test_svd_accuracy_exact_and_randomized():
     rnd = bench.svd_accuracy([W], 12, SRLoRAConfig(svd_method="randomized"), cpu)
     assert rnd["subspace_error_max"] < 1e-3 and rnd["sv_rel_error_max"] < 1e-4
     # a random (flat-spectrum) matrix: sigma is still right, the subspace is not pinned down
-    flat = bench.svd_accuracy([torch.randn(96, 64, generator=g)], 12,
-                              SRLoRAConfig(svd_method="randomized", svd_niter=0), cpu)
+    flat = bench.svd_accuracy(
+        [torch.randn(96, 64, generator=g)],
+        12,
+        SRLoRAConfig(svd_method="randomized", svd_niter=0),
+        cpu,
+    )
     assert flat["subspace_error_max"] > 0.1
 
 
@@ -88,8 +93,15 @@ def test_bad_shape_options(capsys):
 
 
 def test_memory_child_in_process(one_thread):
-    spec = {"shape": asdict(bench.SHAPES["tiny"]), "device": "cpu", "seed": 0,
-            "steps": 5, "total_steps": 5, "lr": 1e-3, "threads": 1}
+    spec = {
+        "shape": asdict(bench.SHAPES["tiny"]),
+        "device": "cpu",
+        "seed": 0,
+        "steps": 5,
+        "total_steps": 5,
+        "lr": 1e-3,
+        "threads": 1,
+    }
     lo = bench.memory_child({**spec, "method": "lora"})
     sr = bench.memory_child({**spec, "method": "srlora"})
     full = bench.memory_child({**spec, "method": "full"})
@@ -109,8 +121,20 @@ def _docs_smoke_command() -> list[str]:
 def test_bench_smoke_tiny(tmp_path, capsys, one_thread):
     out = tmp_path / "r.json"
     argv = _docs_smoke_command()
-    assert argv == ["bench", "--shape", "tiny", "--warmup", "1", "--blocks", "2",
-                    "--steps-per-block", "6", "--no-memory", "--threads", "1"]
+    assert argv == [
+        "bench",
+        "--shape",
+        "tiny",
+        "--warmup",
+        "1",
+        "--blocks",
+        "2",
+        "--steps-per-block",
+        "6",
+        "--no-memory",
+        "--threads",
+        "1",
+    ]
     rc = main(argv + ["--json", str(out)])
     assert rc == 0
     table = capsys.readouterr().out
@@ -118,17 +142,30 @@ def test_bench_smoke_tiny(tmp_path, capsys, one_thread):
     r = json.loads(out.read_text())
     st = r["steps"]
     assert st["steps_timed"] == 12 and len(st["block_ratios"]) == 2
-    for key in ("lora_median_s", "srlora_median_s", "ratio_median", "ratio_paired",
-                "ratio_amortized",
-                "ratio_mean", "controller_step_median_s"):
+    for key in (
+        "lora_median_s",
+        "srlora_median_s",
+        "ratio_median",
+        "ratio_paired",
+        "ratio_amortized",
+        "ratio_mean",
+        "controller_step_median_s",
+    ):
         assert math.isfinite(st[key]) and st[key] > 0, key
     # 13 steps are too few for tiny's 6 planned switches at >= 5 steps apart: every 5 steps
     assert r["switch_interval"] == 5 and st["switch_steps"] == [5, 10]
     assert st["switches_total"] == 2 and st["switches_timed"] == 2
     assert math.isfinite(st["switch_hook_max_s"])
     su = r["setup"]
-    assert all(su[k] > 0 for k in ("peft_lora_init_s", "peft_pissa_exact_init_s",
-                                    "peft_pissa_niter4_init_s", "srlora_wrap_s"))
+    assert all(
+        su[k] > 0
+        for k in (
+            "peft_lora_init_s",
+            "peft_pissa_exact_init_s",
+            "peft_pissa_niter4_init_s",
+            "srlora_wrap_s",
+        )
+    )
     svd = r["svd"]  # tiny: r_target 16 + oversample 16 >= 32, so "auto" is the exact SVD
     assert svd["matrices"] == 4 and svd["subspace_error_max"] < 1e-4
     assert svd["subspace_error_r_max"] < 1e-4 and svd["direction_cos_median_min"] > 1 - 1e-5
@@ -145,8 +182,15 @@ def test_bench_smoke_tiny(tmp_path, capsys, one_thread):
 
 @pytest.mark.slow
 def test_memory_children_subprocess(tmp_path):
-    spec = {"shape": asdict(bench.SHAPES["tiny"]), "device": "cpu", "seed": 0,
-            "steps": 5, "total_steps": 5, "lr": 1e-3, "threads": 1}
+    spec = {
+        "shape": asdict(bench.SHAPES["tiny"]),
+        "device": "cpu",
+        "seed": 0,
+        "steps": 5,
+        "total_steps": 5,
+        "lr": 1e-3,
+        "threads": 1,
+    }
     lo = bench.run_memory_child({**spec, "method": "lora"})
     sr = bench.run_memory_child({**spec, "method": "srlora"})
     assert lo["peak_bytes"] > lo["base_bytes"] and sr["peak_bytes"] > sr["base_bytes"]
@@ -174,6 +218,7 @@ def test_bench_fusion_virtual_tiny(tmp_path, capsys, one_thread, monkeypatch):
     def spy(model, cfg):
         seen.append(cfg.fusion)
         return real(model, cfg)
+
     monkeypatch.setattr(run_mod, "wrap", spy)
     out = tmp_path / "v.json"
     assert main(_docs_smoke_command() + ["--fusion", "virtual", "--json", str(out)]) == 0

@@ -1,5 +1,6 @@
 """The before/after script of docs/benchmarks.md runs (tiny sizes): one process per version and
 both interleaved in one process (here the tree against itself), with the op count."""
+
 import re
 import subprocess
 import sys
@@ -9,9 +10,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_switch_time_runs_both_ways_and_counts_ops():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "switch_time.py"), "--hidden", "64",
-           "--layers", "1", "--intermediate", "128", "--count-ops",
-           "--before", str(ROOT / "src")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "switch_time.py"),
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+        "--intermediate",
+        "128",
+        "--count-ops",
+        "--before",
+        str(ROOT / "src"),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout

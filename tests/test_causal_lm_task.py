@@ -1,5 +1,6 @@
 """The causal-LM path (task bbc-lm): a tiny random Llama through the same runner and CLI, and
 (slow) the real SmolLM2-135M for a few steps."""
+
 import json
 import math
 
@@ -11,8 +12,28 @@ from srlora_lab.cli import main
 from srlora_lab.experiments import diagnostics_plots, runner, tasks
 from srlora_lab.experiments.models import LM_TARGETS, Bundle, LMEncoded, ModelError, load_model
 
-WORDS = ["the", "bank", "rate", "rose", "fell", "minister", "said", "club", "won", "match", "film",
-         "music", "shares", "game", "new", "year", "labour", "government", "market", "players"]
+WORDS = [
+    "the",
+    "bank",
+    "rate",
+    "rose",
+    "fell",
+    "minister",
+    "said",
+    "club",
+    "won",
+    "match",
+    "film",
+    "music",
+    "shares",
+    "game",
+    "new",
+    "year",
+    "labour",
+    "government",
+    "market",
+    "players",
+]
 
 
 def tiny_tokenizer():
@@ -23,26 +44,36 @@ def tiny_tokenizer():
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "</s>"] + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
-                                   eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>"
+    )
 
 
 def tiny_llama(vocab_size):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 def synthetic_docs(n=60, seed=0):
     """Documents of a few repeated word patterns: a model can learn them quickly."""
     rng = np.random.default_rng(seed)
-    pats = [WORDS[i:i + 5] for i in range(0, 20, 5)]
-    docs = [" ".join(w for _ in range(int(rng.integers(3, 9))) for w in pats[int(rng.integers(4))])
-            for _ in range(n)]
+    pats = [WORDS[i : i + 5] for i in range(0, 20, 5)]
+    docs = [
+        " ".join(w for _ in range(int(rng.integers(3, 9))) for w in pats[int(rng.integers(4))])
+        for _ in range(n)
+    ]
     return tasks.Dataset("lm", docs, np.zeros(n, dtype=np.int64), ["doc"], "synthetic")
 
 
@@ -68,8 +99,9 @@ def test_blocks_stay_inside_documents_and_padding_is_masked():
     inputs, labels = enc.batch(enc.blocks_of([0, 2]))
     assert inputs["input_ids"].shape == labels.shape == (2, 5)
     assert (labels[1, 2:] == -100).all() and (inputs["attention_mask"][1, 2:] == 0).all()
-    assert (labels[inputs["attention_mask"] == 1] == inputs["input_ids"][
-        inputs["attention_mask"] == 1]).all()
+    assert (
+        labels[inputs["attention_mask"] == 1] == inputs["input_ids"][inputs["attention_mask"] == 1]
+    ).all()
 
 
 def test_lm_loss_is_the_mean_next_token_cross_entropy():
@@ -91,8 +123,22 @@ def test_runner_lm_path_on_a_tiny_llama(method):
     data = synthetic_docs()
     sp = tasks.split(data, 0)
     enc = b.encode(data, max_len=16)
-    rec = runner.run_one(b, enc, sp, method=method, seed=0, lr=1e-2, steps=24, batch_size=8, r=4,
-                         lora_alpha=8, r_target=12, eval_every=12, eval_size=16, progress=False)
+    rec = runner.run_one(
+        b,
+        enc,
+        sp,
+        method=method,
+        seed=0,
+        lr=1e-2,
+        steps=24,
+        batch_size=8,
+        r=4,
+        lora_alpha=8,
+        r_target=12,
+        eval_every=12,
+        eval_size=16,
+        progress=False,
+    )
     assert rec["adapted_modules"] == 2 * 7  # q,k,v,o,gate,up,down in 2 layers
     assert len(rec["train_loss"]) == 24 and all(map(math.isfinite, rec["train_loss"]))
     assert np.mean(rec["train_loss"][-4:]) < np.mean(rec["train_loss"][:4])
@@ -124,11 +170,42 @@ def test_compare_cli_bbc_lm_with_a_tiny_llama_writes_diagnostics_png(tmp_path, c
     tok.save_pretrained(model_dir)
     tiny_llama(len(tok)).save_pretrained(model_dir)
     out = tmp_path / "out"
-    rc = main(["compare", "--task", "bbc-lm", "--model", str(model_dir), "--methods",
-               "lora,srlora", "--steps", "8", "--batch-size", "4", "--max-len", "32", "--r", "4",
-               "--r-target", "12", "--seeds", "0", "--max-train", "20", "--max-val", "4",
-               "--max-test", "4", "--eval-every", "4", "--eval-size", "8", "--out", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "compare",
+            "--task",
+            "bbc-lm",
+            "--model",
+            str(model_dir),
+            "--methods",
+            "lora,srlora",
+            "--steps",
+            "8",
+            "--batch-size",
+            "4",
+            "--max-len",
+            "32",
+            "--r",
+            "4",
+            "--r-target",
+            "12",
+            "--seeds",
+            "0",
+            "--max-train",
+            "20",
+            "--max-val",
+            "4",
+            "--max-test",
+            "4",
+            "--eval-every",
+            "4",
+            "--eval-size",
+            "8",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["data"]["kind"] == "lm" and res["model"]["trained_head"] == []
@@ -149,9 +226,23 @@ def test_smollm2_bbc_lm_a_few_steps():
     sp = tasks.split(data, 0, max_train=8, max_val=2, max_test=2)
     b = load_model("smollm2", "lm", 1)
     enc = b.encode(data, max_len=32)
-    rec = runner.run_one(b, enc, sp, method="srlora", seed=0, lr=1e-3, steps=4, batch_size=2,
-                         r=4, lora_alpha=8, r_target=8, eval_every=4, eval_size=4, eval_val=False,
-                         progress=False)
+    rec = runner.run_one(
+        b,
+        enc,
+        sp,
+        method="srlora",
+        seed=0,
+        lr=1e-3,
+        steps=4,
+        batch_size=2,
+        r=4,
+        lora_alpha=8,
+        r_target=8,
+        eval_every=4,
+        eval_size=4,
+        eval_val=False,
+        progress=False,
+    )
     assert rec["adapted_modules"] == 30 * 7
     assert all(map(math.isfinite, rec["train_loss"]))
     assert math.isfinite(rec["final_perplexity"]) and 1 < rec["final_perplexity"] < 1e4

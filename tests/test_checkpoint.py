@@ -1,4 +1,6 @@
-"""save_checkpoint / load_checkpoint: bitwise resume, atomic writes, refusals that change nothing."""
+"""save_checkpoint / load_checkpoint: bitwise resume, atomic writes, refusals that change
+nothing."""
+
 import json
 import os
 import random
@@ -23,16 +25,26 @@ N_STEPS = 12  # r=4, r'=2, r_target=12: 4 switches, at steps 2, 4, 6, 8
 def make_run(method="srlora", r_target=12, seed=0, **kw):
     """A freshly wrapped tiny BERT, AdamW, a linear schedule, controller attached."""
     base = tiny_bert(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    cfg = dict(r=4, lora_alpha=8, r_target=r_target, gamma=0.5, target_modules=["query", "value"],
-               modules_to_save=["classifier"], total_steps=N_STEPS, svd_method="exact",
-               lora_dropout=0.1, method=method)
+    cfg = dict(
+        r=4,
+        lora_alpha=8,
+        r_target=r_target,
+        gamma=0.5,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        total_steps=N_STEPS,
+        svd_method="exact",
+        lora_dropout=0.1,
+        method=method,
+    )
     if method == "relora":
         del cfg["gamma"]  # the preset's (1.0); a gamma given is refused
     cfg.update(kw)
     model, ctl = srlora.wrap(base, srlora.SRLoRAConfig(**cfg))
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
-                            weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / (N_STEPS + 1))
     ctl.attach(opt)
     return model, ctl, opt, sched
@@ -71,8 +83,11 @@ def assert_same_run(a, b):
         assert sda[key] == sdb[key]
     for name, m in sda["modules"].items():
         for k, v in m.items():
-            assert (torch.equal(v, sdb["modules"][name][k]) if torch.is_tensor(v)
-                    else v == sdb["modules"][name][k]), (name, k)
+            assert (
+                torch.equal(v, sdb["modules"][name][k])
+                if torch.is_tensor(v)
+                else v == sdb["modules"][name][k]
+            ), (name, k)
     if "importance" in sda:
         for k, v in sda["importance"].items():
             assert torch.equal(v, sdb["importance"][k]), k
@@ -108,14 +123,20 @@ def test_resume_is_bitwise(tmp_path, method):
     seed_all(1)
     first = make_run(method)
     train(*[first[i] for i in (0, 2, 3)], k)
-    srlora.save_checkpoint(tmp_path / "ck", model=first[0], controller=first[1],
-                           optimizer=first[2], scheduler=first[3])
+    srlora.save_checkpoint(
+        tmp_path / "ck", model=first[0], controller=first[1], optimizer=first[2], scheduler=first[3]
+    )
     train(*[first[i] for i in (0, 2, 3)], 3)  # the interrupted process runs on, then dies
     del first
     seed_all(123)  # a new process: other RNG states, fresh objects
     resumed = make_run(method)
-    manifest = srlora.load_checkpoint(tmp_path / "ck", model=resumed[0], controller=resumed[1],
-                                      optimizer=resumed[2], scheduler=resumed[3])
+    manifest = srlora.load_checkpoint(
+        tmp_path / "ck",
+        model=resumed[0],
+        controller=resumed[1],
+        optimizer=resumed[2],
+        scheduler=resumed[3],
+    )
     assert manifest["step"] == k and resumed[1].global_step == k
     train(*[resumed[i] for i in (0, 2, 3)], N_STEPS - k)
     assert_same_run(straight, resumed)
@@ -127,9 +148,18 @@ def test_resume_is_bitwise_with_bf16_base_and_its_half_precision_state(tmp_path,
 
     def build():
         torch.manual_seed(0)
-        model, ctl = srlora.wrap(TinyNet(dtype=torch.bfloat16), srlora.SRLoRAConfig(
-            r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=12,
-            svd_method="exact", half_fusion=fusion))
+        model, ctl = srlora.wrap(
+            TinyNet(dtype=torch.bfloat16),
+            srlora.SRLoRAConfig(
+                r=4,
+                lora_alpha=8,
+                r_target=12,
+                target_modules=["query", "value"],
+                total_steps=12,
+                svd_method="exact",
+                half_fusion=fusion,
+            ),
+        )
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ctl.attach(opt)
         return model, ctl, opt
@@ -159,11 +189,17 @@ def test_resume_is_bitwise_with_bf16_base_and_its_half_precision_state(tmp_path,
 def test_files_are_safetensors_json_and_weights_only(tmp_path):
     model, ctl, opt, sched = make_run()
     train(model, opt, sched, 3)
-    srlora.save_checkpoint(tmp_path / "ck", model=model, controller=ctl, optimizer=opt,
-                           scheduler=sched)
+    srlora.save_checkpoint(
+        tmp_path / "ck", model=model, controller=ctl, optimizer=opt, scheduler=sched
+    )
     names = sorted(os.listdir(tmp_path / "ck"))
-    assert names == ["controller.json", "controller.safetensors", "manifest.json",
-                     "model.safetensors", "training_state.pt"]
+    assert names == [
+        "controller.json",
+        "controller.safetensors",
+        "manifest.json",
+        "model.safetensors",
+        "training_state.pt",
+    ]
     state = torch.load(tmp_path / "ck" / "training_state.pt", weights_only=True)
     assert set(state) == {"optimizer", "scheduler", "rng"}
     man = json.loads((tmp_path / "ck" / "manifest.json").read_text())
@@ -172,6 +208,7 @@ def test_files_are_safetensors_json_and_weights_only(tmp_path):
     assert all(v["shape"] == [32, 32] for v in man["modules"].values())
     # every adapted base weight and every trainable tensor is in the model file
     from safetensors.torch import load_file
+
     saved = load_file(tmp_path / "ck" / "model.safetensors")
     for L in ctl.layers:
         assert torch.equal(saved[L.name + ".base_layer.weight"], L.base_weight)
@@ -189,24 +226,29 @@ def test_non_plain_scheduler_state_is_refused_before_writing(tmp_path):
             return {"fn": object()}
 
     with pytest.raises(TypeError, match="training state\\['scheduler'\\]\\['fn'\\]"):
-        srlora.save_checkpoint(tmp_path / "ck", model=model, controller=ctl, optimizer=opt,
-                               scheduler=Odd())
+        srlora.save_checkpoint(
+            tmp_path / "ck", model=model, controller=ctl, optimizer=opt, scheduler=Odd()
+        )
     assert not list(tmp_path.iterdir())
 
 
 def saved_run(tmp_path, steps=3):
     run = make_run()
     train(run[0], run[2], run[3], steps)
-    srlora.save_checkpoint(tmp_path / "ck", model=run[0], controller=run[1], optimizer=run[2],
-                           scheduler=run[3])
+    srlora.save_checkpoint(
+        tmp_path / "ck", model=run[0], controller=run[1], optimizer=run[2], scheduler=run[3]
+    )
     return run
 
 
 def snapshot(run):
     model, ctl, opt, sched = run
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            {k: (v.clone() if torch.is_tensor(v) else v) for k, v in
-             _flat(ctl.state_dict()).items()}, repr(opt.state_dict()), repr(sched.state_dict()))
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {k: (v.clone() if torch.is_tensor(v) else v) for k, v in _flat(ctl.state_dict()).items()},
+        repr(opt.state_dict()),
+        repr(sched.state_dict()),
+    )
 
 
 def _flat(d, prefix=""):
@@ -229,18 +271,26 @@ def assert_unchanged(run, snap):
     assert now[2:] == snap[2:]
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(r=8, lora_alpha=16), "config differs"),
-    (dict(target_modules=["query"]), "config differs"),
-    (dict(r_target=16), "config differs"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(r=8, lora_alpha=16), "config differs"),
+        (dict(target_modules=["query"]), "config differs"),
+        (dict(r_target=16), "config differs"),
+    ],
+)
 def test_mismatched_config_is_refused_and_nothing_changes(tmp_path, change, match):
     saved_run(tmp_path)
     other = make_run(**change)
     snap = snapshot(other)
     with pytest.raises(CheckpointMismatchError, match=match):
-        srlora.load_checkpoint(tmp_path / "ck", model=other[0], controller=other[1],
-                               optimizer=other[2], scheduler=other[3])
+        srlora.load_checkpoint(
+            tmp_path / "ck",
+            model=other[0],
+            controller=other[1],
+            optimizer=other[2],
+            scheduler=other[3],
+        )
     assert_unchanged(other, snap)
 
 
@@ -252,8 +302,13 @@ def test_other_base_model_is_refused(tmp_path):
         other[0].base_model.model.bert.embeddings.word_embeddings.weight.mul_(1.01)
     snap = snapshot(other)
     with pytest.raises(CheckpointMismatchError, match="word_embeddings.weight differs"):
-        srlora.load_checkpoint(tmp_path / "ck", model=other[0], controller=other[1],
-                               optimizer=other[2], scheduler=other[3])
+        srlora.load_checkpoint(
+            tmp_path / "ck",
+            model=other[0],
+            controller=other[1],
+            optimizer=other[2],
+            scheduler=other[3],
+        )
     assert_unchanged(other, snap)
 
 
@@ -271,10 +326,19 @@ def test_other_adapted_weights_are_refused(tmp_path):
 def test_other_architecture_is_refused(tmp_path):
     saved_run(tmp_path)
     from transformers import BertConfig, BertForSequenceClassification
+
     torch.manual_seed(0)
-    base = BertForSequenceClassification(BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=32, num_labels=2))
+    base = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            num_labels=2,
+        )
+    )
     cfg = srlora.SRLoRAConfig(**srlora.read_manifest(tmp_path / "ck")["config"])
     model, ctl = srlora.wrap(base, cfg)
     with pytest.raises(CheckpointMismatchError, match="adapted modules differ.*layer.2"):
@@ -319,12 +383,17 @@ def test_corrupted_checkpoint_is_refused_and_nothing_changes(tmp_path, damage):
         (d / "manifest.json").write_text(text.replace('"step": 3', '"step": 4'))
     run = make_run()
     snap = snapshot(run)
-    match = {"truncate": "model.safetensors has .* bytes", "flip": "model.safetensors is corrupted",
-             "delete": "controller.safetensors is missing", "manifest": "not valid JSON",
-             "edit": "does not match its own checksum"}[damage]
+    match = {
+        "truncate": "model.safetensors has .* bytes",
+        "flip": "model.safetensors is corrupted",
+        "delete": "controller.safetensors is missing",
+        "manifest": "not valid JSON",
+        "edit": "does not match its own checksum",
+    }[damage]
     with pytest.raises(CheckpointMismatchError, match=match):
-        srlora.load_checkpoint(d, model=run[0], controller=run[1], optimizer=run[2],
-                               scheduler=run[3])
+        srlora.load_checkpoint(
+            d, model=run[0], controller=run[1], optimizer=run[2], scheduler=run[3]
+        )
     assert_unchanged(run, snap)
 
 
@@ -343,13 +412,22 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt_mod, "save_file", dies_on_second_file)
     with pytest.raises(OSError, match="disk full"):
-        srlora.save_checkpoint(tmp_path / "ck", model=first[0], controller=first[1],
-                               optimizer=first[2], scheduler=first[3])
+        srlora.save_checkpoint(
+            tmp_path / "ck",
+            model=first[0],
+            controller=first[1],
+            optimizer=first[2],
+            scheduler=first[3],
+        )
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # temporary dir removed
     run = make_run()
-    assert srlora.load_checkpoint(tmp_path / "ck", model=run[0], controller=run[1],
-                                  optimizer=run[2], scheduler=run[3])["step"] == 2
+    assert (
+        srlora.load_checkpoint(
+            tmp_path / "ck", model=run[0], controller=run[1], optimizer=run[2], scheduler=run[3]
+        )["step"]
+        == 2
+    )
     assert run[1].global_step == 2
 
 
@@ -367,14 +445,20 @@ def test_save_killed_between_renames_loads_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "rename", dies_on_second_rename)
     with pytest.raises(KeyboardInterrupt):
-        srlora.save_checkpoint(tmp_path / "ck", model=first[0], controller=first[1],
-                               optimizer=first[2], scheduler=first[3])
+        srlora.save_checkpoint(
+            tmp_path / "ck",
+            model=first[0],
+            controller=first[1],
+            optimizer=first[2],
+            scheduler=first[3],
+        )
     monkeypatch.undo()
     assert not (tmp_path / "ck").exists()
     run = make_run()
     with pytest.warns(RuntimeWarning, match="previous checkpoint"):
-        man = srlora.load_checkpoint(tmp_path / "ck", model=run[0], controller=run[1],
-                                     optimizer=run[2], scheduler=run[3])
+        man = srlora.load_checkpoint(
+            tmp_path / "ck", model=run[0], controller=run[1], optimizer=run[2], scheduler=run[3]
+        )
     assert man["step"] == 2
     # the next save completes and cleans up
     train(run[0], run[2], run[3], 1)
@@ -408,9 +492,11 @@ KILLED_SAVE = textwrap.dedent("""
 @pytest.mark.slow  # a subprocess that imports torch/transformers: ~10-25 s
 def test_save_killed_by_sigkill_keeps_the_previous_checkpoint(tmp_path):
     import time
+
     path, marker = tmp_path / "ck", tmp_path / "marker"
-    script = KILLED_SAVE.format(tests=str(Path(__file__).parent), path=str(path),
-                                marker=str(marker))
+    script = KILLED_SAVE.format(
+        tests=str(Path(__file__).parent), path=str(path), marker=str(marker)
+    )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
     proc = subprocess.Popen([sys.executable, "-c", script], env=env)
     try:
@@ -425,8 +511,12 @@ def test_save_killed_by_sigkill_keeps_the_previous_checkpoint(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert list(tmp_path.glob(".ck.tmp-*"))  # the half-written save is left aside, unused
     run = make_run()
-    assert srlora.load_checkpoint(path, model=run[0], controller=run[1], optimizer=run[2],
-                                  scheduler=run[3])["step"] == 2
+    assert (
+        srlora.load_checkpoint(
+            path, model=run[0], controller=run[1], optimizer=run[2], scheduler=run[3]
+        )["step"]
+        == 2
+    )
 
 
 def test_existing_directory_that_is_not_a_checkpoint_is_not_replaced(tmp_path):
@@ -447,6 +537,7 @@ def test_model_of_another_controller_is_refused(tmp_path):
 def test_docs_examples_run(tmp_path, monkeypatch, capsys):
     """Every python block of docs/checkpoints.md, in order, in one namespace."""
     import re
+
     doc = (Path(__file__).parents[1] / "docs" / "checkpoints.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
     assert len(blocks) >= 6
@@ -471,10 +562,10 @@ def test_rng_restored_only_when_saved_or_asked(tmp_path):
     srlora.load_checkpoint(tmp_path / "no_rng", model=fresh[0], controller=fresh[1])
     assert torch.equal(torch.get_rng_state(), now)  # nothing saved: left alone
     with pytest.raises(CheckpointMismatchError, match="holds no RNG state"):
-        srlora.load_checkpoint(tmp_path / "no_rng", model=fresh[0], controller=fresh[1],
-                               restore_rng=True)
-    srlora.load_checkpoint(tmp_path / "rng", model=fresh[0], controller=fresh[1],
-                           restore_rng=False)
+        srlora.load_checkpoint(
+            tmp_path / "no_rng", model=fresh[0], controller=fresh[1], restore_rng=True
+        )
+    srlora.load_checkpoint(tmp_path / "rng", model=fresh[0], controller=fresh[1], restore_rng=False)
     assert torch.equal(torch.get_rng_state(), now)
     srlora.load_checkpoint(tmp_path / "rng", model=fresh[0], controller=fresh[1])
     assert torch.equal(torch.get_rng_state(), saved)

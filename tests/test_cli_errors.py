@@ -1,6 +1,7 @@
 """Bad input to every `srlora` command: one line on stderr naming the problem, exit code 2, and
 nothing written (no --out folder, no run.yaml); a bug still raises with its traceback. Tiny
 random BERT and synthetic CSV (seconds, offline)."""
+
 import json
 
 import pytest
@@ -21,18 +22,50 @@ def trained(assets, tmp_path_factory):
     """One finished `srlora train` run (4 steps; its final checkpoint) to export from."""
     d = tmp_path_factory.mktemp("trained")
     cfg = d / "run.yaml"
-    cfg.write_text(yaml.safe_dump(dict(
-        model=assets["model"], dataset=assets["csv"], method="srlora", seed=0, lr=5e-3, steps=4,
-        batch_size=8, r=4, r_target=8, eval_every=4, out=str(d / "run"),
-        target_modules=["query", "value"])))
+    cfg.write_text(
+        yaml.safe_dump(
+            dict(
+                model=assets["model"],
+                dataset=assets["csv"],
+                method="srlora",
+                seed=0,
+                lr=5e-3,
+                steps=4,
+                batch_size=8,
+                r=4,
+                r_target=8,
+                eval_every=4,
+                out=str(d / "run"),
+                target_modules=["query", "value"],
+            )
+        )
+    )
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
     return d / "run"
 
 
 def compare_args(a, out, *extra):
-    return ["compare", "--model", a["model"], "--dataset", a["csv"], "--steps", "4",
-            "--batch-size", "8", "--r", "4", "--r-target", "8", "--seeds", "0", "--out", str(out),
-            "--no-progress", *extra]
+    return [
+        "compare",
+        "--model",
+        a["model"],
+        "--dataset",
+        a["csv"],
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--r",
+        "4",
+        "--r-target",
+        "8",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def one_line_error(capsys, *needles):
@@ -45,15 +78,18 @@ def one_line_error(capsys, *needles):
     return lines[0]
 
 
-@pytest.mark.parametrize("extra,msg", [
-    (["--split-seed", "-1"], "--split-seed: must be >= 0"),
-    (["--loss-threshold", "nan"], "--loss-threshold"),
-    (["--loss-threshold", "inf"], "--loss-threshold"),
-    (["--loss-threshold", "0"], "--loss-threshold: must be positive"),
-    (["--lora-alpha", "nan"], "--lora-alpha"),
-    (["--gamma", "nan"], "--gamma"),
-    (["--threads", "0"], "--threads: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--split-seed", "-1"], "--split-seed: must be >= 0"),
+        (["--loss-threshold", "nan"], "--loss-threshold"),
+        (["--loss-threshold", "inf"], "--loss-threshold"),
+        (["--loss-threshold", "0"], "--loss-threshold: must be positive"),
+        (["--lora-alpha", "nan"], "--lora-alpha"),
+        (["--gamma", "nan"], "--gamma"),
+        (["--threads", "0"], "--threads: must be >= 1"),
+    ],
+)
 def test_compare_flag_refused_before_anything(assets, tmp_path, capsys, extra, msg):
     out = tmp_path / "o"
     assert main(compare_args(assets, out, *extra)) == 2
@@ -61,10 +97,13 @@ def test_compare_flag_refused_before_anything(assets, tmp_path, capsys, extra, m
     assert not out.exists()
 
 
-@pytest.mark.parametrize("rows,msg", [
-    (['[1, 2]', '{"text": "a good film", "label": 1}'], "row 1 is a JSON list"),
-    (['{"text": "a good film", "label": 1}', '"just a string"'], "row 2 is a JSON str"),
-])
+@pytest.mark.parametrize(
+    "rows,msg",
+    [
+        (["[1, 2]", '{"text": "a good film", "label": 1}'], "row 1 is a JSON list"),
+        (['{"text": "a good film", "label": 1}', '"just a string"'], "row 2 is a JSON str"),
+    ],
+)
 def test_jsonl_row_that_is_not_an_object(assets, tmp_path, capsys, rows, msg):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(rows) + "\n")
@@ -96,43 +135,67 @@ def test_compare_resume_with_corrupt_results(assets, tmp_path, capsys):
 
 
 def write_train(path, assets, out, **kw):
-    cfg = dict(model=assets["model"], dataset=assets["csv"], method="lora", seed=0, lr=5e-3,
-               steps=4, batch_size=8, r=4, out=str(out))
+    cfg = dict(
+        model=assets["model"],
+        dataset=assets["csv"],
+        method="lora",
+        seed=0,
+        lr=5e-3,
+        steps=4,
+        batch_size=8,
+        r=4,
+        out=str(out),
+    )
     cfg.update(kw)
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    ({"steps": "abc"}, "config: steps: expected an integer, got 'abc'"),
-    ({"steps": 4.5}, "config: steps: expected an integer"),
-    ({"steps": True}, "config: steps: expected an integer"),
-    ({"gamma": "half"}, "config: gamma: expected a number"),
-    ({"schedule": "cosine"}, "config: schedule: 'cosine' is not one of constant, linear"),
-    ({"no_progress": "yes"}, "config: no_progress: expected true or false"),
-    ({"split_seed": -1}, "--split-seed: must be >= 0"),
-    ({"save_every": True}, "save_every: must be an integer >= 0"),
-    ({"dataset": "MISSING.csv"}, "no such file"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"steps": "abc"}, "config: steps: expected an integer, got 'abc'"),
+        ({"steps": 4.5}, "config: steps: expected an integer"),
+        ({"steps": True}, "config: steps: expected an integer"),
+        ({"gamma": "half"}, "config: gamma: expected a number"),
+        ({"schedule": "cosine"}, "config: schedule: 'cosine' is not one of constant, linear"),
+        ({"no_progress": "yes"}, "config: no_progress: expected true or false"),
+        ({"split_seed": -1}, "--split-seed: must be >= 0"),
+        ({"save_every": True}, "save_every: must be an integer >= 0"),
+        ({"dataset": "MISSING.csv"}, "no such file"),
+    ],
+)
 def test_train_yaml_value_refused_and_nothing_written(assets, tmp_path, capsys, kw, msg):
     out = tmp_path / "o"
     if kw.get("dataset") == "MISSING.csv":
         kw = {"dataset": str(tmp_path / "missing.csv")}
-    assert main(["train", "--config", write_train(tmp_path / "c.yaml", assets, out, **kw),
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                write_train(tmp_path / "c.yaml", assets, out, **kw),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "srlora train: error:", msg)
     assert not out.exists()  # no folder, no run.yaml
 
 
-@pytest.mark.parametrize("extra,msg", [
-    (["--rank", "0"], "--rank: must be >= 1"),
-    (["--rank", "-3"], "--rank: must be >= 1"),
-    (["--energy", "2"], "--energy: must be a fraction in (0, 1]"),
-    (["--energy", "0"], "--energy: must be a fraction in (0, 1]"),
-    (["--energy", "nan"], "--energy: must be a fraction in (0, 1]"),
-    (["--rank", "2", "--energy", "0.9"], "not both"),
-    (["--format", "merged", "--rank", "2"], "apply to --format peft"),
-])
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--rank", "0"], "--rank: must be >= 1"),
+        (["--rank", "-3"], "--rank: must be >= 1"),
+        (["--energy", "2"], "--energy: must be a fraction in (0, 1]"),
+        (["--energy", "0"], "--energy: must be a fraction in (0, 1]"),
+        (["--energy", "nan"], "--energy: must be a fraction in (0, 1]"),
+        (["--rank", "2", "--energy", "0.9"], "not both"),
+        (["--format", "merged", "--rank", "2"], "apply to --format peft"),
+    ],
+)
 def test_export_flag_refused_before_anything(trained, tmp_path, capsys, extra, msg):
     out = tmp_path / "ad"
     assert main(["export", str(trained), "--out", str(out), *extra]) == 2
@@ -148,13 +211,16 @@ def test_export_out_is_an_existing_file(trained, tmp_path, capsys):
     assert blocker.read_text() == "keep me"
 
 
-@pytest.mark.parametrize("content,msg", [
-    ("", "not valid JSON"),
-    ('{"runs": [{"method": "lora"', "not valid JSON"),
-    ("[1, 2]", "not a srlora results file"),
-    ('{"runs": [], "config": {"bogus": 1}}', "not a srlora results file"),
-    ('{"runs": [{"method": "lora"}], "config": {}}', "not a srlora results file"),
-])
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        ("", "not valid JSON"),
+        ('{"runs": [{"method": "lora"', "not valid JSON"),
+        ("[1, 2]", "not a srlora results file"),
+        ('{"runs": [], "config": {"bogus": 1}}', "not a srlora results file"),
+        ('{"runs": [{"method": "lora"}], "config": {}}', "not a srlora results file"),
+    ],
+)
 def test_export_corrupt_results_json(trained, tmp_path, capsys, content, msg):
     run = tmp_path / "run"
     run.mkdir()
@@ -166,6 +232,7 @@ def test_export_corrupt_results_json(trained, tmp_path, capsys, content, msg):
 
 def test_export_corrupt_checkpoint(trained, tmp_path, capsys):
     import shutil
+
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     res = json.loads((run / "results.json").read_text())
@@ -197,12 +264,15 @@ def test_compare_help_has_no_literal_percent_escape(capsys):
     assert "%%" not in out and "95% intervals" in out
 
 
-@pytest.mark.parametrize("extra,msg", [
-    (["--r-target", "0"], "--r-target must be >= 1"),
-    (["--batch", "0"], "--batch must be >= 1"),
-    (["--seq", "-2"], "--seq must be >= 1"),
-    (["--json", "/etc/passwd/x.json"], "--json"),
-])
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--r-target", "0"], "--r-target must be >= 1"),
+        (["--batch", "0"], "--batch must be >= 1"),
+        (["--seq", "-2"], "--seq must be >= 1"),
+        (["--json", "/etc/passwd/x.json"], "--json"),
+    ],
+)
 def test_bench_flag_refused_before_anything(tmp_path, capsys, extra, msg):
     assert main(["bench", "--shape", "tiny", "--no-memory", *extra]) == 2
     one_line_error(capsys, "srlora bench: error:", msg)

@@ -2,6 +2,7 @@
 --overwrite, never into the run's own folder, exports RUN_DIR's own checkpoint (not the `out`
 recorded in results.json) and turns a damaged results.json into a one-line error, exit 2.
 Each test states what 2f10a77 did."""
+
 import json
 import os
 import shutil
@@ -18,8 +19,17 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli-nosilent")
     assets = {"model": tiny_model(str(d / "tiny-bert")), "csv": synthetic_csv(str(d / "d.csv"))}
     out = d / "run"
-    assert main(["train", "--config", write_config(d / "a.yaml", assets, out, steps=8,
-                                                    eval_every=4), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                write_config(d / "a.yaml", assets, out, steps=8, eval_every=4),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -70,7 +80,7 @@ def test_export_uses_run_dirs_own_checkpoint(run, tmp_path, capsys):
     shutil.copytree(run, copy)
     ckpts = sorted((copy / "checkpoints").rglob("model.safetensors"))
     data = ckpts[-1].read_bytes()
-    ckpts[-1].write_bytes(data[:len(data) // 2])  # the copy's latest checkpoint, truncated
+    ckpts[-1].write_bytes(data[: len(data) // 2])  # the copy's latest checkpoint, truncated
     assert main(["export", str(copy), "--out", str(tmp_path / "a")]) == 2
     assert str(copy) in capsys.readouterr().err
     ckpts[-1].write_bytes(data)
@@ -85,10 +95,10 @@ def test_export_uses_run_dirs_own_checkpoint(run, tmp_path, capsys):
     assert (tmp_path / "b" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("field,value", [("lr", "0.005"), ("seed", "0"), ("method", 3),
-                                         ("lr", True)])
-def test_export_with_a_damaged_run_record_is_one_line_exit_2(run, tmp_path, capsys, field,
-                                                             value):
+@pytest.mark.parametrize(
+    "field,value", [("lr", "0.005"), ("seed", "0"), ("method", 3), ("lr", True)]
+)
+def test_export_with_a_damaged_run_record_is_one_line_exit_2(run, tmp_path, capsys, field, value):
     # 2f10a77: a string lr gave a traceback (Unknown format code 'g' for object of type 'str')
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
@@ -115,8 +125,28 @@ def test_train_and_compare_refuse_an_out_holding_a_run(run, capsys):
     assert main(["train", "--config", str(run.parent / "a.yaml"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--resume" in err
-    assert main(["compare", "--model", str(run.parent / "tiny-bert"), "--dataset",
-                 str(run.parent / "d.csv"), "--steps", "4", "--batch-size", "8", "--r", "4",
-                 "--r-target", "12", "--out", str(run), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "compare",
+                "--model",
+                str(run.parent / "tiny-bert"),
+                "--dataset",
+                str(run.parent / "d.csv"),
+                "--steps",
+                "4",
+                "--batch-size",
+                "8",
+                "--r",
+                "4",
+                "--r-target",
+                "12",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "already holds a run" in capsys.readouterr().err
     assert listing(run) == before

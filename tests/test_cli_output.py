@@ -1,6 +1,7 @@
 """What `srlora compare` shows: no PEFT/transformers deprecation or load-report noise (the
 piped-log check rides on test_compare_cli's end-to-end run), the table's wall-time median and
 range and its paired differences against LoRA, and plots that say what their bands are."""
+
 import math
 
 import numpy as np
@@ -21,6 +22,7 @@ def headless(tmp_path_factory):
     full = tiny_model(str(d / "full"))
     path = str(d / "encoder")
     from transformers import BertConfig, BertTokenizer
+
     BertTokenizer.from_pretrained(full).save_pretrained(path)
     torch.manual_seed(0)
     BertModel(BertConfig.from_pretrained(full)).save_pretrained(path)
@@ -37,8 +39,10 @@ def test_wrap_raises_no_peft_deprecation_warning():
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        srlora.wrap(tiny_bert(), srlora.SRLoRAConfig(r=2, r_target=4, total_steps=10,
-                                                     target_modules=["query", "value"]))
+        srlora.wrap(
+            tiny_bert(),
+            srlora.SRLoRAConfig(r=2, r_target=4, total_steps=10, target_modules=["query", "value"]),
+        )
         warnings.warn("a FutureWarning of the user's own", FutureWarning)
     texts = [str(w.message) for w in seen]
     assert not any("is_gradient_checkpointing" in t for t in texts), texts
@@ -67,26 +71,48 @@ def test_missing_weights_outside_the_head_are_still_reported(headless, tmp_path,
 
 
 def _run(method, seed, lr, acc, loss, wall, val=None, switches=()):
-    return {"method": method, "seed": seed, "lr": lr, "final_accuracy": acc,
-            "val_accuracy": val, "train_loss": loss, "wall_time_s": wall,
-            "num_switches": len(switches), "switch_steps": list(switches),
-            "eval_curve": [{"step": s, "accuracy": acc} for s in (2, 4, 6, 8)]}
+    return {
+        "method": method,
+        "seed": seed,
+        "lr": lr,
+        "final_accuracy": acc,
+        "val_accuracy": val,
+        "train_loss": loss,
+        "wall_time_s": wall,
+        "num_switches": len(switches),
+        "switch_steps": list(switches),
+        "eval_curve": [{"step": s, "accuracy": acc} for s in (2, 4, 6, 8)],
+    }
 
 
 def _results():
     rng = np.random.default_rng(0)
     loss = lambda: list(np.linspace(1.0, 0.3, 8) + rng.uniform(0, 0.05, 8))
     runs = []
-    for seed, (a_lora, a_sr, a_pi) in enumerate([(0.70, 0.72, 0.69), (0.60, 0.64, 0.61),
-                                                 (0.80, 0.79, None)]):
+    for seed, (a_lora, a_sr, a_pi) in enumerate(
+        [(0.70, 0.72, 0.69), (0.60, 0.64, 0.61), (0.80, 0.79, None)]
+    ):
         runs.append(_run("lora", seed, 1e-3, a_lora, loss(), 10.0 + seed, val=0.7))
         runs.append(_run("lora", seed, 1e-2, 0.1, loss(), 5.0, val=0.1))  # not selected
-        runs.append(_run("srlora", seed, 3e-4, a_sr, loss(), [12.0, 11.0, 300.0][seed],
-                         val=0.7, switches=(3, 6)))
+        runs.append(
+            _run(
+                "srlora",
+                seed,
+                3e-4,
+                a_sr,
+                loss(),
+                [12.0, 11.0, 300.0][seed],
+                val=0.7,
+                switches=(3, 6),
+            )
+        )
         if a_pi is not None:  # pissa has only seeds 0 and 1
             runs.append(_run("pissa", seed, 1e-3, a_pi, loss(), 9.0, val=0.7))
-    return {"runs": runs, "best_lr": {"lora": 1e-3, "srlora": 3e-4, "pissa": 1e-3},
-            "config": {"task": "t", "methods": ["lora", "pissa", "srlora"], "eval_size": 10}}
+    return {
+        "runs": runs,
+        "best_lr": {"lora": 1e-3, "srlora": 3e-4, "pissa": 1e-3},
+        "config": {"task": "t", "methods": ["lora", "pissa", "srlora"], "eval_size": 10},
+    }
 
 
 def test_paired_differences_against_lora():
@@ -107,14 +133,18 @@ def test_paired_differences_against_lora():
     assert math.isclose(wall["mean_diff"], ((12 - 10) + (11 - 11)) / 2)
     auc = p["methods"]["srlora"]["loss_auc"]
     by = {(r["method"], r["seed"], r["lr"]): r for r in res["runs"]}
-    d = [np.mean(by["srlora", s, 3e-4]["train_loss"]) - np.mean(by["lora", s, 1e-3]["train_loss"])
-         for s in (0, 1)]
+    d = [
+        np.mean(by["srlora", s, 3e-4]["train_loss"]) - np.mean(by["lora", s, 1e-3]["train_loss"])
+        for s in (0, 1)
+    ]
     assert math.isclose(auc["mean_diff"], np.mean(d), rel_tol=1e-12)
     # one shared seed: no interval (null in results.json: strict JSON has no Infinity)
     one = report.paired_vs_lora({**res, "runs": [r for r in res["runs"] if r["seed"] == 0]})
     assert one["methods"]["srlora"]["accuracy"]["ci_low"] is None
-    assert report.paired_vs_lora({**res, "runs": [r for r in res["runs"]
-                                                 if r["method"] != "lora"]}) is None
+    assert (
+        report.paired_vs_lora({**res, "runs": [r for r in res["runs"] if r["method"] != "lora"]})
+        is None
+    )
 
 
 def test_table_shows_wall_median_range_and_paired_block():

@@ -5,6 +5,7 @@
   record's checksum holds;
 - the tracked files weigh at most 32 MiB (a GPU machine takes 64 MiB with the wheels).
 """
+
 import json
 import os
 import subprocess
@@ -15,8 +16,9 @@ from srlora_lab.experiments import study, study_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "studies", "results")
-STUDIES = sorted(d for d in os.listdir(RESULTS)
-                 if os.path.isfile(os.path.join(RESULTS, d, "study.json")))
+STUDIES = sorted(
+    d for d in os.listdir(RESULTS) if os.path.isfile(os.path.join(RESULTS, d, "study.json"))
+)
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -34,8 +36,12 @@ def test_verdicts_recompute_from_the_compact_records(name):
 
 
 def test_the_tracked_tree_fits_a_gpu_machine():
-    files = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True,
-                           check=True).stdout.split(b"\0")
-    total = sum(os.path.getsize(os.path.join(ROOT, f.decode())) for f in files
-                if f and os.path.isfile(os.path.join(ROOT, f.decode())))
+    files = subprocess.run(
+        ["git", "-C", ROOT, "ls-files", "-z"], capture_output=True, check=True
+    ).stdout.split(b"\0")
+    total = sum(
+        os.path.getsize(os.path.join(ROOT, f.decode()))
+        for f in files
+        if f and os.path.isfile(os.path.join(ROOT, f.decode()))
+    )
     assert total <= 32 * 2**20, f"tracked files: {total / 2**20:.1f} MiB"

@@ -1,4 +1,5 @@
 """`srlora compare` end to end on a tiny random BERT and a synthetic CSV (seconds, offline)."""
+
 import json
 import os
 import re
@@ -12,8 +13,11 @@ from srlora_lab.cli import main
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 ENV = dict(os.environ, PYTHONPATH=SRC, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-POS, NEG, FILL = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "dull"], \
-    ["the", "film", "was", "a", "plot", "very", "quite", "story", "acting", "and"]
+POS, NEG, FILL = (
+    ["good", "great", "fine", "nice"],
+    ["bad", "awful", "poor", "dull"],
+    ["the", "film", "was", "a", "plot", "very", "quite", "story", "acting", "and"],
+)
 
 
 def tiny_model(path):
@@ -27,9 +31,15 @@ def tiny_model(path):
         f.write("\n".join(vocab) + "\n")
     BertTokenizer(os.path.join(path, "vocab.txt")).save_pretrained(path)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
-                     num_labels=2)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
     BertForSequenceClassification(cfg).save_pretrained(path)
     return path
 
@@ -54,18 +64,49 @@ def assets_dir(tmp_path_factory):
 
 
 def _args(a, out, *extra):
-    return ["compare", "--model", a["model"], "--dataset", a["csv"], "--steps", "12",
-            "--batch-size", "8", "--r", "4", "--r-target", "12", "--eval-every", "4",
-            "--seeds", "0,1", "--out", str(out), "--no-progress", *extra]
+    return [
+        "compare",
+        "--model",
+        a["model"],
+        "--dataset",
+        a["csv"],
+        "--steps",
+        "12",
+        "--batch-size",
+        "8",
+        "--r",
+        "4",
+        "--r-target",
+        "12",
+        "--eval-every",
+        "4",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_compare_end_to_end(assets_dir, tmp_path):
     out = tmp_path / "out"
-    args = _args(assets_dir, out, "--lr", "lora=1e-2,lora=3e-2,pissa=5e-3,srlora=5e-3",
-                 "--target-modules", "query,value")
+    args = _args(
+        assets_dir,
+        out,
+        "--lr",
+        "lora=1e-2,lora=3e-2,pissa=5e-3,srlora=5e-3",
+        "--target-modules",
+        "query,value",
+    )
     args.remove("--no-progress")  # bars on, but stdout/stderr are pipes: they must stay quiet
-    proc = subprocess.run([sys.executable, "-m", "srlora", *args], env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "srlora", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "\r" not in log  # no tqdm carriage returns in a log file
@@ -74,8 +115,16 @@ def test_compare_end_to_end(assets_dir, tmp_path):
     assert res["status"] == "finished"
     assert len(res["runs"]) == 2 * (2 + 1 + 1)
     for r in res["runs"]:
-        assert {"method", "seed", "final_accuracy", "train_loss", "eval_curve", "switch_steps",
-                "wall_time_s", "lr"} <= set(r)
+        assert {
+            "method",
+            "seed",
+            "final_accuracy",
+            "train_loss",
+            "eval_curve",
+            "switch_steps",
+            "wall_time_s",
+            "lr",
+        } <= set(r)
         assert 0.0 <= r["final_accuracy"] <= 1.0
         assert len(r["train_loss"]) == 12 and all(np.isfinite(r["train_loss"]))
         assert [c["step"] for c in r["eval_curve"]] == [4, 8, 12]
@@ -105,30 +154,38 @@ def test_compare_end_to_end(assets_dir, tmp_path):
     paired = res["paired_vs_lora"]
     assert paired["seeds"] == [0, 1] and set(paired["methods"]) == {"pissa", "srlora"}
     from srlora_lab.experiments.stats import paired_interval
-    lora = {r["seed"]: r for r in res["runs"] if r["method"] == "lora"
-            and r["lr"] == res["best_lr"]["lora"]}
+
+    lora = {
+        r["seed"]: r
+        for r in res["runs"]
+        if r["method"] == "lora" and r["lr"] == res["best_lr"]["lora"]
+    }
     sr = {r["seed"]: r for r in res["runs"] if r["method"] == "srlora"}
-    want = paired_interval([sr[s]["final_accuracy"] for s in (0, 1)],
-                           [lora[s]["final_accuracy"] for s in (0, 1)])
+    want = paired_interval(
+        [sr[s]["final_accuracy"] for s in (0, 1)], [lora[s]["final_accuracy"] for s in (0, 1)]
+    )
     assert paired["methods"]["srlora"]["accuracy"] == want
 
 
-@pytest.mark.parametrize("extra,msg", [
-    (["--task", "nope"], "unknown task"),
-    (["--methods", "lora,nope"], "unknown method"),
-    (["--methods", "srlora:bogus"], "is not a known setting"),
-    (["--methods", "srlora:gamma=2"], "gamma"),
-    (["--methods", "srlora:r=4"], None),  # fine on its own: checked below with a clash
-    (["--methods", "srlora:selection=protect:protect:normalized"], "set twice"),
-    (["--methods", "srlora:total_steps=3"], "not a setting a method can take"),
-    (["--steps", "0"], "--steps: must be >= 1"),
-    (["--lr", "abc"], "not a number"),
-    (["--lr", "-1"], "must be positive"),
-    (["--seeds", "0,x"], "comma list of integers"),
-    (["--gamma", "0.1"], "--gamma"),
-    (["--r-target", "2"], "--r-target"),
-    (["--target-modules", "nonexistent"], "matches no module"),
-])
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        (["--task", "nope"], "unknown task"),
+        (["--methods", "lora,nope"], "unknown method"),
+        (["--methods", "srlora:bogus"], "is not a known setting"),
+        (["--methods", "srlora:gamma=2"], "gamma"),
+        (["--methods", "srlora:r=4"], None),  # fine on its own: checked below with a clash
+        (["--methods", "srlora:selection=protect:protect:normalized"], "set twice"),
+        (["--methods", "srlora:total_steps=3"], "not a setting a method can take"),
+        (["--steps", "0"], "--steps: must be >= 1"),
+        (["--lr", "abc"], "not a number"),
+        (["--lr", "-1"], "must be positive"),
+        (["--seeds", "0,x"], "comma list of integers"),
+        (["--gamma", "0.1"], "--gamma"),
+        (["--r-target", "2"], "--r-target"),
+        (["--target-modules", "nonexistent"], "matches no module"),
+    ],
+)
 def test_bad_input_exits_2_before_training(assets_dir, tmp_path, capsys, extra, msg):
     out = tmp_path / "o"
     args = _args(assets_dir, out, *extra)
@@ -169,8 +226,9 @@ def test_interrupt_keeps_finished_runs(assets_dir, tmp_path):
     from srlora_lab.cli import build_parser
     from srlora_lab.experiments.compare import run_compare
 
-    args = build_parser().parse_args(_args(assets_dir, tmp_path / "o", "--methods",
-                                           "lora,srlora", "--lr", "1e-2"))
+    args = build_parser().parse_args(
+        _args(assets_dir, tmp_path / "o", "--methods", "lora,srlora", "--lr", "1e-2")
+    )
     cfg = build_config(args)
     bundle, enc, sp, meta = prepare(cfg)
     calls = {"n": 0}
@@ -181,8 +239,9 @@ def test_interrupt_keeps_finished_runs(assets_dir, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_compare(cfg, bundle, enc, sp, meta, progress=False, log=lambda s: None,
-                    callback=interrupt)
+        run_compare(
+            cfg, bundle, enc, sp, meta, progress=False, log=lambda s: None, callback=interrupt
+        )
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["status"] == "interrupted"
     assert [(r["method"], r["seed"]) for r in res["runs"]] == [("lora", 0), ("srlora", 0)]
@@ -199,8 +258,18 @@ def test_run_one_is_seeded_whatever_the_global_rng(assets_dir):
 
     cfg = build_config(build_parser().parse_args(_args(assets_dir, "unused", "--lr", "1e-2")))
     bundle, enc, sp, _ = prepare(cfg)
-    kw = dict(method="lora", lr=1e-2, steps=6, batch_size=8, r=4, lora_alpha=8, r_target=8,
-              eval_every=6, eval_size=20, progress=False)
+    kw = dict(
+        method="lora",
+        lr=1e-2,
+        steps=6,
+        batch_size=8,
+        r=4,
+        lora_alpha=8,
+        r_target=8,
+        eval_every=6,
+        eval_size=20,
+        progress=False,
+    )
     a = run_one(bundle, enc, sp, seed=0, **kw)["train_loss"]
     torch.rand(1000)
     b = run_one(bundle, enc, sp, seed=0, **kw)["train_loss"]
@@ -225,13 +294,20 @@ def test_task_defaults_resolve_and_are_listed_in_help():
         assert parse_lrs("srlora=5e-2", list(METHODS), d["lr"])["srlora"] == [5e-2]
         assert parse_lrs("5e-2", list(METHODS), d["lr"]) == {m: [5e-2] for m in METHODS}
         block = re.split(r"\n  (?=\S)", help_text.split(f"  {name} ")[1])[0]
-        for key, shown in (("steps", d["steps"]), ("batch", d["batch_size"]), ("r", d["r"]),
-                           ("r_target", d["r_target"]), ("seeds", d["seeds"]),
-                           ("eval_every", d["eval_every"]), ("eval_size", d["eval_size"])):
+        for key, shown in (
+            ("steps", d["steps"]),
+            ("batch", d["batch_size"]),
+            ("r", d["r"]),
+            ("r_target", d["r_target"]),
+            ("seeds", d["seeds"]),
+            ("eval_every", d["eval_every"]),
+            ("eval_size", d["eval_size"]),
+        ):
             assert f" {key}={shown}" in block, (name, key, block)
         assert d["lr"] in block and ("image_size" if t.kind == "image" else "max_len") in block
-        cfg = build_config(build_parser().parse_args(["compare", "--task", name,
-                                                      "--out", os.devnull]))
+        cfg = build_config(
+            build_parser().parse_args(["compare", "--task", name, "--out", os.devnull])
+        )
         assert cfg.steps == d["steps"] and cfg.max_test == d["max_test"]
         assert cfg.lrs == {m: lrs[m] for m in cfg.methods}  # the default --methods
 
@@ -240,8 +316,18 @@ def test_variants_run_beside_their_base(assets_dir, tmp_path, capsys):
     """--methods takes variants (experiments/methods.py): each runs with its settings, under its
     own name in the records, tables and paired differences."""
     out = tmp_path / "v"
-    args = _args(assets_dir, out, "--methods", "lora,srlora,srlora:rewarm:protect,dora,pissa:r=2",
-                 "--seeds", "0", "--lr", "5e-3", "--target-modules", "query,value")
+    args = _args(
+        assets_dir,
+        out,
+        "--methods",
+        "lora,srlora,srlora:rewarm:protect,dora,pissa:r=2",
+        "--seeds",
+        "0",
+        "--lr",
+        "5e-3",
+        "--target-modules",
+        "query,value",
+    )
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     runs = {r["method"]: r for r in res["runs"]}
@@ -259,5 +345,9 @@ def test_variants_run_beside_their_base(assets_dir, tmp_path, capsys):
     assert v["train_loss"][:2] == runs["srlora"]["train_loss"][:2]
     assert v["train_loss"][4:] != runs["srlora"]["train_loss"][4:]
     assert "srlora:rewarm:protect" in capsys.readouterr().out
-    assert set(res["paired_vs_lora"]["methods"]) == {"srlora", "srlora:rewarm:protect", "dora",
-                                                     "pissa:r=2"}
+    assert set(res["paired_vs_lora"]["methods"]) == {
+        "srlora",
+        "srlora:rewarm:protect",
+        "dora",
+        "pissa:r=2",
+    }

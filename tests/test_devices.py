@@ -5,6 +5,7 @@ CI runs them on the CPU. On a machine with a GPU, ``SRLORA_TEST_DEVICES=cpu,cuda
 state in pinned host memory or on the GPU, the on-device importance path, and state that
 saves and loads bitwise.
 """
+
 import os
 
 import pytest
@@ -30,9 +31,10 @@ def test_batched_svd_on_device_matches_exact(device):
     for x in g:
         U, _ = torch.linalg.qr(x)
         V, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))
-        Ws.append(((U * 0.8 ** torch.arange(64.)) @ V.T).float())
-    out = top_singular_directions_many([W.to(device) for W in Ws], [12] * 3, "randomized",
-                                       oversample=8, niter=4)
+        Ws.append(((U * 0.8 ** torch.arange(64.0)) @ V.T).float())
+    out = top_singular_directions_many(
+        [W.to(device) for W in Ws], [12] * 3, "randomized", oversample=8, niter=4
+    )
     for W, (U, S, Vh) in zip(Ws, out):
         assert U.device.type == torch.device(device).type
         Ue, Se, _ = torch.linalg.svd(W.double(), full_matrices=False)
@@ -43,10 +45,11 @@ def test_batched_svd_on_device_matches_exact(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("offload", OFFLOAD)
 @pytest.mark.parametrize("fusion", ["residual", "original"])
-@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -8), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0**-8), (torch.float32, 1e-6)])
 def test_switches_keep_the_effective_weight_to_one_rounding(device, offload, dtype, ulp, fusion):
-    res = measure_fusion_error(dtype, switches=12, fusion=fusion, m=48, device=device,
-                               offload_device=offload)
+    res = measure_fusion_error(
+        dtype, switches=12, fusion=fusion, m=48, device=device, offload_device=offload
+    )
     # one rounding of the stored weight against the fp64 reference, however many switches
     assert res["error_after_all"] <= 2 * ulp
     assert max(res["errors"]) <= 1.5 * max(res["error_after_1"], ulp / 4)
@@ -57,8 +60,14 @@ def test_offloaded_state_trains_bitwise_like_state_on_the_device(device):
     def run(offload):
         torch.manual_seed(0)
         net = TinyNet().to(device)
-        cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=16, target_modules=["query", "value"],
-                                  total_steps=24, offload_device=offload)
+        cfg = srlora.SRLoRAConfig(
+            r=4,
+            lora_alpha=8,
+            r_target=16,
+            target_modules=["query", "value"],
+            total_steps=24,
+            offload_device=offload,
+        )
         model, ctl = srlora.wrap(net, cfg)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ctl.attach(opt)
@@ -114,10 +123,17 @@ def test_bf16_conv1d_residual_switch_on_transposed_weights(device):
     from srlora.factors import join_residual
 
     torch.manual_seed(torch.seed() % 2**31)
-    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4,
-                                     n_positions=16)).to(device, torch.bfloat16)
-    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, target_modules=["c_attn", "c_fc"],
-                              total_steps=10_000, svd_method="exact")
+    gpt = GPT2LMHeadModel(
+        GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+    ).to(device, torch.bfloat16)
+    cfg = srlora.SRLoRAConfig(
+        r=4,
+        lora_alpha=8,
+        r_target=12,
+        target_modules=["c_attn", "c_fc"],
+        total_steps=10_000,
+        svd_method="exact",
+    )
     model, ctl = srlora.wrap(gpt, cfg)
     assert all(not L.W().is_contiguous() for L in ctl.layers)
     ids = torch.randint(0, 50, (2, 10), device=device)
@@ -129,8 +145,10 @@ def test_bf16_conv1d_residual_switch_on_transposed_weights(device):
         opt.zero_grad()
 
     def effective():  # the stored fp32 weight plus the adapter, in fp64
-        return [join_residual(L.W(), st.residual).double() + L.scaling * L.B().double()
-                @ L.A().double() for L, st in zip(ctl.layers, ctl.modules)]
+        return [
+            join_residual(L.W(), st.residual).double() + L.scaling * L.B().double() @ L.A().double()
+            for L, st in zip(ctl.layers, ctl.modules)
+        ]
 
     before = effective()
     assert ctl.switch_now() == len(ctl.layers)

@@ -1,5 +1,6 @@
 """Mechanism diagnostics (srlora_lab.experiments.diagnostics) on hand-made histories, random factors
 and a tiny model trained with a known switch schedule."""
+
 import math
 
 import pytest
@@ -24,9 +25,14 @@ def _hand_history():
 def test_schedule_of_a_hand_made_history():
     got = dg.fused_pair_schedule(_hand_history(), [4, 4])
     m0 = [(p["switch"], p["slot"], p["direction"], p["age"], p["new"]) for p in got[0]]
-    assert m0 == [(1, 0, 0, 10, False), (1, 1, 1, 10, False),   # set-up slots, age = 10 - 0
-                  (2, 0, 4, 10, True), (2, 2, 2, 20, False),    # slot 0 got direction 4 at 10
-                  (3, 1, 5, 20, False), (3, 2, 7, 10, True)]    # slot 1 got 5 at 10, slot 2 7 at 20
+    assert m0 == [
+        (1, 0, 0, 10, False),
+        (1, 1, 1, 10, False),  # set-up slots, age = 10 - 0
+        (2, 0, 4, 10, True),
+        (2, 2, 2, 20, False),  # slot 0 got direction 4 at 10
+        (3, 1, 5, 20, False),
+        (3, 2, 7, 10, True),
+    ]  # slot 1 got 5 at 10, slot 2 7 at 20
     assert [(p["slot"], p["direction"], p["age"]) for p in got[1]] == [(2, 2, 10), (3, 3, 10)]
 
 
@@ -34,8 +40,14 @@ def test_survivors_of_a_hand_made_history():
     s = dg.survivors(_hand_history())
     # inserted: 2 + 2 (switch 1) + 2 + 2; at risk: module 0's switches 1 and 2 (module 1 never
     # switched again); fused at the next switch: slot 0 (1 -> 2) and slot 2 (2 -> 3)
-    assert s == {"inserted": 8, "at_risk": 4, "fused_next": 2, "survived": 2,
-                 "fused_after_first": 4, "survived_frac": 0.5}
+    assert s == {
+        "inserted": 8,
+        "at_risk": 4,
+        "fused_next": 2,
+        "survived": 2,
+        "fused_after_first": 4,
+        "survived_frac": 0.5,
+    }
 
 
 def test_spectrum_from_factors_equals_dense_svd_fp64():
@@ -56,8 +68,11 @@ def test_spectrum_from_factors_equals_dense_svd_fp64():
 def test_effective_rank_known_values():
     er = dg.effective_rank(torch.ones(4))
     assert er["erank"] == pytest.approx(4.0, rel=1e-12) and er["energy90"] == 4
-    assert dg.effective_rank(torch.tensor([2.0, 0.0, 0.0])) == {"erank": 1.0, "energy90": 1,
-                                                                 "energy99": 1}
+    assert dg.effective_rank(torch.tensor([2.0, 0.0, 0.0])) == {
+        "erank": 1.0,
+        "energy90": 1,
+        "energy99": 1,
+    }
     er = dg.effective_rank(torch.tensor([4.0, 1.0]))  # energy 16/17 = 0.94
     h = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2))
     assert er["erank"] == pytest.approx(math.exp(h), rel=1e-12)
@@ -67,14 +82,18 @@ def test_effective_rank_known_values():
 
 def test_pair_moved_equals_dense_formula():
     g = torch.Generator().manual_seed(2)
-    b0, a0 = torch.randn(30, generator=g, dtype=torch.float64), torch.randn(20, generator=g,
-                                                                            dtype=torch.float64)
+    b0, a0 = (
+        torch.randn(30, generator=g, dtype=torch.float64),
+        torch.randn(20, generator=g, dtype=torch.float64),
+    )
     assert dg.pair_moved(b0, a0, b0, a0) == 0.0
     for eps in (1e-6, 1e-2, 1.0):
         b = b0 + eps * torch.randn(30, generator=g, dtype=torch.float64)
         a = a0 + eps * torch.randn(20, generator=g, dtype=torch.float64)
-        want = float(torch.linalg.norm(torch.outer(b, a) - torch.outer(b0, a0))
-                     / torch.linalg.norm(torch.outer(b0, a0)))
+        want = float(
+            torch.linalg.norm(torch.outer(b, a) - torch.outer(b0, a0))
+            / torch.linalg.norm(torch.outer(b0, a0))
+        )
         assert dg.pair_moved(b, a, b0, a0) == pytest.approx(want, rel=1e-9)
 
 
@@ -87,12 +106,20 @@ def _trained(method, lr, steps=INTERVAL * (SWITCHES + 1), seed=0):
     torch.manual_seed(seed)
     net = TinyNet()
     W0 = {n: net.get_submodule(n).weight.detach().clone() for n in ("query", "value")}
-    cfg = srlora.SRLoRAConfig(method=method, r=4, lora_alpha=8, r_target=12, gamma=0.5,
-                              target_modules=["query", "value"], switch_interval=INTERVAL,
-                              total_steps=steps)
+    cfg = srlora.SRLoRAConfig(
+        method=method,
+        r=4,
+        lora_alpha=8,
+        r_target=12,
+        gamma=0.5,
+        target_modules=["query", "value"],
+        switch_interval=INTERVAL,
+        total_steps=steps,
+    )
     model, ctl = srlora.wrap(net, cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     ctl.attach(opt)
     g = torch.Generator().manual_seed(seed + 10)
     for _ in range(steps):
@@ -131,11 +158,14 @@ def test_known_schedule_ages_and_evidence_count():
     assert all(p["age"] == INTERVAL for p in new)  # inserted at switch k, fused at k+1
     assert all(p["age"] % INTERVAL == 0 and p["age"] >= INTERVAL for p in pairs)
     assert all(p["age"] > INTERVAL for p in pairs if not p["new"] and p["sw"] > 1)
-    assert all(p["age"] == INTERVAL and not p["new"] and p["dir"] < 4 for p in pairs
-               if p["sw"] == 1)
+    assert all(
+        p["age"] == INTERVAL and not p["new"] and p["dir"] < 4 for p in pairs if p["sw"] == 1
+    )
     names = [L.name for L in ctl.layers]
-    log = [{"step": e["step"], "modules": [names[i] for i in e["modules"]], "slots": e["slots"]}
-           for e in ctl.history]
+    log = [
+        {"step": e["step"], "modules": [names[i] for i in e["modules"]], "slots": e["slots"]}
+        for e in ctl.history
+    ]
     churn, after_first = _evidence_count(log)
     s = d["summary"]
     assert (s["fused_next"], s["fused_after_first"]) == (churn, after_first) == (len(new), 12)
@@ -170,7 +200,7 @@ def test_spectrum_of_the_total_change_matches_the_materialised_change(method):
         # the record keeps 4 significant digits
         assert torch.allclose(got, dense[:q], rtol=1e-3, atol=tol)
         sv = dg.spectrum_from_factors(*ctl.delta_factors(i), L.scaling)
-        assert (sv - dense[:len(sv)]).abs().max() <= tol
+        assert (sv - dense[: len(sv)]).abs().max() <= tol
         er = dg.effective_rank(dense)
         assert d["spectra"][i]["erank"] == pytest.approx(er["erank"], rel=1e-3, abs=1e-3)
     if method == "lora":  # rank r: at most 4 non-zero singular values

@@ -5,6 +5,7 @@ serves the three multi-process tests; the single-process references run here.
 Tolerance of 2-process vs 1-process results (fp32): |a - b| <= 1e-6 + 1e-5 * |b| elementwise;
 the switch decisions (which pairs, which directions) must be equal exactly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,13 @@ import torch
 import dist_worker as w
 from example_launch import run_example
 import srlora
-from srlora.distributed import (assign_owners, check_engine, replica_state, sharding_reason,
-                                tensor_digest)
+from srlora.distributed import (
+    assign_owners,
+    check_engine,
+    replica_state,
+    sharding_reason,
+    tensor_digest,
+)
 
 ATOL, RTOL = 1e-6, 1e-5  # fp32; measured worst case 2.4e-7 absolute (tests/dist_worker.py model)
 
@@ -28,10 +34,21 @@ ATOL, RTOL = 1e-6, 1e-5  # fp32; measured worst case 2.4e-7 absolute (tests/dist
 def _launch(out: str, world: int = 2, timeout: float = 300.0) -> None:
     ctx = mp.get_context("fork")
     init = f"file://{out}/store"
-    procs = [ctx.Process(target=w.main, args=([f"--rank={r}", f"--world-size={world}",
-                                               f"--init-method={init}", f"--out={out}",
-                                               "--hard-exit"],))
-             for r in range(world)]
+    procs = [
+        ctx.Process(
+            target=w.main,
+            args=(
+                [
+                    f"--rank={r}",
+                    f"--world-size={world}",
+                    f"--init-method={init}",
+                    f"--out={out}",
+                    "--hard-exit",
+                ],
+            ),
+        )
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -54,8 +71,12 @@ def run2(tmp_path_factory):
 
 def _bitwise_equal(a, b) -> bool:
     if torch.is_tensor(a):
-        return (torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape
-                and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+        return (
+            torch.is_tensor(b)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        )
     return a == b
 
 
@@ -63,8 +84,9 @@ def _assert_states_close(got: dict, ref: dict) -> None:
     assert sorted(got) == sorted(ref)
     for k in ref:
         if k.endswith("/history"):
-            assert [(e["step"], e["modules"], e["slots"], e["directions"]) for e in got[k]] == \
-                   [(e["step"], e["modules"], e["slots"], e["directions"]) for e in ref[k]], k
+            assert [(e["step"], e["modules"], e["slots"], e["directions"]) for e in got[k]] == [
+                (e["step"], e["modules"], e["slots"], e["directions"]) for e in ref[k]
+            ], k
         elif torch.is_tensor(ref[k]) and ref[k].is_floating_point():
             torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=RTOL, msg=k)
         else:
@@ -117,8 +139,9 @@ def test_gradient_insertion_agrees_across_ranks(run2):
     assert len(g0["checked"]) == len(g0["history"]) >= 3  # replicas identical after each
     assert all(all(used) for _, used, _ in g0["history"])
     # the directions come from the gradient of the whole global batch: one process agrees
-    model, ctl = srlora.wrap(w.build_base(), dataclasses.replace(
-        w.config(), total_steps=12, insertion="gradient"))
+    model, ctl = srlora.wrap(
+        w.build_base(), dataclasses.replace(w.config(), total_steps=12, insertion="gradient")
+    )
     opt = w.make_optimizer(model)
     ctl.attach(opt)
     w.train_steps(model, opt, ctl, 0, 12)
@@ -165,8 +188,9 @@ def test_resume_in_one_process_from_distributed_checkpoint(run2):
     assert not bad, f"not restored bitwise: {bad[:5]}"
     w.train_steps(model, optimizer, controller, w.SAVE_AT, w.TOTAL_STEPS)
     assert controller.num_switches == 6
-    _assert_states_close(replica_state(model, controller, optimizer),
-                         run2["load"]("final_rank0.pt"))
+    _assert_states_close(
+        replica_state(model, controller, optimizer), run2["load"]("final_rank0.pt")
+    )
 
 
 # ------------------------------------------------------------------ single-process unit tests
@@ -216,8 +240,9 @@ def test_accelerator_with_sharded_engine_refused(monkeypatch):
 
 
 def test_deepspeed_objects_refused():
-    engine_cls = type("DeepSpeedEngine", (torch.nn.Module,),
-                      {"__module__": "deepspeed.runtime.engine"})
+    engine_cls = type(
+        "DeepSpeedEngine", (torch.nn.Module,), {"__module__": "deepspeed.runtime.engine"}
+    )
     eng = engine_cls()
     eng.add_module("inner", w.build_base())
     assert "DeepSpeed" in sharding_reason(eng)
@@ -318,8 +343,17 @@ def test_example_rerun_only_for_a_teardown_abort_after_the_checks():
 
 @pytest.mark.slow
 def test_torchrun_example():
-    out = run_example(["torchrun", "--standalone", "--nproc_per_node", "2",
-                        "examples/torchrun_train.py", "--steps", "20"])
+    out = run_example(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "examples/torchrun_train.py",
+            "--steps",
+            "20",
+        ]
+    )
     last = out.strip().splitlines()[-1]
     assert last.startswith("replicas identical:") and "on 2 ranks" in last, out[-2000:]
     assert "20 optimizer steps and 6 switches" in last
@@ -327,10 +361,26 @@ def test_torchrun_example():
 
 @pytest.mark.slow
 def test_accelerate_example_with_gradient_accumulation():
-    out = run_example(["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-                        "no", "examples/accelerate_train.py", "--steps", "12",
-                        "--grad-accum", "2"])
+    out = run_example(
+        [
+            "accelerate",
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "examples/accelerate_train.py",
+            "--steps",
+            "12",
+            "--grad-accum",
+            "2",
+        ]
+    )
     last = out.strip().splitlines()[-1]
     assert last.startswith("replicas identical:") and "on 2 ranks" in last, out[-2000:]
     assert "12 optimizer steps (24 micro-batches per rank) and 6 switches" in last

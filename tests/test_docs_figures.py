@@ -1,5 +1,6 @@
 """Every figure docs/study.md's summary quotes comes from the committed studies: each row of its
 corrected table is a row that studies/corrected_reading.py computes from the study.json files."""
+
 import os
 import re
 import sys
@@ -35,4 +36,5 @@ def test_the_summary_counts_match_the_families():
     assert f"{sum(r['p'] < 0.05 for r in paper)} of {len(paper)} comparisons" in text
     assert f"one of {len(variants)} survives" in text
     assert sum(r["found"] != "-" for r in paper) == 2 and all(
-        r["found"] == "worse" for r in paper if r["found"] != "-")
+        r["found"] == "worse" for r in paper if r["found"] != "-"
+    )

@@ -1,4 +1,5 @@
 """Every bad input raises an error naming the field, before any weight is touched."""
+
 import copy
 
 import pytest
@@ -9,23 +10,41 @@ import srlora
 
 
 def good(**kw):
-    base = dict(r=4, lora_alpha=8, r_target=16, gamma=0.5, target_modules=["query", "value"],
-                total_steps=100)
+    base = dict(
+        r=4,
+        lora_alpha=8,
+        r_target=16,
+        gamma=0.5,
+        target_modules=["query", "value"],
+        total_steps=100,
+    )
     base.update(kw)
     return base
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(r=0), "r"), (dict(r=-2), "r"), (dict(r=2.5), "r"),
-    (dict(gamma=0.0), "gamma"), (dict(gamma=1.5), "gamma"), (dict(gamma=-0.1), "gamma"),
-    (dict(r=4, gamma=0.1), "gamma"),  # round(0.4) = 0 pairs per switch
-    (dict(r_target=2), "r_target"), (dict(total_steps=0), "total_steps"),
-    (dict(switch_interval=0), "switch_interval"), (dict(beta1=1.0), "beta1"),
-    (dict(beta2=-0.5), "beta2"), (dict(lora_alpha=0), "lora_alpha"),
-    (dict(method="adalora"), "method"), (dict(optimizer_state="drop"), "optimizer_state"),
-    (dict(importance_reset="all"), "importance_reset"), (dict(svd_method="qr"), "svd_method"),
-    (dict(target_modules=[]), "target_modules"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(r=0), "r"),
+        (dict(r=-2), "r"),
+        (dict(r=2.5), "r"),
+        (dict(gamma=0.0), "gamma"),
+        (dict(gamma=1.5), "gamma"),
+        (dict(gamma=-0.1), "gamma"),
+        (dict(r=4, gamma=0.1), "gamma"),  # round(0.4) = 0 pairs per switch
+        (dict(r_target=2), "r_target"),
+        (dict(total_steps=0), "total_steps"),
+        (dict(switch_interval=0), "switch_interval"),
+        (dict(beta1=1.0), "beta1"),
+        (dict(beta2=-0.5), "beta2"),
+        (dict(lora_alpha=0), "lora_alpha"),
+        (dict(method="adalora"), "method"),
+        (dict(optimizer_state="drop"), "optimizer_state"),
+        (dict(importance_reset="all"), "importance_reset"),
+        (dict(svd_method="qr"), "svd_method"),
+        (dict(target_modules=[]), "target_modules"),
+    ],
+)
 def test_config_rejects(kw, field):
     with pytest.raises(ValueError, match=rf"SRLoRAConfig\.{field}\b"):
         srlora.SRLoRAConfig(**good(**kw))
@@ -44,28 +63,32 @@ def untouched(model, fn):
 
 
 def test_target_modules_matching_nothing(tiny_net):
-    msg = untouched(tiny_net, lambda m: srlora.wrap(m, srlora.SRLoRAConfig(
-        **good(target_modules=["nope"]))))
+    msg = untouched(
+        tiny_net, lambda m: srlora.wrap(m, srlora.SRLoRAConfig(**good(target_modules=["nope"])))
+    )
     assert "target_modules" in msg and "nope" in msg
 
 
 def test_unsupported_layer_type():
     net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Conv1d(8, 8, 3))
-    msg = untouched(net, lambda m: srlora.wrap(m, srlora.SRLoRAConfig(
-        **good(target_modules=["0", "1"]))))
+    msg = untouched(
+        net, lambda m: srlora.wrap(m, srlora.SRLoRAConfig(**good(target_modules=["0", "1"])))
+    )
     assert "'1'" in msg and "Conv1d" in msg
 
 
 def test_conv2d_with_a_kernel_is_refused():
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3))
-    msg = untouched(net, lambda m: srlora.wrap(m, srlora.SRLoRAConfig(**good(
-        target_modules=["0"]))))
+    msg = untouched(
+        net, lambda m: srlora.wrap(m, srlora.SRLoRAConfig(**good(target_modules=["0"])))
+    )
     assert "1x1" in msg
 
 
 def test_non_float_weight_says_what_to_do(tiny_net):
-    tiny_net.query.weight = torch.nn.Parameter(tiny_net.query.weight.data.to(torch.int8),
-                                               requires_grad=False)
+    tiny_net.query.weight = torch.nn.Parameter(
+        tiny_net.query.weight.data.to(torch.int8), requires_grad=False
+    )
     msg = untouched(tiny_net, lambda m: srlora.wrap(m, srlora.SRLoRAConfig(**good())))
     assert "query" in msg and "int8" in msg and "Load the model unquantized" in msg
 
@@ -88,8 +111,7 @@ def test_nan_or_inf_weight_at_svd_time(tiny_net, bad):
 
 def test_baseline_lora_accepts_what_srlora_refuses():
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3))
-    model, ctl = srlora.wrap(net, srlora.SRLoRAConfig(**good(target_modules=["0"],
-                                                             method="lora")))
+    model, ctl = srlora.wrap(net, srlora.SRLoRAConfig(**good(target_modules=["0"], method="lora")))
     assert ctl.switch_steps == [] and ctl.modules == []
 
 

@@ -1,6 +1,7 @@
 """SRLoRAConfig.exhaustion: "stop" (the paper) and "refresh" (a new block of directions from the
 SVD of the current frozen weight). Every refresh switch must keep the output (fp32 1e-5), the
 export must stay exact and resume bitwise, in both fusion modes."""
+
 import pytest
 import torch
 from conftest import TinyNet, minilm_classifier, rel, train_minilm_checking_switches
@@ -15,9 +16,18 @@ REFRESH = dict(r_target=8, switch_interval=2, exhaustion="refresh")
 
 def wrap_tiny(fusion="weight", dtype=torch.float32, **kw):
     torch.manual_seed(0)
-    cfg = dict(r=4, lora_alpha=8, r_target=8, gamma=0.5, target_modules=["query", "value"],
-               total_steps=12, switch_interval=2, svd_method="exact", exhaustion="refresh",
-               fusion=fusion)
+    cfg = dict(
+        r=4,
+        lora_alpha=8,
+        r_target=8,
+        gamma=0.5,
+        target_modules=["query", "value"],
+        total_steps=12,
+        switch_interval=2,
+        svd_method="exact",
+        exhaustion="refresh",
+        fusion=fusion,
+    )
     cfg.update(kw)
     return srlora.wrap(TinyNet(dtype=dtype), srlora.SRLoRAConfig(**cfg))
 
@@ -39,6 +49,7 @@ def run_with_checks(model, ctl, steps=12, lr=2e-2, dtype=torch.float32):
             y1 = model(probe).clone()
         seen.append({"y0": y0, "y1": y1, "frozen": frozen, "p0": p0})
         return n
+
     ctl.switch_now = spy
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -97,6 +108,7 @@ def test_stop_is_the_paper_exhausted_modules_switch_no_more():
 @pytest.mark.parametrize("fusion", ["weight", "virtual"])
 def test_export_after_refreshes_is_exact(tmp_path, fusion):
     from peft import PeftModel
+
     model, ctl = wrap_tiny(fusion)
     run_with_checks(model, ctl)
     assert sum(bool(e["refreshed"]) for e in ctl.history) == 2
@@ -111,7 +123,7 @@ def test_export_after_refreshes_is_exact(tmp_path, fusion):
         if fusion == "virtual":
             st = ctl.modules[i]
             side = st.side
-            W_eff += L.scaling * side.Bt[:side.R].double().T @ side.At[:side.R].double()
+            W_eff += L.scaling * side.Bt[: side.R].double().T @ side.At[: side.R].double()
         w0 = W0[L.name.rsplit(".", 1)[-1]].double()
         assert rel(w0 + L.scaling * Bd.double() @ Ad.double(), W_eff) <= 1e-6
         # what a refresh decomposes: everything but s*B@A
@@ -125,8 +137,9 @@ def test_export_after_refreshes_is_exact(tmp_path, fusion):
         assert rel(loaded(x), model(x)) <= 1e-5
 
 
-@pytest.mark.parametrize("fusion, half", [("weight", "residual"), ("weight", "original"),
-                                          ("virtual", "residual")])
+@pytest.mark.parametrize(
+    "fusion, half", [("weight", "residual"), ("weight", "original"), ("virtual", "residual")]
+)
 def test_bf16_refresh_keeps_the_output_to_bf16_rounding(fusion, half):
     model, ctl = wrap_tiny(fusion, dtype=torch.bfloat16, half_fusion=half)
     seen, _ = run_with_checks(model, ctl, dtype=torch.bfloat16)
@@ -142,18 +155,23 @@ def test_resume_across_a_refresh_is_bitwise(tmp_path, fusion, stop_at):
     seed_all(1)
     straight = make_run(**REFRESH, fusion=fusion)
     train(*[straight[i] for i in (0, 2, 3)], N_STEPS)
-    assert [bool(e["refreshed"]) for e in straight[1].history] == [False, False, True, False,
-                                                                    True]
+    assert [bool(e["refreshed"]) for e in straight[1].history] == [False, False, True, False, True]
     seed_all(1)
     first = make_run(**REFRESH, fusion=fusion)
     train(*[first[i] for i in (0, 2, 3)], stop_at)
-    srlora.save_checkpoint(tmp_path / "ck", model=first[0], controller=first[1],
-                           optimizer=first[2], scheduler=first[3])
+    srlora.save_checkpoint(
+        tmp_path / "ck", model=first[0], controller=first[1], optimizer=first[2], scheduler=first[3]
+    )
     del first
     seed_all(123)
     resumed = make_run(**REFRESH, fusion=fusion)
-    srlora.load_checkpoint(tmp_path / "ck", model=resumed[0], controller=resumed[1],
-                           optimizer=resumed[2], scheduler=resumed[3])
+    srlora.load_checkpoint(
+        tmp_path / "ck",
+        model=resumed[0],
+        controller=resumed[1],
+        optimizer=resumed[2],
+        scheduler=resumed[3],
+    )
     assert [st.K for st in resumed[1].modules] == [8 if stop_at < 6 else 12] * 4
     train(*[resumed[i] for i in (0, 2, 3)], N_STEPS - stop_at)
     assert_same_run(straight, resumed)
@@ -176,9 +194,17 @@ def test_refreshed_checkpoint_is_refused_by_a_stop_controller(tmp_path):
 
 def test_refresh_with_an_interval_needs_total_steps():
     torch.manual_seed(0)
-    model, ctl = srlora.wrap(TinyNet(), srlora.SRLoRAConfig(
-        r=4, lora_alpha=8, r_target=8, target_modules=["query"], switch_interval=2,
-        exhaustion="refresh"))
+    model, ctl = srlora.wrap(
+        TinyNet(),
+        srlora.SRLoRAConfig(
+            r=4,
+            lora_alpha=8,
+            r_target=8,
+            target_modules=["query"],
+            switch_interval=2,
+            exhaustion="refresh",
+        ),
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     with pytest.raises(ValueError, match="exhaustion='refresh'.*total_steps"):
         ctl.attach(opt)
@@ -192,18 +218,33 @@ def test_minilm_refresh_keeps_outputs_and_exports_exactly(tmp_path, fusion):
     """A real pretrained model: every refresh switch keeps the output, the export after two
     refreshes reproduces the model. Prints the figures quoted in docs/algorithm.md section 8."""
     from peft import PeftModel
-    cfg = srlora.SRLoRAConfig(r=8, lora_alpha=16, r_target=16, target_modules=["query", "value"],
-                              modules_to_save=["classifier"], total_steps=12, switch_interval=3,
-                              exhaustion="refresh", fusion=fusion)
+
+    cfg = srlora.SRLoRAConfig(
+        r=8,
+        lora_alpha=16,
+        r_target=16,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        total_steps=12,
+        switch_interval=3,
+        exhaustion="refresh",
+        fusion=fusion,
+    )
     model, ctl, x, worst = train_minilm_checking_switches(cfg)
     assert [bool(e["refreshed"]) for e in ctl.history] == [False, False, True]  # 3, 6, 9
     assert max(worst) <= 1e-5
     res = srlora.export_adapter(model, ctl, tmp_path / "ad")
     with torch.no_grad():
         y = model(input_ids=x).logits
-        err = rel(PeftModel.from_pretrained(minilm_classifier(), tmp_path / "ad").eval()(
-            input_ids=x).logits, y)
+        err = rel(
+            PeftModel.from_pretrained(minilm_classifier(), tmp_path / "ad")
+            .eval()(input_ids=x)
+            .logits,
+            y,
+        )
     assert err <= 1e-4
-    print(f"\nMiniLM-L6 q,v r=8 r_target=16 fusion={fusion}, 12 steps, switches at 3, 6, 9 "
-          f"(refresh at 9): output rel. change at a switch <= {max(worst):.1e}; export rank "
-          f"{res.rank}, output rel. diff {err:.1e}")
+    print(
+        f"\nMiniLM-L6 q,v r=8 r_target=16 fusion={fusion}, 12 steps, switches at 3, 6, 9 "
+        f"(refresh at 9): output rel. change at a switch <= {max(worst):.1e}; export rank "
+        f"{res.rank}, output rel. diff {err:.1e}"
+    )

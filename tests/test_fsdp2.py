@@ -8,6 +8,7 @@ max |a - b| <= 1e-6 * max |b| (measured worst 3.7e-7, an Adam moment); the impor
 ~1e-6 in size, so the bound is relative to each tensor's scale. Switch decisions (steps, modules,
 slots, directions) must be equal exactly; across ranks and across the resume, bitwise.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,21 @@ SCALE_TOL = 1e-6
 
 def _launch(out: str, world: int = 2, timeout: float = 240.0) -> None:
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=w.main, args=([f"--rank={r}", f"--world-size={world}",
-                                               f"--init-method=file://{out}/store",
-                                               f"--out={out}", "--hard-exit"],))
-             for r in range(world)]
+    procs = [
+        ctx.Process(
+            target=w.main,
+            args=(
+                [
+                    f"--rank={r}",
+                    f"--world-size={world}",
+                    f"--init-method=file://{out}/store",
+                    f"--out={out}",
+                    "--hard-exit",
+                ],
+            ),
+        )
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -61,14 +73,21 @@ def reference():
     w.train_steps(model, optimizer, controller, 0, w.SAVE_AT)
     at_save = w.whole_state(model, controller, optimizer)
     w.train_steps(model, optimizer, controller, w.SAVE_AT, w.TOTAL_STEPS)
-    return {"save": at_save, "final": w.whole_state(model, controller, optimizer),
-            "history": controller.history}
+    return {
+        "save": at_save,
+        "final": w.whole_state(model, controller, optimizer),
+        "history": controller.history,
+    }
 
 
 def _bitwise_equal(a, b) -> bool:
     if torch.is_tensor(a):
-        return (torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape
-                and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+        return (
+            torch.is_tensor(b)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        )
     return a == b
 
 
@@ -85,8 +104,9 @@ def _assert_close_to_reference(got: dict, ref: dict) -> float:
         if k == "controller/history":
             assert _decisions(a) == _decisions(b)
             for ha, hb in zip(a, b):
-                torch.testing.assert_close(torch.tensor(ha["scores"]), torch.tensor(hb["scores"]),
-                                           rtol=1e-5, atol=0.0)
+                torch.testing.assert_close(
+                    torch.tensor(ha["scores"]), torch.tensor(hb["scores"]), rtol=1e-5, atol=0.0
+                )
         elif torch.is_tensor(b) and b.dtype.is_floating_point:
             assert a.shape == b.shape and a.dtype == b.dtype, k
             err = (a.double() - b.double()).abs().max().item() if b.numel() else 0.0
@@ -134,13 +154,15 @@ def test_checkpoint_from_the_sharded_run_resumes_sharded_bitwise(run2):
         assert [k for k in final if not _bitwise_equal(resumed[k], final[k])] == []
 
 
-def test_checkpoint_from_the_sharded_run_resumes_and_exports_in_one_process(run2, reference,
-                                                                           tmp_path):
+def test_checkpoint_from_the_sharded_run_resumes_and_exports_in_one_process(
+    run2, reference, tmp_path
+):
     from peft import PeftModel
 
     model, controller, optimizer = w.new_run(shard=False)
-    srlora.load_checkpoint(os.path.join(run2["out"], "ckpt"), model=model, controller=controller,
-                           optimizer=optimizer)
+    srlora.load_checkpoint(
+        os.path.join(run2["out"], "ckpt"), model=model, controller=controller, optimizer=optimizer
+    )
     saved = run2["load"]("save_rank0.pt")
     now = w.whole_state(model, controller, optimizer)
     assert [k for k in saved if not _bitwise_equal(now[k], saved[k])] == []
@@ -231,8 +253,11 @@ def test_one_rank_fsdp2_bf16_base_equals_the_plain_run_bitwise(one_process_group
         return w.whole_state(model, controller, optimizer)
 
     a, b = run(True), run(False)
-    assert a["base/base_model.model.fc1"].dtype == a["side/base_model.model.fc1/At"].dtype \
+    assert (
+        a["base/base_model.model.fc1"].dtype
+        == a["side/base_model.model.fc1/At"].dtype
         == torch.bfloat16
+    )
     assert set(a) == set(b) and [k for k in b if not _bitwise_equal(a[k], b[k])] == []
 
 
@@ -247,9 +272,10 @@ def test_switch_now_binds_a_controller_sharded_after_attach(one_process_group):
     assert torch.equal(controller.layers[0].base_weight.full_tensor(), w.build_base().fc1.weight)
 
 
-@pytest.mark.parametrize("field, value", [("optimizer_state", "rewarm"),
-                                          ("switch_schedule", "adaptive"),
-                                          ("exhaustion", "refresh")])
+@pytest.mark.parametrize(
+    "field, value",
+    [("optimizer_state", "rewarm"), ("switch_schedule", "adaptive"), ("exhaustion", "refresh")],
+)
 def test_variants_not_served_sharded_are_refused_by_name(one_process_group, field, value):
     """The sharded switch serves the paper's method: rewarm, adaptive and refresh are refused at
     attach, naming the field, before anything is bound."""
@@ -280,6 +306,7 @@ def test_accelerate_launcher_fsdp2_accepted_with_virtual_fsdp1_refused(monkeypat
     assert sharding_reason().startswith("FSDP2")
     srlora.wrap(w.build_base(), w.config())  # fusion="virtual": wrap before prepare is fine
     import dataclasses
+
     with pytest.raises(srlora.UnsupportedEngineError, match="fusion='virtual'"):
         srlora.wrap(w.build_base(), dataclasses.replace(w.config(), fusion="weight"))
     monkeypatch.setenv("FSDP_VERSION", "1")
@@ -301,14 +328,16 @@ def test_accelerator_state_fsdp2_accepted_with_virtual(monkeypatch):
 
     Accelerator(cpu=True)
     monkeypatch.setitem(AcceleratorState._shared_state, "distributed_type", DistributedType.FSDP)
-    monkeypatch.setitem(AcceleratorState._shared_state, "fsdp_plugin",
-                        types.SimpleNamespace(fsdp_version=2))
+    monkeypatch.setitem(
+        AcceleratorState._shared_state, "fsdp_plugin", types.SimpleNamespace(fsdp_version=2)
+    )
     assert sharding_reason().startswith("FSDP2")
     srlora.wrap(w.build_base(), w.config())
     with pytest.raises(srlora.UnsupportedEngineError, match="fusion='virtual'"):
         srlora.wrap(w.build_base(), dataclasses.replace(w.config(), fusion="weight"))
-    monkeypatch.setitem(AcceleratorState._shared_state, "fsdp_plugin",
-                        types.SimpleNamespace(fsdp_version=1))
+    monkeypatch.setitem(
+        AcceleratorState._shared_state, "fsdp_plugin", types.SimpleNamespace(fsdp_version=1)
+    )
     with pytest.raises(srlora.UnsupportedEngineError, match="distributed_type=FSDP"):
         srlora.wrap(w.build_base(), w.config())
 
@@ -345,9 +374,20 @@ def test_fsdp2_example_trains_checkpoints_and_exports(tmp_path):
 
     from example_launch import run_example
 
-    out = run_example(["torchrun", "--standalone", "--nproc_per_node", "2",
-                       "examples/fsdp2_train.py", "--steps", "14", "--out", str(tmp_path)],
-                      OMP_NUM_THREADS="1")
+    out = run_example(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "examples/fsdp2_train.py",
+            "--steps",
+            "14",
+            "--out",
+            str(tmp_path),
+        ],
+        OMP_NUM_THREADS="1",
+    )
     last = out.strip().splitlines()[-1]
     assert last.startswith("replicas identical:") and "on 2 ranks" in last, out[-2000:]
     assert "14 optimizer steps and 6 switches" in last

@@ -3,6 +3,7 @@ of the last step's weight gradient the kept slots cannot follow. Checked against
 probe's gradient against autograd's gradient of the base weight; the directions against an
 fp64 projector-and-SVD reference; and the invariants every variant keeps (a switch preserves the
 output at fp32 1e-5, the export is exact, resume is bitwise)."""
+
 import pytest
 import torch
 from conftest import TinyNet, minilm_classifier, rel, train_minilm_checking_switches
@@ -21,11 +22,17 @@ def projector(M):
 @pytest.mark.parametrize("c", [0, 3])
 def test_unreachable_gradient_against_projectors(c):
     g = torch.Generator().manual_seed(c)
-    G, B, A = (torch.randn(12, 9, generator=g), torch.randn(12, c, generator=g),
-               torch.randn(c, 9, generator=g))
+    G, B, A = (
+        torch.randn(12, 9, generator=g),
+        torch.randn(12, c, generator=g),
+        torch.randn(c, 9, generator=g),
+    )
     out = unreachable_gradient(G, B, A).double()
-    ref = (torch.eye(12, dtype=torch.float64) - projector(B)) @ G.double() @ (
-        torch.eye(9, dtype=torch.float64) - projector(A.T))
+    ref = (
+        (torch.eye(12, dtype=torch.float64) - projector(B))
+        @ G.double()
+        @ (torch.eye(9, dtype=torch.float64) - projector(A.T))
+    )
     assert out.abs().max() > 0.1 and rel(out, ref) <= 1e-6
     if c == 0:
         assert torch.equal(out.float(), G)
@@ -36,8 +43,11 @@ def test_unreachable_gradient_against_projectors(c):
 
 def test_gradient_directions_are_the_top_of_the_unreachable_part():
     g = torch.Generator().manual_seed(5)
-    G, B, A = torch.randn(16, 10, generator=g), torch.randn(16, 2, generator=g), torch.randn(
-        2, 10, generator=g)
+    G, B, A = (
+        torch.randn(16, 10, generator=g),
+        torch.randn(16, 2, generator=g),
+        torch.randn(2, 10, generator=g),
+    )
     u, vh = gradient_directions(G, B, A, 3)
     ref = unreachable_gradient(G, B, A).double()
     U, S, Vh = torch.linalg.svd(ref)
@@ -72,10 +82,19 @@ def test_layer_gradient_of_a_1x1_convolution():
 
 def wrap_tiny(insertion="gradient", fusion="weight", interval=3, switches=3, **kw):
     torch.manual_seed(0)
-    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=4 + 2 * switches, gamma=0.5,
-                              target_modules=["query", "value"], switch_interval=interval,
-                              total_steps=interval * switches, svd_method="exact",
-                              insertion=insertion, fusion=fusion, **kw)
+    cfg = srlora.SRLoRAConfig(
+        r=4,
+        lora_alpha=8,
+        r_target=4 + 2 * switches,
+        gamma=0.5,
+        target_modules=["query", "value"],
+        switch_interval=interval,
+        total_steps=interval * switches,
+        svd_method="exact",
+        insertion=insertion,
+        fusion=fusion,
+        **kw,
+    )
     return srlora.wrap(TinyNet(), cfg)
 
 
@@ -97,9 +116,17 @@ def run_with_references(model, ctl, steps, micro=1, lr=2e-2):
         n = real(*a, **k)
         with torch.no_grad():
             y1 = model(x_fixed).clone()
-        seen.append({"y0": y0, "y1": y1, "probe": probe, "before": before,
-                     "autograd": {i: G.clone() for i, G in grads.items()}})
+        seen.append(
+            {
+                "y0": y0,
+                "y1": y1,
+                "probe": probe,
+                "before": before,
+                "autograd": {i: G.clone() for i, G in grads.items()},
+            }
+        )
         return n
+
     ctl.switch_now = spy
     g = torch.Generator().manual_seed(1)
     for L in ctl.layers:
@@ -133,27 +160,30 @@ def test_switches_insert_the_unreachable_gradient_directions(fusion, micro):
             B0, A0 = s["before"][i]
             slots = entry["slots"][j]
             keep = [c for c in range(4) if c not in slots]
-            ref = ((torch.eye(B0.shape[0], dtype=torch.float64) - projector(B0[:, keep]))
-                   @ s["autograd"][i].double()
-                   @ (torch.eye(A0.shape[1], dtype=torch.float64) - projector(A0[keep].T)))
+            ref = (
+                (torch.eye(B0.shape[0], dtype=torch.float64) - projector(B0[:, keep]))
+                @ s["autograd"][i].double()
+                @ (torch.eye(A0.shape[1], dtype=torch.float64) - projector(A0[keep].T))
+            )
             S = torch.linalg.svdvals(ref)
             L, st = ctl.layers[i], ctl.modules[i]
             p0 = entry["directions"][j][0]
-            u, vh = st.U[:, p0:p0 + k].double(), st.Vh[p0:p0 + k].double()  # the cache
+            u, vh = st.U[:, p0 : p0 + k].double(), st.Vh[p0 : p0 + k].double()  # the cache
             gain = torch.einsum("mk,mn,kn->k", u, ref, vh).abs()
             assert torch.allclose(gain, S[:k], rtol=1e-4), (gain, S[:k])
             # the slots hold those directions at the paper's scale: s*B_j A_j = S_w u v^T
             B, A = L.B().double(), L.A().double()
             if entry is ctl.history[-1]:
                 for c, d in zip(sorted(slots), range(k)):
-                    prod = L.scaling * B[:, c:c + 1] @ A[c:c + 1]
-                    want = st.S[p0 + d].double() * u[:, d:d + 1] @ vh[d:d + 1]
+                    prod = L.scaling * B[:, c : c + 1] @ A[c : c + 1]
+                    want = st.S[p0 + d].double() * u[:, d : d + 1] @ vh[d : d + 1]
                     assert rel(prod, want) <= 1e-5
 
 
 @pytest.mark.parametrize("fusion", ["weight", "virtual"])
 def test_export_after_gradient_switches_is_exact(tmp_path, fusion):
     from peft import PeftModel
+
     model, ctl = wrap_tiny(fusion=fusion)
     run_with_references(model, ctl, steps=9)
     assert len(ctl.history) == 3
@@ -177,18 +207,23 @@ def test_resume_through_gradient_switches_is_bitwise(tmp_path, stop_at):
     seed_all(1)
     straight = make_run(**kw)
     train(*[straight[i] for i in (0, 2, 3)], N_STEPS)
-    assert len(straight[1].history) == 4 and all(all(e["gradient"])
-                                                 for e in straight[1].history)
+    assert len(straight[1].history) == 4 and all(all(e["gradient"]) for e in straight[1].history)
     seed_all(1)
     first = make_run(**kw)
     train(*[first[i] for i in (0, 2, 3)], stop_at)
-    srlora.save_checkpoint(tmp_path / "ck", model=first[0], controller=first[1],
-                           optimizer=first[2], scheduler=first[3])
+    srlora.save_checkpoint(
+        tmp_path / "ck", model=first[0], controller=first[1], optimizer=first[2], scheduler=first[3]
+    )
     del first
     seed_all(123)
     resumed = make_run(**kw)
-    srlora.load_checkpoint(tmp_path / "ck", model=resumed[0], controller=resumed[1],
-                           optimizer=resumed[2], scheduler=resumed[3])
+    srlora.load_checkpoint(
+        tmp_path / "ck",
+        model=resumed[0],
+        controller=resumed[1],
+        optimizer=resumed[2],
+        scheduler=resumed[3],
+    )
     train(*[resumed[i] for i in (0, 2, 3)], N_STEPS - stop_at)
     assert_same_run(straight, resumed)
     seed_all(1)  # and the directions differ from the paper's: the option is not a no-op
@@ -235,9 +270,17 @@ def test_minilm_gradient_switches_keep_outputs_and_export_exactly(tmp_path):
     """A real pretrained model (dropout on, so the recorded forward is a training one): every
     switch uses a gradient, keeps the output, and the export reproduces the model."""
     from peft import PeftModel
-    cfg = srlora.SRLoRAConfig(r=8, lora_alpha=16, r_target=20, target_modules=["query", "value"],
-                              modules_to_save=["classifier"], total_steps=12, switch_interval=3,
-                              insertion="gradient")
+
+    cfg = srlora.SRLoRAConfig(
+        r=8,
+        lora_alpha=16,
+        r_target=20,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        total_steps=12,
+        switch_interval=3,
+        insertion="gradient",
+    )
     model, ctl, x, worst = train_minilm_checking_switches(cfg)
     assert len(ctl.history) == 3 and all(all(e["gradient"]) for e in ctl.history)
     assert max(worst) <= 1e-5
@@ -246,8 +289,12 @@ def test_minilm_gradient_switches_keep_outputs_and_export_exactly(tmp_path):
         assert rel(y, minilm_classifier()(input_ids=x).logits) > 1e-3  # training changed it
     srlora.export_adapter(model, ctl, tmp_path / "ad")
     with torch.no_grad():
-        err = rel(PeftModel.from_pretrained(minilm_classifier(), tmp_path / "ad").eval()(
-            input_ids=x).logits, y)
+        err = rel(
+            PeftModel.from_pretrained(minilm_classifier(), tmp_path / "ad")
+            .eval()(input_ids=x)
+            .logits,
+            y,
+        )
     assert err <= 1e-4
 
 
@@ -258,9 +305,17 @@ def test_convolution_layers_record_their_gradient_and_switch_exactly(tmp_path):
     from test_export import TinyConv
 
     torch.manual_seed(0)
-    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=8, gamma=0.5,
-                              target_modules=["query", "value"], switch_interval=2,
-                              total_steps=6, svd_method="exact", insertion="gradient")
+    cfg = srlora.SRLoRAConfig(
+        r=4,
+        lora_alpha=8,
+        r_target=8,
+        gamma=0.5,
+        target_modules=["query", "value"],
+        switch_interval=2,
+        total_steps=6,
+        svd_method="exact",
+        insertion="gradient",
+    )
     model, ctl = srlora.wrap(TinyConv(), cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     ctl.attach(opt)
@@ -274,6 +329,7 @@ def test_convolution_layers_record_their_gradient_and_switch_exactly(tmp_path):
             n = real(*a, **k)
             worst.append(rel(model(x_fixed), y0))
         return n
+
     ctl.switch_now = spy
     for L in ctl.layers:
         L.base_weight.requires_grad_(True)

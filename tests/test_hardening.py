@@ -1,6 +1,7 @@
 """Nothing half-done (issue 12): bad input refused before the model is touched, a failing wrap or
 switch leaves everything as it was, step() equals attach(), PEFT options that would break the
 set-up's function-preservation are refused. Each test failed on 729d3c6."""
+
 import copy
 import warnings
 
@@ -15,8 +16,15 @@ TARGETS = ["query", "value"]
 
 
 def cfg(**kw):
-    base = dict(r=4, lora_alpha=8, r_target=12, gamma=0.5, target_modules=TARGETS,
-                total_steps=12, svd_method="exact")
+    base = dict(
+        r=4,
+        lora_alpha=8,
+        r_target=12,
+        gamma=0.5,
+        target_modules=TARGETS,
+        total_steps=12,
+        svd_method="exact",
+    )
     base.update(kw)
     return srlora.SRLoRAConfig(**base)
 
@@ -32,9 +40,11 @@ def x_batch(seed=1):
 
 def structure(model):
     """Everything wrap may change without touching a tensor: module objects and grad flags."""
-    return ([(n, id(m)) for n, m in model.named_modules()],
-            [(n, p.requires_grad) for n, p in model.named_parameters()],
-            sorted(vars(model)))
+    return (
+        [(n, id(m)) for n, m in model.named_modules()],
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        sorted(vars(model)),
+    )
 
 
 def tensors(model):
@@ -50,11 +60,23 @@ def assert_untouched(model, before_structure, before_tensors, x, y):
 
 
 # ---------------------------------------------------------------------- config values
-@pytest.mark.parametrize("field,value", [
-    ("offload_device", "nowhere"), ("svd_seed", "x"), ("svd_oversample", float("nan")),
-    ("svd_niter", "x"), ("gamma", True), ("r", True), ("total_steps", True),
-    ("svd_oversample", 2.5), ("beta1", float("nan")), ("lora_alpha", float("inf")),
-    ("target_modules", [1, 2]), ("extra_lora_kwargs", "use_dora")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("offload_device", "nowhere"),
+        ("svd_seed", "x"),
+        ("svd_oversample", float("nan")),
+        ("svd_niter", "x"),
+        ("gamma", True),
+        ("r", True),
+        ("total_steps", True),
+        ("svd_oversample", 2.5),
+        ("beta1", float("nan")),
+        ("lora_alpha", float("inf")),
+        ("target_modules", [1, 2]),
+        ("extra_lora_kwargs", "use_dora"),
+    ],
+)
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SRLoRAConfig.{field}"):
         cfg(**{field: value})
@@ -62,9 +84,17 @@ def test_bad_config_values_name_the_field(field, value):
 
 # ---------------------------------------------------------------------- PEFT options
 @pytest.mark.parametrize("method", ["srlora", "pissa"])
-@pytest.mark.parametrize("extra", [{"use_dora": True}, {"lora_bias": True},
-                                   {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"},
-                                   {"r": 1}, {"lora_alpha": 3}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"use_dora": True},
+        {"lora_bias": True},
+        {"init_lora_weights": "pissa"},
+        {"init_lora_weights": "olora"},
+        {"r": 1},
+        {"lora_alpha": 3},
+    ],
+)
 def test_options_that_break_the_init_are_refused_before_the_model_is_touched(method, extra):
     net, x = fresh(), x_batch()
     y, st, ts = net(x).detach(), structure(net), tensors(net)
@@ -79,14 +109,22 @@ def test_per_module_ranks_are_refused_for_srlora_and_work_for_pissa():
     with pytest.raises(ValueError, match="per-module ranks"):
         srlora.wrap(net, cfg(extra_lora_kwargs={"rank_pattern": {"query": 1}}))
     assert_untouched(net, st, ts, x, y)
-    model, ctl = srlora.wrap(net, cfg(method="pissa",
-                                      extra_lora_kwargs={"rank_pattern": {"query": 2}}))
+    model, ctl = srlora.wrap(
+        net, cfg(method="pissa", extra_lora_kwargs={"rank_pattern": {"query": 2}})
+    )
     assert [L.r for L in ctl.layers] == [2, 4]
     assert rel(model(x), y) <= 1e-5  # PiSSA at its own rank per module keeps the function
 
 
-@pytest.mark.parametrize("extra", [{"use_dora": True}, {"init_lora_weights": "olora"},
-                                   {"init_lora_weights": "pissa"}, {"lora_bias": True}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"use_dora": True},
+        {"init_lora_weights": "olora"},
+        {"init_lora_weights": "pissa"},
+        {"lora_bias": True},
+    ],
+)
 def test_peft_options_of_the_lora_baseline_keep_the_function(extra):
     net, x = fresh(), x_batch()
     y = net(x).detach()
@@ -130,6 +168,7 @@ def test_wrap_restores_the_model_when_a_later_step_fails(where, monkeypatch):
         monkeypatch.setattr("srlora.initialize.StateStack", _boom)
     elif where == "injection":  # PEFT fails on the second target, after the first was replaced
         from peft.tuners.lora import LoraModel
+
         real, calls = LoraModel._create_and_replace, []
 
         def flaky(self, *a, **k):
@@ -137,6 +176,7 @@ def test_wrap_restores_the_model_when_a_later_step_fails(where, monkeypatch):
             if len(calls) == 2:
                 raise RuntimeError("injected failure")
             return real(self, *a, **k)
+
         monkeypatch.setattr(LoraModel, "_create_and_replace", flaky)
     else:
         monkeypatch.setattr("srlora.controller.ImportanceTracker", _boom)
@@ -161,13 +201,25 @@ def _trained(seed=0):
 
 
 def _run_state(model, ctl, opt):
-    return (tensors(model), {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
-                             for p, s in opt.state.items()},
-            {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
-             for k, v in ctl.state_dict().items() if k != "modules"},
-            {n: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in m.items()}
-             for n, m in ctl.state_dict()["modules"].items()},
-            ctl.num_switches, copy.deepcopy(ctl.history), list(ctl.pointers))
+    return (
+        tensors(model),
+        {
+            id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+            for p, s in opt.state.items()
+        },
+        {
+            k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
+            for k, v in ctl.state_dict().items()
+            if k != "modules"
+        },
+        {
+            n: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in m.items()}
+            for n, m in ctl.state_dict()["modules"].items()
+        },
+        ctl.num_switches,
+        copy.deepcopy(ctl.history),
+        list(ctl.pointers),
+    )
 
 
 def _same(a, b):
@@ -191,6 +243,7 @@ def test_a_failing_switch_leaves_everything_as_it_was(where, monkeypatch):
             if len(calls) == 2:
                 raise RuntimeError("injected failure")
             return real(*a, **k)
+
         monkeypatch.setattr(switch_mod, "next_directions", flaky)
     elif where == "factors":
         monkeypatch.setattr(switch_mod, "switch_factors", _boom)

@@ -1,5 +1,6 @@
 """studies/high_rank_target.py: its exact floors, and that no rank-r adapter on a frozen weight
 goes below its floor while SRLoRA (which fuses into the frozen weight) is not bound by it."""
+
 import os
 import sys
 

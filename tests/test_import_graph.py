@@ -1,5 +1,6 @@
 """No import cycle among the files under src/ (srlora and srlora_lab), counting every import
 statement: top-level, inside functions, and under ``if TYPE_CHECKING:``."""
+
 import ast
 from pathlib import Path
 
@@ -26,12 +27,14 @@ def import_graph(root: Path = SRC) -> dict[str, set[str]]:
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    base = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                    base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
                     base_name = ".".join(base + ([node.module] if node.module else []))
                 else:
                     base_name = node.module or ""
-                targets = [f"{base_name}.{a.name}" if f"{base_name}.{a.name}" in mods
-                           else base_name for a in node.names]
+                targets = [
+                    f"{base_name}.{a.name}" if f"{base_name}.{a.name}" in mods else base_name
+                    for a in node.names
+                ]
             else:
                 continue
             for t in targets:
@@ -81,8 +84,9 @@ def test_the_graph_sees_nested_and_type_checking_imports(tmp_path):
     pkg = tmp_path / "p"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                              "    from .b import x\n")
+    (pkg / "a.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import x\n"
+    )
     (pkg / "b.py").write_text("def f():\n    from . import a\n")
     assert cycles(import_graph(tmp_path)) == [["p.a", "p.b"]]
 
@@ -97,8 +101,12 @@ def test_the_core_names_no_strategy_variant():
     """The controller and the switch reach the variants only through the registry."""
     edges = import_graph()
     for core in ("srlora.controller", "srlora.switch"):
-        named = [m for m in edges[core] if m.startswith("srlora.strategies.") and
-                 m.rpartition(".")[2].split("_")[0] in ("selection", "insertion", "schedule",
-                                                       "exhaustion", "optimizer")
-                 and "_" in m.rpartition(".")[2]]
+        named = [
+            m
+            for m in edges[core]
+            if m.startswith("srlora.strategies.")
+            and m.rpartition(".")[2].split("_")[0]
+            in ("selection", "insertion", "schedule", "exhaustion", "optimizer")
+            and "_" in m.rpartition(".")[2]
+        ]
         assert named == [], (core, named)

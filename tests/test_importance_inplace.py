@@ -1,5 +1,6 @@
 """The in-place importance update (importance.ema_) agrees bitwise with the paper's formula
 written out functionally, masked or not, and the tracker with a per-tensor reference."""
+
 import pytest
 import torch
 
@@ -7,17 +8,18 @@ from srlora.importance import ImportanceTracker, ema_
 
 
 def ema_importance(ibar, ubar, sensitivity, beta1, beta2):
-    """Paper Eqs. 3-6, functional: ibar' = b1*ibar + (1-b1)*I, ubar' = b2*ubar + (1-b2)|I - ibar'|."""
+    """Paper Eqs. 3-6, functional: ibar' = b1*ibar + (1-b1)*I,
+    ubar' = b2*ubar + (1-b2)|I - ibar'|."""
     ibar_new = torch.lerp(ibar, sensitivity, 1.0 - beta1)
     return ibar_new, torch.lerp(ubar, (sensitivity - ibar_new).abs(), 1.0 - beta2)
+
 
 B1, B2 = 0.85, 0.7
 
 
 def _state(n, seed):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, generator=g), torch.rand(n, generator=g),
-            torch.rand(n, generator=g) * 3)
+    return (torch.rand(n, generator=g), torch.rand(n, generator=g), torch.rand(n, generator=g) * 3)
 
 
 def test_ema_inplace_equals_reference():
@@ -48,8 +50,10 @@ def _reference_run(params, grads_per_step, b1, b2):
     ubar = [torch.zeros(p.shape) for p in params]
     skipped = 0
     for weights, grads in grads_per_step:
-        sens = [(w.float() * g.float()).abs() if g is not None else torch.zeros(w.shape)
-                for w, g in zip(weights, grads)]
+        sens = [
+            (w.float() * g.float()).abs() if g is not None else torch.zeros(w.shape)
+            for w, g in zip(weights, grads)
+        ]
         if not all(torch.isfinite(s).all() for s in sens):
             skipped += 1
             continue

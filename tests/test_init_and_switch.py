@@ -1,4 +1,5 @@
 """PiSSA init and the switch: exact identities against fp64 SVDs of the ORIGINAL weights."""
+
 import copy
 
 import pytest
@@ -10,8 +11,15 @@ from srlora_lab.reference import reference_top_svd
 
 
 def cfg(**kw):
-    base = dict(r=4, lora_alpha=8, r_target=16, gamma=0.5, target_modules=["query", "value"],
-                total_steps=10_000, svd_method="exact")
+    base = dict(
+        r=4,
+        lora_alpha=8,
+        r_target=16,
+        gamma=0.5,
+        target_modules=["query", "value"],
+        total_steps=10_000,
+        svd_method="exact",
+    )
     base.update(kw)
     return srlora.SRLoRAConfig(**base)
 
@@ -40,8 +48,10 @@ def test_pissa_init_matches_peft_pissa(tiny_net):
 
     twin = copy.deepcopy(tiny_net)
     model, ctl = srlora.wrap(tiny_net, cfg(method="pissa"))
-    pm = get_peft_model(twin, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                         init_lora_weights="pissa"))
+    pm = get_peft_model(
+        twin,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights="pissa"),
+    )
     for L in ctl.layers:
         peft_layer = pm.get_submodule(L.name)
         ours = L.B() @ L.A()
@@ -72,8 +82,9 @@ def test_switch_after_training_keeps_outputs_and_reinits_from_original_svd(tiny_
         for t, j in enumerate(slots.tolist()):
             d = p + t  # directions p .. p+r'-1 of the ORIGINAL weight, ascending slot order
             expect = torch.outer(U[:, d], Vh[d]) * S[d]
-            assert rel(L.scaling * torch.outer(L.B()[:, j], L.A()[j]).double(), expect) \
-                <= direction_tol(S, d)
+            assert rel(
+                L.scaling * torch.outer(L.B()[:, j], L.A()[j]).double(), expect
+            ) <= direction_tol(S, d)
         others = [j for j in range(L.r) if j not in slots.tolist()]
         assert torch.equal(L.B()[:, others], B1[:, others])  # bitwise untouched
         assert torch.equal(L.A()[others], A1[others])
@@ -152,8 +163,11 @@ def test_exhaustion_mixed_sizes():
 def test_optimizer_state_policy_hits_exactly_the_reinitialized_slices(tiny_net, policy):
     model, ctl = srlora.wrap(tiny_net, cfg(optimizer_state=policy))
     opt = train_steps(model, ctl, torch.randn(8, 32), steps=4)
-    before = {id(p): {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
-              for L in ctl.layers for p in (L.lora_A, L.lora_B)}
+    before = {
+        id(p): {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+        for L in ctl.layers
+        for p in (L.lora_A, L.lora_B)
+    }
     ctl.switch_now()
     for L, slots in zip(ctl.layers, ctl.history[-1]["slots"]):
         for p, dim in ((L.lora_A, 0), (L.lora_B, 1)):
@@ -178,8 +192,9 @@ def test_gpt2_conv1d_and_bert_linear_switch_invariance():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4,
-                                     n_positions=16)).eval()
+    gpt = GPT2LMHeadModel(
+        GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    ).eval()
     ids = torch.randint(0, 50, (2, 10))
     y0 = gpt(ids).logits.detach()
     model, ctl = srlora.wrap(gpt, cfg(target_modules=["c_attn", "c_proj"], r_target=12))
@@ -195,8 +210,9 @@ def test_gpt2_conv1d_and_bert_linear_switch_invariance():
 
 def test_conv2d_1x1_switch_invariance():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(24, 8, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(16, 24, 1), torch.nn.ReLU(), torch.nn.Conv2d(24, 8, 1)
+    )
     x = torch.randn(2, 16, 5, 5)
     y0 = net(x).detach()
     model, ctl = srlora.wrap(net, cfg(target_modules=["0", "2"], r_target=8))
@@ -222,13 +238,19 @@ def test_switch_factors_are_the_switch_delta_in_one_product():
     from srlora.factors import switch_delta, switch_factors
 
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
-    B1, A1, B2, A2 = (torch.randn(s, generator=g, dtype=torch.float64)
-                      for s in ((20, 3), (3, 30), (20, 3), (3, 30)))
+    B1, A1, B2, A2 = (
+        torch.randn(s, generator=g, dtype=torch.float64)
+        for s in ((20, 3), (3, 30), (20, 3), (3, 30))
+    )
     Bc, Ac = switch_factors(B1, A1, B2, A2)
     assert Bc.shape == (20, 6) and Ac.shape == (6, 30)
     W = torch.randn(20, 30, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(W.clone().addmm_(Bc, Ac, alpha=0.5),
-                               W + switch_delta(B1, A1, B2, A2, 0.5), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        W.clone().addmm_(Bc, Ac, alpha=0.5),
+        W + switch_delta(B1, A1, B2, A2, 0.5),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 def test_ledger_state_is_the_written_part_and_loads_back(tiny_net):

@@ -3,6 +3,7 @@ c7bf1de / 2f10a77 (stated per test: what the original code did) and checks the r
 file is never overwritten unless they ask; what cannot be done correctly is refused before any
 change, naming the way out; what is done differently than asked is said once, naming the field.
 """
+
 import json
 import os
 import warnings
@@ -17,8 +18,15 @@ TARGETS = ["query", "value"]
 
 
 def cfg(**kw):
-    base = dict(r=4, lora_alpha=8, r_target=12, gamma=0.5, target_modules=TARGETS,
-                total_steps=12, svd_method="exact")
+    base = dict(
+        r=4,
+        lora_alpha=8,
+        r_target=12,
+        gamma=0.5,
+        target_modules=TARGETS,
+        total_steps=12,
+        svd_method="exact",
+    )
     base.update(kw)
     return srlora.SRLoRAConfig(**base)
 
@@ -102,6 +110,7 @@ def test_save_merged_refuses_to_overwrite_a_users_model(tmp_path):
 
 def test_save_merged_transformers_refuses_a_folder_with_a_config(tmp_path):
     from conftest import tiny_bert
+
     model, ctl = srlora.wrap(tiny_bert(), cfg(target_modules=["query", "value"]))
     d = tmp_path / "hf"
     d.mkdir()
@@ -197,8 +206,11 @@ def test_resume_with_another_total_steps_uses_the_new_one(tmp_path):
 def test_r_target_beyond_the_layers_directions_warns_at_wrap():
     # original: r_target=40 on layers of 24 directions planned 18 switches, 8 of them no-ops,
     # without a word
-    with pytest.warns(RuntimeWarning, match=r"r_target=40 plans 18 switches.*at most 24.*"
-                                            r"first 10 switch.*r_target=24"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"r_target=40 plans 18 switches.*at most 24.*"
+        r"first 10 switch.*r_target=24",
+    ):
         model, ctl = srlora.wrap(fresh(), cfg(r_target=40, total_steps=100))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

@@ -1,5 +1,6 @@
 """Half-precision bases: the fused state is rebuilt in fp32 from the original weight, so the
 rounding error of the effective weight does not grow with the number of switches."""
+
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from srlora_lab.precision import measure_fusion_error
 
 
 @pytest.mark.parametrize("fusion", ["residual", "original"])
-@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)])
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
 def test_error_does_not_grow_with_switches(dtype, ulp, fusion):
     kept = measure_fusion_error(dtype, switches=20, fusion=fusion, m=64)
     naive = measure_fusion_error(dtype, switches=20, fusion="inplace", m=64)
@@ -38,14 +39,14 @@ def _spacing_by_frexp(hi):
 def test_spacing_from_exponent_bits_equals_frexp_on_every_value(dtype):
     from srlora.factors import spacing
 
-    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     every = every[torch.isfinite(every)]  # 65,280 (bf16) / 63,488 (fp16) finite values
     assert torch.equal(spacing(every), _spacing_by_frexp(every))
 
 
 def _values_over_many_binades(g):
     W = torch.randn(300, 70, generator=g) * torch.logspace(-6, 2, 70)
-    W[0, :3] = torch.tensor([0.0, 1e-30, -2.0 ** -20])  # zero and (for fp16) subnormal values
+    W[0, :3] = torch.tensor([0.0, 1e-30, -(2.0**-20)])  # zero and (for fp16) subnormal values
     return W
 
 
@@ -89,9 +90,15 @@ def test_bf16_residual_split_and_join_carry_8_more_bits(byte_views):
     from srlora.factors import _split_bf16_, join_residual, spacing, split_residual
 
     W = _values_over_many_binades(torch.Generator().manual_seed(torch.seed() % 2**31))
-    W.view(-1)[:64] = W.view(-1)[:64].to(torch.bfloat16).float() + torch.where(  # exact ties
-        W.view(-1)[:64] > 0, 1.0, -1.0) * spacing(W.view(-1)[:64].to(torch.bfloat16)) / 2
-    W[0, :3] = torch.tensor([0.0, 1e-30, -2.0 ** -20])
+    W.view(-1)[:64] = (
+        W.view(-1)[:64].to(torch.bfloat16).float()
+        + torch.where(  # exact ties
+            W.view(-1)[:64] > 0, 1.0, -1.0
+        )
+        * spacing(W.view(-1)[:64].to(torch.bfloat16))
+        / 2
+    )
+    W[0, :3] = torch.tensor([0.0, 1e-30, -(2.0**-20)])
     hi = torch.empty(W.shape, dtype=torch.bfloat16)
     q = torch.empty(W.shape, dtype=torch.int8)
     _split_bf16_(W.clone(), hi, q, byte_views=byte_views)  # overwrites its input
@@ -123,8 +130,15 @@ def test_inplace_fusion_rounds_once_per_switch(dtype):
 
     torch.manual_seed(torch.seed() % 2**31)
     net = torch.nn.Sequential(torch.nn.Linear(48, 40, bias=False)).to(dtype)
-    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, target_modules=["0"],
-                              total_steps=10 ** 6, svd_method="exact", half_fusion="inplace")
+    cfg = srlora.SRLoRAConfig(
+        r=4,
+        lora_alpha=8,
+        r_target=12,
+        target_modules=["0"],
+        total_steps=10**6,
+        svd_method="exact",
+        half_fusion="inplace",
+    )
     model, ctl = srlora.wrap(net, cfg)
     L, s = ctl.layers[0], ctl.layers[0].scaling
     ctl.importance.updates += 1  # scores are irrelevant here

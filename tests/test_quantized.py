@@ -7,6 +7,7 @@ difference <= 1e-5 of the logits' scale) where both sides compute the same base 
 base itself cannot be compared to a dequantized copy more tightly than its kernel computes:
 bf16 compute (2e-2) and LLM.int8 (it rounds the activations too: 2e-2).
 """
+
 import copy
 
 import pytest
@@ -20,11 +21,16 @@ import srlora
 from srlora import UnsupportedModuleError
 
 KINDS = {  # name: BitsAndBytesConfig kwargs
-    "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                   bnb_4bit_compute_dtype=torch.float32),
+    "nf4-dq": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    ),
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
-    "nf4-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                     bnb_4bit_compute_dtype=torch.bfloat16),
+    "nf4-bf16": dict(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    ),
     "int8": dict(load_in_8bit=True),
 }
 KERNEL_TOL = {"nf4-dq": 1e-5, "fp4": 1e-5, "nf4-bf16": 2e-2, "int8": 2e-2}  # vs dequantized base
@@ -45,10 +51,18 @@ def close(a, b, tol):
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    )
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     return path
@@ -56,10 +70,14 @@ def llama_dir(tmp_path_factory):
 
 def load(path, kind):
     import transformers
+
     transformers.logging.set_verbosity_error()  # the "Loading weights" bar
     model = LlamaForCausalLM.from_pretrained(
-        path, quantization_config=BitsAndBytesConfig(**KINDS[kind]), device_map="cpu",
-        dtype=torch.float32).eval()
+        path,
+        quantization_config=BitsAndBytesConfig(**KINDS[kind]),
+        device_map="cpu",
+        dtype=torch.float32,
+    ).eval()
     # the reference forwards below run before srlora.wrap: without this, bitsandbytes repacks
     # the 4-bit weights in place on a CPU with AVX512-BF16 (and fails for these tiny layers)
     srlora.keep_standard_4bit_layout(model)
@@ -93,8 +111,19 @@ def assert_same_bytes(before: dict, after: dict):
 
 
 def config(method="srlora", **kw):
-    kw = dict(r=4, lora_alpha=8, r_target=12, gamma=0.5, target_modules=TARGETS,
-              fusion="virtual", total_steps=8, method=method) | kw
+    kw = (
+        dict(
+            r=4,
+            lora_alpha=8,
+            r_target=12,
+            gamma=0.5,
+            target_modules=TARGETS,
+            fusion="virtual",
+            total_steps=8,
+            method=method,
+        )
+        | kw
+    )
     if method == "lora":
         kw.pop("fusion")
     return srlora.SRLoRAConfig(**kw)
@@ -126,12 +155,14 @@ def test_function_kept_at_setup_and_through_switches(llama_dir, kind):
     y0 = logits(model)
     close(y0, y_base, 1e-5)  # the side path cancels the PiSSA init: the quantized base, exactly
     close(y0, y_deq, KERNEL_TOL[kind])  # = the dequantized base, to what the kernel computes
-    print(f"| {kind} | {rel_max(y_base, y_deq):.1e} | {rel_max(y0, y_base):.1e} | "
-          f"{rel_max(y0, y_deq):.1e} |")  # the table in docs/algorithm.md section 7.1
+    print(
+        f"| {kind} | {rel_max(y_base, y_deq):.1e} | {rel_max(y0, y_base):.1e} | "
+        f"{rel_max(y0, y_deq):.1e} |"
+    )  # the table in docs/algorithm.md section 7.1
     for L, st in zip(ctl.layers, ctl.modules):  # the SVD read the dequantized weight
         base = copy.deepcopy(L.layer.get_base_layer())  # PEFT's helper sets state.SCB
         W = dequantize_bnb_weight(base.weight, getattr(base, "state", None))
-        close(st.S, torch.linalg.svdvals(W.float())[:st.K], 1e-5)
+        close(st.S, torch.linalg.svdvals(W.float())[: st.K], 1e-5)
     opt = optimizer(model)
     ctl.attach(opt)
     train(model, opt, 3)
@@ -229,8 +260,9 @@ def test_lora_on_4bit_is_plain_qlora(llama_dir, tmp_path):
     assert float((y - y_base).abs().max()) > 1e-3
     assert_same_bytes(before, quantized_bytes(q))
     srlora.export_adapter(model, ctl, tmp_path / "adapter")
-    close(logits(PeftModel.from_pretrained(load(llama_dir, "nf4-dq"), tmp_path / "adapter")),
-          y, 1e-5)
+    close(
+        logits(PeftModel.from_pretrained(load(llama_dir, "nf4-dq"), tmp_path / "adapter")), y, 1e-5
+    )
 
 
 def bnb_sequential(quant_type="fp4"):
@@ -239,8 +271,9 @@ def bnb_sequential(quant_type="fp4"):
     net = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
     for i in (0, 2):
         lin = net[i]
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, compute_dtype=torch.float32,
-                              quant_type=quant_type)
+        q = bnb.nn.Linear4bit(
+            lin.in_features, lin.out_features, compute_dtype=torch.float32, quant_type=quant_type
+        )
         q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type=quant_type)
         q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
         net[i] = q.to("cpu")  # bitsandbytes quantizes here
@@ -282,8 +315,11 @@ def test_wrap_keeps_bitsandbytes_standard_4bit_layout(llama_dir):
     wrap turns that off for every 4-bit layer, targeted or not; keep_standard_4bit_layout is
     what it calls."""
     q = LlamaForCausalLM.from_pretrained(
-        llama_dir, quantization_config=BitsAndBytesConfig(**KINDS["nf4-dq"]), device_map="cpu",
-        dtype=torch.float32)
+        llama_dir,
+        quantization_config=BitsAndBytesConfig(**KINDS["nf4-dq"]),
+        device_map="cpu",
+        dtype=torch.float32,
+    )
     fours = [m for m in q.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(fours) == 14  # 7 projections x 2 layers; 3 of them per layer targeted below
     for m in fours:
@@ -307,8 +343,9 @@ def test_a_4bit_layer_repacked_for_the_cpu_is_refused_before_any_change(llama_di
     before = quantized_bytes(q)
     target = q.model.layers[1].self_attn.v_proj
     target.weight.quant_state.packing_format_for_cpu = True
-    with pytest.raises(UnsupportedModuleError, match="v_proj.*repacked by bitsandbytes.*"
-                                                     "keep_standard_4bit_layout"):
+    with pytest.raises(
+        UnsupportedModuleError, match="v_proj.*repacked by bitsandbytes.*keep_standard_4bit_layout"
+    ):
         srlora.wrap(q, config())
     assert not hasattr(q, "peft_config")
     assert_same_bytes(before, quantized_bytes(q))
@@ -383,7 +420,8 @@ def test_usage_doc_4bit_snippet_is_from_the_example():
     root = Path(__file__).parents[1]
     section = (root / "docs" / "usage.md").read_text().split("### 4-bit bases")[1]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    example = {line.strip() for line in (root / "examples" / "qlora_4bit.py").read_text()
-               .splitlines()}
+    example = {
+        line.strip() for line in (root / "examples" / "qlora_4bit.py").read_text().splitlines()
+    }
     missing = [line for line in block.splitlines() if line.strip() not in example]
-    assert not missing and "fusion=\"virtual\"" in block, missing
+    assert not missing and 'fusion="virtual"' in block, missing

@@ -3,6 +3,7 @@
 kaiming-uniform), optimizer_state "prune" (magnitude pruning), exhaustion "extend" (restarts to
 the end of the run). Resume and export are tested with every other method in test_checkpoint.py
 and test_export.py."""
+
 import importlib.util
 import math
 from pathlib import Path
@@ -21,16 +22,29 @@ def relora_run(**kw):
     torch.manual_seed(0)
     base = TinyNet()
     y_base = None
-    cfg = dict(method="relora", r=4, lora_alpha=8, target_modules=["query", "value"],
-               switch_interval=5, total_steps=22) | kw
+    cfg = (
+        dict(
+            method="relora",
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            switch_interval=5,
+            total_steps=22,
+        )
+        | kw
+    )
     model, ctl = srlora.wrap(base, srlora.SRLoRAConfig(**cfg))
     return model, ctl, y_base
 
 
 def test_the_preset_is_its_strategies_and_refuses_what_it_overrides():
     c = srlora.SRLoRAConfig(method="relora")
-    assert (c.gamma, c.insertion, c.optimizer_state, c.exhaustion) == (1.0, "lora", "prune",
-                                                                       "extend")
+    assert (c.gamma, c.insertion, c.optimizer_state, c.exhaustion) == (
+        1.0,
+        "lora",
+        "prune",
+        "extend",
+    )
     assert c.r_prime == c.r and c.switches and not c.svd_init
     assert srlora.SRLoRAConfig.from_dict(c.to_dict()) == c  # the saved config reads back
     with pytest.raises(ValueError, match="SRLoRAConfig.gamma: method='relora' sets gamma=1.0"):
@@ -100,8 +114,10 @@ def test_starts_as_lora_and_restarts_keep_the_output_and_reinit_as_lora():
     assert ctl2.num_switches == 5 and ctl2.pointers == [4 + 5 * 4] * 2
     for i, L in enumerate(ctl2.layers):
         Bd, Ad = ctl2.delta_factors(i)
-        assert rel(L.scaling * Bd @ Ad, L.W() + L.scaling * L.B() @ L.A()
-                   - TinyNet_weights()[i]) <= 1e-5
+        assert (
+            rel(L.scaling * Bd @ Ad, L.W() + L.scaling * L.B() @ L.A() - TinyNet_weights()[i])
+            <= 1e-5
+        )
 
 
 def TinyNet_weights():
@@ -121,6 +137,7 @@ def test_magnitude_pruning_keeps_the_largest_under_the_mask():
 
 def test_relora_is_a_method_of_the_lab():
     from srlora_lab.experiments.methods import BASE_METHODS, parse_method
+
     assert "relora" in BASE_METHODS
     assert parse_method("relora") == ("relora", "relora", {})
 

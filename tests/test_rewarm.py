@@ -1,6 +1,7 @@
 """``optimizer_state="rewarm"``: a restarted slot's Adam update is bias-corrected from its own
 restart (srlora/rewarm.py), against Adam's formula written out here, against "zero" and "keep"
 at step 1,000, through a checkpoint, and refused where the formula does not hold."""
+
 import pytest
 import torch
 
@@ -26,13 +27,25 @@ class TinyConvNet(torch.nn.Module):
 
 def _wrap(policy, interval, switches=1, seed=0, net=TinyNet):
     torch.manual_seed(seed)
-    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=4 + 2 * switches, gamma=0.5,
-                              target_modules=["query", "value"], switch_interval=interval,
-                              total_steps=interval * (switches + 1), svd_method="exact",
-                              optimizer_state=policy)
+    cfg = srlora.SRLoRAConfig(
+        r=4,
+        lora_alpha=8,
+        r_target=4 + 2 * switches,
+        gamma=0.5,
+        target_modules=["query", "value"],
+        switch_interval=interval,
+        total_steps=interval * (switches + 1),
+        svd_method="exact",
+        optimizer_state=policy,
+    )
     model, ctl = srlora.wrap(net(), cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
-                            betas=(B1, B2), eps=EPS, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=LR,
+        betas=(B1, B2),
+        eps=EPS,
+        weight_decay=0.0,
+    )
     return model, ctl, opt
 
 
@@ -47,7 +60,7 @@ def _steps(model, ctl, opt, n, gen, manual=False):
 
 def _adam_update(st, t):
     """Adam's update (without the lr) for moments ``st`` at bias-correction step ``t``."""
-    c1, c2 = 1 - B1 ** t, 1 - B2 ** t
+    c1, c2 = 1 - B1**t, 1 - B2**t
     return st["exp_avg"].double() / c1 / ((st["exp_avg_sq"].double() / c2).sqrt() + EPS)
 
 
@@ -86,7 +99,7 @@ def test_first_update_of_a_restarted_slot_at_step_1000(at_1000):
         assert torch.cat(other).max() > 0  # the old slots trained too
     # "zero": m = (1-b1) g, v = (1-b2) g^2 against the bias corrections of t = 1001:
     # (1-b1) / sqrt((1-b2) / (1-b2^1001)) = 2.515x the learning rate where |g| >> eps
-    jolt = (1 - B1) / ((1 - B2) / (1 - B2 ** 1001)) ** 0.5
+    jolt = (1 - B1) / ((1 - B2) / (1 - B2**1001)) ** 0.5
     assert abs(float(ratio["zero"].median()) / jolt - 1) < 2e-3
     # "rewarm": a fresh parameter's first Adam step, lr * g / (|g| + eps): never above lr
     assert float(ratio["rewarm"].max()) <= 1 + 1e-5
@@ -121,13 +134,16 @@ def test_each_update_is_adams_formula_counted_from_the_restart(net):
     _steps(model, ctl, opt, 20, gen)
     assert ctl.history[0]["optimizer_step"] == 20
     for tau in range(1, 7):
-        before = [(L.lora_A.detach().double(), L.lora_B.detach().double())
-                  for L in ctl.layers]  # as stored: 4-D for a conv
+        before = [
+            (L.lora_A.detach().double(), L.lora_B.detach().double()) for L in ctl.layers
+        ]  # as stored: 4-D for a conv
         _steps(model, ctl, opt, 1, gen)
         for i, L in enumerate(ctl.layers):
             slots = ctl.history[0]["slots"][i]
-            for p, old, at in ((L.lora_A, before[i][0], (slots,)),
-                               (L.lora_B, before[i][1], (slice(None), slots))):
+            for p, old, at in (
+                (L.lora_A, before[i][0], (slots,)),
+                (L.lora_B, before[i][1], (slice(None), slots)),
+            ):
                 st = opt.state[p]
                 fresh = -LR * _adam_update(st, tau)
                 full = -LR * _adam_update(st, 20 + tau)
@@ -181,10 +197,13 @@ def test_a_switch_still_preserves_the_function():
     assert rel(model(x), y) <= 1e-5
 
 
-@pytest.mark.parametrize("make, why", [
-    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "needs torch.optim.Adam or AdamW"),
-    (lambda ps: torch.optim.AdamW(ps, lr=1e-3, amsgrad=True), "amsgrad"),
-])
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), "needs torch.optim.Adam or AdamW"),
+        (lambda ps: torch.optim.AdamW(ps, lr=1e-3, amsgrad=True), "amsgrad"),
+    ],
+)
 def test_other_optimizers_are_refused_before_binding(make, why):
     model, ctl, _ = _wrap("rewarm", interval=4)
     opt = make([p for p in model.parameters() if p.requires_grad])

@@ -1,5 +1,6 @@
 """SRLoRAConfig.selection: which slots each policy fuses, against a loop reference, on hand-made
 scores and on a tiny model through several switches; and SRLoRAConfig.paper()."""
+
 import pytest
 import torch
 from conftest import TinyNet, rel
@@ -35,11 +36,15 @@ def test_each_policy_on_hand_made_scores():
     A = torch.ones(1, 4, 5)
     B[0, :, 1] *= 0.1  # pair 1: low score because it is small (a new, small direction)
     young = [[1, 3]]
-    chosen = {p: lowest(selection_scores(p, scores, B, A, young)[0], 2)
-              for p in ("importance", "protect", "normalized")}
-    assert chosen == {"importance": [1, 3],  # the two lowest scores: both young
-                      "protect": [0, 2],  # young slots ranked after the older ones
-                      "normalized": [2, 3]}  # pair 1: 0.1 / 0.15, the others: score / 15
+    chosen = {
+        p: lowest(selection_scores(p, scores, B, A, young)[0], 2)
+        for p in ("importance", "protect", "normalized")
+    }
+    assert chosen == {
+        "importance": [1, 3],  # the two lowest scores: both young
+        "protect": [0, 2],  # young slots ranked after the older ones
+        "normalized": [2, 3],
+    }  # pair 1: 0.1 / 0.15, the others: score / 15
     for p, c in chosen.items():
         assert c == reference_choice(p, scores[0], B[0], A[0], young[0], 2)
     # more slots needed than old ones exist: the lowest young ones fill the rest
@@ -48,22 +53,35 @@ def test_each_policy_on_hand_made_scores():
 
 def _run(policy, gamma=0.5, switches=4, seed=0):
     torch.manual_seed(seed)
-    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=4 + 2 * switches, gamma=gamma,
-                              target_modules=["query", "value"], switch_interval=3,
-                              total_steps=3 * switches, svd_method="exact", selection=policy)
+    cfg = srlora.SRLoRAConfig(
+        r=4,
+        lora_alpha=8,
+        r_target=4 + 2 * switches,
+        gamma=gamma,
+        target_modules=["query", "value"],
+        switch_interval=3,
+        total_steps=3 * switches,
+        svd_method="exact",
+        selection=policy,
+    )
     model, ctl = srlora.wrap(TinyNet(), cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     seen = []  # what the reference needs, read just before each switch
 
     def before_switch():
-        seen.append([(ctl.pair_scores(i).clone(), ctl.layers[i].B().clone(),
-                      ctl.layers[i].A().clone()) for i in range(len(ctl.layers))])
+        seen.append(
+            [
+                (ctl.pair_scores(i).clone(), ctl.layers[i].B().clone(), ctl.layers[i].A().clone())
+                for i in range(len(ctl.layers))
+            ]
+        )
 
     real = ctl.switch_now
 
     def spy():
         before_switch()
         return real()
+
     ctl.switch_now = spy
     ctl.attach(opt)
     g = torch.Generator().manual_seed(seed + 1)
@@ -104,9 +122,16 @@ def test_protect_gives_every_new_direction_one_whole_interval():
 def test_a_switch_preserves_the_function_under_every_policy():
     for policy in ("protect", "normalized"):
         torch.manual_seed(0)
-        cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"],
-                                  total_steps=100, svd_method="exact", selection=policy,
-                                  optimizer_state="keep")
+        cfg = srlora.SRLoRAConfig(
+            r=4,
+            lora_alpha=8,
+            r_target=12,
+            target_modules=["query", "value"],
+            total_steps=100,
+            svd_method="exact",
+            selection=policy,
+            optimizer_state="keep",
+        )
         model, ctl = srlora.wrap(TinyNet(), cfg)
         x = torch.randn(5, 32)
         model(x).pow(2).mean().backward()
@@ -119,8 +144,13 @@ def test_a_switch_preserves_the_function_under_every_policy():
 
 def test_paper_preset_pins_the_published_choices():
     c = srlora.SRLoRAConfig.paper(r=4, r_target=12, target_modules=["query"])
-    assert (c.selection, c.optimizer_state, c.importance_reset, c.beta1, c.beta2) == \
-        ("importance", "zero", "module", 0.85, 0.85)
+    assert (c.selection, c.optimizer_state, c.importance_reset, c.beta1, c.beta2) == (
+        "importance",
+        "zero",
+        "module",
+        0.85,
+        0.85,
+    )
     with pytest.raises(ValueError, match="fixed by the paper"):
         srlora.SRLoRAConfig.paper(selection="protect")
     with pytest.raises(ValueError, match="SRLoRAConfig.selection"):

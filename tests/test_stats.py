@@ -6,9 +6,20 @@ import pytest
 from srlora_lab.experiments.stats import betainc, paired_interval, t_cdf, t_quantile
 
 
-@pytest.mark.parametrize("df,q975", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776),
-                                     (5, 2.571), (9, 2.262), (19, 2.093), (29, 2.045),
-                                     (120, 1.980)])
+@pytest.mark.parametrize(
+    "df,q975",
+    [
+        (1, 12.706),
+        (2, 4.303),
+        (3, 3.182),
+        (4, 2.776),
+        (5, 2.571),
+        (9, 2.262),
+        (19, 2.093),
+        (29, 2.045),
+        (120, 1.980),
+    ],
+)
 def test_t_quantile_matches_printed_tables(df, q975):
     assert round(t_quantile(0.975, df), 3) == q975
     assert t_quantile(0.025, df) == pytest.approx(-t_quantile(0.975, df), abs=1e-12)
@@ -25,8 +36,9 @@ def test_betainc_closed_forms():
     for x in (0.1, 0.37, 0.9):
         assert betainc(1.0, 1.0, x) == pytest.approx(x, abs=1e-14)  # uniform
         assert betainc(2.0, 1.0, x) == pytest.approx(x * x, abs=1e-14)
-        assert betainc(0.5, 0.5, x) == pytest.approx(2 / math.pi * math.asin(math.sqrt(x)),
-                                                     abs=1e-12)
+        assert betainc(0.5, 0.5, x) == pytest.approx(
+            2 / math.pi * math.asin(math.sqrt(x)), abs=1e-12
+        )
 
 
 def test_paired_interval_hand_computed():
@@ -60,6 +72,7 @@ def test_paired_interval_edge_cases():
 
 def test_paired_p_against_a_printed_value_and_its_edges():
     from srlora_lab.experiments.stats import paired_p
+
     # d = 1..5: t = 3 / (1.5811 / sqrt 5) = 4.2426, df 4: two-sided p = 0.013236 (t tables)
     assert paired_p([1, 2, 3, 4, 5], [0, 0, 0, 0, 0]) == pytest.approx(0.013236, abs=2e-6)
     assert paired_p([1.0, 1.0], [0.0, 0.0]) == 0.0 and paired_p([1.0, 2.0], [1.0, 2.0]) == 1.0
@@ -68,6 +81,7 @@ def test_paired_p_against_a_printed_value_and_its_edges():
 
 def test_holm_by_hand():
     from srlora_lab.experiments.stats import holm
+
     # sorted 0.005 x4, 0.01 x3, 0.03 x2 (then the running max), 0.04 x1 -> max(0.06, 0.04)
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     got = holm([0.2, float("nan"), 0.01])  # nan is left out of the family (m = 2)
@@ -77,6 +91,7 @@ def test_holm_by_hand():
 
 def test_bootstrap_ratio_is_the_ratio_of_means_with_a_deterministic_interval():
     from srlora_lab.experiments.stats import bootstrap_ratio
+
     num, den = [-0.1, -0.12, -0.08, -0.11, -0.09], [-0.3, -0.31, -0.29, -0.3, -0.32]
     a = bootstrap_ratio(num, den, reps=2000)
     assert a["ratio"] == pytest.approx(sum(num) / sum(den))
@@ -87,9 +102,17 @@ def test_bootstrap_ratio_is_the_ratio_of_means_with_a_deterministic_interval():
 
 def test_compare_says_when_no_paired_interval_excludes_zero():
     from srlora_lab.experiments.report import distinguishable
+
     iv = lambda lo, hi: {"ci_low": lo, "ci_high": hi}
-    flat = {"methods": {"pissa": {"accuracy": iv(-0.05, 0.03), "test_loss": iv(-0.1, 0.2),
-                                  "wall_time_s": iv(1.0, 2.0)}}}
+    flat = {
+        "methods": {
+            "pissa": {
+                "accuracy": iv(-0.05, 0.03),
+                "test_loss": iv(-0.1, 0.2),
+                "wall_time_s": iv(1.0, 2.0),
+            }
+        }
+    }
     assert not distinguishable(flat)  # wall time is not a quality metric
     flat["methods"]["srlora"] = {"accuracy": iv(-0.05, -0.01)}
     assert distinguishable(flat)

@@ -1,5 +1,6 @@
 """`srlora study`: the spec's checks, the verdict rules and statistics, and a tiny study end to end
 (a kill -9 mid-study, --resume, and --jobs 2 giving the same records as --jobs 1)."""
+
 import glob
 import json
 import math
@@ -14,67 +15,107 @@ import yaml
 
 from srlora_lab.cli import main
 from srlora_lab.experiments import study_spec
-from srlora_lab.experiments.study_verdicts import (claim_outcome, compare, seeds_needed, train_auc,
-                                               early_point, verdict)
+from srlora_lab.experiments.study_verdicts import (
+    claim_outcome,
+    compare,
+    seeds_needed,
+    train_auc,
+    early_point,
+    verdict,
+)
 from test_compare_cli import ENV, synthetic_csv, tiny_model
 
-TIMING = {"wall_time_s", "train_time_s", "eval_time_s", "setup_time_s", "diagnostics_time_s",
-          "sha256"}  # the checksum covers the timings
+TIMING = {
+    "wall_time_s",
+    "train_time_s",
+    "eval_time_s",
+    "setup_time_s",
+    "diagnostics_time_s",
+    "sha256",
+}  # the checksum covers the timings
 
 
 def base_spec(**over):
-    spec = {"name": "tiny", "lrs": [1e-3, 3e-3, 1e-2],
-            "selection": {"seeds": [10, 11]}, "final": {"seeds": [0, 1, 2, 3, 4]},
-            "methods": ["lora", "pissa", "srlora"],
-            "tasks": [{"name": "rt-polarity", "steps": 100}]}
+    spec = {
+        "name": "tiny",
+        "lrs": [1e-3, 3e-3, 1e-2],
+        "selection": {"seeds": [10, 11]},
+        "final": {"seeds": [0, 1, 2, 3, 4]},
+        "methods": ["lora", "pissa", "srlora"],
+        "tasks": [{"name": "rt-polarity", "steps": 100}],
+    }
     spec.update(over)
     return spec
 
 
 # ------------------------------------------------------------------ spec
 def test_spec_resolves_defaults_shorthands_and_grids(tmp_path):
-    spec = study_spec.parse(base_spec(
-        methods=["lora", {"name": "srlora-keep", "method": "srlora", "optimizer_state": "keep"},
-                 {"name": "dora", "method": "dora"}, "olora"],
-        tasks=[{"name": "rt-polarity", "steps": 200, "lrs": {"dora": [1e-4, 2e-4, 4e-4]}},
-               "mnist"], selection={"seeds": [7, 8], "steps_frac": 0.5}))
+    spec = study_spec.parse(
+        base_spec(
+            methods=[
+                "lora",
+                {"name": "srlora-keep", "method": "srlora", "optimizer_state": "keep"},
+                {"name": "dora", "method": "dora"},
+                "olora",
+            ],
+            tasks=[
+                {"name": "rt-polarity", "steps": 200, "lrs": {"dora": [1e-4, 2e-4, 4e-4]}},
+                "mnist",
+            ],
+            selection={"seeds": [7, 8], "steps_frac": 0.5},
+        )
+    )
     rt, mn = spec["tasks"]
     assert rt["steps"] == 200 and rt["selection_steps"] == 100 and rt["batch_size"] == 16
     assert mn["steps"] == 100 and mn["model"] == "efficientnet-lite0" and mn["r"] == 4
     assert rt["lrs"]["dora"] == [1e-4, 2e-4, 4e-4] and rt["lrs"]["lora"] == [1e-3, 3e-3, 1e-2]
     m = {x["name"]: x for x in spec["methods"]}
-    assert m["dora"] == {"name": "dora", "method": "lora",
-                         "config": {"extra_lora_kwargs": {"use_dora": True}}}
+    assert m["dora"] == {
+        "name": "dora",
+        "method": "lora",
+        "config": {"extra_lora_kwargs": {"use_dora": True}},
+    }
     assert m["olora"]["config"] == {"extra_lora_kwargs": {"init_lora_weights": "olora"}}
     assert m["srlora-keep"]["config"] == {"optimizer_state": "keep"}
     assert spec["pairs"][:2] == [["lora", "srlora-keep"], ["lora", "dora"]]
     assert len(spec["pairs"]) == 6 and spec["margins"] == {"accuracy": 0.5, "loss_rel": 0.02}
     # YAML 1.1 reads 1e-3 as a string: accepted as the number
-    assert study_spec.parse(base_spec(lrs=["1e-3", "3e-3", "1e-2"]))["tasks"][0]["lrs"]["lora"] \
-        == [1e-3, 3e-3, 1e-2]
+    assert study_spec.parse(base_spec(lrs=["1e-3", "3e-3", "1e-2"]))["tasks"][0]["lrs"]["lora"] == [
+        1e-3,
+        3e-3,
+        1e-2,
+    ]
 
 
-@pytest.mark.parametrize("over,msg", [
-    ({"lrs": [1e-3, 3e-3]}, "lrs: needs at least 3 learning rates"),
-    ({"selection": {"seeds": [1]}}, "selection.seeds: needs at least 2 seeds"),
-    ({"final": {"seeds": [0, 1, 2]}}, "final.seeds: needs at least 5 seeds"),
-    ({"final": {"seeds": [0, 1, 2, 3, 3]}}, "final.seeds: a seed is named twice"),
-    ({"methods": ["lora", "qlora"]}, "methods[1].method: unknown method 'qlora'"),
-    ({"methods": [{"name": "s", "method": "srlora", "gamma": 0.01}]}, "methods[0].gamma"),
-    ({"methods": [{"name": "s", "method": "srlora", "optimzer_state": "keep"}]},
-     "methods[0].optimzer_state: unknown key"),
-    ({"tasks": [{"name": "rt-polarity", "steps": 0}]}, "tasks[0].steps: must be >= 1"),
-    ({"tasks": [{"name": "rt-polarity", "steps": 40, "eval_every": 25}]},
-     "tasks[0].eval_every: 25 is over a "
-                                                        "quarter"),
-    ({"tasks": ["nope"]}, "tasks[0].name: unknown task 'nope'"),
-    ({"tasks": [{"name": "rt-polarity", "lrs": {"dora": [1, 2, 3]}}]},
-     "tasks[0].lrs.dora: not a method"),
-    ({"pairs": [["lora", "dora"]]}, "pairs[0][1]: 'dora' is not a method"),
-    ({"margins": {"accuracy": -1}}, "margins.accuracy: expected a positive number"),
-    ({"bogus": 1}, "spec.bogus: unknown key"),
-    ({"lrs": [1e-3, "x", 1e-2]}, "lrs[1]: expected a positive number"),
-])
+@pytest.mark.parametrize(
+    "over,msg",
+    [
+        ({"lrs": [1e-3, 3e-3]}, "lrs: needs at least 3 learning rates"),
+        ({"selection": {"seeds": [1]}}, "selection.seeds: needs at least 2 seeds"),
+        ({"final": {"seeds": [0, 1, 2]}}, "final.seeds: needs at least 5 seeds"),
+        ({"final": {"seeds": [0, 1, 2, 3, 3]}}, "final.seeds: a seed is named twice"),
+        ({"methods": ["lora", "qlora"]}, "methods[1].method: unknown method 'qlora'"),
+        ({"methods": [{"name": "s", "method": "srlora", "gamma": 0.01}]}, "methods[0].gamma"),
+        (
+            {"methods": [{"name": "s", "method": "srlora", "optimzer_state": "keep"}]},
+            "methods[0].optimzer_state: unknown key",
+        ),
+        ({"tasks": [{"name": "rt-polarity", "steps": 0}]}, "tasks[0].steps: must be >= 1"),
+        (
+            {"tasks": [{"name": "rt-polarity", "steps": 40, "eval_every": 25}]},
+            "tasks[0].eval_every: 25 is over a quarter",
+        ),
+        ({"tasks": ["nope"]}, "tasks[0].name: unknown task 'nope'"),
+        (
+            {"tasks": [{"name": "rt-polarity", "lrs": {"dora": [1, 2, 3]}}]},
+            "tasks[0].lrs.dora: not a method",
+        ),
+        ({"pairs": [["lora", "dora"]]}, "pairs[0][1]: 'dora' is not a method"),
+        ({"margins": {"accuracy": -1}}, "margins.accuracy: expected a positive number"),
+        ({"bogus": 1}, "spec.bogus: unknown key"),
+        ({"lrs": [1e-3, "x", 1e-2]}, "lrs[1]: expected a positive number"),
+    ],
+)
 def test_bad_spec_exits_2_naming_the_key_and_writes_nothing(tmp_path, capsys, over, msg):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(base_spec(**over)))
@@ -110,23 +151,34 @@ def test_paired_interval_against_a_hand_computed_example():
     # 2.776445 * sqrt(7) / sqrt(5) = 3.285 > 3; n = 6: t_{.975,5} = 2.570582 -> 2.776 <= 3
     assert v["seeds_needed"] == 6
     # a loss: 2% of the mean of both methods' values is the margin
-    lo = compare("t", "final_test_loss", "x", "y", {0: 0.50, 1: 0.52}, {0: 0.50, 1: 0.50},
-                 {"accuracy": 0.5, "loss_rel": 0.02}, 5)
+    lo = compare(
+        "t",
+        "final_test_loss",
+        "x",
+        "y",
+        {0: 0.50, 1: 0.52},
+        {0: 0.50, 1: 0.50},
+        {"accuracy": 0.5, "loss_rel": 0.02},
+        5,
+    )
     assert lo["margin"] == pytest.approx(0.02 * 0.505) and not lo["complete"]
     assert lo["higher_is_better"] is False
 
 
-@pytest.mark.parametrize("lo,hi,margin,higher,expected", [
-    (1e-9, 2.0, 0.5, True, "better"),          # just excludes 0 above
-    (0.0, 2.0, 0.5, True, "inconclusive"),      # touches 0: not excluded
-    (0.0, 0.5, 0.5, True, "equivalent"),        # inside the margin, ends included
-    (-0.5, 0.5, 0.5, True, "equivalent"),
-    (-0.5000001, 0.5, 0.5, True, "inconclusive"),
-    (-2.0, -1e-9, 0.5, True, "worse"),
-    (-2.0, -1e-9, 0.5, False, "better"),        # a loss: below 0 is better for a
-    (1e-9, 2.0, 0.5, False, "worse"),
-    (0.1, 0.2, 0.5, True, "better"),            # excludes 0 wins over equivalence
-])
+@pytest.mark.parametrize(
+    "lo,hi,margin,higher,expected",
+    [
+        (1e-9, 2.0, 0.5, True, "better"),  # just excludes 0 above
+        (0.0, 2.0, 0.5, True, "inconclusive"),  # touches 0: not excluded
+        (0.0, 0.5, 0.5, True, "equivalent"),  # inside the margin, ends included
+        (-0.5, 0.5, 0.5, True, "equivalent"),
+        (-0.5000001, 0.5, 0.5, True, "inconclusive"),
+        (-2.0, -1e-9, 0.5, True, "worse"),
+        (-2.0, -1e-9, 0.5, False, "better"),  # a loss: below 0 is better for a
+        (1e-9, 2.0, 0.5, False, "worse"),
+        (0.1, 0.2, 0.5, True, "better"),  # excludes 0 wins over equivalence
+    ],
+)
 def test_verdict_rules_at_their_boundaries(lo, hi, margin, higher, expected):
     assert verdict(lo, hi, margin, higher) == expected
 
@@ -155,12 +207,30 @@ def tiny_spec(tmp_path_factory):
     d = tmp_path_factory.mktemp("study")
     tiny_model(str(d / "tiny-bert"))
     synthetic_csv(str(d / "d.csv"))
-    spec = {"name": "tiny", "smoke": True, "lrs": [1e-2], "selection": {"seeds": [0]},
-            "final": {"seeds": [0, 1]}, "methods": ["lora", "srlora"],
-            "tasks": [{"name": "tiny", "dataset": "d.csv", "model": "tiny-bert", "steps": 8,
-                       "batch_size": 8, "r": 4, "r_target": 12, "eval_every": 2,
-                       "eval_size": 16, "max_val": 24, "max_test": 24,
-                       "target_modules": ["query", "value"]}]}
+    spec = {
+        "name": "tiny",
+        "smoke": True,
+        "lrs": [1e-2],
+        "selection": {"seeds": [0]},
+        "final": {"seeds": [0, 1]},
+        "methods": ["lora", "srlora"],
+        "tasks": [
+            {
+                "name": "tiny",
+                "dataset": "d.csv",
+                "model": "tiny-bert",
+                "steps": 8,
+                "batch_size": 8,
+                "r": 4,
+                "r_target": 12,
+                "eval_every": 2,
+                "eval_size": 16,
+                "max_val": 24,
+                "max_test": 24,
+                "target_modules": ["query", "value"],
+            }
+        ],
+    }
     (d / "spec.yaml").write_text(yaml.safe_dump(spec))
     return d / "spec.yaml"
 
@@ -169,37 +239,55 @@ def _records(out):
     recs = {}
     for p in sorted(glob.glob(os.path.join(out, "runs", "**", "*.json"), recursive=True)):
         with open(p) as f:
-            recs[os.path.relpath(p, out)] = {k: v for k, v in json.load(f).items()
-                                             if k not in TIMING}
+            recs[os.path.relpath(p, out)] = {
+                k: v for k, v in json.load(f).items() if k not in TIMING
+            }
     return recs
 
 
 @pytest.mark.slow  # three CLI processes and two spawned workers: ~40 s on an idle 2-core CPU
-def test_kill_resume_and_jobs_2_give_the_records_of_an_uninterrupted_run(tiny_spec, tmp_path,
-                                                                          capsys):
-    cmd = [sys.executable, "-m", "srlora", "study", str(tiny_spec), "--no-progress",
-           "--threads", "1"]
+def test_kill_resume_and_jobs_2_give_the_records_of_an_uninterrupted_run(
+    tiny_spec, tmp_path, capsys
+):
+    cmd = [
+        sys.executable,
+        "-m",
+        "srlora",
+        "study",
+        str(tiny_spec),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     env = dict(ENV, OMP_NUM_THREADS="1")
     # --jobs 2, uninterrupted
     full = tmp_path / "full"
-    p = subprocess.run(cmd + ["--out", str(full), "--jobs", "2"], env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        cmd + ["--out", str(full), "--jobs", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     ref = _records(full)
     # selection seed 0 at the final steps and the one lr: shared with the final phase
     assert len(ref) == 4 and all(not r["failed"] for r in ref.values())
     summary = json.loads((full / "study.json").read_text())
     assert summary["status"] == "finished" and len(summary["runs"]) == 4
-    assert {(v["metric"], v["n"]) for v in summary["verdicts"]} >= {("final_accuracy", 2),
-                                                                     ("train_auc25", 2)}
+    assert {(v["metric"], v["n"]) for v in summary["verdicts"]} >= {
+        ("final_accuracy", 2),
+        ("train_auc25", 2),
+    }
     assert "train_loss" not in summary["runs"][0]
     assert (full / "forest.png").stat().st_size > 5000
     assert (full / "curves-tiny.png").stat().st_size > 5000
     assert "| claim |" in (full / "verdicts.md").read_text()
     # --jobs 1, killed (SIGKILL) once the first run is written, then resumed
     part = tmp_path / "part"
-    proc = subprocess.Popen(cmd + ["--out", str(part)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd + ["--out", str(part)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while not glob.glob(str(part / "runs" / "**" / "*.json"), recursive=True):
         assert proc.poll() is None and time.time() < deadline, "the study ended too early"
@@ -220,8 +308,9 @@ def test_kill_resume_and_jobs_2_give_the_records_of_an_uninterrupted_run(tiny_sp
     assert "spec.tasks[0].steps" in capsys.readouterr().err
     assert main(["study", str(tiny_spec), "--out", str(part)]) == 2  # no --resume: refused
     assert "pass --resume" in capsys.readouterr().err
-    p = subprocess.run(cmd + ["--out", str(part), "--resume"], env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        cmd + ["--out", str(part), "--resume"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resume: {len(kept)} finished run(s)" in p.stdout
     assert _records(part) == ref
@@ -230,8 +319,11 @@ def test_kill_resume_and_jobs_2_give_the_records_of_an_uninterrupted_run(tiny_sp
 @pytest.mark.slow  # two in-process studies of a tiny model: ~30 s
 def test_tasks_runs_a_subset_and_resume_finishes_the_rest(tiny_spec, tmp_path, capsys):
     raw = yaml.safe_load(tiny_spec.read_text())
-    t = dict(raw["tasks"][0], dataset=str(tiny_spec.parent / "d.csv"),
-             model=str(tiny_spec.parent / "tiny-bert"))
+    t = dict(
+        raw["tasks"][0],
+        dataset=str(tiny_spec.parent / "d.csv"),
+        model=str(tiny_spec.parent / "tiny-bert"),
+    )
     raw["tasks"] = [t, dict(t, name="tiny2")]
     spec = tmp_path / "two.yaml"
     spec.write_text(yaml.safe_dump(raw))
@@ -257,10 +349,14 @@ def test_a_method_may_set_the_rank_the_task_sets_too(tiny_spec):
     from srlora_lab.experiments import study_jobs
 
     raw = yaml.safe_load(tiny_spec.read_text())
-    raw["tasks"][0].update(dataset=str(tiny_spec.parent / "d.csv"),
-                           model=str(tiny_spec.parent / "tiny-bert"))
-    raw["methods"] = ["lora", {"name": "lora-r2", "method": "lora", "r": 2, "lora_alpha": 4},
-                      {"name": "srlora-g", "method": "srlora", "gamma": 0.25}]
+    raw["tasks"][0].update(
+        dataset=str(tiny_spec.parent / "d.csv"), model=str(tiny_spec.parent / "tiny-bert")
+    )
+    raw["methods"] = [
+        "lora",
+        {"name": "lora-r2", "method": "lora", "r": 2, "lora_alpha": 4},
+        {"name": "srlora-g", "method": "srlora", "gamma": 0.25},
+    ]
     spec = study_spec.parse(raw)
     task = spec["tasks"][0]
     study_jobs.check_adapters(task, spec["methods"])
@@ -296,14 +392,32 @@ def test_a_killed_study_leaves_no_worker_behind(tiny_spec, tmp_path):
     """SIGKILL of `srlora study --jobs 2` while both workers train: the workers end within
     seconds (before, they finished their runs and then spun on the dead pool's queue)."""
     raw = yaml.safe_load(tiny_spec.read_text())
-    raw["tasks"][0].update(steps=4000, dataset=str(tiny_spec.parent / "d.csv"),
-                           model=str(tiny_spec.parent / "tiny-bert"))
+    raw["tasks"][0].update(
+        steps=4000,
+        dataset=str(tiny_spec.parent / "d.csv"),
+        model=str(tiny_spec.parent / "tiny-bert"),
+    )
     spec = tmp_path / "long.yaml"
     spec.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([sys.executable, "-m", "srlora", "study", str(spec), "--out",
-                             str(tmp_path / "out"), "--jobs", "2", "--threads", "1",
-                             "--no-progress"], env=dict(ENV, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "srlora",
+            "study",
+            str(spec),
+            "--out",
+            str(tmp_path / "out"),
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+            "--no-progress",
+        ],
+        env=dict(ENV, OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline, workers = time.time() + 120, []
         while len(workers) < 2:  # the two pool workers (spawn), not the resource tracker
@@ -356,16 +470,19 @@ def test_claims_read_each_pair_from_srloras_side():
     def v(task, metric, a, b, verdict):
         return {"task": task, "metric": metric, "a": a, "b": b, "verdict": verdict}
 
-    vs = [v("mnist", "final_accuracy", "lora", "srlora", "better"),      # read: srlora worse
-          v("rt-polarity", "final_accuracy", "srlora", "lora", "equivalent"),
-          v("rt-polarity", "final_accuracy", "pissa", "srlora", "worse"),  # read: srlora better
-          v("rt-polarity", "train_auc25", "srlora", "lora", "better"),
-          v("rt-polarity", "early_test_loss", "srlora", "lora", "better"),
-          v("rt-polarity", "train_auc25", "srlora", "pissa", "inconclusive")]
+    vs = [
+        v("mnist", "final_accuracy", "lora", "srlora", "better"),  # read: srlora worse
+        v("rt-polarity", "final_accuracy", "srlora", "lora", "equivalent"),
+        v("rt-polarity", "final_accuracy", "pissa", "srlora", "worse"),  # read: srlora better
+        v("rt-polarity", "train_auc25", "srlora", "lora", "better"),
+        v("rt-polarity", "early_test_loss", "srlora", "lora", "better"),
+        v("rt-polarity", "train_auc25", "srlora", "pissa", "inconclusive"),
+    ]
     c = {x["id"]: x["tasks"] for x in claims(vs, ["rt-polarity", "mnist"])}
     assert c[4]["mnist"]["outcome"] == "holds"
-    assert c[4]["mnist"]["verdicts"] == [{"metric": "final_accuracy", "against": "lora",
-                                          "verdict": "worse"}]
+    assert c[4]["mnist"]["verdicts"] == [
+        {"metric": "final_accuracy", "against": "lora", "verdict": "worse"}
+    ]
     assert c[2]["rt-polarity"]["outcome"] == "holds"
     assert c[1]["rt-polarity"]["outcome"] == "inconclusive"
     assert c[1]["mnist"]["outcome"] == "not run" and c[3] == {}
@@ -375,39 +492,63 @@ def test_pairs_table_gives_each_pairs_loss_and_accuracy_verdicts_per_task():
     from srlora_lab.experiments.study_report import format_markdown, pairs_table
 
     def v(task, metric, a, b, verdict, complete=True):
-        return {"task": task, "metric": metric, "a": a, "b": b, "verdict": verdict,
-                "complete": complete}
+        return {
+            "task": task,
+            "metric": metric,
+            "a": a,
+            "b": b,
+            "verdict": verdict,
+            "complete": complete,
+        }
 
-    summary = {"spec": {"tasks": [{"name": "rt-polarity"}, {"name": "mnist"}],
-                        "pairs": [["srlora-gradient", "srlora"], ["srlora", "pissa"]]},
-               "verdicts": [v("rt-polarity", "final_test_loss", "srlora-gradient", "srlora",
-                              "better"),
-                            v("rt-polarity", "final_accuracy", "srlora-gradient", "srlora",
-                              "inconclusive"),
-                            v("rt-polarity", "val_loss", "srlora-gradient", "srlora", "worse"),
-                            v("mnist", "final_test_loss", "srlora", "pissa", "worse", False)]}
+    summary = {
+        "spec": {
+            "tasks": [{"name": "rt-polarity"}, {"name": "mnist"}],
+            "pairs": [["srlora-gradient", "srlora"], ["srlora", "pissa"]],
+        },
+        "verdicts": [
+            v("rt-polarity", "final_test_loss", "srlora-gradient", "srlora", "better"),
+            v("rt-polarity", "final_accuracy", "srlora-gradient", "srlora", "inconclusive"),
+            v("rt-polarity", "val_loss", "srlora-gradient", "srlora", "worse"),
+            v("mnist", "final_test_loss", "srlora", "pissa", "worse", False),
+        ],
+    }
     assert pairs_table(summary).splitlines()[2:] == [
         "| srlora-gradient vs srlora | loss better, acc inconclusive | - |",
-        "| srlora vs pissa | - | loss worse [partial] |"]
+        "| srlora vs pissa | - | loss worse [partial] |",
+    ]
     # a study without LoRA (the variants) has no claims table; the pairs table heads it
-    full = {**summary, "status": "complete", "wall_time_s": 60.0, "claims": [],
-            "lr_selection": {"criterion": "c", "tasks": {}},
-            "spec": {**summary["spec"], "name": "v", "margins": {"accuracy": 0.5,
-                                                               "loss_rel": 0.02},
-                     "methods": ["pissa", "srlora"], "tasks": []}}
+    full = {
+        **summary,
+        "status": "complete",
+        "wall_time_s": 60.0,
+        "claims": [],
+        "lr_selection": {"criterion": "c", "tasks": {}},
+        "spec": {
+            **summary["spec"],
+            "name": "v",
+            "margins": {"accuracy": 0.5, "loss_rel": 0.02},
+            "methods": ["pissa", "srlora"],
+            "tasks": [],
+        },
+    }
     md = format_markdown(full)
     assert "Claims" not in md and "Pairs" in md
 
 
-@pytest.mark.parametrize("verdicts, expected", [
-    ([], "not run"),
-    (["better", "worse"], "worse"),
-    (["better", "inconclusive"], "better"),
-    (["equivalent", "equivalent"], "equivalent"),
-    (["equivalent", "inconclusive"], "inconclusive"),
-])
+@pytest.mark.parametrize(
+    "verdicts, expected",
+    [
+        ([], "not run"),
+        (["better", "worse"], "worse"),
+        (["better", "inconclusive"], "better"),
+        (["equivalent", "equivalent"], "equivalent"),
+        (["equivalent", "inconclusive"], "inconclusive"),
+    ],
+)
 def test_a_tasks_standing_from_its_loss_and_accuracy_verdicts(verdicts, expected):
     from srlora_lab.experiments.study_verdicts import standing
+
     assert standing(verdicts) == expected
 
 
@@ -416,14 +557,22 @@ def test_the_default_rule_reads_both_orders_of_a_pair_and_needs_every_task():
     from srlora_lab.experiments.study_verdicts import default_rule, rule_outcome
 
     def v(task, metric, a, b, verdict, complete=True):
-        return {"task": task, "metric": metric, "a": a, "b": b, "verdict": verdict,
-                "complete": complete}
+        return {
+            "task": task,
+            "metric": metric,
+            "a": a,
+            "b": b,
+            "verdict": verdict,
+            "complete": complete,
+        }
 
-    vs = [v("rt", "final_test_loss", "srlora-x", "srlora", "better"),
-          v("rt", "final_accuracy", "srlora", "srlora-x", "equivalent"),
-          v("rt", "val_loss", "srlora-x", "srlora", "worse"),          # not a rule metric
-          v("mnist", "final_test_loss", "srlora", "srlora-x", "better"),  # read: x worse
-          v("fm", "final_accuracy", "srlora-x", "srlora", "better", complete=False)]
+    vs = [
+        v("rt", "final_test_loss", "srlora-x", "srlora", "better"),
+        v("rt", "final_accuracy", "srlora", "srlora-x", "equivalent"),
+        v("rt", "val_loss", "srlora-x", "srlora", "worse"),  # not a rule metric
+        v("mnist", "final_test_loss", "srlora", "srlora-x", "better"),  # read: x worse
+        v("fm", "final_accuracy", "srlora-x", "srlora", "better", complete=False),
+    ]
     r = default_rule(vs, ["rt", "mnist", "fm"], "srlora-x")
     assert r["tasks"] == {"rt": "better", "mnist": "worse", "fm": "partial"}
     assert r["outcome"] == "fails (worse)"
@@ -433,22 +582,29 @@ def test_the_default_rule_reads_both_orders_of_a_pair_and_needs_every_task():
     assert rule_outcome(["equivalent", "equivalent"]) == "fails (no gain)"
     assert rule_outcome(["better", "inconclusive"]) == "undecided"
     # the report's table: variants of srlora paired with it, in spec order; controls left out
-    summary = {"spec": {"name": "v", "tasks": [{"name": "rt"}, {"name": "mnist"}],
-                        "margins": {"accuracy": 0.5, "loss_rel": 0.02},
-                        "pairs": [["srlora-x", "srlora"], ["srlora-x", "pissa"]],
-                        "methods": [{"name": "pissa", "method": "pissa", "config": {}},
-                                    {"name": "srlora", "method": "srlora", "config": {}},
-                                    {"name": "srlora-i40", "method": "srlora",
-                                     "config": {"switch_interval": 40}},
-                                    {"name": "srlora-x", "method": "srlora",
-                                     "config": {"optimizer_state": "rewarm"}}]},
-               "verdicts": vs + [v("rt", "final_accuracy", "srlora-x", "pissa", "worse")],
-               "status": "complete", "wall_time_s": 60.0, "claims": [],
-               "lr_selection": {"criterion": "c", "tasks": {}}}
+    summary = {
+        "spec": {
+            "name": "v",
+            "tasks": [{"name": "rt"}, {"name": "mnist"}],
+            "margins": {"accuracy": 0.5, "loss_rel": 0.02},
+            "pairs": [["srlora-x", "srlora"], ["srlora-x", "pissa"]],
+            "methods": [
+                {"name": "pissa", "method": "pissa", "config": {}},
+                {"name": "srlora", "method": "srlora", "config": {}},
+                {"name": "srlora-i40", "method": "srlora", "config": {"switch_interval": 40}},
+                {"name": "srlora-x", "method": "srlora", "config": {"optimizer_state": "rewarm"}},
+            ],
+        },
+        "verdicts": vs + [v("rt", "final_accuracy", "srlora-x", "pissa", "worse")],
+        "status": "complete",
+        "wall_time_s": 60.0,
+        "claims": [],
+        "lr_selection": {"criterion": "c", "tasks": {}},
+    }
     assert rule_table(summary).splitlines()[2:] == [
-        "| srlora-x | better / worse | worse / not run | fails (worse) |"]
-    assert "Default rule" in format_markdown({**summary, "spec": {**summary["spec"],
-                                                                 "tasks": []}})
+        "| srlora-x | better / worse | worse / not run | fails (worse) |"
+    ]
+    assert "Default rule" in format_markdown({**summary, "spec": {**summary["spec"], "tasks": []}})
 
 
 def test_bad_flags_and_unloadable_data_exit_2_before_anything_is_written(tmp_path, capsys):
@@ -460,11 +616,14 @@ def test_bad_flags_and_unloadable_data_exit_2_before_anything_is_written(tmp_pat
     assert main(["study", str(good), "--out", str(out), "--threads", "0"]) == 2
     assert "--threads: must be >= 1" in capsys.readouterr().err
     assert main(["study", str(good), "--out", str(out), "--tasks", "rt-polarity,cifar"]) == 2
-    assert "--tasks: cifar: not a task of the spec (its tasks: rt-polarity)" in \
-        capsys.readouterr().err
+    assert (
+        "--tasks: cifar: not a task of the spec (its tasks: rt-polarity)" in capsys.readouterr().err
+    )
     assert main(["study", str(good), "--out", str(out), "--methods", "srlora,dora"]) == 2
-    assert "--methods: dora: not a method of the spec (its methods: lora, pissa, srlora)" in \
-        capsys.readouterr().err
+    assert (
+        "--methods: dora: not a method of the spec (its methods: lora, pissa, srlora)"
+        in capsys.readouterr().err
+    )
     (tmp_path / "cols.csv").write_text("sentence,label\na b,1\nc d,0\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(base_spec(tasks=[{"name": "mine", "dataset": "cols.csv"}])))
@@ -478,8 +637,11 @@ def test_methods_subset_plans_only_those_methods(tmp_path):
     order as the whole study's; every method still counts in the verdicts."""
     from srlora_lab.experiments.study import Study
 
-    spec = study_spec.parse(base_spec(methods=["lora", "pissa", "srlora"],
-                                      selection={"seeds": [10, 11], "steps_frac": 0.5}))
+    spec = study_spec.parse(
+        base_spec(
+            methods=["lora", "pissa", "srlora"], selection={"seeds": [10, 11], "steps_frac": 0.5}
+        )
+    )
     whole, part = Study(spec, str(tmp_path)), Study(spec, str(tmp_path), None, {"srlora"})
     assert part.ready() == [k for k in whole.ready() if k[1] == "srlora"] != []
     assert part.pending_total() == whole.pending_total() // 3  # 3 methods, same grid and seeds
@@ -490,24 +652,34 @@ def test_schedule_order_and_lr_choice(tmp_path):
     before the next task's selection; ties on the loss go to the higher validation accuracy."""
     from srlora_lab.experiments.study import Study
 
-    spec = study_spec.parse(base_spec(methods=["lora", "srlora"],
-                                      tasks=[{"name": "rt-polarity", "steps": 100},
-                                             {"name": "mnist", "steps": 100}],
-                                      selection={"seeds": [10, 11], "steps_frac": 0.5}))
+    spec = study_spec.parse(
+        base_spec(
+            methods=["lora", "srlora"],
+            tasks=[{"name": "rt-polarity", "steps": 100}, {"name": "mnist", "steps": 100}],
+            selection={"seeds": [10, 11], "steps_frac": 0.5},
+        )
+    )
     st = Study(spec, str(tmp_path))
     first = st.ready()
-    assert len(first) == 2 * 2 * 3 * 2 and all(k[0] == "rt-polarity" and k[3] == 50
-                                               for k in first[:12])
+    assert len(first) == 2 * 2 * 3 * 2 and all(
+        k[0] == "rt-polarity" and k[3] == 50 for k in first[:12]
+    )
     val = {1e-3: (0.50, 0.8), 3e-3: (0.40, 0.7), 1e-2: (0.40, 0.9)}  # lora: 1e-2 wins the tie
     for task, m, lr, steps, seed in first[:12]:
         loss, acc = val[lr] if m == "lora" else (0.3 if lr == 1e-3 else 0.6, 0.5)
-        st.runs[(task, m, lr, steps, seed)] = {"val_loss": loss + seed * 1e-3,
-                                               "val_accuracy": acc, "seed": seed}
+        st.runs[(task, m, lr, steps, seed)] = {
+            "val_loss": loss + seed * 1e-3,
+            "val_accuracy": acc,
+            "seed": seed,
+        }
     assert st.chosen(spec["tasks"][0], "lora") == 1e-2
     assert st.chosen(spec["tasks"][0], "srlora") == 1e-3
     nxt = st.ready()
-    assert nxt[:10] == [("rt-polarity", m, 1e-2 if m == "lora" else 1e-3, 100, s)
-                        for s in range(5) for m in ("lora", "srlora")]
+    assert nxt[:10] == [
+        ("rt-polarity", m, 1e-2 if m == "lora" else 1e-3, 100, s)
+        for s in range(5)
+        for m in ("lora", "srlora")
+    ]
     assert all(k[0] == "mnist" for k in nxt[10:])
     assert st.pending_total() == len(nxt) + 2 * 5  # + mnist's final runs, lr not yet chosen
     # --tasks mnist: only mnist's jobs, in the same order; the verdicts still cover every task
@@ -522,13 +694,25 @@ def test_reuse_copies_only_the_runs_this_study_would_run_identically(tmp_path):
     fields), lr, steps and seed all match this spec's plan; nothing else."""
     from srlora_lab.experiments.study import reuse_runs, run_file
 
-    mk = lambda methods, steps: study_spec.parse(base_spec(
-        methods=methods, tasks=[{"name": "rt-polarity", "steps": steps},
-                                {"name": "mnist", "steps": 100}]))
-    theirs = mk(["lora", "srlora", {"name": "srlora-keep", "method": "srlora",
-                                    "optimizer_state": "keep"}], 200)
-    mine = mk(["lora", "srlora", {"name": "srlora-keep", "method": "srlora",
-                                  "optimizer_state": "zero"}, "pissa"], 200)
+    mk = lambda methods, steps: study_spec.parse(
+        base_spec(
+            methods=methods,
+            tasks=[{"name": "rt-polarity", "steps": steps}, {"name": "mnist", "steps": 100}],
+        )
+    )
+    theirs = mk(
+        ["lora", "srlora", {"name": "srlora-keep", "method": "srlora", "optimizer_state": "keep"}],
+        200,
+    )
+    mine = mk(
+        [
+            "lora",
+            "srlora",
+            {"name": "srlora-keep", "method": "srlora", "optimizer_state": "zero"},
+            "pissa",
+        ],
+        200,
+    )
     other, out = tmp_path / "other", tmp_path / "out"
     os.makedirs(other)
     (other / "spec.json").write_text(json.dumps(theirs))
@@ -536,19 +720,27 @@ def test_reuse_copies_only_the_runs_this_study_would_run_identically(tmp_path):
     for task in theirs["tasks"]:
         for m in ("lora", "srlora", "srlora-keep"):
             for lr in (1e-3, 0.05):  # 0.05: not in the grid
-                for steps, seed in ((task["selection_steps"], 10), (task["steps"], 0),
-                                    (task["steps"], 7)):  # seed 7: not in the plan
+                for steps, seed in (
+                    (task["selection_steps"], 10),
+                    (task["steps"], 0),
+                    (task["steps"], 7),
+                ):  # seed 7: not in the plan
                     f = run_file(str(other), task["name"], m, lr, steps, seed)
                     os.makedirs(os.path.dirname(f), exist_ok=True)
                     with open(f, "w") as fh:
                         json.dump({"task": task["name"], "name": m, "lr": lr, "seed": seed}, fh)
                     files.append(f)
     got = reuse_runs(mine, str(out), str(other))
-    copied = sorted(os.path.relpath(p, out) for p in
-                    glob.glob(str(out / "runs" / "**" / "*.json"), recursive=True))
-    want = sorted(os.path.relpath(run_file(str(out), t["name"], m, 1e-3, steps, seed), out)
-                  for t in mine["tasks"] for m in ("lora", "srlora")
-                  for steps, seed in ((t["selection_steps"], 10), (t["steps"], 0)))
+    copied = sorted(
+        os.path.relpath(p, out)
+        for p in glob.glob(str(out / "runs" / "**" / "*.json"), recursive=True)
+    )
+    want = sorted(
+        os.path.relpath(run_file(str(out), t["name"], m, 1e-3, steps, seed), out)
+        for t in mine["tasks"]
+        for m in ("lora", "srlora")
+        for steps, seed in ((t["selection_steps"], 10), (t["steps"], 0))
+    )
     assert copied == want and got["copied"] == len(want) == 8
     assert got["skipped"]["method differs or absent"] == 4  # srlora-keep (zero), pissa: 2 tasks
     # a task whose settings differ is not reused at all; existing files are kept
@@ -571,17 +763,30 @@ def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys
     assert "holds no study" in capsys.readouterr().err
     os.makedirs(out)
     write_json(str(out / "spec.json"), spec)
-    write_json(str(out / "study.json"), {"meta": {"jobs": 1}, "status": "running",
-                                         "wall_time_s": 60.0})
+    write_json(
+        str(out / "study.json"), {"meta": {"jobs": 1}, "status": "running", "wall_time_s": 60.0}
+    )
 
     def rec(m, lr, steps, seed, acc, loss, diag, train=None, switches=()):
-        r = {"task": "rt-polarity", "name": m, "method": m, "lr": lr, "seed": seed,
-             "steps": steps, "failed": False, "final_accuracy": acc, "val_accuracy": acc,
-             "final_test_loss": loss, "val_loss": loss, "train_loss": train or [1.0] * steps,
-             "switch_steps": list(switches), "num_switches": len(switches),
-             "eval_curve": [{"step": k, "loss": loss} for k in (steps // 4, steps)],
-             "val_curve": [{"step": k, "loss": loss} for k in (steps // 4, steps)],
-             "diagnostics": {"summary": diag}}
+        r = {
+            "task": "rt-polarity",
+            "name": m,
+            "method": m,
+            "lr": lr,
+            "seed": seed,
+            "steps": steps,
+            "failed": False,
+            "final_accuracy": acc,
+            "val_accuracy": acc,
+            "final_test_loss": loss,
+            "val_loss": loss,
+            "train_loss": train or [1.0] * steps,
+            "switch_steps": list(switches),
+            "num_switches": len(switches),
+            "eval_curve": [{"step": k, "loss": loss} for k in (steps // 4, steps)],
+            "val_curve": [{"step": k, "loss": loss} for k in (steps // 4, steps)],
+            "diagnostics": {"summary": diag},
+        }
         write_json(run_file(str(out), "rt-polarity", m, lr, steps, seed), r)
 
     sel_steps = spec["tasks"][0]["selection_steps"]
@@ -594,19 +799,31 @@ def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys
         rec("lora", 1e-3, 100, seed, 0.80 + 0.01 * seed, 0.40 - 0.01 * seed, {"erank_mean": 4.0})
         # training loss: level until the first switch (step 40), then 0.05 higher (+0.01 * seed)
         train = [1.0] * 40 + [1.05 + 0.01 * seed] * 60
-        rec("srlora", 1e-3, 100, seed, 0.78 + 0.01 * seed, 0.43 - 0.01 * seed,
+        rec(
+            "srlora",
+            1e-3,
+            100,
+            seed,
+            0.78 + 0.01 * seed,
+            0.43 - 0.01 * seed,
             {"erank_mean": 50.0, "survived_frac": 0.1, "age_median": 20, "moved_median": 0.5},
-            train, (40, 70))
+            train,
+            (40, 70),
+        )
     assert main(["study", str(tmp_path / "s.yaml"), "--out", str(out), "--report"]) == 0
     md = (out / "verdicts.md").read_text()
     assert "| claim |" in md and "(running, 1 min)" in md
-    assert "| final_accuracy | lora vs srlora | 5 | 82.00 | 80.00 | 2.00 [2.00, 2.00] | 0 | 0.50 | " \
+    assert (
+        "| final_accuracy | lora vs srlora | 5 | 82.00 | 80.00 | 2.00 [2.00, 2.00] | 0 | 0.50 | "
         "better |" in md
+    )
     assert "| srlora | 5 | 50.0 | 10.0 | 20 | 0.50 |" in md and "| lora | 5 | 4.0 | - |" in md
     # the gap: 0 before step 40, 0.07 +- 0.0157 (t_4 * sd 0.0158 / sqrt 5) after; jump at 40 is
     # the full 0.07, at 70 zero: mean 0.035 +- half that spread
-    assert "| srlora | lora | 0.001, 0.001 | 5 | +0.000 [0.000, 0.000] | +0.070 [0.050, 0.090] | " \
+    assert (
+        "| srlora | lora | 0.001, 0.001 | 5 | +0.000 [0.000, 0.000] | +0.070 [0.050, 0.090] | "
         "+0.070 [0.050, 0.090] | +0.035 [0.025, 0.045] |" in md
+    )
     raw["tasks"][0]["steps"] = 200
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))
     assert main(["study", str(tmp_path / "t.yaml"), "--out", str(out), "--report"]) == 2
@@ -620,8 +837,12 @@ def test_report_writes_the_verdicts_of_a_study_stopped_part_way(tmp_path, capsys
     assert main(["study", str(tmp_path / "p.yaml"), "--out", str(out), "--report"]) == 0
     assert "pairs and margins changed" in capsys.readouterr().out
     md = (out / "verdicts.md").read_text()
-    assert "| final_accuracy | srlora vs lora | 5 | 80.00 | 82.00 | -2.00 [-2.00, -2.00] | 0 | 1.00 | " \
-        "worse |" in md and "lora vs srlora" not in md
+    assert (
+        "| final_accuracy | srlora vs lora | 5 | 80.00 | 82.00 | -2.00 [-2.00, -2.00] | 0 | 1.00 | "
+        "worse |"
+        in md
+        and "lora vs srlora" not in md
+    )
     assert json.loads((out / "spec.json").read_text())["pairs"] == [["srlora", "lora"]]
     saved = json.loads((out / "study.json").read_text())
     assert {(v["a"], v["b"]) for v in saved["verdicts"]} == {("srlora", "lora")}

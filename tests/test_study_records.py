@@ -3,6 +3,7 @@ one lr per file, one process per folder, one machine per comparison, and the dec
 
 Each test here failed on c7bf1de (no `full` method, records without checksum or fingerprint,
 `lr:g` file names, no lock)."""
+
 import json
 import os
 import subprocess
@@ -26,17 +27,41 @@ def tiny_dir(tmp_path_factory):
 
 
 def _spec(d, **over):
-    spec = {"name": "tiny-full", "smoke": True, "lrs": [1e-2], "selection": {"seeds": [0]},
-            "final": {"seeds": [0, 1]},
-            "methods": [{"name": "full", "method": "full", "lrs": [1e-3]}, "lora", "srlora"],
-            "pairs": [["full", "lora"], ["srlora", "lora"]],
-            "headroom": [{"full": "full", "lora": "lora", "methods": ["srlora"]}],
-            "confirmatory": [{"task": "tiny", "a": "full", "b": "lora",
-                              "metric": "final_test_loss", "prediction": "full better"}],
-            "tasks": [{"name": "tiny", "dataset": str(d / "d.csv"), "model": str(d / "tiny-bert"),
-                       "steps": 8, "batch_size": 8, "r": 4, "r_target": 12, "eval_every": 2,
-                       "eval_size": 16, "max_val": 24, "max_test": 24,
-                       "target_modules": ["query", "value"]}]}
+    spec = {
+        "name": "tiny-full",
+        "smoke": True,
+        "lrs": [1e-2],
+        "selection": {"seeds": [0]},
+        "final": {"seeds": [0, 1]},
+        "methods": [{"name": "full", "method": "full", "lrs": [1e-3]}, "lora", "srlora"],
+        "pairs": [["full", "lora"], ["srlora", "lora"]],
+        "headroom": [{"full": "full", "lora": "lora", "methods": ["srlora"]}],
+        "confirmatory": [
+            {
+                "task": "tiny",
+                "a": "full",
+                "b": "lora",
+                "metric": "final_test_loss",
+                "prediction": "full better",
+            }
+        ],
+        "tasks": [
+            {
+                "name": "tiny",
+                "dataset": str(d / "d.csv"),
+                "model": str(d / "tiny-bert"),
+                "steps": 8,
+                "batch_size": 8,
+                "r": 4,
+                "r_target": 12,
+                "eval_every": 2,
+                "eval_size": 16,
+                "max_val": 24,
+                "max_test": 24,
+                "target_modules": ["query", "value"],
+            }
+        ],
+    }
     spec.update(over)
     path = d / f"spec-{len(os.listdir(d))}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -46,14 +71,20 @@ def _spec(d, **over):
 @pytest.fixture(scope="module")
 def finished(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "study"
-    assert main(["study", str(_spec(tiny_dir)), "--out", str(out), "--no-progress",
-                 "--threads", "1"]) == 0
+    assert (
+        main(["study", str(_spec(tiny_dir)), "--out", str(out), "--no-progress", "--threads", "1"])
+        == 0
+    )
     return out
 
 
 def _files(out):
-    return sorted(os.path.join(r, f) for r, _, fs in os.walk(os.path.join(out, "runs"))
-                  for f in fs if f.endswith(".json"))
+    return sorted(
+        os.path.join(r, f)
+        for r, _, fs in os.walk(os.path.join(out, "runs"))
+        for f in fs
+        if f.endswith(".json")
+    )
 
 
 def test_full_fine_tuning_trains_every_weight_and_records_its_change(finished):
@@ -93,8 +124,9 @@ def test_summary_has_the_declared_family_with_holm_and_the_headroom(finished):
     assert "Confirmatory comparisons" in md and "exploratory" in md and "Headroom" in md
 
 
-def test_a_damaged_or_edited_record_is_named_by_report_and_rerun_by_resume(finished, tmp_path,
-                                                                           capsys):
+def test_a_damaged_or_edited_record_is_named_by_report_and_rerun_by_resume(
+    finished, tmp_path, capsys
+):
     import shutil
 
     out = tmp_path / "copy"
@@ -110,10 +142,13 @@ def test_a_damaged_or_edited_record_is_named_by_report_and_rerun_by_resume(finis
     spec = sorted(_TINY[0].glob("spec-*.yaml"))[0]  # the spec `finished` was made from
     assert main(["study", str(spec), "--out", str(out), "--report"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and ("changed since it was written" in err[0]
-                              or "not valid JSON" in err[0])
-    assert main(["study", str(spec), "--out", str(out), "--resume", "--no-progress",
-                 "--threads", "1"]) == 0
+    assert len(err) == 1 and (
+        "changed since it was written" in err[0] or "not valid JSON" in err[0]
+    )
+    assert (
+        main(["study", str(spec), "--out", str(out), "--resume", "--no-progress", "--threads", "1"])
+        == 0
+    )
     outtxt = capsys.readouterr().out
     assert outtxt.count("run again") == 2
     assert os.path.exists(files[0] + ".damaged") and os.path.exists(files[1] + ".damaged")
@@ -140,9 +175,18 @@ def test_two_lrs_never_share_a_file():
 def test_one_process_per_study_folder_and_a_killed_holder_frees_it(tmp_path):
     folder = tmp_path / "s"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from srlora_lab.experiments.records import "
-         "StudyLock; StudyLock(sys.argv[1]).acquire(); print('held', flush=True); "
-         "time.sleep(60)", str(folder)], stdout=subprocess.PIPE, text=True, env=ENV)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from srlora_lab.experiments.records import "
+            "StudyLock; StudyLock(sys.argv[1]).acquire(); print('held', flush=True); "
+            "time.sleep(60)",
+            str(folder),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(records.RecordError, match=f"pid {holder.pid}"):
         records.StudyLock(str(folder)).acquire()
@@ -172,13 +216,19 @@ def test_resume_and_reuse_never_mix_machines(finished, tiny_dir, tmp_path, capsy
     rec["fingerprint"] = dict(rec["fingerprint"], cpu="another CPU", id="0123456789ab")
     json.dump(records.seal(rec), open(f, "w"))
     spec = sorted(tiny_dir.glob("spec-*.yaml"))[0]
-    assert main(["study", str(spec), "--out", str(out), "--resume", "--no-progress",
-                 "--threads", "1"]) == 2
+    assert (
+        main(["study", str(spec), "--out", str(out), "--resume", "--no-progress", "--threads", "1"])
+        == 2
+    )
     assert "made on another machine" in capsys.readouterr().err
     # --reuse copies only this machine's runs
     new = tmp_path / "new"
-    got = study.reuse_runs(study_spec.load(str(spec)), str(new), str(out),
-                           fingerprint=machine_fingerprint(threads=1)["id"])
+    got = study.reuse_runs(
+        study_spec.load(str(spec)),
+        str(new),
+        str(out),
+        fingerprint=machine_fingerprint(threads=1)["id"],
+    )
     assert got["skipped"].get("made on another machine", 0) >= 1
     assert not os.path.exists(new / os.path.relpath(f, out))
     assert got["copied"] == len(_files(out)) - 1
@@ -186,14 +236,32 @@ def test_resume_and_reuse_never_mix_machines(finished, tiny_dir, tmp_path, capsy
 
 def test_full_takes_no_adapter_settings(tiny_dir):
     with pytest.raises(study_spec.SpecError, match=r"methods\[0\].r: method 'full' has no adapter"):
-        study_spec.parse(yaml.safe_load(_spec(tiny_dir, methods=[
-            {"name": "full", "method": "full", "r": 4}, "lora"]).read_text()))
+        study_spec.parse(
+            yaml.safe_load(
+                _spec(
+                    tiny_dir, methods=[{"name": "full", "method": "full", "r": 4}, "lora"]
+                ).read_text()
+            )
+        )
 
 
 def test_compare_runs_full_and_refuses_what_it_cannot_do(tiny_dir, tmp_path, capsys):
-    common = ["compare", "--model", str(tiny_dir / "tiny-bert"), "--dataset",
-              str(tiny_dir / "d.csv"), "--steps", "4", "--seeds", "0,1", "--no-progress",
-              "--target-modules", "query,value", "--lr", "1e-2,full=1e-3"]
+    common = [
+        "compare",
+        "--model",
+        str(tiny_dir / "tiny-bert"),
+        "--dataset",
+        str(tiny_dir / "d.csv"),
+        "--steps",
+        "4",
+        "--seeds",
+        "0,1",
+        "--no-progress",
+        "--target-modules",
+        "query,value",
+        "--lr",
+        "1e-2,full=1e-3",
+    ]
     out = tmp_path / "cmp"
     assert main(common + ["--methods", "lora,full", "--out", str(out)]) == 0
     runs = json.load(open(out / "results.json"))["runs"]
@@ -201,8 +269,12 @@ def test_compare_runs_full_and_refuses_what_it_cannot_do(tiny_dir, tmp_path, cap
     capsys.readouterr()
     assert main(["export", str(out), "--run", "full,0,0.001", "--out", str(tmp_path / "e")]) == 2
     assert "no adapter to export" in capsys.readouterr().err
-    assert main(common + ["--methods", "lora,full", "--save-every", "2", "--out",
-                          str(tmp_path / "c2")]) == 2
+    assert (
+        main(
+            common + ["--methods", "lora,full", "--save-every", "2", "--out", str(tmp_path / "c2")]
+        )
+        == 2
+    )
     assert "full fine-tuning runs do not checkpoint" in capsys.readouterr().err
     assert main(common + ["--methods", "full:gamma=1", "--out", str(tmp_path / "c3")]) == 2
     assert "takes no settings" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """`srlora summary`: the one-picture answer, built from a small synthetic study."""
+
 import json
 
 import pytest
@@ -9,26 +10,50 @@ from srlora_lab.experiments import summary
 
 def _verdict(task, a, b, mean_a, mean_b, half, mixed=False):
     d = mean_a - mean_b
-    return {"task": task, "metric": "final_test_loss", "a": a, "b": b, "n": 5, "mean_a": mean_a,
-            "mean_b": mean_b, "mean_diff": d, "ci_low": d - half, "ci_high": d + half,
-            "complete": True, **({"mixed_sessions": True} if mixed else {})}
+    return {
+        "task": task,
+        "metric": "final_test_loss",
+        "a": a,
+        "b": b,
+        "n": 5,
+        "mean_a": mean_a,
+        "mean_b": mean_b,
+        "mean_diff": d,
+        "ci_low": d - half,
+        "ci_high": d + half,
+        "complete": True,
+        **({"mixed_sessions": True} if mixed else {}),
+    }
 
 
 @pytest.fixture
 def studies(tmp_path):
     one = tmp_path / "one"
     one.mkdir()
-    (one / "study.json").write_text(json.dumps({"verdicts": [
-        _verdict("lm", "full", "lora", 3.2, 3.6, 0.02),
-        _verdict("lm", "srlora", "lora", 3.63, 3.6, 0.01),
-        _verdict("text", "lora", "pissa", 0.40, 0.42, 0.01),       # read from pissa's side
-        _verdict("text", "srlora-gradient", "lora", 0.5, 0.4, 0.1),  # not shown
-    ]}))
+    (one / "study.json").write_text(
+        json.dumps(
+            {
+                "verdicts": [
+                    _verdict("lm", "full", "lora", 3.2, 3.6, 0.02),
+                    _verdict("lm", "srlora", "lora", 3.63, 3.6, 0.01),
+                    _verdict("text", "lora", "pissa", 0.40, 0.42, 0.01),  # read from pissa's side
+                    _verdict("text", "srlora-gradient", "lora", 0.5, 0.4, 0.1),  # not shown
+                ]
+            }
+        )
+    )
     two = tmp_path / "two"
     two.mkdir()
-    (two / "study.json").write_text(json.dumps({"verdicts": [
-        _verdict("lm", "srlora", "lora", 9.0, 3.6, 0.01),  # the first study named wins
-        _verdict("text", "srlora-rewarm", "lora", 0.38, 0.40, 0.01, mixed=True)]}))
+    (two / "study.json").write_text(
+        json.dumps(
+            {
+                "verdicts": [
+                    _verdict("lm", "srlora", "lora", 9.0, 3.6, 0.01),  # the first study named wins
+                    _verdict("text", "srlora-rewarm", "lora", 0.38, 0.40, 0.01, mixed=True),
+                ]
+            }
+        )
+    )
     return one, two
 
 

@@ -1,9 +1,16 @@
 """The set-up SVD: randomized against exact, batched against one matrix at a time, fallbacks."""
+
 import pytest
 import torch
 
-from srlora.svd import (cholesky_qr, orthonormal_basis, randomized_top_svd, subspace_error,
-                        top_singular_directions, top_singular_directions_many)
+from srlora.svd import (
+    cholesky_qr,
+    orthonormal_basis,
+    randomized_top_svd,
+    subspace_error,
+    top_singular_directions,
+    top_singular_directions_many,
+)
 
 
 def decaying(m, n, decay=0.85, seed=0, batch=()):
@@ -25,8 +32,9 @@ def test_randomized_matches_exact_on_a_decaying_spectrum(small):
     assert subspace_error(Ue[:, :24], U) < 1e-4
     assert torch.allclose(S.double(), Se[:24], rtol=1e-5, atol=0)
     assert torch.allclose(U.double().T @ U.double(), torch.eye(24, dtype=torch.float64), atol=1e-5)
-    assert torch.allclose(Vh.double() @ Vh.double().T, torch.eye(24, dtype=torch.float64),
-                          atol=1e-5)
+    assert torch.allclose(
+        Vh.double() @ Vh.double().T, torch.eye(24, dtype=torch.float64), atol=1e-5
+    )
     rec = (U * S) @ Vh
     best = (Ue[:, :24] * Se[:24]) @ Vhe[:24]
     assert float((rec.double() - best).norm() / best.norm()) < 1e-5
@@ -48,8 +56,9 @@ def test_many_groups_by_shape_and_keeps_order():
     shapes = [(40, 30), (30, 40), (40, 30), (12, 10), (40, 30), (30, 40)]
     Ws = [torch.randn(*s) for s in shapes]
     ks = [6, 6, 6, 8, 6, 4]
-    out = top_singular_directions_many(Ws, ks, "auto", oversample=4, niter=2,
-                                       batch_bytes=2 * 4 * 40 * 30)  # stacks of 2: 2 + 1
+    out = top_singular_directions_many(
+        Ws, ks, "auto", oversample=4, niter=2, batch_bytes=2 * 4 * 40 * 30
+    )  # stacks of 2: 2 + 1
     for W, k, (U, S, Vh) in zip(Ws, ks, out):
         ref = top_singular_directions(W, k, "auto", 4, 2)
         kk = min(k, *W.shape)
@@ -62,6 +71,7 @@ def test_many_checks_every_weight_before_any_svd():
     Ws = [torch.randn(8, 8), torch.randn(8, 8)]
     Ws[1][2, 3] = float("nan")
     from srlora._errors import SVDInputError
+
     with pytest.raises(SVDInputError, match="second"):
         top_singular_directions_many(Ws, [2, 2], names=["first", "second"])
 

@@ -1,13 +1,19 @@
 """The paired training-loss gaps around switches (experiments/switch_gaps.py), against hand-built
 loss curves whose gaps are known exactly."""
+
 import math
 
 import pytest
 import torch
 
 from srlora_lab.experiments.stats import paired_interval
-from srlora_lab.experiments.switch_gaps import (pair_gaps, run_gaps, segment_mean, switch_jumps,
-                                            window_for)
+from srlora_lab.experiments.switch_gaps import (
+    pair_gaps,
+    run_gaps,
+    segment_mean,
+    switch_jumps,
+    window_for,
+)
 
 
 def test_segment_mean_and_jumps_by_hand():
@@ -45,8 +51,13 @@ def test_pair_gaps_pairs_seeds_and_gives_t_intervals():
     T, cuts = 80, [20, 40, 60]
     base = {s: [1.0 + 0.1 * math.sin(t + s) for t in range(T)] for s in range(4)}
     shift = {0: 0.01, 1: 0.03, 2: 0.02, 3: 0.05}
-    a = {s: {"train_loss": [x + (shift[s] if t >= 20 else 0.0) for t, x in enumerate(base[s])],
-             "switch_steps": cuts} for s in (0, 1, 2, 3)}
+    a = {
+        s: {
+            "train_loss": [x + (shift[s] if t >= 20 else 0.0) for t, x in enumerate(base[s])],
+            "switch_steps": cuts,
+        }
+        for s in (0, 1, 2, 3)
+    }
     b = {s: {"train_loss": base[s]} for s in (0, 1, 2)}  # seed 3: a only, not paired
     got = pair_gaps(a, b)
     want = paired_interval([shift[s] for s in (0, 1, 2)], [0.0] * 3)
@@ -64,8 +75,10 @@ def test_pair_gaps_pairs_seeds_and_gives_t_intervals():
         assert c["mean"] == pytest.approx(want["mean_diff"], abs=1e-12)
         assert c["ci_high"] == pytest.approx(want["ci_high"], abs=1e-12)
     from srlora_lab.experiments.study_report import switch_gap_table
-    md = switch_gap_table({"switch_gaps": [dict(got, task="t", a="x", b="y", lr_a=1e-3,
-                                                lr_b=1e-3)]}, "t")
+
+    md = switch_gap_table(
+        {"switch_gaps": [dict(got, task="t", a="x", b="y", lr_a=1e-3, lr_b=1e-3)]}, "t"
+    )
     assert "| a | b | from 0 | from 20 | from 40 | from 60 |" in md
     assert "| x | y | +0.000 [" in md.splitlines()[-1]
     no_switch = {s: {"train_loss": base[s], "switch_steps": []} for s in (0, 1, 2)}
@@ -78,15 +91,18 @@ def test_seeds_that_switched_at_different_steps_still_pair():
     from srlora_lab.experiments.study_report import switch_gap_table
 
     T = 60
-    a = {0: {"train_loss": [1.0] * 20 + [1.1] * 40, "switch_steps": [20, 40]},
-         1: {"train_loss": [1.0] * 30 + [1.3] * 30, "switch_steps": [30]}}
+    a = {
+        0: {"train_loss": [1.0] * 20 + [1.1] * 40, "switch_steps": [20, 40]},
+        1: {"train_loss": [1.0] * 30 + [1.3] * 30, "switch_steps": [30]},
+    }
     b = {s: {"train_loss": [1.0] * T} for s in (0, 1)}
     got = pair_gaps(a, b)
     assert got["n"] == 2 and got["switch_steps"] is None and got["window"] is None
     assert got["intervals"] is None  # no shared intervals to line up
     assert got["after"]["mean"] == pytest.approx(0.2, abs=1e-12)
     assert got["jump"]["mean"] == pytest.approx((0.1 / 2 + 0.3) / 2, abs=1e-12)
-    md = switch_gap_table({"switch_gaps": [dict(got, task="t", a="x", b="y", lr_a=1e-3,
-                                                lr_b=1e-3)]}, "t")
+    md = switch_gap_table(
+        {"switch_gaps": [dict(got, task="t", a="x", b="y", lr_a=1e-3, lr_b=1e-3)]}, "t"
+    )
     assert "or a quarter of the shortest interval" in md
     assert "| x | y | 0.001, 0.001 | 2 | +0.000 [" in md

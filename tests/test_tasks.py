@@ -1,4 +1,5 @@
 """The seeded, de-duplicated split and the dataset loaders of srlora compare."""
+
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ def _data(n=300, dup_every=7, seed=0):
     xs = [f"example {i} {' '.join(rng.choice(list('abcdefgh'), 4))}" for i in range(n)]
     ys = rng.integers(0, 3, n)
     xs = xs + [xs[i] for i in range(0, n, dup_every)]  # exact duplicates, same label
-    xs = xs + ["  example 5   " + xs[5][len("example 5 "):]]  # whitespace variant of #5
+    xs = xs + ["  example 5   " + xs[5][len("example 5 ") :]]  # whitespace variant of #5
     ys = np.concatenate([ys, ys[::dup_every], [ys[5]]])
     return tasks.Dataset("text", xs, ys, ["a", "b", "c"], "synthetic")
 
@@ -52,8 +53,9 @@ def test_load_table_csv_jsonl_and_errors(tmp_path):
     d = tasks.load_table(str(p))
     assert d.label_names == ["neg", "pos"] and d.y.tolist() == [1, 0, 1]
     j = tmp_path / "d.jsonl"
-    j.write_text("\n".join(json.dumps({"text": t, "label": l}) for t, l in
-                           [("a", 2), ("b", 0), ("c", 2)]))
+    j.write_text(
+        "\n".join(json.dumps({"text": t, "label": l}) for t, l in [("a", 2), ("b", 0), ("c", 2)])
+    )
     assert tasks.load_table(str(j)).y.tolist() == [1, 0, 1]
     bad = tmp_path / "bad.csv"
     bad.write_text("sentence,label\nx,1\ny,0\n")

@@ -1,4 +1,5 @@
 """SRLoRACallback with a real transformers.Trainer on a tiny BERT."""
+
 import runpy
 import shutil
 import sys
@@ -28,21 +29,45 @@ class Synthetic(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.y[i]}
 
 
-def make_trainer(out, max_steps=MAX_STEPS, save_steps=5, ga=1, max_grad_norm=1.0, extra_cb=(),
-                 logging_steps=1000):
+def make_trainer(
+    out, max_steps=MAX_STEPS, save_steps=5, ga=1, max_grad_norm=1.0, extra_cb=(), logging_steps=1000
+):
     from transformers import Trainer, TrainingArguments
+
     base = tiny_bert(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    cfg = srlora.SRLoRAConfig(r=4, lora_alpha=8, r_target=12, gamma=0.5, svd_method="exact",
-                              target_modules=["query", "value"], modules_to_save=["classifier"])
+    cfg = srlora.SRLoRAConfig(
+        r=4,
+        lora_alpha=8,
+        r_target=12,
+        gamma=0.5,
+        svd_method="exact",
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+    )
     model, ctl = srlora.wrap(base, cfg)  # total_steps unset: the callback reads max_steps
     args = TrainingArguments(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
-        gradient_accumulation_steps=ga, learning_rate=2e-2, lr_scheduler_type="linear",
-        max_grad_norm=max_grad_norm, save_strategy="steps", save_steps=save_steps,
-        logging_steps=logging_steps, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-        dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=Synthetic(),
-                      callbacks=[SRLoRACallback(ctl), *extra_cb])
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=ga,
+        learning_rate=2e-2,
+        lr_scheduler_type="linear",
+        max_grad_norm=max_grad_norm,
+        save_strategy="steps",
+        save_steps=save_steps,
+        logging_steps=logging_steps,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Synthetic(),
+        callbacks=[SRLoRACallback(ctl), *extra_cb],
+    )
     return trainer, model, ctl
 
 
@@ -113,7 +138,9 @@ def test_resume_with_state_of_another_step_raises(full_run, tmp_path):
     shutil.rmtree(tmp_path / "run" / "checkpoint-5" / "srlora")
     shutil.copytree(out / "checkpoint-10" / "srlora", tmp_path / "run" / "checkpoint-5" / "srlora")
     trainer, _, _ = make_trainer(tmp_path / "run")
-    with pytest.raises(CheckpointMismatchError, match="saved at Trainer step 10.*resumes at step 5"):
+    with pytest.raises(
+        CheckpointMismatchError, match="saved at Trainer step 10.*resumes at step 5"
+    ):
         trainer.train(resume_from_checkpoint=True)
 
 
@@ -128,6 +155,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 
 def test_importance_sees_clipped_gradients(tmp_path):
     from transformers import TrainerCallback
+
     seen = {}
 
     class Spy(TrainerCallback):  # after optimizer.step (and SRLoRA's post-hook), before zero_grad
@@ -135,13 +163,24 @@ def test_importance_sees_clipped_gradients(tmp_path):
             if state.global_step == 0:
                 imp = ctl.importance
                 seen["ibar"] = imp.flat_state()["ibar"].clone()
-                seen["I"] = torch.cat([(p.detach() * p.grad).abs().flatten() for p in imp.params.values()])
+                seen["I"] = torch.cat(
+                    [(p.detach() * p.grad).abs().flatten() for p in imp.params.values()]
+                )
                 grads = [p.grad for p in kw["model"].parameters() if p.grad is not None]
-                seen["norm"] = float(torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+                seen["norm"] = float(
+                    torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                    )
+                )
 
-    trainer, _, ctl = make_trainer(tmp_path, max_steps=10, save_steps=100, max_grad_norm=1e-3,
-                                   extra_cb=[Spy()], logging_steps=1)
+    trainer, _, ctl = make_trainer(
+        tmp_path,
+        max_steps=10,
+        save_steps=100,
+        max_grad_norm=1e-3,
+        extra_cb=[Spy()],
+        logging_steps=1,
+    )
     trainer.train()
     assert trainer.state.log_history[0]["grad_norm"] > 1e-1  # the raw norm, before clipping
     assert seen["norm"] <= 1e-3 * (1 + 1e-4)  # what optimizer.step and SRLoRA saw: clipped
@@ -176,8 +215,9 @@ def test_load_best_model_at_end_restores_matching_fused_state(tmp_path):
     assert ctl.global_step == 5  # the fused state of the best checkpoint, with its adapter
     ref_trainer, ref_model, ref_ctl = make_trainer(tmp_path / "ref", max_steps=10, save_steps=100)
     ref_ctl.set_total_steps(10)
-    srlora.load_checkpoint(tmp_path / "checkpoint-5" / "srlora", model=ref_model,
-                           controller=ref_ctl, restore_rng=False)
+    srlora.load_checkpoint(
+        tmp_path / "checkpoint-5" / "srlora", model=ref_model, controller=ref_ctl, restore_rng=False
+    )
     assert_same(model, ctl, ref_model, ref_ctl)
 
 
@@ -194,8 +234,13 @@ def test_attach_unwraps_accelerate_optimizer():
     """Core fix: AcceleratedOptimizer subclasses torch.optim.Optimizer; attach() must hook the
     optimizer inside it (the wrapper has no step-hook registry of its own)."""
     from accelerate.optimizer import AcceleratedOptimizer
-    model, ctl = srlora.wrap(tiny_bert(), srlora.SRLoRAConfig(
-        r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=6))
+
+    model, ctl = srlora.wrap(
+        tiny_bert(),
+        srlora.SRLoRAConfig(
+            r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=6
+        ),
+    )
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     wrapped = AcceleratedOptimizer(inner, device_placement=False)
     assert isinstance(wrapped, torch.optim.Optimizer)
@@ -213,6 +258,7 @@ def test_resume_without_the_trainer_path(full_run, tmp_path, monkeypatch, layout
     """If the Trainer's resume path cannot be read, output_dir/checkpoint-<step> is used, or
     the path given as SRLoRACallback(resume_from=...)."""
     from srlora.integrations import trainer as integration
+
     monkeypatch.setattr(integration, "_trainer_resume_path", lambda: None)
     out, _, model, ctl, _ = full_run
     if layout == "output_dir":
@@ -224,7 +270,8 @@ def test_resume_without_the_trainer_path(full_run, tmp_path, monkeypatch, layout
         explicit = SRLoRACallback(c2, resume_from=str(out / "checkpoint-5"))
         trainer.callback_handler.callbacks = [
             explicit if isinstance(cb, SRLoRACallback) else cb
-            for cb in trainer.callback_handler.callbacks]
+            for cb in trainer.callback_handler.callbacks
+        ]
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-5"))
     assert_same(model, ctl, m2, c2)
 

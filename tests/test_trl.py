@@ -4,6 +4,7 @@ The example itself is the run under test: it trains 12 steps (switches at 2, 4, 
 5 and 10, resumes a fresh SFTTrainer from checkpoint-5 with resume_from_checkpoint=True and
 exports a PEFT adapter. These tests check its objects in detail.
 """
+
 import contextlib
 import copy
 import io
@@ -67,14 +68,18 @@ def test_resume_continues_bitwise(run):
     assert sorted(l1) == list(range(1, STEPS + 1)) and l1 == l2
     # the base weights did change (the switches fused pairs into them): comparing them matters
     base = dict(run["base"].named_parameters())
-    fused = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-             for k, v in m1.named_parameters() if ".base_layer." in k}
+    fused = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in m1.named_parameters()
+        if ".base_layer." in k
+    }
     assert len(fused) == 4
     assert all(not torch.equal(v, base[k]) for k, v in fused.items())
 
 
 def test_exported_adapter_reproduces_the_trained_model(run):
     from peft import PeftModel
+
     model, tok, base = run["model"], run["tokenizer"], run["base"]
     g = torch.Generator().manual_seed(1)  # fresh inputs, not the training texts
     ids = torch.randint(3, tok.vocab_size, (3, 10), generator=g)
@@ -93,10 +98,12 @@ def test_trainer_save_model_alone_does_not_rebuild_the_model(run, tmp_path):
     """What the docs warn about: trainer.save_model() writes the live LoRA factors, which belong
     to the fused base weights; on the original base they give another model."""
     from peft import PeftModel
+
     model, base = run["model"], run["base"]
     run["trainer"].save_model(str(tmp_path / "live"))
-    ids = torch.randint(3, run["tokenizer"].vocab_size, (3, 10),
-                        generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(
+        3, run["tokenizer"].vocab_size, (3, 10), generator=torch.Generator().manual_seed(3)
+    )
     model.eval()
     with torch.no_grad():
         y = model(input_ids=ids).logits
@@ -109,10 +116,12 @@ def test_merged_model_reproduces_the_trained_model(run, tmp_path):
     """save_merged deep-copies the model, whose forward SFTTrainer patched (a fused LM head
     bound to the original); the saved weights are what matters and must be right."""
     from transformers import LlamaForCausalLM
+
     model, ctl = run["model"], run["controller"]
     srlora.save_merged(model, ctl, tmp_path / "merged")
-    ids = torch.randint(3, run["tokenizer"].vocab_size, (3, 10),
-                        generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(
+        3, run["tokenizer"].vocab_size, (3, 10), generator=torch.Generator().manual_seed(2)
+    )
     model.eval()
     with torch.no_grad():
         y = model(input_ids=ids).logits
@@ -126,8 +135,12 @@ def test_sftconfig_defaults_keep_the_adapter_and_steps_come_from_the_dataloader(
     neither re-initializes nor casts the SRLoRA adapter, and the schedule is read from the
     dataloader's length (16 texts / batch 4 = 4 steps per epoch, 3 epochs = 12 steps)."""
     base, tok = ex["tiny_model_and_tokenizer"]()
-    ref, _ = srlora.wrap(copy.deepcopy(base), srlora.SRLoRAConfig(
-        r=4, lora_alpha=8, r_target=12, gamma=0.5, target_modules=["q_proj", "v_proj"]))
+    ref, _ = srlora.wrap(
+        copy.deepcopy(base),
+        srlora.SRLoRAConfig(
+            r=4, lora_alpha=8, r_target=12, gamma=0.5, target_modules=["q_proj", "v_proj"]
+        ),
+    )
     trainer, model, ctl = ex["build"](base, tok, str(tmp_path), -1, 1000, bf16=None, epochs=3)
     assert trainer.args.bf16 and trainer.args.gradient_checkpointing
     p_ref, p = dict(ref.named_parameters()), dict(model.named_parameters())
@@ -145,19 +158,23 @@ def test_peft_config_beside_an_srlora_model_is_refused(ex, tmp_path):
     """SFTTrainer's own peft_config path would build a second adapter; TRL refuses the mix."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
+
     base, tok = ex["tiny_model_and_tokenizer"]()
     _, model, _ = ex["build"](base, tok, str(tmp_path), 2, 1)
     with pytest.raises(ValueError, match="PeftModel.*peft_config"):
-        SFTTrainer(model=model,
-                   args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
-                   train_dataset=ex["Dataset"].from_dict({"text": ex["TEXTS"]}),
-                   processing_class=tok, peft_config=LoraConfig(target_modules=["q_proj"]))
+        SFTTrainer(
+            model=model,
+            args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+            train_dataset=ex["Dataset"].from_dict({"text": ex["TEXTS"]}),
+            processing_class=tok,
+            peft_config=LoraConfig(target_modules=["q_proj"]),
+        )
 
 
 def test_usage_doc_trl_block_is_the_example_code():
     """docs/usage.md's TRL block (the README's snippets: tests/test_readme.py)."""
     readme = (EXAMPLE.parents[1] / "docs" / "usage.md").read_text()
-    section = readme[readme.index("## Fine-tune an LLM"):]
+    section = readme[readme.index("## Fine-tune an LLM") :]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert "SFTTrainer(" in block and "SRLoRACallback(controller)" in block
     assert textwrap.indent(block, "    ") in EXAMPLE.read_text()  # the body of build()

@@ -1,5 +1,6 @@
 """SRLoRAConfig(fusion="virtual"): the base weight stays W0 bitwise, the model computes what
 fusion="weight" computes, export and resume are exact."""
+
 import pytest
 import torch
 from conftest import TinyNet, rel, tiny_bert
@@ -15,17 +16,29 @@ def originals(make_base):
 
 
 def base_unchanged(ctl, w0):
-    return all(torch.equal(L.base_weight, w0[L.name.removeprefix("base_model.model.")
-                                              .replace(".base_layer", "") + ".weight"])
-               for L in ctl.layers)
+    return all(
+        torch.equal(
+            L.base_weight,
+            w0[L.name.removeprefix("base_model.model.").replace(".base_layer", "") + ".weight"],
+        )
+        for L in ctl.layers
+    )
 
 
 def run_tiny(fusion, dtype=torch.float32, check=None, **kw):
     """TinyNet trained 10 steps in train mode with lora_dropout (switches at 2, 4, 6, 8);
     ``check(model, ctl)`` runs after every step."""
     torch.manual_seed(0)
-    cfg = dict(r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"],
-               total_steps=12, svd_method="exact", lora_dropout=0.2, fusion=fusion)
+    cfg = dict(
+        r=4,
+        lora_alpha=8,
+        r_target=12,
+        target_modules=["query", "value"],
+        total_steps=12,
+        svd_method="exact",
+        lora_dropout=0.2,
+        fusion=fusion,
+    )
     cfg.update(kw)
     model, ctl = srlora.wrap(TinyNet(dtype=dtype), srlora.SRLoRAConfig(**cfg))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -56,6 +69,7 @@ def test_virtual_is_function_equal_to_weight_fusion_through_switches_and_never_w
             model.train()
             if fusion == "virtual":
                 assert base_unchanged(ctl, w0)  # bitwise W0 after every step and switch
+
         return check
 
     torch.manual_seed(0)
@@ -76,7 +90,7 @@ def test_virtual_is_function_equal_to_weight_fusion_through_switches_and_never_w
         assert side.R == 2 * st.p - L.r and side.Bt.shape[0] == 2 * st.K - L.r
         Bd, Ad = cv.delta_factors(i)
         want = Bd @ Ad - L.B() @ L.A()
-        assert rel(side.Bt[:side.R].T @ side.At[:side.R], want) <= 1e-6
+        assert rel(side.Bt[: side.R].T @ side.At[: side.R], want) <= 1e-6
 
 
 def test_setup_keeps_the_function_and_writes_no_weight():
@@ -85,18 +99,35 @@ def test_setup_keeps_the_function_and_writes_no_weight():
     w0 = {n: p.detach().clone() for n, p in net.named_parameters()}
     x = torch.randn(5, 32)
     y0 = net(x).detach()
-    model, ctl = srlora.wrap(net, srlora.SRLoRAConfig(
-        r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=12,
-        svd_method="exact", fusion="virtual"))
+    model, ctl = srlora.wrap(
+        net,
+        srlora.SRLoRAConfig(
+            r=4,
+            lora_alpha=8,
+            r_target=12,
+            target_modules=["query", "value"],
+            total_steps=12,
+            svd_method="exact",
+            fusion="virtual",
+        ),
+    )
     assert base_unchanged(ctl, w0)
     assert all(st.residual is None and st.original is None for st in ctl.modules)
     with torch.no_grad():
         assert rel(model(x), y0) <= 1e-5
         with model.disable_adapter():  # the side path is part of the frozen base, as the
-            yd = model(x)              # residual weight is with fusion="weight"
-    mw, cw = srlora.wrap(_tiny(), srlora.SRLoRAConfig(
-        r=4, lora_alpha=8, r_target=12, target_modules=["query", "value"], total_steps=12,
-        svd_method="exact"))
+            yd = model(x)  # residual weight is with fusion="weight"
+    mw, cw = srlora.wrap(
+        _tiny(),
+        srlora.SRLoRAConfig(
+            r=4,
+            lora_alpha=8,
+            r_target=12,
+            target_modules=["query", "value"],
+            total_steps=12,
+            svd_method="exact",
+        ),
+    )
     with torch.no_grad(), mw.disable_adapter():
         assert rel(yd, mw(x)) <= 1e-5
 
@@ -111,6 +142,7 @@ def test_virtual_matches_weight_fusion_and_exports_exactly(tmp_path, case):
     """Linear (BERT), Conv1D (GPT-2, fan_in_fan_out) and 1x1 Conv2d: same outputs as
     fusion="weight" after 4 switches, W bitwise W0, exact PEFT adapter and merged model."""
     from peft import PeftModel
+
     make_base, _, _, make_x, out = CASES[case]
     w0 = originals(make_base)
     mw, cw, _ = trained(case, fusion="weight")
@@ -134,6 +166,7 @@ def test_virtual_matches_weight_fusion_and_exports_exactly(tmp_path, case):
 
 def test_merged_plain_module(tmp_path):
     from safetensors.torch import load_model
+
     model, ctl = run_tiny("virtual")
     model.eval()
     srlora.save_merged(model, ctl, tmp_path / "m")
@@ -173,6 +206,7 @@ def test_resume_is_bitwise(tmp_path):
     """The side path is rebuilt from the saved cache, ledger and pointer, bitwise; the base
     weights are fingerprinted, not stored."""
     from safetensors.torch import load_file
+
     k = 5
     seed_all(1)
     straight = make_run(fusion="virtual")
@@ -181,47 +215,65 @@ def test_resume_is_bitwise(tmp_path):
     seed_all(1)
     first = make_run(fusion="virtual")
     train(*[first[i] for i in (0, 2, 3)], k)
-    srlora.save_checkpoint(tmp_path / "ck", model=first[0], controller=first[1],
-                           optimizer=first[2], scheduler=first[3])
+    srlora.save_checkpoint(
+        tmp_path / "ck", model=first[0], controller=first[1], optimizer=first[2], scheduler=first[3]
+    )
     saved = load_file(str(tmp_path / "ck" / "model.safetensors"))
     assert not any(key.endswith("base_layer.weight") for key in saved)
     del first
     seed_all(123)
     resumed = make_run(fusion="virtual")
-    srlora.load_checkpoint(tmp_path / "ck", model=resumed[0], controller=resumed[1],
-                           optimizer=resumed[2], scheduler=resumed[3])
+    srlora.load_checkpoint(
+        tmp_path / "ck",
+        model=resumed[0],
+        controller=resumed[1],
+        optimizer=resumed[2],
+        scheduler=resumed[3],
+    )
     train(*[resumed[i] for i in (0, 2, 3)], N_STEPS - k)
     assert_same_run(straight, resumed)
     for sa, sb in zip(straight[1].modules, resumed[1].modules):
         a, b = sa.side, sb.side
-        assert a.R == b.R and torch.equal(a.Bt[:a.R], b.Bt[:b.R]) and torch.equal(
-            a.At[:a.R], b.At[:b.R])
+        assert (
+            a.R == b.R
+            and torch.equal(a.Bt[: a.R], b.Bt[: b.R])
+            and torch.equal(a.At[: a.R], b.At[: b.R])
+        )
 
 
 def test_rebuild_reproduces_the_live_side_path_bitwise():
     """After each switch, rebuilding from the state alone gives the very bits the switch wrote
     (what resume relies on)."""
+
     def check(model, ctl):
         for st in ctl.modules:
-            Bt, At, R = st.side.Bt[:st.side.R].clone(), st.side.At[:st.side.R].clone(), st.side.R
+            Bt, At, R = st.side.Bt[: st.side.R].clone(), st.side.At[: st.side.R].clone(), st.side.R
             st.side.rebuild(st)
-            assert st.side.R == R and torch.equal(st.side.Bt[:R], Bt) and torch.equal(
-                st.side.At[:R], At)
+            assert (
+                st.side.R == R
+                and torch.equal(st.side.Bt[:R], Bt)
+                and torch.equal(st.side.At[:R], At)
+            )
+
     for dtype in (torch.float32, torch.bfloat16):
         _, ctl = run_tiny("virtual", dtype=dtype, check=check)
         assert ctl.num_switches == 4
 
 
 def test_a_switch_writes_only_the_side_buffers_in_place():
-    model, ctl = run_tiny("virtual", total_steps=None, switch_interval=10 ** 6)
-    ptrs = [(st.side.Bt.data_ptr(), st.side.At.data_ptr(), L.base_weight.data_ptr())
-            for st, L in zip(ctl.modules, ctl.layers)]
+    model, ctl = run_tiny("virtual", total_steps=None, switch_interval=10**6)
+    ptrs = [
+        (st.side.Bt.data_ptr(), st.side.At.data_ptr(), L.base_weight.data_ptr())
+        for st, L in zip(ctl.modules, ctl.layers)
+    ]
     versions = [L.base_weight._version for L in ctl.layers]
     for _ in range(4):
         ctl.switch_now()
     assert [st.p for st in ctl.modules] == [12, 12]
-    assert ptrs == [(st.side.Bt.data_ptr(), st.side.At.data_ptr(), L.base_weight.data_ptr())
-                    for st, L in zip(ctl.modules, ctl.layers)]
+    assert ptrs == [
+        (st.side.Bt.data_ptr(), st.side.At.data_ptr(), L.base_weight.data_ptr())
+        for st, L in zip(ctl.modules, ctl.layers)
+    ]
     assert versions == [L.base_weight._version for L in ctl.layers]
 
 
@@ -238,6 +290,7 @@ def test_checkpoint_saved_before_the_field_existed_loads_as_weight_fusion(tmp_pa
     import json
 
     from srlora import checkpoint as ckpt_mod
+
     a = make_run()
     srlora.save_checkpoint(tmp_path / "ck", model=a[0], controller=a[1])
     path = tmp_path / "ck" / "manifest.json"
@@ -256,10 +309,13 @@ def test_checkpoint_saved_before_the_field_existed_loads_as_weight_fusion(tmp_pa
         srlora.load_checkpoint(tmp_path / "ck", model=c[0], controller=c[1])
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(fusion="virtual", method="lora"), "fusion: 'virtual' applies to method"),
-    (dict(fusion="weights"), "fusion: must be one of"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(fusion="virtual", method="lora"), "fusion: 'virtual' applies to method"),
+        (dict(fusion="weights"), "fusion: must be one of"),
+    ],
+)
 def test_bad_fusion_is_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         srlora.SRLoRAConfig(**kw)
@@ -281,9 +337,11 @@ def test_docs_example_runs(tmp_path, monkeypatch, capsys):
     """The python block of docs/algorithm.md's virtual-fusion section runs as written."""
     import re
     from pathlib import Path
+
     doc = (Path(__file__).parents[1] / "docs" / "algorithm.md").read_text()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-              if 'fusion="virtual"' in b]
+    blocks = [
+        b for b in re.findall(r"```python\n(.*?)```", doc, flags=re.S) if 'fusion="virtual"' in b
+    ]
     assert len(blocks) == 1
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
@@ -300,11 +358,30 @@ def test_switch_time_script_compares_fusion_modes():
     import subprocess
     import sys
     from pathlib import Path
+
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "switch_time.py"), "--hidden",
-                          "32", "--layers", "1", "--intermediate", "64", "--r-target", "16",
-                          "--fusion", "both", "--step-time", "2"],
-                         capture_output=True, text=True, timeout=300, cwd=root)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "switch_time.py"),
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--intermediate",
+            "64",
+            "--r-target",
+            "16",
+            "--fusion",
+            "both",
+            "--step-time",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "llama: 7 modules, 2 switches, bfloat16" in out.stdout
     for what, runs in (("switch_now\\(\\)", 1), ("training step", 2)):  # steps: first, last

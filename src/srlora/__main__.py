@@ -1,4 +1,8 @@
-"""``python -m srlora``: the ``srlora`` command, which lives in the lab (``pip install srlora[lab]``)."""
+"""``python -m srlora``: the ``srlora`` command, which lives in the lab.
+
+Install it with ``pip install "srlora[lab]"``.
+"""
+
 import sys
 
 try:

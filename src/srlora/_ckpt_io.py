@@ -4,6 +4,7 @@ A checkpoint is a directory. It is written into a temporary directory beside the
 renamed into place only once every file is complete and flushed, so a process killed during a
 save leaves the previous checkpoint (or none) behind, never a half-written one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,10 @@ def atomic_directory(target: Path, is_ours) -> Iterator[Path]:
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not (target.is_dir() and (is_ours(target) or not any(target.iterdir()))):
-        raise FileExistsError(f"{target} exists and is not an srlora checkpoint; refusing to "
-                              "replace it (choose another path or remove it)")
+        raise FileExistsError(
+            f"{target} exists and is not an srlora checkpoint; refusing to "
+            "replace it (choose another path or remove it)"
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     try:
         yield tmp
@@ -89,13 +92,17 @@ def resolve_checkpoint_dir(path: Path) -> tuple[Path, bool]:
     if (path / MANIFEST).is_file():
         return path, False
     if not path.exists():
-        olds = [Path(p) for p in glob.glob(str(path.parent / f".{glob.escape(path.name)}.old-*"))
-                if (Path(p) / MANIFEST).is_file()]
+        olds = [
+            Path(p)
+            for p in glob.glob(str(path.parent / f".{glob.escape(path.name)}.old-*"))
+            if (Path(p) / MANIFEST).is_file()
+        ]
         if olds:
             return max(olds, key=lambda p: p.stat().st_mtime), True
         raise FileNotFoundError(f"no checkpoint at {path}")
-    raise CheckpointMismatchError(f"{path} holds no {MANIFEST}: not an srlora checkpoint, or "
-                                  "one whose save did not finish")
+    raise CheckpointMismatchError(
+        f"{path} holds no {MANIFEST}: not an srlora checkpoint, or one whose save did not finish"
+    )
 
 
 # ---------------------------------------------------------------------- checksums
@@ -115,11 +122,14 @@ def verify_files(directory: Path, files: dict[str, dict]) -> None:
             raise CheckpointMismatchError(f"checkpoint file {name} is missing from {directory}")
         size = f.stat().st_size
         if size != meta["bytes"]:
-            raise CheckpointMismatchError(f"checkpoint file {name} has {size} bytes, the manifest "
-                                          f"says {meta['bytes']} (truncated or replaced)")
+            raise CheckpointMismatchError(
+                f"checkpoint file {name} has {size} bytes, the manifest "
+                f"says {meta['bytes']} (truncated or replaced)"
+            )
         if sha256_file(f) != meta["sha256"]:
-            raise CheckpointMismatchError(f"checkpoint file {name} is corrupted (SHA-256 differs "
-                                          "from the manifest)")
+            raise CheckpointMismatchError(
+                f"checkpoint file {name} is corrupted (SHA-256 differs from the manifest)"
+            )
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -147,8 +157,10 @@ def split_tensors(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tens
             return [walk(v, f"{path}/{i}" if path else str(i)) for i, v in enumerate(x)]
         if x is None or isinstance(x, (bool, int, float, str)):
             return x
-        raise TypeError(f"cannot store {type(x).__name__} at {path!r} (tensors, numbers, "
-                        "strings, lists and dicts only)")
+        raise TypeError(
+            f"cannot store {type(x).__name__} at {path!r} (tensors, numbers, "
+            "strings, lists and dicts only)"
+        )
 
     return walk(obj, prefix), tensors
 
@@ -180,6 +192,8 @@ def check_weights_only(obj: Any, where: str) -> None:
         for i, v in enumerate(obj):
             check_weights_only(v, f"{where}[{i}]")
         return
-    raise TypeError(f"{where} holds a {type(obj).__name__}; a checkpoint stores only tensors, "
-                    "numbers, strings, lists and dicts (torch.load(weights_only=True) reads "
-                    "nothing else)")
+    raise TypeError(
+        f"{where} holds a {type(obj).__name__}; a checkpoint stores only tensors, "
+        "numbers, strings, lists and dicts (torch.load(weights_only=True) reads "
+        "nothing else)"
+    )

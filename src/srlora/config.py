@@ -4,6 +4,7 @@ Every hyperparameter of the paper (arXiv 2505.12433) is a field here, and so is 
 paper leaves open (see docs/algorithm.md). Validation runs on construction, so a bad value raises
 before any model weight is touched.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,14 @@ METHODS = ("srlora", "pissa", "lora", "relora")
 SWITCHING = ("srlora", "relora")
 # a method that is a preset of the switch's strategies: the fields it sets (a field not given
 # takes the preset's value; another value given, even the field's default, is refused)
-PRESETS = {"relora": {"gamma": 1.0, "insertion": "lora", "optimizer_state": "prune",
-                      "exhaustion": "extend"}}
+PRESETS = {
+    "relora": {
+        "gamma": 1.0,
+        "insertion": "lora",
+        "optimizer_state": "prune",
+        "exhaustion": "extend",
+    }
+}
 # the set-up choice fields' allowed values, here only; the switch steps' fields (selection,
 # insertion, switch_schedule, exhaustion, optimizer_state) take the names of the strategies
 # registered for them (srlora.strategies). choices() gives all of them.
@@ -32,15 +39,35 @@ CHOICES: dict[str, tuple] = {
     "fusion": ("weight", "virtual"),
 }
 # the method exactly as published (arXiv 2505.12433): SRLoRAConfig.paper() pins these
-PAPER = {"method": "srlora", "beta1": 0.85, "beta2": 0.85, "importance_reset": "module",
-         "optimizer_state": "zero", "selection": "importance", "switch_schedule": "fixed",
-         "exhaustion": "stop", "insertion": "svd"}
+PAPER = {
+    "method": "srlora",
+    "beta1": 0.85,
+    "beta2": 0.85,
+    "importance_reset": "module",
+    "optimizer_state": "zero",
+    "selection": "importance",
+    "switch_schedule": "fixed",
+    "exhaustion": "stop",
+    "insertion": "svd",
+}
 # fields that steer only the switches: a method that never switches warns once, naming them, when
 # they are set (its r_target and gamma are range-checked only: the lab passes a task's r_target and
 # gamma to every method alike)
-SWITCH_FIELDS = ("beta1", "beta2", "switch_interval", "switch_span", "importance_reset",
-                 "optimizer_state", "selection", "switch_schedule", "exhaustion", "insertion",
-                 "adaptive_window", "adaptive_settled", "adaptive_plateau")
+SWITCH_FIELDS = (
+    "beta1",
+    "beta2",
+    "switch_interval",
+    "switch_span",
+    "importance_reset",
+    "optimizer_state",
+    "selection",
+    "switch_schedule",
+    "exhaustion",
+    "insertion",
+    "adaptive_window",
+    "adaptive_settled",
+    "adaptive_plateau",
+)
 
 
 @dataclass
@@ -177,6 +204,7 @@ class SRLoRAConfig:
     def validate(self) -> None:
         """Check every field (``srlora.wrap`` calls it again: a field changed after construction
         is checked before any model change). Raises ValueError naming the field."""
+
         def bad(name: str, why: str) -> None:
             raise ValueError(f"SRLoRAConfig.{name}: {why}")
 
@@ -185,23 +213,37 @@ class SRLoRAConfig:
             if optional and v is None:
                 return
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                bad(name, f"must be an integer >= {lo}{' or None' if optional else ''}, "
-                          f"got {v!r}")
+                bad(name, f"must be an integer >= {lo}{' or None' if optional else ''}, got {v!r}")
 
         def number(name: str, lo: float, hi: float, lo_open: bool, hi_open: bool) -> None:
             v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
-                and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+            ok = (
+                isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and (lo < v if lo_open else lo <= v)
+                and (v < hi if hi_open else v <= hi)
+            )
             if not ok:
-                bad(name, f"must be a number in {'(' if lo_open else '['}{lo}, {hi}"
-                          f"{')' if hi_open else ']'}, got {v!r}")
+                bad(
+                    name,
+                    f"must be a number in {'(' if lo_open else '['}{lo}, {hi}"
+                    f"{')' if hi_open else ']'}, got {v!r}",
+                )
 
         self._apply_preset()
         for name, allowed in choices().items():
             if getattr(self, name) not in allowed:
                 from .strategies import STEP_FIELDS
-                mine = (" (a strategy of your own: import the module that registers it first, "
-                        "docs/extending.md)") if name in STEP_FIELDS else ""
+
+                mine = (
+                    (
+                        " (a strategy of your own: import the module that registers it first, "
+                        "docs/extending.md)"
+                    )
+                    if name in STEP_FIELDS
+                    else ""
+                )
                 bad(name, f"must be one of {allowed}, got {getattr(self, name)!r}{mine}")
         integer("r", 1)
         number("lora_alpha", 0.0, math.inf, True, True)
@@ -209,8 +251,11 @@ class SRLoRAConfig:
         number("beta2", 0.0, 1.0, False, True)
         number("lora_dropout", 0.0, 1.0, False, True)
         if self.fusion == "virtual" and self.method == "lora":
-            bad("fusion", "'virtual' applies to method 'srlora' or 'pissa' (LoRA never writes "
-                          "the base weight)")
+            bad(
+                "fusion",
+                "'virtual' applies to method 'srlora' or 'pissa' (LoRA never writes "
+                "the base weight)",
+            )
         integer("adaptive_window", 1)
         number("adaptive_settled", 0.0, 1.0, True, False)
         number("adaptive_plateau", 0.0, math.inf, False, True)
@@ -219,20 +264,30 @@ class SRLoRAConfig:
         integer("svd_seed", 0)
         self._check_offload_device()
         tm = self.target_modules
-        if tm is not None and not (isinstance(tm, str) or (isinstance(tm, (list, tuple)) and all(
-                isinstance(t, str) for t in tm))):
-            bad("target_modules", f"must be a list of module names, a regex string or None, "
-                                  f"got {tm!r}")
+        if tm is not None and not (
+            isinstance(tm, str)
+            or (isinstance(tm, (list, tuple)) and all(isinstance(t, str) for t in tm))
+        ):
+            bad(
+                "target_modules",
+                f"must be a list of module names, a regex string or None, got {tm!r}",
+            )
         if tm is not None and len(tm) == 0:
             bad("target_modules", "must name at least one module (or be None for PEFT's defaults)")
-        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, (list, tuple))
-                                                     and all(isinstance(t, str)
-                                                             for t in self.modules_to_save)):
-            bad("modules_to_save", f"must be a list of module names or None, "
-                                   f"got {self.modules_to_save!r}")
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, (list, tuple))
+            and all(isinstance(t, str) for t in self.modules_to_save)
+        ):
+            bad(
+                "modules_to_save",
+                f"must be a list of module names or None, got {self.modules_to_save!r}",
+            )
         if not isinstance(self.extra_lora_kwargs, dict):
-            bad("extra_lora_kwargs", f"must be a dict of peft.LoraConfig fields, "
-                                     f"got {type(self.extra_lora_kwargs).__name__}")
+            bad(
+                "extra_lora_kwargs",
+                f"must be a dict of peft.LoraConfig fields, "
+                f"got {type(self.extra_lora_kwargs).__name__}",
+            )
         integer("total_steps", 1, optional=True)
         integer("switch_interval", 1, optional=True)
         if self.switch_span is not None:
@@ -240,41 +295,65 @@ class SRLoRAConfig:
         number("gamma", 0.0, 1.0, True, False)
         integer("r_target", self.r if self.switches else 1)
         if not self.svd_init:
-            self._warn_once("svd", [k for k in ("svd_method", "svd_oversample", "svd_niter")
-                                    if getattr(self, k) != _DEFAULTS[k]],
-                            "no SVD is computed: the adapter starts as LoRA's init")
+            self._warn_once(
+                "svd",
+                [
+                    k
+                    for k in ("svd_method", "svd_oversample", "svd_niter")
+                    if getattr(self, k) != _DEFAULTS[k]
+                ],
+                "no SVD is computed: the adapter starts as LoRA's init",
+            )
         if self.fusion == "virtual" or self.method == "lora":
-            self._warn_once("half", ["half_fusion"] if self.half_fusion != _DEFAULTS["half_fusion"]
-                            else [], "the base weight is never written")
+            self._warn_once(
+                "half",
+                ["half_fusion"] if self.half_fusion != _DEFAULTS["half_fusion"] else [],
+                "the base weight is never written",
+            )
         if not self.switches:  # a method that never switches ignores the switching fields set
-            self._warn_once("method", [k for k in SWITCH_FIELDS
-                                       if getattr(self, k) != _DEFAULTS[k]],
-                            f"method={self.method!r} never switches; use method='srlora' to "
-                            "switch")
+            self._warn_once(
+                "method",
+                [k for k in SWITCH_FIELDS if getattr(self, k) != _DEFAULTS[k]],
+                f"method={self.method!r} never switches; use method='srlora' to switch",
+            )
             return
         if self.r_prime == 0:
-            bad("gamma", f"round(gamma * r) = round({self.gamma} * {self.r}) = 0 pairs per switch; "
-                         "raise gamma or r")
+            bad(
+                "gamma",
+                f"round(gamma * r) = round({self.gamma} * {self.r}) = 0 pairs per switch; "
+                "raise gamma or r",
+            )
         if self.switch_span is not None and self.switch_interval is not None:
-            bad("switch_span", "sets the interval from the run's length; give it or "
-                               "switch_interval, not both")
+            bad(
+                "switch_span",
+                "sets the interval from the run's length; give it or switch_interval, not both",
+            )
         from .strategies import check_config, ignored_fields
+
         check_config(self)  # the strategies' declared needs and conflicts, in one place
         unread = ignored_fields(self, _DEFAULTS)
-        self._warn_once("strategy", list(unread), "read only by " + ", ".join(
-            sorted(set(unread.values()))))
+        self._warn_once(
+            "strategy", list(unread), "read only by " + ", ".join(sorted(set(unread.values())))
+        )
         if self.r_prime == self.r:  # every pair is fused: no selection is made
-            self._warn_once("selection", ["selection"] if self.selection != _DEFAULTS[
-                "selection"] else [], f"round(gamma * r) = r = {self.r}: every pair is fused "
-                                      "at each switch, so there is nothing to select")
+            self._warn_once(
+                "selection",
+                ["selection"] if self.selection != _DEFAULTS["selection"] else [],
+                f"round(gamma * r) = r = {self.r}: every pair is fused "
+                "at each switch, so there is nothing to select",
+            )
 
     def _warn_once(self, key: str, names: list, why: str) -> None:
         """Once per config and set of fields: warn that ``names`` (set) are ignored, and why."""
         set_ = [f"{k}={getattr(self, k)!r}" for k in names]
         if set_ and self.__dict__.get(f"_warned_{key}") != set_:
             self.__dict__[f"_warned_{key}"] = set_
-            warnings.warn(f"SRLoRAConfig: {', '.join(set_)} {'is' if len(set_) == 1 else 'are'}"
-                          f" ignored ({why})", UserWarning, stacklevel=_user_level())
+            warnings.warn(
+                f"SRLoRAConfig: {', '.join(set_)} {'is' if len(set_) == 1 else 'are'}"
+                f" ignored ({why})",
+                UserWarning,
+                stacklevel=_user_level(),
+            )
 
     def _apply_preset(self) -> None:
         """A preset method's fields: set where not given (left at the default), refused where
@@ -287,22 +366,27 @@ class SRLoRAConfig:
             if name not in given and have == _DEFAULTS[name]:
                 self.__dict__[name] = value  # not a given field: no _given entry
             else:
-                raise ValueError(f"SRLoRAConfig.{name}: method={self.method!r} sets {name}="
-                                 f"{value!r}, got {have!r}; use method='srlora' to combine "
-                                 "the steps freely")
+                raise ValueError(
+                    f"SRLoRAConfig.{name}: method={self.method!r} sets {name}="
+                    f"{value!r}, got {have!r}; use method='srlora' to combine "
+                    "the steps freely"
+                )
 
     def _check_offload_device(self) -> None:
         if self.offload_device is None:
             return
         import torch
+
         try:
             dev = torch.device(self.offload_device)
         except (RuntimeError, TypeError, ValueError):
             dev = None
         if dev is None or dev.type == "meta":
-            raise ValueError(f"SRLoRAConfig.offload_device: must be a torch device string that "
-                             f"holds data (e.g. 'cpu', 'cuda:0') or None, got "
-                             f"{self.offload_device!r}")
+            raise ValueError(
+                f"SRLoRAConfig.offload_device: must be a torch device string that "
+                f"holds data (e.g. 'cpu', 'cuda:0') or None, got "
+                f"{self.offload_device!r}"
+            )
 
     @property
     def switches(self) -> bool:
@@ -317,6 +401,7 @@ class SRLoRAConfig:
         if self.method in ("lora", "pissa"):
             return self.method == "pissa"
         from .strategies import get
+
         return get("insertion", self.insertion).reads_directions
 
     @classmethod
@@ -326,8 +411,10 @@ class SRLoRAConfig:
         fields (r, r_target, target_modules, ...) are free; overriding a pinned one is refused."""
         pinned = sorted(set(fields) & set(PAPER))
         if pinned:
-            raise ValueError(f"SRLoRAConfig.paper(): {pinned} are fixed by the paper; build "
-                             "SRLoRAConfig(...) directly to change them")
+            raise ValueError(
+                f"SRLoRAConfig.paper(): {pinned} are fixed by the paper; build "
+                "SRLoRAConfig(...) directly to change them"
+            )
         return cls(**PAPER, **fields)
 
     @property
@@ -367,10 +454,14 @@ def _user_level() -> int:
     """The ``stacklevel`` of a warning raised here that names the user's line: the first frame
     outside srlora and the dataclass's generated __init__."""
     level, f = 1, sys._getframe(1)
-    while f is not None and (f.f_code.co_filename == "<string>" or os.path.abspath(
-            f.f_code.co_filename).startswith(_PACKAGE + os.sep)):
+    while f is not None and (
+        f.f_code.co_filename == "<string>"
+        or os.path.abspath(f.f_code.co_filename).startswith(_PACKAGE + os.sep)
+    ):
         f, level = f.f_back, level + 1
     return level
+
+
 _FIELD_ORDER = [f.name for f in fields(SRLoRAConfig) if f.init]
 _dataclass_init = SRLoRAConfig.__init__
 
@@ -379,7 +470,7 @@ _dataclass_init = SRLoRAConfig.__init__
 def _init_recording_given(self, *args, **kwargs) -> None:
     """The dataclass __init__, first recording which fields the caller gave (positionally or
     by name): a preset (``PRESETS``) fills only the fields not given."""
-    self.__dict__["_given_now"] = set(_FIELD_ORDER[:len(args)]) | set(kwargs)
+    self.__dict__["_given_now"] = set(_FIELD_ORDER[: len(args)]) | set(kwargs)
     _dataclass_init(self, *args, **kwargs)
 
 
@@ -389,4 +480,5 @@ SRLoRAConfig.__init__ = _init_recording_given
 def choices() -> dict[str, tuple]:
     """Each choice field -> its allowed values (the step fields' from the strategy registry)."""
     from .strategies import STEP_FIELDS, names
+
     return CHOICES | {f: names(f) for f in STEP_FIELDS}

@@ -10,6 +10,7 @@ in ``switch`` (fed the modules' factors and scores, never the controller), the s
 its check in ``controller_state``. Integrations (the optimizer hook here, the Trainer callback,
 the distributed helpers) only call into it.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -30,8 +31,15 @@ from .insertion import GradientProbe
 from .layers import AdaptedLayer
 from .module_state import ModuleState
 from .strategies import check_optimizer, resolve
-from .switch import (apply_switch, check_module, hit_slots, plan_switch, ranking_keys,
-                     reset_importance, switch_groups)
+from .switch import (
+    apply_switch,
+    check_module,
+    hit_slots,
+    plan_switch,
+    ranking_keys,
+    reset_importance,
+    switch_groups,
+)
 
 __all__ = ["SRLoRAController", "unwrap_optimizer", "SVDFn"]
 
@@ -44,8 +52,13 @@ class SRLoRAController:
     before ``zero_grad``. Both give bitwise the same training.
     """
 
-    def __init__(self, model: torch.nn.Module, config: SRLoRAConfig, layers: list[AdaptedLayer],
-                 svd_fn: Optional[SVDFn] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: SRLoRAConfig,
+        layers: list[AdaptedLayer],
+        svd_fn: Optional[SVDFn] = None,
+    ):
         self.model = model
         self.config = config
         self.layers = layers
@@ -67,11 +80,24 @@ class SRLoRAController:
         plan = None
         if config.method != "lora":  # everything computed before the first write
             self.modules, plan = build_states(config, layers, svd_fn)
-        self.importance = ImportanceTracker(
-            {self.importance_name(i, f): getattr(L, f"lora_{f}") for i, L in enumerate(layers)
-             for f in "AB"}, config.beta1, config.beta2) if switches else None
-        self._grad_hook = layers[0].lora_A.register_post_accumulate_grad_hook(
-            self._check_stepped) if switches and layers else None
+        self.importance = (
+            ImportanceTracker(
+                {
+                    self.importance_name(i, f): getattr(L, f"lora_{f}")
+                    for i, L in enumerate(layers)
+                    for f in "AB"
+                },
+                config.beta1,
+                config.beta2,
+            )
+            if switches
+            else None
+        )
+        self._grad_hook = (
+            layers[0].lora_A.register_post_accumulate_grad_hook(self._check_stepped)
+            if switches and layers
+            else None
+        )
         self._probe = None  # a strategy that needs the weight gradient (srlora.insertion)
         if switches and self.steps.needs("probe"):
             self._probe = GradientProbe(layers, self.switch_is_next)
@@ -105,8 +131,9 @@ class SRLoRAController:
         """Will the optimizer step being computed now (step ``global_step + 1``) be followed by
         a scheduled switch? (Known only for a schedule planned ahead; False when it cannot be
         built yet.)"""
-        return self.schedule is not None and self.schedule.is_next(self.global_step,
-                                                                   self.total_steps)
+        return self.schedule is not None and self.schedule.is_next(
+            self.global_step, self.total_steps
+        )
 
     # ------------------------------------------------------------------ hooks
     def _bind(self, optimizer) -> torch.optim.Optimizer:
@@ -117,21 +144,29 @@ class SRLoRAController:
         if self.config.switches:
             check_optimizer(self.config, inner)  # a strategy that needs Adam
         trained = {id(p) for g in inner.param_groups for p in g["params"]}
-        missing = [L.name for L in self.layers if id(L.lora_A) not in trained
-                   or id(L.lora_B) not in trained]
+        missing = [
+            L.name
+            for L in self.layers
+            if id(L.lora_A) not in trained or id(L.lora_B) not in trained
+        ]
         if missing:
-            raise ValueError(f"the optimizer does not train the LoRA factors of {len(missing)} "
-                             f"adapted module(s), e.g. {missing[0]!r}; build it from "
-                             "model.parameters() after srlora.wrap()")
+            raise ValueError(
+                f"the optimizer does not train the LoRA factors of {len(missing)} "
+                f"adapted module(s), e.g. {missing[0]!r}; build it from "
+                "model.parameters() after srlora.wrap()"
+            )
         if shard:
             self._bind_sharded()  # sharded importance state, switches on the shards
         return inner
 
     def _bind_sharded(self) -> None:
-        names = [(self.importance_name(i, "A"), self.importance_name(i, "B"))
-                 for i in range(len(self.layers))]
-        self.importance, self.sharded = fsdp.bind(self.config, self.layers, self.importance,
-                                                  self.modules, names, self.sharded)
+        names = [
+            (self.importance_name(i, "A"), self.importance_name(i, "B"))
+            for i in range(len(self.layers))
+        ]
+        self.importance, self.sharded = fsdp.bind(
+            self.config, self.layers, self.importance, self.modules, names, self.sharded
+        )
 
     def attach(self, optimizer) -> "SRLoRAController":
         """Run ``step()`` after every ``optimizer.step()`` (an optimizer step post-hook).
@@ -176,10 +211,13 @@ class SRLoRAController:
         if self._first_version is None:
             self._first_version = param._version
         elif param._version != self._first_version:
-            self._warn_once("attach", "SRLoRA: the adapter is being trained, but the controller "
-                            "never stepped: no importance is tracked and no switch will happen "
-                            "(this would train plain PiSSA). Call controller.attach(optimizer), "
-                            "or controller.step(optimizer) after each optimizer step.")
+            self._warn_once(
+                "attach",
+                "SRLoRA: the adapter is being trained, but the controller "
+                "never stepped: no importance is tracked and no switch will happen "
+                "(this would train plain PiSSA). Call controller.attach(optimizer), "
+                "or controller.step(optimizer) after each optimizer step.",
+            )
 
     # ------------------------------------------------------------------ per step
     def observe_loss(self, loss) -> None:
@@ -209,9 +247,11 @@ class SRLoRAController:
             self._reset_policy()
         policy = self.config.optimizer_state
         if self.steps is not None and self.steps.needs("optimizer") and self.optimizer is None:
-            raise ValueError(f"SRLoRAConfig.optimizer_state={policy!r} resets the optimizer "
-                             "state of reinitialized slots: call controller.step(optimizer) (or "
-                             "controller.attach(optimizer)) so the controller knows it")
+            raise ValueError(
+                f"SRLoRAConfig.optimizer_state={policy!r} resets the optimizer "
+                "state of reinitialized slots: call controller.step(optimizer) (or "
+                "controller.attach(optimizer)) so the controller knows it"
+            )
         self._step()
 
     def _step(self) -> None:
@@ -222,12 +262,16 @@ class SRLoRAController:
             self.steps.optimizer.after_step(self.optimizer, self.layers, self.history)
         updated = self.importance.update()
         if not updated:
-            self._warn_once("nograd", "SRLoRA: step() found no gradient on the LoRA factors; "
-                            "call it after optimizer.step() and before zero_grad()")
+            self._warn_once(
+                "nograd",
+                "SRLoRA: step() found no gradient on the LoRA factors; "
+                "call it after optimizer.step() and before zero_grad()",
+            )
         self.global_step += 1
         guards.check_zero_gradients(self)  # zero_grad(set_to_none=False) before step()
-        reason = self.schedule.decide(self.global_step, self.total_steps, updated,
-                                      self._would_fuse, self.switchable)
+        reason = self.schedule.decide(
+            self.global_step, self.total_steps, updated, self._would_fuse, self.switchable
+        )
         if reason is not None:
             self._reason = reason
             self.switch_now()
@@ -252,8 +296,9 @@ class SRLoRAController:
         k = self.config.r_prime
         sets = torch.empty(len(self.layers), k, dtype=torch.long)
         for idx in switch_groups(self.modules, list(range(len(self.layers)))):
-            keys = ranking_keys(self.steps.selection, self._group_scores(idx), self.history,
-                                idx, self._factors)
+            keys = ranking_keys(
+                self.steps.selection, self._group_scores(idx), self.history, idx, self._factors
+            )
             sets[idx] = lowest_pairs(keys, k).cpu()
         return sets
 
@@ -284,17 +329,25 @@ class SRLoRAController:
         the run as it was.
         """
         if self.steps is None:
-            raise RuntimeError(f"switch_now() applies to a method that switches ('srlora', "
-                               f"'relora'), not {self.config.method!r}")
+            raise RuntimeError(
+                f"switch_now() applies to a method that switches ('srlora', "
+                f"'relora'), not {self.config.method!r}"
+            )
         reason, self._reason = reason or self._reason or "manual", None
         self._engine.before_switch(self._bind_sharded)  # sharded since set-up: refuse, or bind
         if int(self.importance.updates) == 0:
-            why = (f"all {int(self.importance.skipped)} importance update(s) so far were skipped "
-                   "for NaN/Inf gradients" if int(self.importance.skipped) else
-                   "no importance update happened yet (is the controller attached, or "
-                   "step() called?)")
-            self._warn_once("noimp", f"SRLoRA: switching with {why}; the pairs to fuse are "
-                            "chosen by index, not by importance.")
+            why = (
+                f"all {int(self.importance.skipped)} importance update(s) so far were skipped "
+                "for NaN/Inf gradients"
+                if int(self.importance.skipped)
+                else "no importance update happened yet (is the controller attached, or "
+                "step() called?)"
+            )
+            self._warn_once(
+                "noimp",
+                f"SRLoRA: switching with {why}; the pairs to fuse are "
+                "chosen by index, not by importance.",
+            )
         k = self.config.r_prime
         todo = [i for i, ok in enumerate(self.switchable()) if ok]  # others: exhausted
         grads = self._probe.take() if self._probe is not None else None  # (a collective)
@@ -306,8 +359,16 @@ class SRLoRAController:
             return 0
         steps = self.steps
         if self.sharded is not None:  # FSDP2: the same switch on gathered factors (srlora.fsdp)
-            entry = self.sharded.switch(todo, k, self.importance, self.history, self.global_step,
-                                        steps, self.optimizer, self.config.importance_reset)
+            entry = self.sharded.switch(
+                todo,
+                k,
+                self.importance,
+                self.history,
+                self.global_step,
+                steps,
+                self.optimizer,
+                self.config.importance_reset,
+            )
         else:
             stale = [i for i in todo if self.modules[i].p + k > self.modules[i].K]
             refreshed: list[int] = []
@@ -315,16 +376,29 @@ class SRLoRAController:
                 for i in todo:  # the factors' shapes, checked before anything is written
                     L = self.layers[i]
                     check_module(self.modules[i], L.B(), L.A(), L.shape, 0)
-                refreshed = steps.exhaustion.apply(self.modules,
-                                                   steps.exhaustion.plan(self.modules, stale, k))
+                refreshed = steps.exhaustion.apply(
+                    self.modules, steps.exhaustion.plan(self.modules, stale, k)
+                )
             if grads is not None and not grads:
-                self._warn_once("nogradient", f"SRLoRA insertion={self.config.insertion!r}: this "
-                                "switch saw no weight gradient (it is recorded during the step "
-                                "before a scheduled switch); the new slots take the paper's "
-                                "directions")
-            plans = plan_switch(self.modules, todo, k, self._factors, self._group_scores,
-                                self.history, steps.selection, steps.insertion, grads,
-                                self.global_step)  # score, choose, fetch: reads only
+                self._warn_once(
+                    "nogradient",
+                    f"SRLoRA insertion={self.config.insertion!r}: this "
+                    "switch saw no weight gradient (it is recorded during the step "
+                    "before a scheduled switch); the new slots take the paper's "
+                    "directions",
+                )
+            plans = plan_switch(
+                self.modules,
+                todo,
+                k,
+                self._factors,
+                self._group_scores,
+                self.history,
+                steps.selection,
+                steps.insertion,
+                grads,
+                self.global_step,
+            )  # score, choose, fetch: reads only
             entry = apply_switch(self.modules, plans, k, self.global_step)  # fuse, new pairs
             self._write_back(plans)  # the factors, the optimizer state, the importance
             if self.optimizer is not None:
@@ -344,8 +418,9 @@ class SRLoRAController:
         importance of the recomposed slots, per the strategies."""
         for g in plans:
             Ls = [self.layers[i] for i in g.idx]
-            torch._foreach_copy_([L.B() for L in Ls] + [L.A() for L in Ls],
-                                 list(g.B.unbind(0)) + list(g.A.unbind(0)))
+            torch._foreach_copy_(
+                [L.B() for L in Ls] + [L.A() for L in Ls], list(g.B.unbind(0)) + list(g.A.unbind(0))
+            )
             if self.optimizer is not None:
                 self.steps.optimizer.on_switch(self.optimizer, Ls, hit_slots(g))
             names = [(self.importance_name(i, "A"), self.importance_name(i, "B")) for i in g.idx]
@@ -357,9 +432,11 @@ class SRLoRAController:
         ``W_effective - W0 == s * Bd @ Ad`` (:func:`srlora.fusion.delta_factors`; for the LoRA
         baseline, (B, A))."""
         if self.sharded is not None and type(self.layers[i].lora_A) is not torch.nn.Parameter:
-            raise RuntimeError("delta_factors() under FSDP2 reads the whole factors: call it "
-                               "(or export_adapter) inside `with srlora.fsdp.unsharded(model):`,"
-                               " entered on every rank")
+            raise RuntimeError(
+                "delta_factors() under FSDP2 reads the whole factors: call it "
+                "(or export_adapter) inside `with srlora.fsdp.unsharded(model):`,"
+                " entered on every rank"
+            )
         if not self.modules:  # method="lora": the adapter is the whole change
             L = self.layers[i]
             return L.B().float(), L.A().float()

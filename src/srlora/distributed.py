@@ -14,6 +14,7 @@ Under FSDP2 (``fully_shard``, with ``fusion="virtual"``; :mod:`srlora.fsdp`) the
 everything SRLoRA replicates, and :func:`replica_state` compares the sharded tensors whole.
 FSDP1 and DeepSpeed ZeRO are refused by :func:`check_engine`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +26,6 @@ import torch.distributed as dist
 from .engines import check_engine, sharding_reason, unwrap_optimizer  # noqa: F401 (re-exported)
 from .fsdp_tensors import full, full_tree
 from .svd import top_singular_directions_many
-
 
 
 class ReplicaMismatchError(RuntimeError):
@@ -118,8 +118,10 @@ def mean_over_ranks(value: float) -> float:
     torch.distributed). A collective."""
     if not is_distributed():
         return value
-    return float(sum_over_ranks(torch.tensor([value], dtype=torch.float64)).item()) \
+    return (
+        float(sum_over_ranks(torch.tensor([value], dtype=torch.float64)).item())
         / dist.get_world_size()
+    )
 
 
 def _global_rank(group, rank: int) -> int:
@@ -138,24 +140,38 @@ def shared_svd_fn(config, group=None, check_inputs: bool = True):
     ``fn.stats`` holds ``owners``, ``computed`` (module indices this rank decomposed) and
     timings in seconds (``check_s``, ``svd_s``, ``broadcast_s``).
     """
+
     def fn(layers, ks):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         dev, results = _comm_device(group), []
         start = time.perf_counter()
         if check_inputs:
-            _check_same({L.name: tensor_digest(L.W()) for L in layers},
-                        "target weight(s) before the SVD set-up",
-                        "Load the same checkpoint (and seed) on every rank.", group)
+            _check_same(
+                {L.name: tensor_digest(L.W()) for L in layers},
+                "target weight(s) before the SVD set-up",
+                "Load the same checkpoint (and seed) on every rank.",
+                group,
+            )
         ks = [min(k, *L.shape) for L, k in zip(layers, ks)]
         owners = assign_owners([L.shape[0] * L.shape[1] * k for L, k in zip(layers, ks)], world)
         t0 = time.perf_counter()
         error, mine = None, {}
         try:
             own = [i for i in range(len(layers)) if owners[i] == rank]
-            mine = dict(zip(own, top_singular_directions_many(
-                [layers[i].W() for i in own], [ks[i] for i in own], config.svd_method,
-                config.svd_oversample, config.svd_niter, config.svd_seed,
-                names=[layers[i].name for i in own])))
+            mine = dict(
+                zip(
+                    own,
+                    top_singular_directions_many(
+                        [layers[i].W() for i in own],
+                        [ks[i] for i in own],
+                        config.svd_method,
+                        config.svd_oversample,
+                        config.svd_niter,
+                        config.svd_seed,
+                        names=[layers[i].name for i in own],
+                    ),
+                )
+            )
         except Exception as e:  # tell the other ranks before they wait on our broadcasts
             error = e
         failed = torch.tensor([0.0 if error is None else 1.0], device=dev)
@@ -173,11 +189,16 @@ def shared_svd_fn(config, group=None, check_inputs: bool = True):
                 buf = torch.empty(m * k + k + k * n, dtype=torch.float32, device=dev)
             dist.broadcast(buf, src=_global_rank(group, owners[i]), group=group)
             buf = buf.to(L.W().device)
-            results.append((buf[:m * k].view(m, k), buf[m * k:m * k + k],
-                            buf[m * k + k:].view(k, n)))
-        fn.stats = {"owners": owners, "computed": [i for i, o in enumerate(owners) if o == rank],
-                    "check_s": t0 - start, "svd_s": t1 - t0,
-                    "broadcast_s": time.perf_counter() - t1}
+            results.append(
+                (buf[: m * k].view(m, k), buf[m * k : m * k + k], buf[m * k + k :].view(k, n))
+            )
+        fn.stats = {
+            "owners": owners,
+            "computed": [i for i, o in enumerate(owners) if o == rank],
+            "check_s": t0 - start,
+            "svd_s": t1 - t0,
+            "broadcast_s": time.perf_counter() - t1,
+        }
         return results
 
     fn.stats = {}
@@ -191,8 +212,9 @@ def default_svd_fn(config):
 
 # ---------------------------------------------------------------------- replica check
 def _unwrap_model(model):
-    while model is not None and hasattr(model, "module") and isinstance(model.module,
-                                                                        torch.nn.Module):
+    while (
+        model is not None and hasattr(model, "module") and isinstance(model.module, torch.nn.Module)
+    ):
         model = model.module  # DDP, accelerate's wrappers
     return model
 
@@ -211,8 +233,8 @@ def replica_state(model, controller, optimizer=None) -> dict:
     for L, st in zip(controller.layers, controller.modules or [None] * len(controller.layers)):
         out[f"base/{L.name}"] = full(L.base_weight.detach())
         if st is not None and st.side is not None:  # fusion="virtual": the side path in use
-            out[f"side/{L.name}/At"] = st.side.At[:st.side.R]
-            out[f"side/{L.name}/Bt"] = st.side.Bt[:st.side.R]
+            out[f"side/{L.name}/At"] = st.side.At[: st.side.R]
+            out[f"side/{L.name}/Bt"] = st.side.Bt[: st.side.R]
     model = _unwrap_model(model) if model is not None else controller.model
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -229,12 +251,17 @@ def _check_same(digests: dict, what: str, hint: str, group=None) -> int:
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, digests, group=group)
     names = sorted(set().union(*(g.keys() for g in gathered)), key=str)
-    bad = [(k, [r for r, g in enumerate(gathered) if g.get(k) != gathered[0].get(k)])
-           for k in names if len({g.get(k) for g in gathered}) > 1]
+    bad = [
+        (k, [r for r, g in enumerate(gathered) if g.get(k) != gathered[0].get(k)])
+        for k in names
+        if len({g.get(k) for g in gathered}) > 1
+    ]
     if bad:
         shown = "; ".join(f"{k} (ranks {rs} differ from rank 0)" for k, rs in bad[:5])
-        raise ReplicaMismatchError(f"{len(bad)} of {len(names)} {what} differ across ranks: "
-                                   f"{shown}{' ...' if len(bad) > 5 else ''}. {hint}")
+        raise ReplicaMismatchError(
+            f"{len(bad)} of {len(names)} {what} differ across ranks: "
+            f"{shown}{' ...' if len(bad) > 5 else ''}. {hint}"
+        )
     return len(names)
 
 
@@ -246,6 +273,10 @@ def assert_replicas_identical(model, controller, optimizer=None, group=None) -> 
     naming the entries that differ. In a single process it only counts the entries.
     """
     state = replica_state(model, controller, optimizer)
-    return _check_same({k: value_digest(v) for k, v in state.items()},
-                       "SRLoRA state entries", "The replicas have diverged; this is a bug "
-                       "(or the model was changed on one rank only): please report it.", group)
+    return _check_same(
+        {k: value_digest(v) for k, v in state.items()},
+        "SRLoRA state entries",
+        "The replicas have diverged; this is a bug "
+        "(or the model was changed on one rank only): please report it.",
+        group,
+    )

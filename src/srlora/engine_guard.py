@@ -3,6 +3,7 @@ switch. FSDP2 is accepted with ``fusion="virtual"`` and strategies that declare 
 (:mod:`srlora.fsdp_checks`); FSDP1 and DeepSpeed are refused (:mod:`srlora.engines`), naming
 what works. The guard says when the model is sharded; the controller then binds to the shards.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -43,8 +44,11 @@ class EngineGuard:
         """
         edited = [p for L in self.layers for p in (L.base_weight, L.lora_A, L.lora_B)]
         seen = self._walked
-        if seen is None or len(seen) != len(edited) or any(a is not b for a, b in
-                                                           zip(seen, edited)):
+        if (
+            seen is None
+            or len(seen) != len(edited)
+            or any(a is not b for a, b in zip(seen, edited))
+        ):
             fsdp2 = is_fsdp2(sharding_reason(self.model))
             if fsdp2:  # sharded since set-up or attach: bind, unless refused
                 fsdp_checks.check_fusion(self.config)

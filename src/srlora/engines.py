@@ -8,6 +8,7 @@ refused by :func:`check_engine`, naming what works. :func:`unwrap_optimizer` fin
 optimizer behind wrappers (accelerate, Lightning). Imported by the controller and by
 ``distributed``; imports neither.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,10 +19,12 @@ import torch
 
 from ._errors import UnsupportedEngineError
 
-SUPPORTED_ENGINES = ("DistributedDataParallel launched with torchrun, Accelerate with its "
-                     "multi-process DDP (accelerate launch --multi_gpu, or --cpu), a single "
-                     "process, or FSDP2 (torch.distributed.fsdp.fully_shard, or accelerate "
-                     "launch --use_fsdp --fsdp_version 2) with SRLoRAConfig(fusion='virtual')")
+SUPPORTED_ENGINES = (
+    "DistributedDataParallel launched with torchrun, Accelerate with its "
+    "multi-process DDP (accelerate launch --multi_gpu, or --cpu), a single "
+    "process, or FSDP2 (torch.distributed.fsdp.fully_shard, or accelerate "
+    "launch --use_fsdp --fsdp_version 2) with SRLoRAConfig(fusion='virtual')"
+)
 
 
 class Engine(str):
@@ -42,12 +45,17 @@ def unwrap_optimizer(optimizer):
     inner = optimizer
     # accelerate's AcceleratedOptimizer (itself a torch.optim.Optimizer subclass that never runs
     # Optimizer.__init__), Lightning wrappers, ...: hook the innermost optimizer
-    while (nxt := getattr(inner, "optimizer", None)) is not None and nxt is not inner \
-            and hasattr(nxt, "param_groups"):
+    while (
+        (nxt := getattr(inner, "optimizer", None)) is not None
+        and nxt is not inner
+        and hasattr(nxt, "param_groups")
+    ):
         inner = nxt
     if not isinstance(inner, torch.optim.Optimizer):
-        raise TypeError(f"attach() needs a torch.optim.Optimizer (or a wrapper exposing "
-                        f".optimizer), got {type(optimizer).__name__}")
+        raise TypeError(
+            f"attach() needs a torch.optim.Optimizer (or a wrapper exposing "
+            f".optimizer), got {type(optimizer).__name__}"
+        )
     return inner
 
 
@@ -111,14 +119,22 @@ def _launcher_reason() -> Optional[Engine]:
     true = ("1", "true", "yes")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in true:
         if os.environ.get("FSDP_VERSION", "1").strip() == "2":
-            return Engine("fsdp2", "FSDP2 (accelerate launch with an FSDP config: "
-                          "ACCELERATE_USE_FSDP is set, FSDP_VERSION=2)")
-        return Engine("fsdp1", "FSDP (version 1: accelerate launch with an FSDP config: "
-                      "ACCELERATE_USE_FSDP is set, FSDP_VERSION is not 2; use fsdp_version: 2, "
-                      "i.e. FSDP2)")
+            return Engine(
+                "fsdp2",
+                "FSDP2 (accelerate launch with an FSDP config: "
+                "ACCELERATE_USE_FSDP is set, FSDP_VERSION=2)",
+            )
+        return Engine(
+            "fsdp1",
+            "FSDP (version 1: accelerate launch with an FSDP config: "
+            "ACCELERATE_USE_FSDP is set, FSDP_VERSION is not 2; use fsdp_version: 2, "
+            "i.e. FSDP2)",
+        )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in true:
-        return Engine("deepspeed", "DeepSpeed (accelerate launch with DeepSpeed: "
-                      "ACCELERATE_USE_DEEPSPEED is set)")
+        return Engine(
+            "deepspeed",
+            "DeepSpeed (accelerate launch with DeepSpeed: ACCELERATE_USE_DEEPSPEED is set)",
+        )
     if "accelerate.state" in sys.modules:
         shared = getattr(sys.modules["accelerate.state"].AcceleratorState, "_shared_state", {})
         kind = str(shared.get("distributed_type", ""))
@@ -126,18 +142,24 @@ def _launcher_reason() -> Optional[Engine]:
             if kind.endswith(engine):
                 plugin = shared.get("fsdp_plugin")
                 if engine == "FSDP" and getattr(plugin, "fsdp_version", 1) == 2:
-                    return Engine("fsdp2", "FSDP2 (the Accelerator was created with fsdp_version=2)")
-                return Engine({"FSDP": "fsdp1", "DEEPSPEED": "deepspeed"}.get(engine, "megatron"),
-                              f"{engine} (the Accelerator was created with distributed_type="
-                              f"{engine})")
+                    return Engine(
+                        "fsdp2", "FSDP2 (the Accelerator was created with fsdp_version=2)"
+                    )
+                return Engine(
+                    {"FSDP": "fsdp1", "DEEPSPEED": "deepspeed"}.get(engine, "megatron"),
+                    f"{engine} (the Accelerator was created with distributed_type={engine})",
+                )
     return None
 
 
 def sharding_reason(model=None, optimizer=None) -> Optional[Engine]:
     """The sharded engine ``model``/``optimizer``/the launcher uses (an :class:`Engine`: its
     text names it, its ``kind`` identifies it), or None."""
-    return (_launcher_reason() or (_module_reason(model) if model is not None else None)
-            or (_optimizer_reason(optimizer) if optimizer is not None else None))
+    return (
+        _launcher_reason()
+        or (_module_reason(model) if model is not None else None)
+        or (_optimizer_reason(optimizer) if optimizer is not None else None)
+    )
 
 
 def is_fsdp2(reason: Optional[Engine]) -> bool:
@@ -158,7 +180,8 @@ def check_engine(model=None, optimizer=None, params=None, fsdp2_ok: bool = False
             "LoRA factors in place, outside the optimizer, which needs every rank to hold them "
             f"unsharded. Supported: {SUPPORTED_ENGINES}. For a sharded model use FSDP2 with "
             "fusion='virtual' (the frozen weight is never written; docs/distributed.md). "
-            "(method='lora' and 'pissa' never switch and are not refused.)")
+            "(method='lora' and 'pissa' never switch and are not refused.)"
+        )
 
 
 def check_engine_at_wrap(model, fusion: str) -> None:
@@ -171,5 +194,6 @@ def check_engine_at_wrap(model, fusion: str) -> None:
             f"srlora.wrap got a model that is already sharded ({reason}): the set-up SVD needs "
             "the whole weights. Call srlora.wrap on the whole model on every rank, then "
             "fully_shard it (FSDP2, with SRLoRAConfig(fusion='virtual')). Supported: "
-            f"{SUPPORTED_ENGINES}")
+            f"{SUPPORTED_ENGINES}"
+        )
     check_engine(model, fsdp2_ok=fusion == "virtual")

@@ -17,6 +17,7 @@ exported adapter, loaded on the same quantized model, computes what the trained 
 
 Shape legend: ``m`` out, ``n`` in, ``R`` rank of the delta factors, ``k`` rank kept.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,9 +56,9 @@ def delta_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return Qb @ Uc, S, Vch @ Qa.T
 
 
-def truncate_delta(B: torch.Tensor, A: torch.Tensor, rank: Optional[int] = None,
-                   energy: Optional[float] = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
+def truncate_delta(
+    B: torch.Tensor, A: torch.Tensor, rank: Optional[int] = None, energy: Optional[float] = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-k factors of ``B @ A`` (Eckart-Young), computed in fp64.
 
     k is ``rank``, or the smallest k whose singular values hold ``energy`` of the squared
@@ -104,13 +105,15 @@ class ExportResult:
 
 
 def _relative_name(layer_name: str) -> str:
-    return layer_name[len(_PREFIX):] if layer_name.startswith(_PREFIX) else layer_name
+    return layer_name[len(_PREFIX) :] if layer_name.startswith(_PREFIX) else layer_name
 
 
 def _check_exportable(peft_cfg) -> None:
     if getattr(peft_cfg, "use_dora", False) or getattr(peft_cfg, "lora_bias", False):
-        raise SRLoRAError("export_adapter: DoRA / lora_bias adapters are not plain low-rank "
-                          "deltas and cannot be exported exactly")
+        raise SRLoRAError(
+            "export_adapter: DoRA / lora_bias adapters are not plain low-rank "
+            "deltas and cannot be exported exactly"
+        )
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -125,8 +128,14 @@ def _write_atomic(path: Path, write) -> None:
 
 # ---------------------------------------------------------------------- export_adapter
 @torch.no_grad()
-def export_adapter(model, controller: SRLoRAController, path, rank: Optional[int] = None,
-                   energy: Optional[float] = None, overwrite: bool = False) -> ExportResult:
+def export_adapter(
+    model,
+    controller: SRLoRAController,
+    path,
+    rank: Optional[int] = None,
+    energy: Optional[float] = None,
+    overwrite: bool = False,
+) -> ExportResult:
     """Write a plain PEFT LoRA adapter, relative to the ORIGINAL base weights, into ``path``.
 
     Without ``rank``/``energy`` the export is exact: per module the rank is ``r + (p - r) + p``
@@ -149,8 +158,9 @@ def export_adapter(model, controller: SRLoRAController, path, rank: Optional[int
         raise ValueError("export_adapter: give rank or energy, not both")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ValueError(f"export_adapter: rank must be an integer >= 1, got {rank!r}")
-    if energy is not None and (not isinstance(energy, (int, float)) or isinstance(energy, bool)
-                               or not 0.0 < energy <= 1.0):
+    if energy is not None and (
+        not isinstance(energy, (int, float)) or isinstance(energy, bool) or not 0.0 < energy <= 1.0
+    ):
         raise ValueError(f"export_adapter: energy must be in (0, 1], got {energy!r}")
     check_not_overwriting(path, ADAPTER_FILES, overwrite, "export_adapter")
     adapter = controller.layers[0].adapter if controller.layers else "default"
@@ -158,8 +168,10 @@ def export_adapter(model, controller: SRLoRAController, path, rank: Optional[int
     _check_exportable(peft_cfg)
     compress = rank is not None or energy is not None
 
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous()
-               for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    tensors = {
+        k: v.detach().to("cpu", copy=True).contiguous()
+        for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()
+    }
     ranks, alphas, errors = {}, {}, {}
     dropped = kept = 0.0  # squared Frobenius norms of s * delta, over all modules
     for i, L in enumerate(controller.layers):
@@ -178,8 +190,10 @@ def export_adapter(model, controller: SRLoRAController, path, rank: Optional[int
         ranks[name], alphas[name], errors[name] = k, s * k, err
         a_shape = (k,) + tuple(L.lora_A.shape[1:])
         b_shape = (L.lora_B.shape[0], k) + tuple(L.lora_B.shape[2:])
-        for key, t in ((f"{L.name}.lora_A.weight", Ak.reshape(a_shape)),
-                       (f"{L.name}.lora_B.weight", Bk.reshape(b_shape))):
+        for key, t in (
+            (f"{L.name}.lora_A.weight", Ak.reshape(a_shape)),
+            (f"{L.name}.lora_B.weight", Bk.reshape(b_shape)),
+        ):
             if key not in tensors:
                 raise SRLoRAError(f"export_adapter: PEFT's state dict has no {key}")
             tensors[key] = t.float().cpu().contiguous()
@@ -197,16 +211,29 @@ def export_adapter(model, controller: SRLoRAController, path, rank: Optional[int
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "adapter_model.safetensors",
-                  lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _write_atomic(
+        out / "adapter_model.safetensors",
+        lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+    )
     cfg.save_pretrained(str(out))
     result = ExportResult(
-        path=str(out), method=controller.config.method, rank=top, ranks=ranks, alphas=alphas,
-        errors=errors, error=total_error if compress else 0.0, compressed=compress,
-        target_rank=rank, target_energy=energy, step=controller.global_step,
-        modules_to_save=list(peft_cfg.modules_to_save or []))
-    _write_atomic(out / EXPORT_INFO,
-                  lambda p: p.write_text(json.dumps(result.to_dict(), indent=1, sort_keys=True)))
+        path=str(out),
+        method=controller.config.method,
+        rank=top,
+        ranks=ranks,
+        alphas=alphas,
+        errors=errors,
+        error=total_error if compress else 0.0,
+        compressed=compress,
+        target_rank=rank,
+        target_energy=energy,
+        step=controller.global_step,
+        modules_to_save=list(peft_cfg.modules_to_save or []),
+    )
+    _write_atomic(
+        out / EXPORT_INFO,
+        lambda p: p.write_text(json.dumps(result.to_dict(), indent=1, sort_keys=True)),
+    )
     return result
 
 
@@ -222,14 +249,17 @@ def _check_patterns(cfg, ranks: dict[str, int]) -> None:
     keys = list(cfg.rank_pattern)
     for name in ranks:
         if get_pattern_key(keys, name) != name:
-            raise SRLoRAError(f"export_adapter: module {name!r} matches another module's "
-                              "rank_pattern key; rename modules or export without patterns")
+            raise SRLoRAError(
+                f"export_adapter: module {name!r} matches another module's "
+                "rank_pattern key; rename modules or export without patterns"
+            )
 
 
 # ---------------------------------------------------------------------- save_merged
 @torch.no_grad()
-def save_merged(model, controller: SRLoRAController, path, safe_merge: bool = True,
-                overwrite: bool = False):
+def save_merged(
+    model, controller: SRLoRAController, path, safe_merge: bool = True, overwrite: bool = False
+):
     """Save the trained model with ``W + s*B@A`` merged into every adapted layer.
 
     Works on a deep copy (PEFT's ``merge_and_unload``), so the live training model is left as
@@ -270,6 +300,7 @@ def save_merged(model, controller: SRLoRAController, path, safe_merge: bool = Tr
             merged.save_pretrained(str(tmp))
         else:
             from safetensors.torch import save_model
+
             save_model(merged, str(tmp / "model.safetensors"))
         move_into(tmp, out, overwrite, "save_merged")
     finally:
@@ -290,8 +321,13 @@ def dequantized_copy(model):
     for name, mod in list(base.named_modules()):
         if name and bnb_kind(mod):
             W = dequantize_bnb(mod)
-            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                  dtype=W.dtype, device=W.device)
+            lin = torch.nn.Linear(
+                mod.in_features,
+                mod.out_features,
+                bias=mod.bias is not None,
+                dtype=W.dtype,
+                device=W.device,
+            )
             lin.weight.data.copy_(W)
             if mod.bias is not None:
                 lin.bias.data.copy_(mod.bias.data)
@@ -308,5 +344,8 @@ def _merge_virtual_(merged, controller: SRLoRAController) -> None:
         view = w.T if getattr(L.layer, "fan_in_fan_out", False) else w.reshape(w.shape[0], -1)
         Bd, Ad = controller.delta_factors(i)
         W0 = L.W()
-        view.copy_(torch.addmm(W0.float(), Bd.to(W0.device), Ad.to(W0.device),
-                               alpha=L.scaling).to(view.dtype))
+        view.copy_(
+            torch.addmm(W0.float(), Bd.to(W0.device), Ad.to(W0.device), alpha=L.scaling).to(
+                view.dtype
+            )
+        )

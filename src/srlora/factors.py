@@ -4,6 +4,7 @@ Shape legend: ``m`` out features, ``n`` in features, ``r`` rank (pairs), ``k`` p
 ``s`` PEFT's scaling ``lora_alpha / r``. B is ``m x r``, A is ``r x n``; pair j is ``B[:, j]``
 with ``A[j, :]``, and the adapter adds ``s * B @ A`` to the frozen weight W.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,9 @@ import sys
 import torch
 
 
-def pissa_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: float
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def pissa_factors(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of k singular directions, scaled as PEFT's PiSSA does.
 
     Returns ``B = U sqrt(S/s)`` (m x k) and ``A = sqrt(S/s) Vh`` (k x n), so that
@@ -39,8 +41,13 @@ def lowest_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order).values  # on the scores' device: no host sync
 
 
-def switch_delta(B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
-                 A_new: torch.Tensor, scaling: float) -> torch.Tensor:
+def switch_delta(
+    B_low: torch.Tensor,
+    A_low: torch.Tensor,
+    B_new: torch.Tensor,
+    A_new: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
     """Change of the frozen weight at a switch: fuse the old pairs, subtract the new ones.
 
     ``W + switch_delta + s*B'@A' == W + s*B@A`` where B', A' have the slots replaced: the
@@ -52,8 +59,9 @@ def switch_delta(B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
 RESIDUAL_STEPS = 254  # fp16's int8 residual: units of spacing(hi) / 254, so |q| <= 127
 
 
-def switch_factors(B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
-                   A_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def switch_factors(
+    B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor, A_new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B_low | -B_new]`` and ``[A_low ; A_new]``: one rank-2k product equal to
     ``B_low @ A_low - B_new @ A_new``, so a switch is one ``addmm_`` into the weight
     (``W.addmm_(Bc, Ac, alpha=s)`` is ``W + switch_delta(...)`` up to fp32 rounding). Leading
@@ -121,8 +129,9 @@ def join_residual(hi: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
-def _split_bf16_(W: torch.Tensor, hi: torch.Tensor, q: torch.Tensor,
-                 byte_views: bool = _LITTLE_ENDIAN) -> None:
+def _split_bf16_(
+    W: torch.Tensor, hi: torch.Tensor, q: torch.Tensor, byte_views: bool = _LITTLE_ENDIAN
+) -> None:
     """bf16 is the upper half of fp32's bits, so the split is integer work on ``b``, W's bits:
     ``hi = (b + 0x8000) >> 16`` (W rounded to nearest, ties away from zero) and ``q`` = bits
     8..15 of ``b`` (as int8). Then ``b == (hi << 16) + 256*q + l`` with ``0 <= l < 256``
@@ -147,8 +156,9 @@ def _join_bf16(hi: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return x.add_(q, alpha=256).add_(128).view(torch.float32)
 
 
-def switch_steps(total_steps: int | None, num_switches: int, interval: int | None,
-                 span: float | None = None) -> list[int]:
+def switch_steps(
+    total_steps: int | None, num_switches: int, interval: int | None, span: float | None = None
+) -> list[int]:
     """Optimizer steps (1-based counts) after which a switch happens.
 
     Default: ``k * (total_steps // (num_switches + 1))`` for k = 1..num_switches, so the last
@@ -160,23 +170,29 @@ def switch_steps(total_steps: int | None, num_switches: int, interval: int | Non
         return []
     if span is not None:
         if total_steps is None:
-            raise ValueError("SRLoRAConfig.switch_span needs total_steps (the span is a fraction "
-                             "of the run)")
+            raise ValueError(
+                "SRLoRAConfig.switch_span needs total_steps (the span is a fraction of the run)"
+            )
         # + 1e-9: a product that is an integer on paper (0.7 * 300 / 6 = 35) may round below it
         interval = math.floor(span * total_steps / num_switches + 1e-9)
         if interval < 1:
-            raise ValueError(f"SRLoRAConfig.switch_span = {span} of total_steps = {total_steps} "
-                             f"is too short for {num_switches} switches; raise switch_span or "
-                             "total_steps, or lower r_target")
+            raise ValueError(
+                f"SRLoRAConfig.switch_span = {span} of total_steps = {total_steps} "
+                f"is too short for {num_switches} switches; raise switch_span or "
+                "total_steps, or lower r_target"
+            )
     if interval is None:
         if total_steps is None:
-            raise ValueError("SRLoRAConfig.total_steps (or switch_interval) must be set to "
-                             "schedule switches")
+            raise ValueError(
+                "SRLoRAConfig.total_steps (or switch_interval) must be set to schedule switches"
+            )
         interval = total_steps // (num_switches + 1)
         if interval < 1:
-            raise ValueError(f"SRLoRAConfig.total_steps = {total_steps} is too few for "
-                             f"{num_switches} switches; raise total_steps, lower r_target, or "
-                             "set switch_interval")
+            raise ValueError(
+                f"SRLoRAConfig.total_steps = {total_steps} is too few for "
+                f"{num_switches} switches; raise total_steps, lower r_target, or "
+                "set switch_interval"
+            )
     steps = [k * interval for k in range(1, num_switches + 1)]
     if total_steps is not None:
         steps = [t for t in steps if t <= total_steps]

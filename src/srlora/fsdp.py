@@ -26,6 +26,7 @@ them. Checkpoints gather the full state (:func:`full`) and load it back into the
 (:func:`shard_like`). The DTensor helpers live in :mod:`srlora.fsdp_tensors`, the checks in
 :mod:`srlora.fsdp_checks`; both are re-exported here.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -34,15 +35,30 @@ import torch
 
 from .factors import pair_scores
 from .fsdp_checks import check, check_fusion, check_variants, is_sharded_model  # noqa: F401
-from .fsdp_tensors import (DTensor, copy_into_, full, full_tree, gather_rows,  # noqa: F401
-                           is_dtensor, local_rows, row_range, shard_like, unsharded)
+from .fsdp_tensors import (
+    DTensor,
+    copy_into_,
+    full,
+    full_tree,
+    gather_rows,  # noqa: F401
+    is_dtensor,
+    local_rows,
+    row_range,
+    shard_like,
+    unsharded,
+)
 from .importance import ImportanceTracker
 from .switch import apply_switch, plan_switch, reset_importance
 
 
-def bind(config, layers: list, importance: ImportanceTracker, modules: list, names: list,
-         current: Optional["ShardedSwitch"] = None
-         ) -> tuple[ImportanceTracker, "ShardedSwitch"]:
+def bind(
+    config,
+    layers: list,
+    importance: ImportanceTracker,
+    modules: list,
+    names: list,
+    current: Optional["ShardedSwitch"] = None,
+) -> tuple[ImportanceTracker, "ShardedSwitch"]:
     """Check (:func:`check`) and bind to the current DTensor factors of ``layers``: returns the
     importance state as a :class:`ShardedImportance` (carrying over ``importance``'s state so
     far) and the :class:`ShardedSwitch`; ``(importance, current)`` when already bound to these
@@ -52,9 +68,11 @@ def bind(config, layers: list, importance: ImportanceTracker, modules: list, nam
     if current is not None and all(a is b for a, b in zip(current.params, params)):
         return importance, current
     old = importance.flat_state()  # whole on every rank (collective if already sharded)
-    tracker = ShardedImportance({n: p for pair, L in zip(names, layers)
-                                 for n, p in zip(pair, (L.lora_A, L.lora_B))},
-                                config.beta1, config.beta2)
+    tracker = ShardedImportance(
+        {n: p for pair, L in zip(names, layers) for n, p in zip(pair, (L.lora_A, L.lora_B))},
+        config.beta1,
+        config.beta2,
+    )
     tracker.load_flat_state(old)
     return tracker, ShardedSwitch(modules, layers, params, names)
 
@@ -73,8 +91,10 @@ class ShardedImportance(ImportanceTracker):
 
     @staticmethod
     def _operands(params: list) -> tuple[list, list]:
-        return ([p.to_local() for p in params],
-                [None if p.grad is None else p.grad.to_local() for p in params])
+        return (
+            [p.to_local() for p in params],
+            [None if p.grad is None else p.grad.to_local() for p in params],
+        )
 
     def full_scores(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Whole element scores ``ibar * ubar`` of ``names`` (one all-gather)."""
@@ -85,11 +105,16 @@ class ShardedImportance(ImportanceTracker):
         names = [k for g in self._groups for k in g[0]]
         pairs = [(v, self.params[k]) for k in names for v in self._view_of[k]]
         whole = gather_rows(pairs)
-        return {"ibar": torch.cat([whole[2 * j].reshape(-1).cpu() for j in range(len(names))])
-                if names else torch.zeros(0),
-                "ubar": torch.cat([whole[2 * j + 1].reshape(-1).cpu()
-                                   for j in range(len(names))]) if names else torch.zeros(0),
-                "updates": self.updates.cpu(), "skipped": self.skipped.cpu()}
+        return {
+            "ibar": torch.cat([whole[2 * j].reshape(-1).cpu() for j in range(len(names))])
+            if names
+            else torch.zeros(0),
+            "ubar": torch.cat([whole[2 * j + 1].reshape(-1).cpu() for j in range(len(names))])
+            if names
+            else torch.zeros(0),
+            "updates": self.updates.cpu(),
+            "skipped": self.skipped.cpu(),
+        }
 
     @torch.no_grad()
     def load_flat_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -99,7 +124,7 @@ class ShardedImportance(ImportanceTracker):
                 p, n = self.params[k], self.params[k].numel()
                 start, stop = local_rows(p) if is_dtensor(p) else (0, p.shape[0])
                 for key, view in zip(("ibar", "ubar"), self._view_of[k]):
-                    view.copy_(state[key][off:off + n].view(p.shape)[start:stop])
+                    view.copy_(state[key][off : off + n].view(p.shape)[start:stop])
                 off += n
         self.updates.copy_(state["updates"])
         self.skipped.copy_(state["skipped"])
@@ -121,8 +146,11 @@ class ShardedImportance(ImportanceTracker):
 def global_shape(L) -> tuple[int, int]:
     """The frozen weight's ``m x n`` shape from its (global) parameter shape."""
     w = L.base_weight.shape
-    return ((w[1], w[0]) if getattr(L.layer, "fan_in_fan_out", False)
-            else (w[0], int(torch.Size(w[1:]).numel())))
+    return (
+        (w[1], w[0])
+        if getattr(L.layer, "fan_in_fan_out", False)
+        else (w[0], int(torch.Size(w[1:]).numel()))
+    )
 
 
 class ShardedSwitch:
@@ -140,22 +168,38 @@ class ShardedSwitch:
         a forward and its backward, when FSDP2 has swapped in whole copies)."""
         live = [p for L in self.layers for p in (L.lora_A, L.lora_B)]
         if any(a is not b for a, b in zip(live, self.params)):
-            raise RuntimeError("SRLoRA under FSDP2: the adapted layers do not hold the sharded "
-                               "parameters the controller was bound to (a switch must run "
-                               "between optimizer steps, after backward; or the model was "
-                               "sharded again: attach the controller again)")
+            raise RuntimeError(
+                "SRLoRA under FSDP2: the adapted layers do not hold the sharded "
+                "parameters the controller was bound to (a switch must run "
+                "between optimizer steps, after backward; or the model was "
+                "sharded again: attach the controller again)"
+            )
 
     def whole_factors(self, idx: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Module -> whole (B, A) as ``m x r``, ``r x n`` plain tensors (one all-gather per
         dtype)."""
         pairs = [(p.to_local(), p) for i in idx for p in self.factors(i)]
         whole = gather_rows(pairs)
-        return {i: (whole[2 * j + 1].reshape(whole[2 * j + 1].shape[0], -1),
-                    whole[2 * j].reshape(whole[2 * j].shape[0], -1)) for j, i in enumerate(idx)}
+        return {
+            i: (
+                whole[2 * j + 1].reshape(whole[2 * j + 1].shape[0], -1),
+                whole[2 * j].reshape(whole[2 * j].shape[0], -1),
+            )
+            for j, i in enumerate(idx)
+        }
 
     @torch.no_grad()
-    def switch(self, todo: list[int], k: int, importance: "ShardedImportance", history: list,
-               step: int, steps, optimizer, importance_reset: str) -> dict:
+    def switch(
+        self,
+        todo: list[int],
+        k: int,
+        importance: "ShardedImportance",
+        history: list,
+        step: int,
+        steps,
+        optimizer,
+        importance_reset: str,
+    ) -> dict:
         """One switch of the modules ``todo``: the ordinary plan and apply on whole copies (the
         same on every rank), then each rank's rows written back, its part of the optimizer
         state and of the importance reset. ``steps``: the controller's strategies. Returns the
@@ -165,8 +209,10 @@ class ShardedSwitch:
         whole = self.whole_factors(todo)
 
         def factors(idx):
-            return (torch.stack([whole[i][0] for i in idx]),
-                    torch.stack([whole[i][1] for i in idx]))
+            return (
+                torch.stack([whole[i][0] for i in idx]),
+                torch.stack([whole[i][1] for i in idx]),
+            )
 
         def group_scores(idx):
             r = self.layers[idx[0]].r
@@ -175,16 +221,26 @@ class ShardedSwitch:
             return pair_scores(sB, sA)
 
         shapes = {i: global_shape(self.layers[i]) for i in todo}
-        plans = plan_switch(self.modules, todo, k, factors, group_scores, history,
-                            steps.selection, steps.insertion, None, step, shapes)
+        plans = plan_switch(
+            self.modules,
+            todo,
+            k,
+            factors,
+            group_scores,
+            history,
+            steps.selection,
+            steps.insertion,
+            None,
+            step,
+            shapes,
+        )
         entry = apply_switch(self.modules, plans, k, step)  # side buffers, ledger
         for g in plans:
             for j, i in enumerate(g.idx):
                 A, B = self.factors(i)
                 copy_into_(A, g.A[j].view(A.shape))
                 copy_into_(B, g.B[j].view(B.shape))
-            reset_importance(importance, [self.names[i] for i in g.idx], g.slots,
-                             importance_reset)
+            reset_importance(importance, [self.names[i] for i in g.idx], g.slots, importance_reset)
         if optimizer is not None and steps.optimizer.zeroes_slots:
             chosen = {i: s for g in plans for i, s in zip(g.idx, g.slots.tolist())}
             self.zero_optimizer_slots(optimizer, chosen)
@@ -207,4 +263,5 @@ class ShardedSwitch:
                     at = rows if dim == 0 and is_dtensor(v) else chosen
                     if at:
                         local.view(local.shape[0], -1).index_fill_(
-                            dim, torch.tensor(at, device=local.device), 0.0)
+                            dim, torch.tensor(at, device=local.device), 0.0
+                        )

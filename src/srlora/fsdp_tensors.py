@@ -3,6 +3,7 @@ whole tensors from shards (:func:`full`, :func:`gather_rows`), shards from whole
 (:func:`shard_like`, :func:`copy_into_`), this rank's rows (:func:`local_rows`), and
 :func:`unsharded` to read a sharded model's trainable parameters whole. Imports nothing of
 srlora but its errors."""
+
 from __future__ import annotations
 
 import contextlib
@@ -52,7 +53,8 @@ def local_rows(p) -> tuple[int, int]:
         raise UnsupportedEngineError(
             f"FSDP2 parameter of shape {tuple(p.shape)}: local shard "
             f"{tuple(p.to_local().shape)} is not rows {start}..{stop} of it (an FSDP2 "
-            "shard_placement_fn other than dim-0 sharding is not supported)")
+            "shard_placement_fn other than dim-0 sharding is not supported)"
+        )
     return start, stop
 
 
@@ -63,8 +65,9 @@ def shard_like(whole: torch.Tensor, p) -> torch.Tensor:
         return whole
     start, stop = local_rows(p)
     local = whole[start:stop].to(p.to_local().device).clone()
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
-                              shape=p.shape, stride=p.stride())
+    return DTensor.from_local(
+        local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )
 
 
 def copy_into_(p, whole: torch.Tensor) -> None:
@@ -95,7 +98,7 @@ def gather_rows(pairs: list[tuple[torch.Tensor, object]]) -> list[torch.Tensor]:
         send = torch.zeros(max(sizes), dtype=dtype, device=dev)
         flat = [pairs[j][0].reshape(-1) for j in js]
         if flat:
-            send[:sizes[mesh.get_local_rank()]] = torch.cat(flat)
+            send[: sizes[mesh.get_local_rank()]] = torch.cat(flat)
         recv = [torch.empty_like(send) for _ in range(world)]
         dist.all_gather(recv, send, group=group)
         offs = [0] * world
@@ -104,7 +107,7 @@ def gather_rows(pairs: list[tuple[torch.Tensor, object]]) -> list[torch.Tensor]:
             for r in range(world):
                 a, b = spans[r][t]
                 n = (b - a) * rowsize[t]
-                parts.append(recv[r][offs[r]:offs[r] + n])
+                parts.append(recv[r][offs[r] : offs[r] + n])
                 offs[r] += n
             out[j] = torch.cat(parts).view(pairs[j][1].shape)
     return out
@@ -123,8 +126,9 @@ def unsharded(model: torch.nn.Module):
         for m in model.modules():
             for name, p in list(m._parameters.items()):
                 if is_dtensor(p) and p.requires_grad:
-                    whole = torch.nn.Parameter(p.detach().full_tensor(),
-                                               requires_grad=p.requires_grad)
+                    whole = torch.nn.Parameter(
+                        p.detach().full_tensor(), requires_grad=p.requires_grad
+                    )
                     m._parameters[name] = whole
                     swapped.append((m, name, p))
         yield model

@@ -16,6 +16,7 @@ fused pairs and the new directions go into the layer's side-path factors (:mod:`
 Whichever the mode, ``W0 + s*Bd@Ad`` (:func:`delta_factors`) is the effective weight, exactly in
 the factors' fp32: the ledger of fused pairs and the subtracted directions make the export exact.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,12 @@ from .module_state import ModuleState
 
 def subtracted_factors(st: ModuleState, dev) -> tuple[torch.Tensor, torch.Tensor]:
     """PiSSA factors of directions ``0 .. p-1``: everything ever subtracted from W0."""
-    return pissa_factors(st.fetch(st.U[:, :st.p], dev), st.fetch(st.S[:st.p], dev),
-                         st.fetch(st.Vh[:st.p], dev), st.layer.scaling)
+    return pissa_factors(
+        st.fetch(st.U[:, : st.p], dev),
+        st.fetch(st.S[: st.p], dev),
+        st.fetch(st.Vh[: st.p], dev),
+        st.layer.scaling,
+    )
 
 
 def rebuild_base(st: ModuleState) -> torch.Tensor:
@@ -72,9 +77,16 @@ def frozen_weight(st: ModuleState) -> torch.Tensor:
     return W.float()
 
 
-def fuse_into_weight(st: ModuleState, k: int, Bc: torch.Tensor, Ac: torch.Tensor,
-                     B_low: torch.Tensor, A_low: torch.Tensor, B_new: torch.Tensor,
-                     A_new: torch.Tensor) -> None:
+def fuse_into_weight(
+    st: ModuleState,
+    k: int,
+    Bc: torch.Tensor,
+    Ac: torch.Tensor,
+    B_low: torch.Tensor,
+    A_low: torch.Tensor,
+    B_new: torch.Tensor,
+    A_new: torch.Tensor,
+) -> None:
     """Add ``s*(B_low@A_low - B_new@A_new)`` (``= s*Bc@Ac``) to one frozen weight; advance p by
     k (with ``half_fusion="original"`` the pairs go into the ledger first: the rebuild reads
     them)."""
@@ -106,5 +118,7 @@ def delta_factors(st: ModuleState) -> tuple[torch.Tensor, torch.Tensor]:
     L = st.layer
     B, A = L.B().float(), L.A().float()
     Bs, As = subtracted_factors(st, B.device)
-    return (torch.cat([B, st.FB.to(B.device), -Bs], dim=1),
-            torch.cat([A, st.FA.to(B.device), As], dim=0))
+    return (
+        torch.cat([B, st.FB.to(B.device), -Bs], dim=1),
+        torch.cat([A, st.FA.to(B.device), As], dim=0),
+    )

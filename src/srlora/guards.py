@@ -6,6 +6,7 @@ a message naming the way out; what it does differently than asked it says once, 
 naming the field. Each function here is one such check, called by a one- or two-line hook from
 the code it guards (export, the controller's step and switch, attach/detach, resume, wrap).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -24,15 +25,23 @@ SRLoRAController = Any
 def _switching(ctl: SRLoRAController) -> bool:
     """Does this controller's method switch (srlora; and any other the config lists)?"""
     from . import config
+
     return ctl.config.method in getattr(config, "SWITCHING", ("srlora",))
 
 
 # ---------------------------------------------------------------------- files (case 1)
 # What ``save_pretrained`` of a transformers model (and ``save_merged`` of a plain module) may
 # write: a folder holding any of these already holds a model the merge would overwrite.
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
-               "model.safetensors.index.json", "model-*-of-*.safetensors", "pytorch_model.bin",
-               "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "pytorch_model-*-of-*.bin",
+)
 
 
 def existing_files(folder, names: Iterable[str]) -> list[str]:
@@ -57,9 +66,11 @@ def check_not_overwriting(folder, names: Iterable[str], overwrite: bool, what: s
     clash = existing_files(folder, names)
     if clash:
         more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
-        raise FileExistsError(f"{what}: {str(folder / clash[0])!r}{more} already exists; nothing "
-                              "was written. Choose a new folder, or pass overwrite=True to "
-                              "replace it")
+        raise FileExistsError(
+            f"{what}: {str(folder / clash[0])!r}{more} already exists; nothing "
+            "was written. Choose a new folder, or pass overwrite=True to "
+            "replace it"
+        )
 
 
 def move_into(tmp: Path, folder: Path, overwrite: bool, what: str) -> None:
@@ -88,20 +99,24 @@ def check_not_double_step(ctl: SRLoRAController) -> None:
     every ``optimizer.step()``, so this would count the same optimizer step twice (switches at
     half the planned steps). Refused before anything is counted."""
     if ctl.attached and not getattr(ctl, "_in_hook", False):
-        raise RuntimeError("SRLoRA: controller.step() called while the controller is attached "
-                           "to the optimizer; attach() already steps it after every "
-                           "optimizer.step(), so this would count the optimizer step twice. "
-                           "Remove the controller.step() call, or call controller.detach() to "
-                           "step it by hand")
+        raise RuntimeError(
+            "SRLoRA: controller.step() called while the controller is attached "
+            "to the optimizer; attach() already steps it after every "
+            "optimizer.step(), so this would count the optimizer step twice. "
+            "Remove the controller.step() call, or call controller.detach() to "
+            "step it by hand"
+        )
 
 
 def check_attach(ctl: SRLoRAController, inner) -> None:
     """``attach()`` to a second optimizer while attached to another: refused (a silent switch
     of optimizers would stop the first one's switching and reset the wrong state)."""
     if ctl.attached and ctl.optimizer is not None and ctl.optimizer is not inner:
-        raise ValueError(f"attach: the controller is already attached to another optimizer "
-                         f"({type(ctl.optimizer).__name__} at {id(ctl.optimizer):#x}); call "
-                         "controller.detach() first to move it to this one")
+        raise ValueError(
+            f"attach: the controller is already attached to another optimizer "
+            f"({type(ctl.optimizer).__name__} at {id(ctl.optimizer):#x}); call "
+            "controller.detach() first to move it to this one"
+        )
 
 
 def release(ctl: SRLoRAController) -> None:
@@ -156,14 +171,20 @@ def warn_detach(ctl: SRLoRAController) -> None:
         left = f"{len(steps)} scheduled switch(es) (steps {steps[:4]}{more})"
     else:  # decided as training goes (the adaptive schedule)
         ended = ctl.total_steps is not None and ctl.global_step >= ctl.total_steps
-        if getattr(ctl.schedule, "done", False) or ended or (
-                ctl.config.exhaustion == "stop" and not any(ctl.switchable())):
+        if (
+            getattr(ctl.schedule, "done", False)
+            or ended
+            or (ctl.config.exhaustion == "stop" and not any(ctl.switchable()))
+        ):
             return
         left = "the adaptive schedule's remaining switches"
-    warnings.warn(f"SRLoRA: detach() at optimizer step {ctl.global_step}: {left} will not "
-                  "happen unless you call controller.step(optimizer) after each optimizer step "
-                  "or attach(optimizer) again (importance is no longer tracked either)",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"SRLoRA: detach() at optimizer step {ctl.global_step}: {left} will not "
+        "happen unless you call controller.step(optimizer) after each optimizer step "
+        "or attach(optimizer) again (importance is no longer tracked either)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 # ---------------------------------------------------------------------- zeroed gradients (case 4)
@@ -184,11 +205,14 @@ def check_zero_gradients(ctl: SRLoRAController, at_switch: bool = False) -> None
     if "zerograd" in ctl._warned or (ctl.history if at_switch else ctl.global_step != 1):
         return
     if _importance_all_zero(ctl):
-        ctl._warn_once("zerograd", "SRLoRA: every gradient on the LoRA factors was zero at "
-                       f"{int(ctl.importance.updates)} importance update(s): no importance is "
-                       "tracked and switches choose the pairs to fuse by index. Call "
-                       "controller.step() after optimizer.step() and before zero_grad() (with "
-                       "zero_grad(set_to_none=False) the gradients are zeros, not None)")
+        ctl._warn_once(
+            "zerograd",
+            "SRLoRA: every gradient on the LoRA factors was zero at "
+            f"{int(ctl.importance.updates)} importance update(s): no importance is "
+            "tracked and switches choose the pairs to fuse by index. Call "
+            "controller.step() after optimizer.step() and before zero_grad() (with "
+            "zero_grad(set_to_none=False) the gradients are zeros, not None)",
+        )
 
 
 # ---------------------------------------------------------------------- non-finite (case 5)
@@ -210,10 +234,13 @@ def _in_range(ctl: SRLoRAController, i: int) -> Optional[torch.Tensor]:
     if st.side is not None:
         return torch.maximum(B.abs().amax(), A.abs().amax()) < big
     k, p, s = ctl.config.r_prime, st.p, abs(L.scaling)
-    U, S, Vh = st.U[:, p:p + k], st.S[p:p + k], st.Vh[p:p + k]
+    U, S, Vh = st.U[:, p : p + k], st.S[p : p + k], st.Vh[p : p + k]
     new = (S * U.abs().amax(0) * Vh.abs().amax(1)).sum() if S.numel() else torch.zeros(())
-    bound = (_local(L.W()).abs().amax().float() + s * (B.abs().amax(0) * A.abs().amax(1)).sum()
-             + new.to(B.device))
+    bound = (
+        _local(L.W()).abs().amax().float()
+        + s * (B.abs().amax(0) * A.abs().amax(1)).sum()
+        + new.to(B.device)
+    )
     return bound < big
 
 
@@ -234,29 +261,38 @@ def finite_modules(ctl: SRLoRAController, todo: list[int]) -> list[int]:
         flags += [ok, ok if fits is None else fits.to(ok.device)]
     dev = flags[0].device  # one device-side stack, then a single host read below
     ok = torch.stack([f.to(dev) for f in flags]).to(torch.int32)
-    if ctl.sharded is not None and torch.distributed.is_available() and \
-            torch.distributed.is_initialized():  # local shards differ: every rank decides alike
+    if (
+        ctl.sharded is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):  # local shards differ: every rank decides alike
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     ok = ok.view(-1, 2).tolist()
     nonfinite = [i for i, (f, _) in zip(todo, ok) if not f]
     overflow = [i for i, (f, r) in zip(todo, ok) if f and not r]
     if nonfinite:
-        ctl._warn_once("nonfinite", f"SRLoRA: switch at step {ctl.global_step} skipped for "
-                       f"{len(nonfinite)} of {len(todo)} module(s) whose LoRA factors or "
-                       f"importance hold NaN/Inf (e.g. {ctl.layers[nonfinite[0]].name!r}): "
-                       "fusing them would put non-finite values into the frozen weight. Their "
-                       "frozen weights are left as they are; the training has diverged (lower "
-                       "the learning rate, clip gradients, or skip non-finite steps) - later "
-                       "switches skip such modules too, without a new warning")
+        ctl._warn_once(
+            "nonfinite",
+            f"SRLoRA: switch at step {ctl.global_step} skipped for "
+            f"{len(nonfinite)} of {len(todo)} module(s) whose LoRA factors or "
+            f"importance hold NaN/Inf (e.g. {ctl.layers[nonfinite[0]].name!r}): "
+            "fusing them would put non-finite values into the frozen weight. Their "
+            "frozen weights are left as they are; the training has diverged (lower "
+            "the learning rate, clip gradients, or skip non-finite steps) - later "
+            "switches skip such modules too, without a new warning",
+        )
     if overflow:
         L = ctl.layers[overflow[0]]
-        ctl._warn_once("overflow", f"SRLoRA: switch at step {ctl.global_step} skipped for "
-                       f"{len(overflow)} of {len(todo)} module(s) whose fused weight could exceed "
-                       f"the range of {L.dtype} (e.g. {L.name!r}, LoRA factors up to "
-                       f"{float(L.B().abs().max()):.3g} / {float(L.A().abs().max()):.3g}): it "
-                       "would hold Inf. Their frozen weights are left as they are; lower the "
-                       "learning rate or clip gradients (or use a float32 / bfloat16 base) - "
-                       "later switches skip such modules too, without a new warning")
+        ctl._warn_once(
+            "overflow",
+            f"SRLoRA: switch at step {ctl.global_step} skipped for "
+            f"{len(overflow)} of {len(todo)} module(s) whose fused weight could exceed "
+            f"the range of {L.dtype} (e.g. {L.name!r}, LoRA factors up to "
+            f"{float(L.B().abs().max()):.3g} / {float(L.A().abs().max()):.3g}): it "
+            "would hold Inf. Their frozen weights are left as they are; lower the "
+            "learning rate or clip gradients (or use a float32 / bfloat16 base) - "
+            "later switches skip such modules too, without a new warning",
+        )
     bad = set(nonfinite) | set(overflow)
     return [i for i in todo if i not in bad] if bad else todo
 
@@ -277,9 +313,11 @@ def resume_total_steps(ctl: SRLoRAController, live: Optional[int]) -> None:
         ctl._switch_steps = None  # rebuilt from the new total_steps on the next read
     if not _switching(ctl):
         return
-    msg = (f"SRLoRA: total_steps changes from {old} to {live} at optimizer step "
-           f"{ctl.global_step} (a resume with another total_steps, or set_total_steps mid-run): "
-           "the new total_steps is used")
+    msg = (
+        f"SRLoRA: total_steps changes from {old} to {live} at optimizer step "
+        f"{ctl.global_step} (a resume with another total_steps, or set_total_steps mid-run): "
+        "the new total_steps is used"
+    )
     new = planned_steps(ctl)
     if new is not None:
         done = [e["step"] for e in ctl.history]
@@ -287,7 +325,7 @@ def resume_total_steps(ctl: SRLoRAController, live: Optional[int]) -> None:
         # directions never run out and switch_interval: the interval runs to the end of the run
         unbounded = getattr(ctl.schedule, "unbounded", ctl.config.exhaustion == "refresh")
         if not (unbounded and ctl.config.switch_interval is not None):
-            later = later[:max(0, ctl.config.num_switches - len(done))]
+            later = later[: max(0, ctl.config.num_switches - len(done))]
         _override_planned(ctl, set(done) | set(later))
         msg += f"; the remaining switches are at steps {later} (done at {done})"
     if old is not None:
@@ -300,13 +338,19 @@ def check_reachable_switches(ctl: SRLoRAController) -> None:
     (exhaustion "stop": a module whose directions are used up switches no more), naming
     ``r_target`` and the number of switches that will change anything."""
     cfg = ctl.config
-    if _switching(ctl) and cfg.num_switches == 0 and not (cfg.switch_interval is not None
-                                                        and ctl.steps.exhaustion.grows):
-        warnings.warn(f"SRLoRAConfig.r_target={cfg.r_target} plans no switch: (r_target - r) // "
-                      f"round(gamma * r) = ({cfg.r_target} - {cfg.r}) // {cfg.r_prime} = 0, so "
-                      f"method={cfg.method!r} trains as a plain adapter that never switches. "
-                      f"Set r_target >= {cfg.r + cfg.r_prime} for one switch or more",
-                      RuntimeWarning, stacklevel=3)
+    if (
+        _switching(ctl)
+        and cfg.num_switches == 0
+        and not (cfg.switch_interval is not None and ctl.steps.exhaustion.grows)
+    ):
+        warnings.warn(
+            f"SRLoRAConfig.r_target={cfg.r_target} plans no switch: (r_target - r) // "
+            f"round(gamma * r) = ({cfg.r_target} - {cfg.r}) // {cfg.r_prime} = 0, so "
+            f"method={cfg.method!r} trains as a plain adapter that never switches. "
+            f"Set r_target >= {cfg.r + cfg.r_prime} for one switch or more",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return
     if not _switching(ctl) or cfg.exhaustion != "stop" or not ctl.modules:
         return
@@ -316,9 +360,12 @@ def check_reachable_switches(ctl: SRLoRAController) -> None:
     planned = cfg.num_switches
     if real >= planned:
         return
-    warnings.warn(f"SRLoRAConfig.r_target={cfg.r_target} plans {planned} switches, but the "
-                  f"adapted layers have at most {K} singular directions (min(out, in) of the "
-                  f"weight): only the first {real} switch(es) can change anything, the other "
-                  f"{planned - real} would do nothing. Set r_target={K} to spread the {real} "
-                  "real switches over the run (or exhaustion='refresh' to keep switching)",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"SRLoRAConfig.r_target={cfg.r_target} plans {planned} switches, but the "
+        f"adapted layers have at most {K} singular directions (min(out, in) of the "
+        f"weight): only the first {real} switch(es) can change anything, the other "
+        f"{planned - real} would do nothing. Set r_target={K} to spread the {real} "
+        "real switches over the run (or exhaustion='refresh' to keep switching)",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -6,6 +6,7 @@ whole-buffer ops, whatever the number of modules; ``|w*g|`` is formed in fp32.
 Nothing syncs with the host: a step whose gradients hold NaN/Inf is skipped (state kept) and
 counted on the device.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -14,9 +15,15 @@ from typing import Optional
 import torch
 
 
-def ema_(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor, beta1: float,
-         beta2: float, finite: Optional[torch.Tensor] = None,
-         work: Optional[torch.Tensor] = None) -> None:
+def ema_(
+    ibar: torch.Tensor,
+    ubar: torch.Tensor,
+    sensitivity: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    finite: Optional[torch.Tensor] = None,
+    work: Optional[torch.Tensor] = None,
+) -> None:
     """One step of AdaLoRA's smoothed sensitivity and uncertainty (paper Eqs. 3-6), in place.
 
     ``ibar' = b1*ibar + (1-b1)*I``; ``ubar' = b2*ubar + (1-b2)*|I - ibar'|`` with ``I`` =
@@ -30,8 +37,9 @@ def ema_(ibar: torch.Tensor, ubar: torch.Tensor, sensitivity: torch.Tensor, beta
         ubar.lerp_(sensitivity.sub_(ibar).abs_(), 1.0 - beta2)
         return
     torch.lerp(ibar, sensitivity, 1.0 - beta1, out=work)  # ibar'
-    torch.lerp(ubar, torch.sub(sensitivity, work, out=sensitivity).abs_(), 1.0 - beta2,
-               out=sensitivity)  # ubar'
+    torch.lerp(
+        ubar, torch.sub(sensitivity, work, out=sensitivity).abs_(), 1.0 - beta2, out=sensitivity
+    )  # ubar'
     torch.where(finite, work, ibar, out=ibar)
     torch.where(finite, sensitivity, ubar, out=ubar)
 
@@ -65,8 +73,9 @@ class ImportanceTracker:
             # on the host a branch on the finiteness flag costs nothing; on an accelerator the
             # masked update (a second scratch buffer) avoids a host sync per step
             work = None if device.type == "cpu" else torch.empty_like(ibar)
-            self._groups.append((names, ibar, ubar, scratch, views,
-                                 [self.params[k] for k in names], work))
+            self._groups.append(
+                (names, ibar, ubar, scratch, views, [self.params[k] for k in names], work)
+            )
         dev = next(iter(self.params.values())).device if self.params else torch.device("cpu")
         self.updates = torch.zeros((), dtype=torch.long, device=dev)
         self.skipped = torch.zeros((), dtype=torch.long, device=dev)
@@ -147,19 +156,24 @@ class ImportanceTracker:
 
     def flat_state(self) -> dict[str, torch.Tensor]:
         """The state as flat tensors (one per device group, concatenated on the CPU)."""
-        return {"ibar": torch.cat([g[1].cpu() for g in self._groups]) if self._groups
-                else torch.zeros(0),
-                "ubar": torch.cat([g[2].cpu() for g in self._groups]) if self._groups
-                else torch.zeros(0),
-                "updates": self.updates.cpu(), "skipped": self.skipped.cpu()}
+        return {
+            "ibar": torch.cat([g[1].cpu() for g in self._groups])
+            if self._groups
+            else torch.zeros(0),
+            "ubar": torch.cat([g[2].cpu() for g in self._groups])
+            if self._groups
+            else torch.zeros(0),
+            "updates": self.updates.cpu(),
+            "skipped": self.skipped.cpu(),
+        }
 
     @torch.no_grad()
     def load_flat_state(self, state: dict[str, torch.Tensor]) -> None:
         off = 0
         for _, ibar, ubar, *_ in self._groups:
             n = ibar.numel()
-            ibar.copy_(state["ibar"][off:off + n])
-            ubar.copy_(state["ubar"][off:off + n])
+            ibar.copy_(state["ibar"][off : off + n])
+            ubar.copy_(state["ubar"][off : off + n])
             off += n
         self.updates.copy_(state["updates"])
         self.skipped.copy_(state["skipped"])

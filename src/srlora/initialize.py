@@ -8,6 +8,7 @@ weight's residual ``W0 - s*B0@A0``, so that ``W + s*B@A == W0`` (to the weight's
 the weight is not written: the residual is the first rows of the layer's side path
 (:mod:`srlora.virtual`), whose forward hook is attached last.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -43,8 +44,10 @@ def directions_per_layer(config: SRLoRAConfig, layers: list[AdaptedLayer]) -> li
 
 def zero_directions(layers: list[AdaptedLayer], ks: list[int]) -> list:
     """A cache of zero directions (``S = 0``) per layer, for an insertion that reads none."""
-    return [(torch.zeros(L.shape[0], k), torch.zeros(k), torch.zeros(k, L.shape[1]))
-            for L, k in zip(layers, ks)]
+    return [
+        (torch.zeros(L.shape[0], k), torch.zeros(k), torch.zeros(k, L.shape[1]))
+        for L, k in zip(layers, ks)
+    ]
 
 
 class Weights(Sequence):
@@ -62,8 +65,9 @@ class Weights(Sequence):
 
 
 @torch.no_grad()
-def build_states(config: SRLoRAConfig, layers: list[AdaptedLayer],
-                 svd_fn: Optional[SVDFn] = None) -> tuple[list[ModuleState], dict]:
+def build_states(
+    config: SRLoRAConfig, layers: list[AdaptedLayer], svd_fn: Optional[SVDFn] = None
+) -> tuple[list[ModuleState], dict]:
     """The SVD of every layer's weight in its cache, the initial pairs' factors and every buffer
     the init will need. Writes nothing into the model. Returns the states and the init plan."""
     ks = directions_per_layer(config, layers)
@@ -71,8 +75,14 @@ def build_states(config: SRLoRAConfig, layers: list[AdaptedLayer],
         results = zero_directions(layers, ks)
     elif svd_fn is None:
         results = top_singular_directions_many(
-            Weights(layers), ks, config.svd_method, config.svd_oversample,
-            config.svd_niter, config.svd_seed, names=[L.name for L in layers])
+            Weights(layers),
+            ks,
+            config.svd_method,
+            config.svd_oversample,
+            config.svd_niter,
+            config.svd_seed,
+            names=[L.name for L in layers],
+        )
     else:
         results = svd_fn(layers, ks)
     # modules of one shape, K, rank and store keep their cache and ledger in one stack
@@ -120,7 +130,7 @@ def write_pissa_init_(states: list[ModuleState], plan: dict) -> None:
             st.side.write_init(B0, A0)
             continue
         W = L.W()
-        W_res = plan["buffers"][W.device][:W.numel()].view(W.shape)
+        W_res = plan["buffers"][W.device][: W.numel()].view(W.shape)
         torch.matmul(B0, A0, out=W_res)
         W_res.mul_(-L.scaling).add_(W)  # W0 - s*(B0@A0), in fp32
         if st.residual is not None:

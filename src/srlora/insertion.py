@@ -27,6 +27,7 @@ Under torch.distributed the gradients are summed over the ranks and rank 0's dir
 broadcast, so every rank inserts bitwise the same. Not with ``switch_schedule="adaptive"``
 (whether a step switches is known only after it) nor under FSDP2.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -46,8 +47,9 @@ def _orthonormal(M: torch.Tensor) -> torch.Tensor:
     return U[:, keep]
 
 
-def unreachable_gradient(G: torch.Tensor, B_keep: torch.Tensor, A_keep: torch.Tensor
-                         ) -> torch.Tensor:
+def unreachable_gradient(
+    G: torch.Tensor, B_keep: torch.Tensor, A_keep: torch.Tensor
+) -> torch.Tensor:
     """``(I - Q_B Q_B^T) G (I - Q_A Q_A^T)``: the part of the weight gradient ``G`` (``m x n``)
     that an adapter with factors ``B_keep`` (``m x c``) and ``A_keep`` (``c x n``) cannot follow.
 
@@ -61,8 +63,9 @@ def unreachable_gradient(G: torch.Tensor, B_keep: torch.Tensor, A_keep: torch.Te
     return Gd.float()
 
 
-def gradient_directions(G: torch.Tensor, B_keep: torch.Tensor, A_keep: torch.Tensor, k: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_directions(
+    G: torch.Tensor, B_keep: torch.Tensor, A_keep: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The top ``k`` left (``m x k``) and right (``k x n``) singular vectors of
     :func:`unreachable_gradient`, fp32, with a canonical sign (each left vector's largest entry
     positive). They are orthonormal, orthogonal to ``col(B_keep)`` / ``row(A_keep)``, and the
@@ -91,15 +94,20 @@ class GradientProbe:
     def __init__(self, layers: list, switch_is_next: Callable[[], bool]):
         self.layers, self.switch_is_next = layers, switch_is_next
         self.sums: dict[int, torch.Tensor] = {}
-        self.handles = [L.layer.register_forward_hook(self._hook(i))
-                        for i, L in enumerate(layers)]
+        self.handles = [L.layer.register_forward_hook(self._hook(i)) for i, L in enumerate(layers)]
 
     def _hook(self, i: int):
         conv = isinstance(self.layers[i].layer.get_base_layer(), torch.nn.Conv2d)
 
         def hook(module, args, out):
-            if not (torch.is_grad_enabled() and torch.is_tensor(out) and out.requires_grad
-                    and args and torch.is_tensor(args[0]) and self.switch_is_next()):
+            if not (
+                torch.is_grad_enabled()
+                and torch.is_tensor(out)
+                and out.requires_grad
+                and args
+                and torch.is_tensor(args[0])
+                and self.switch_is_next()
+            ):
                 return
             x = args[0].detach()
 
@@ -111,6 +119,7 @@ class GradientProbe:
                     self.sums[i] = G
 
             out.register_hook(on_grad)
+
         return hook
 
     def take(self) -> dict[int, torch.Tensor]:
@@ -138,9 +147,14 @@ class GradientProbe:
         self.handles = []
 
 
-def group_directions(grads: list[Optional[torch.Tensor]], B: torch.Tensor, A: torch.Tensor,
-                     slots: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+def group_directions(
+    grads: list[Optional[torch.Tensor]],
+    B: torch.Tensor,
+    A: torch.Tensor,
+    slots: torch.Tensor,
+    U: torch.Tensor,
+    Vh: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """The new slots' directions of one switch group: for module ``g`` with a gradient, the
     :func:`gradient_directions` of ``grads[g]`` against the slots it keeps (all but
     ``slots[g]``), else the paper's ``U[g]``, ``Vh[g]`` (``G x m x k``, ``G x k x n``).

@@ -1,4 +1,6 @@
-"""Thin accessors over PEFT's LoRA layers: every supported layer seen as ``W (m x n)``, ``B``, ``A``.
+"""Thin accessors over PEFT's LoRA layers.
+
+Every supported layer is seen as ``W (m x n)``, ``B``, ``A``.
 
 Supported: ``nn.Linear``, GPT-2's ``Conv1D`` (PEFT's fan_in_fan_out; its weight is ``n x m``) and
 ``nn.Conv2d`` with a 1x1 kernel and groups=1 (a linear map over channels). The 2-D tensors handed
@@ -9,6 +11,7 @@ bitsandbytes ``Linear4bit`` (nf4, fp4) and ``Linear8bitLt`` bases are served wit
 ``fusion="virtual"`` only: ``W()`` is then a dequantized copy (the weight the layer computes
 with), read for the SVD; the quantized parameter itself is never written.
 """
+
 from __future__ import annotations
 
 import sys
@@ -33,11 +36,22 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 # packages of quantizers whose layers SRLoRA refuses by name (PEFT's LoRA takes them)
-OTHER_QUANTIZERS = {"torchao": "torchao", "hqq": "HQQ", "auto_gptq": "GPTQ", "gptqmodel": "GPTQ",
-                    "awq": "AWQ", "optimum.quanto": "quanto", "quanto": "quanto", "eetq": "EETQ",
-                    "aqlm": "AQLM", "compressed_tensors": "compressed-tensors"}
-SUPPORTED_QUANTIZED = ("bitsandbytes Linear4bit (nf4, fp4, with or without double quantization) "
-                       "and Linear8bitLt, with SRLoRAConfig(fusion='virtual')")
+OTHER_QUANTIZERS = {
+    "torchao": "torchao",
+    "hqq": "HQQ",
+    "auto_gptq": "GPTQ",
+    "gptqmodel": "GPTQ",
+    "awq": "AWQ",
+    "optimum.quanto": "quanto",
+    "quanto": "quanto",
+    "eetq": "EETQ",
+    "aqlm": "AQLM",
+    "compressed_tensors": "compressed-tensors",
+}
+SUPPORTED_QUANTIZED = (
+    "bitsandbytes Linear4bit (nf4, fp4, with or without double quantization) "
+    "and Linear8bitLt, with SRLoRAConfig(fusion='virtual')"
+)
 
 
 def bnb_kind(module: nn.Module) -> Optional[str]:
@@ -101,10 +115,12 @@ def dequantize_bnb(module: nn.Module) -> torch.Tensor:
     return bnb.functional.int8_vectorwise_dequant(w.data, scb).float()
 
 
-PACKED_MSG = ("{what}: its weight was repacked by bitsandbytes into its CPU inference layout (a "
-              "forward in eval mode without gradients on a CPU with AVX512-BF16); srlora needs "
-              "the standard 4-bit layout: load the model again and call "
-              "srlora.keep_standard_4bit_layout(model) before running it, or wrap it first")
+PACKED_MSG = (
+    "{what}: its weight was repacked by bitsandbytes into its CPU inference layout (a "
+    "forward in eval mode without gradients on a CPU with AVX512-BF16); srlora needs "
+    "the standard 4-bit layout: load the model again and call "
+    "srlora.keep_standard_4bit_layout(model) before running it, or wrap it first"
+)
 
 
 def _check_bnb(name: str, module: nn.Module, kind: str, fusion: str) -> None:
@@ -113,19 +129,22 @@ def _check_bnb(name: str, module: nn.Module, kind: str, fusion: str) -> None:
             f"target module {name!r} is a bitsandbytes {kind} layer ({type(module).__name__}); "
             "SRLoRA and PiSSA cannot write the residual and the fused pairs into a quantized "
             "weight. Use SRLoRAConfig(fusion='virtual') (the base stays quantized and "
-            "untouched; they go into a frozen low-rank side path), or method='lora' for QLoRA")
+            "untouched; they go into a frozen low-rank side path), or method='lora' for QLoRA"
+        )
     w = module.weight
     if kind == "4bit" and packed_for_cpu(module):
         raise UnsupportedModuleError(PACKED_MSG.format(what=f"target module {name!r}"))
     if kind == "4bit" and getattr(w, "quant_state", None) is None:
         raise UnsupportedModuleError(
             f"target module {name!r}: its Linear4bit weight is not quantized yet (bitsandbytes "
-            "quantizes on the first move to a device: call model.to(device) before srlora.wrap)")
+            "quantizes on the first move to a device: call model.to(device) before srlora.wrap)"
+        )
     if kind == "8bit" and w.dtype != torch.int8:
         raise UnsupportedModuleError(
             f"target module {name!r}: its Linear8bitLt weight is {w.dtype}, not int8 "
             "(has_fp16_weights=True, or not moved to a device yet); SRLoRA supports the "
-            "quantized inference layout (has_fp16_weights=False) after model.to(device)")
+            "quantized inference layout (has_fp16_weights=False) after model.to(device)"
+        )
 
 
 def check_supported(name: str, module: nn.Module, fusion: str = "weight") -> None:
@@ -140,18 +159,21 @@ def check_supported(name: str, module: nn.Module, fusion: str = "weight") -> Non
             f"target module {name!r} is quantized by {other} ({type(module).__name__}, weight "
             f"{type(getattr(module, 'weight', None)).__name__}); SRLoRA and PiSSA support "
             f"{SUPPORTED_QUANTIZED}. Use method='lora' (PEFT's LoRA takes {other} layers), or "
-            "load the model unquantized or in bitsandbytes 4-bit / 8-bit")
+            "load the model unquantized or in bitsandbytes 4-bit / 8-bit"
+        )
     if isinstance(module, nn.Conv2d):
         if tuple(module.kernel_size) != (1, 1) or module.groups != 1:
             raise UnsupportedModuleError(
                 f"target module {name!r} is a Conv2d with kernel {tuple(module.kernel_size)} and "
                 f"groups={module.groups}; SRLoRA supports only 1x1, groups=1 convolutions (use "
-                "method='lora' for the others, or leave this module out of target_modules)")
+                "method='lora' for the others, or leave this module out of target_modules)"
+            )
     elif not (isinstance(module, nn.Linear) or _is_conv1d(module)):
         raise UnsupportedModuleError(
             f"target module {name!r} is a {type(module).__name__}; SRLoRA supports nn.Linear, "
             "transformers' Conv1D and 1x1 nn.Conv2d (leave it out of target_modules, or use "
-            "method='lora')")
+            "method='lora')"
+        )
     w = getattr(module, "weight", None)
     cls = type(w).__name__ if w is not None else "None"
     if w is None or cls in ("Params4bit", "Int8Params") or w.dtype not in FLOAT_DTYPES:
@@ -160,7 +182,8 @@ def check_supported(name: str, module: nn.Module, fusion: str = "weight") -> Non
             "SRLoRA fuses updates into the frozen weight and needs it in float32, bfloat16 or "
             "float16. Load the model unquantized (e.g. dtype=torch.bfloat16) and quantize the "
             "merged result after training, or use method='lora' for QLoRA (bitsandbytes "
-            "Linear4bit / Linear8bitLt layers: SRLoRAConfig(fusion='virtual'))")
+            "Linear4bit / Linear8bitLt layers: SRLoRAConfig(fusion='virtual'))"
+        )
 
 
 @dataclass
@@ -175,8 +198,11 @@ class AdaptedLayer:
     # parameters are read live at every call, so a replaced parameter is always the one seen
     @cached_property
     def _modules(self) -> tuple[nn.Module, nn.Module, nn.Module]:
-        return (self.layer.get_base_layer(), self.layer.lora_A[self.adapter],
-                self.layer.lora_B[self.adapter])
+        return (
+            self.layer.get_base_layer(),
+            self.layer.lora_A[self.adapter],
+            self.layer.lora_B[self.adapter],
+        )
 
     @property
     def base_weight(self) -> nn.Parameter:

@@ -6,6 +6,7 @@ The cache and ledger of the modules that share a shape, rank and store live in o
 :class:`StateStack`; each :class:`ModuleState` holds views of its row of it, so a switch reads
 the next directions of a whole stack with one slice and writes its ledger with another.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -41,12 +42,18 @@ class StateStack:
         ``keep``); the members' views are pointed at the new storage."""
         (m, n), G, store = self.shape, len(self.members), self.U.device
         f = max(keep - self.r, 0)
-        U, S, Vh = (torch.empty(G, m, K, device=store), torch.empty(G, K, device=store),
-                    torch.empty(G, K, n, device=store))
+        U, S, Vh = (
+            torch.empty(G, m, K, device=store),
+            torch.empty(G, K, device=store),
+            torch.empty(G, K, n, device=store),
+        )
         FBt = torch.empty(G, max(K - self.r, 0), m, device=store)
         FA = torch.empty(G, max(K - self.r, 0), n, device=store)
-        U[:, :, :keep], S[:, :keep], Vh[:, :keep] = (self.U[:, :, :keep], self.S[:, :keep],
-                                                     self.Vh[:, :keep])
+        U[:, :, :keep], S[:, :keep], Vh[:, :keep] = (
+            self.U[:, :, :keep],
+            self.S[:, :keep],
+            self.Vh[:, :keep],
+        )
         FBt[:, :f], FA[:, :f] = self.FBt[:, :f], self.FA[:, :f]
         self.U, self.S, self.Vh, self.FBt, self.FA, self.K = U, S, Vh, FBt, FA, K
         for g, st in enumerate(self.members):
@@ -57,7 +64,8 @@ class StateStack:
     def is_whole(self, sts: Sequence["ModuleState"]) -> bool:
         """``sts`` are all members, in order, at one pointer: one slice of the stack serves them."""
         return len(sts) == len(self.members) and all(
-            a is b and a.p == sts[0].p for a, b in zip(sts, self.members))
+            a is b and a.p == sts[0].p for a, b in zip(sts, self.members)
+        )
 
 
 class ModuleState:
@@ -92,12 +100,12 @@ class ModuleState:
     @property
     def FB(self) -> torch.Tensor:
         """The fused B columns, ``m x fused()`` (a view of the written ledger)."""
-        return self._FBt[:self.fused()].T
+        return self._FBt[: self.fused()].T
 
     @property
     def FA(self) -> torch.Tensor:
         """The fused A rows, ``fused() x n`` (a view of the written ledger)."""
-        return self._FA[:self.fused()]
+        return self._FA[: self.fused()]
 
     def state_shapes(self, p: int, K: Optional[int] = None) -> dict[str, tuple]:
         """Shapes of this module's ``state_dict`` tensors at pointer ``p`` (and ``K`` cached
@@ -109,8 +117,8 @@ class ModuleState:
         """Write the pairs fused by the switch that just advanced ``p`` into the ledger."""
         k = B_low.shape[1]
         f0 = self.fused() - k
-        self._FBt[f0:f0 + k] = B_low.T.to(self._FBt.device)
-        self._FA[f0:f0 + k] = A_low.to(self._FA.device)
+        self._FBt[f0 : f0 + k] = B_low.T.to(self._FBt.device)
+        self._FA[f0 : f0 + k] = A_low.to(self._FA.device)
 
     def load(self, m: dict) -> None:
         """Write a checked ``state_dict`` entry of this module (its shapes match ``p``)."""
@@ -134,19 +142,22 @@ class ModuleState:
         return t.to(dev, non_blocking=t.device.type == "cpu" and t.is_pinned())
 
 
-def next_directions(sts: Sequence[ModuleState], k: int, dev: torch.device
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def next_directions(
+    sts: Sequence[ModuleState], k: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Directions ``p .. p+k-1`` of each module of ``sts`` (one shape, one store), stacked on
     ``dev``: ``G x m x k``, ``G x k``, ``G x k x n``. One slice of their stack when ``sts`` is
     the whole stack; otherwise gathered module by module (same values). Always copies: the
     caller may write into the result, never into the cache."""
     stack, p = sts[0].stack, sts[0].p
     if stack.is_whole(sts):
-        parts = (stack.U[:, :, p:p + k], stack.S[:, p:p + k], stack.Vh[:, p:p + k])
+        parts = (stack.U[:, :, p : p + k], stack.S[:, p : p + k], stack.Vh[:, p : p + k])
     else:
-        parts = (torch.stack([st.U[:, st.p:st.p + k] for st in sts]),
-                 torch.stack([st.S[st.p:st.p + k] for st in sts]),
-                 torch.stack([st.Vh[st.p:st.p + k] for st in sts]))
+        parts = (
+            torch.stack([st.U[:, st.p : st.p + k] for st in sts]),
+            torch.stack([st.S[st.p : st.p + k] for st in sts]),
+            torch.stack([st.Vh[st.p : st.p + k] for st in sts]),
+        )
     return tuple(t.to(dev, copy=True) for t in parts)  # type: ignore[return-value]
 
 
@@ -157,8 +168,8 @@ def write_ledger(sts: Sequence[ModuleState], B_low: torch.Tensor, A_low: torch.T
     stack, k = sts[0].stack, B_low.shape[2]
     if stack.is_whole(sts):
         f0 = sts[0].fused() - k
-        stack.FBt[:, f0:f0 + k] = B_low.transpose(1, 2)
-        stack.FA[:, f0:f0 + k] = A_low
+        stack.FBt[:, f0 : f0 + k] = B_low.transpose(1, 2)
+        stack.FA[:, f0 : f0 + k] = A_low
     else:
         for st, b, a in zip(sts, B_low, A_low):
             st.store_fused(b, a)

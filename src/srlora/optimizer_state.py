@@ -7,6 +7,7 @@
 * ``"rewarm"``: zero it as ``"zero"`` does; then, after every optimizer step, each restarted slot's
   Adam update is bias-corrected from its own restart (:mod:`srlora.rewarm`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,8 +32,9 @@ def slot_states(optimizer: torch.optim.Optimizer, Ls: list[AdaptedLayer]) -> lis
 
 
 @torch.no_grad()
-def zero_slots_(optimizer: torch.optim.Optimizer, Ls: list[AdaptedLayer],
-                hit: torch.Tensor) -> None:
+def zero_slots_(
+    optimizer: torch.optim.Optimizer, Ls: list[AdaptedLayer], hit: torch.Tensor
+) -> None:
     """Zero the optimizer state of the reinitialized rows of A and columns of B of the layers
     ``Ls`` (``hit``: ``G x r`` bool, true at the reinitialized slots). Per state key: the 2-D
     views stacked, one ``masked_fill_`` of exact zeros (NaN state included), one

@@ -21,6 +21,7 @@ bitwise the same directions.
 Planning (:func:`plan_refresh`) reads only; :func:`apply_refresh` grows the stacks (and a
 virtual side path's buffers) and writes the new block. Neither touches the model's function.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -69,9 +70,11 @@ def stacks_at_one_pointer(modules: list[ModuleState], idx: list[int]) -> list[St
         stacks.setdefault(id(modules[i].stack), modules[i].stack)
     for stack in stacks.values():
         if len({st.p for st in stack.members}) > 1:
-            raise RuntimeError(f"SRLoRA refresh: the modules of one shape are at different "
-                               f"pointers {sorted({st.p for st in stack.members})}; nothing was "
-                               "changed")
+            raise RuntimeError(
+                f"SRLoRA refresh: the modules of one shape are at different "
+                f"pointers {sorted({st.p for st in stack.members})}; nothing was "
+                "changed"
+            )
     return list(stacks.values())
 
 
@@ -84,9 +87,14 @@ def plan_refresh(modules: list[ModuleState], idx: list[int], k: int, cfg) -> lis
         p = sts[0].p
         b = block_size(sts[0], k)
         res = top_singular_directions_many(
-            [frozen_weight(st) for st in sts], [b] * len(sts), cfg.svd_method,
-            cfg.svd_oversample, cfg.svd_niter, cfg.svd_seed,
-            names=[f"{st.layer.name} (frozen weight at refresh)" for st in sts])
+            [frozen_weight(st) for st in sts],
+            [b] * len(sts),
+            cfg.svd_method,
+            cfg.svd_oversample,
+            cfg.svd_niter,
+            cfg.svd_seed,
+            names=[f"{st.layer.name} (frozen weight at refresh)" for st in sts],
+        )
         store = stack.U.device
         U, S, Vh = (torch.stack([r[j] for r in res]).to(store) for j in range(3))
         U, S, Vh = broadcast_from_rank0([U, S, Vh])
@@ -103,7 +111,7 @@ def grow_side(st: ModuleState) -> None:
         return
     Bt = torch.empty(cap, side.Bt.shape[1], dtype=side.Bt.dtype, device=side.Bt.device)
     At = torch.empty(cap, side.At.shape[1], dtype=side.At.dtype, device=side.At.device)
-    Bt[:side.R], At[:side.R] = side.Bt[:side.R], side.At[:side.R]
+    Bt[: side.R], At[: side.R] = side.Bt[: side.R], side.At[: side.R]
     side.Bt, side.At = Bt, At
 
 
@@ -122,9 +130,9 @@ def apply_refresh(modules: list[ModuleState], plans: list[StackRefresh]) -> list
     for pl in plans:
         b = pl.U.shape[-1]
         resize(pl.stack, pl.p + b, pl.p)
-        pl.stack.U[:, :, pl.p:] = pl.U
-        pl.stack.S[:, pl.p:] = pl.S
-        pl.stack.Vh[:, pl.p:] = pl.Vh
+        pl.stack.U[:, :, pl.p :] = pl.U
+        pl.stack.S[:, pl.p :] = pl.S
+        pl.stack.Vh[:, pl.p :] = pl.Vh
         for st in pl.stack.members:
             st.blocks.append(pl.p)
             done.append(st)

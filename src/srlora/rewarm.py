@@ -25,6 +25,7 @@ update is not this formula (:func:`check_optimizer`).
 The restart step of each slot is Adam's own step count at the switch, stored in the switch's
 history entry (``"optimizer_step"``), so it is in every checkpoint and resume stays bitwise.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -37,18 +38,30 @@ from .layers import AdaptedLayer
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Refuse an optimizer whose update is not Adam's formula (before anything is bound)."""
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        raise ValueError(f"SRLoRAConfig.optimizer_state='rewarm' re-derives Adam's bias "
-                         f"correction per slot; it needs torch.optim.Adam or AdamW, got "
-                         f"{type(optimizer).__name__} (use optimizer_state='zero' or 'keep')")
+        raise ValueError(
+            f"SRLoRAConfig.optimizer_state='rewarm' re-derives Adam's bias "
+            f"correction per slot; it needs torch.optim.Adam or AdamW, got "
+            f"{type(optimizer).__name__} (use optimizer_state='zero' or 'keep')"
+        )
     for g in optimizer.param_groups:
         for key in ("amsgrad", "maximize", "capturable", "differentiable"):
             if g.get(key):
-                raise ValueError(f"SRLoRAConfig.optimizer_state='rewarm' does not support "
-                                 f"{type(optimizer).__name__}({key}=True)")
+                raise ValueError(
+                    f"SRLoRAConfig.optimizer_state='rewarm' does not support "
+                    f"{type(optimizer).__name__}({key}=True)"
+                )
 
 
-def slot_correction(m: torch.Tensor, v: torch.Tensor, lr: float, beta1: float, beta2: float,
-                    eps: float, t: float, tau: torch.Tensor) -> torch.Tensor:
+def slot_correction(
+    m: torch.Tensor,
+    v: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    t: float,
+    tau: torch.Tensor,
+) -> torch.Tensor:
     """``actual - desired`` of the module docstring, fp32, for moments ``m``, ``v`` (any shape)
     and ``tau`` broadcastable to them. Both terms take the same operations, so where
     ``tau == t`` the result is exactly zero."""
@@ -56,7 +69,7 @@ def slot_correction(m: torch.Tensor, v: torch.Tensor, lr: float, beta1: float, b
 
     def update(steps: torch.Tensor) -> torch.Tensor:
         steps = steps.to(device=m.device, dtype=torch.float64)
-        c1, c2 = (1.0 - beta1 ** steps).float(), (1.0 - beta2 ** steps).float()
+        c1, c2 = (1.0 - beta1**steps).float(), (1.0 - beta2**steps).float()
         return m / ((v.sqrt() / c2.sqrt() + eps) * c1)
 
     return (update(torch.tensor(float(t))) - update(tau)).mul_(lr)
@@ -83,8 +96,13 @@ def adam_step_count(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> Option
 
 
 @torch.no_grad()
-def rewarm_(optimizer: torch.optim.Optimizer, layers: list[AdaptedLayer], t0: torch.Tensor,
-            groups: dict, done: dict) -> None:
+def rewarm_(
+    optimizer: torch.optim.Optimizer,
+    layers: list[AdaptedLayer],
+    t0: torch.Tensor,
+    groups: dict,
+    done: dict,
+) -> None:
     """Apply each restarted slot's correction to its row of A and column of B, once per Adam
     step (``done``: parameter id -> the step already corrected; a step Adam skipped, e.g. by a
     GradScaler, is not corrected twice). ``groups``: parameter id -> its param group."""
@@ -101,8 +119,16 @@ def rewarm_(optimizer: torch.optim.Optimizer, layers: list[AdaptedLayer], t0: to
             shape[dim] = -1
             g, st = groups[id(p)], optimizer.state[p]
             b1, b2 = g["betas"]
-            fix = slot_correction(st["exp_avg"], st["exp_avg_sq"], float(g["lr"]), float(b1),
-                                  float(b2), float(g["eps"]), float(t), tau.view(shape))
+            fix = slot_correction(
+                st["exp_avg"],
+                st["exp_avg_sq"],
+                float(g["lr"]),
+                float(b1),
+                float(b2),
+                float(g["eps"]),
+                float(t),
+                tau.view(shape),
+            )
             p.add_(fix.to(p.dtype))
 
 
@@ -117,8 +143,9 @@ class Rewarm:
         """Forget the cache (a new optimizer bound, or a state loaded)."""
         self.key, self.t0, self.groups, self.done = None, None, {}, {}
 
-    def __call__(self, optimizer: torch.optim.Optimizer, layers: list[AdaptedLayer],
-                 history: list[dict]) -> None:
+    def __call__(
+        self, optimizer: torch.optim.Optimizer, layers: list[AdaptedLayer], history: list[dict]
+    ) -> None:
         key = (id(optimizer), len(history))
         if key != self.key:
             self.key = key

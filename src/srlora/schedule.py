@@ -25,6 +25,7 @@ No switch fires after ``total_steps - ceil(I/2)``. Everything the detector keeps
 switches at the same steps. Under DDP the importance is identical on every rank and the
 controller all-reduces the observed loss, so every rank decides the same.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,19 +45,24 @@ def fixed_steps(config, total_steps: Optional[int], unbounded: bool = False) -> 
     ``unbounded``: the exhaustion strategy never runs out of directions."""
     if unbounded and config.switch_interval is not None:
         if total_steps is None:
-            raise ValueError(f"SRLoRAConfig.exhaustion={config.exhaustion!r} with switch_interval "
-                             "switches to the end of the run: set total_steps (the Trainer "
-                             "callback sets it from max_steps)")
+            raise ValueError(
+                f"SRLoRAConfig.exhaustion={config.exhaustion!r} with switch_interval "
+                "switches to the end of the run: set total_steps (the Trainer "
+                "callback sets it from max_steps)"
+            )
         return list(range(config.switch_interval, total_steps, config.switch_interval))
-    return switch_steps(total_steps, config.num_switches, config.switch_interval,
-                        config.switch_span)
+    return switch_steps(
+        total_steps, config.num_switches, config.switch_interval, config.switch_span
+    )
 
 
 def check_adaptive(config, total_steps: Optional[int], unbounded: bool = False) -> list[int]:
     """The fixed steps the adaptive schedule budgets against; raises if it cannot run."""
     if total_steps is None:
-        raise ValueError("SRLoRAConfig.switch_schedule='adaptive' needs total_steps (its switches "
-                         "must fit before the end; the Trainer callback sets it from max_steps)")
+        raise ValueError(
+            "SRLoRAConfig.switch_schedule='adaptive' needs total_steps (its switches "
+            "must fit before the end; the Trainer callback sets it from max_steps)"
+        )
     return fixed_steps(config, total_steps, unbounded)
 
 
@@ -90,7 +96,7 @@ class AdaptiveSchedule:
         x, self.pending = self.pending, None
         b = 1.0 - 2.0 / (self.window + 1)
         self.loss_ema = x if self.loss_ema is None else b * self.loss_ema + (1.0 - b) * x
-        self.losses = (self.losses + [self.loss_ema])[-(self.window + 1):]
+        self.losses = (self.losses + [self.loss_ema])[-(self.window + 1) :]
 
     def _observe_ranking(self, sets: torch.Tensor) -> None:
         if self.sets is None:
@@ -106,8 +112,14 @@ class AdaptiveSchedule:
         lo = max(1, math.ceil(MIN_GAP * interval))
         return lo, max(lo, math.ceil(MAX_GAP * interval))
 
-    def decide(self, step: int, total: Optional[int], updated: bool, would_fuse: Callable,
-               switchable: Callable) -> Optional[str]:
+    def decide(
+        self,
+        step: int,
+        total: Optional[int],
+        updated: bool,
+        would_fuse: Callable,
+        switchable: Callable,
+    ) -> Optional[str]:
         """Called once per optimizer step (after the importance update and the step count):
         the reason to switch now, or None. ``would_fuse()``: ``M x k`` (on the host) the pairs
         each module's switch would fuse now; ``switchable()``: per module, can it switch."""
@@ -149,18 +161,25 @@ class AdaptiveSchedule:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"last": self.last, "fired": self.fired, "done": self.done,
-                "sets": None if self.sets is None else self.sets.clone(),
-                "runs": self.runs.clone(), "loss_ema": self.loss_ema,
-                "losses": list(self.losses), "pending": self.pending}
+        return {
+            "last": self.last,
+            "fired": self.fired,
+            "done": self.done,
+            "sets": None if self.sets is None else self.sets.clone(),
+            "runs": self.runs.clone(),
+            "loss_ema": self.loss_ema,
+            "losses": list(self.losses),
+            "pending": self.pending,
+        }
 
     def check_state(self, sd) -> Optional[str]:
         """What is wrong with a saved detector state, or None."""
         keys = ("last", "fired", "done", "sets", "runs", "loss_ema", "losses", "pending")
         if not isinstance(sd, dict) or any(k not in sd for k in keys):
             return "lacks the adaptive schedule's state"
-        if not torch.is_tensor(sd["runs"]) or not (sd["sets"] is None
-                                                  or torch.is_tensor(sd["sets"])):
+        if not torch.is_tensor(sd["runs"]) or not (
+            sd["sets"] is None or torch.is_tensor(sd["sets"])
+        ):
             return "holds an adaptive schedule state of the wrong types"
         if tuple(sd["runs"].shape) != (self.n_modules,):
             return f"adaptive schedule state for {tuple(sd['runs'].shape)} modules"

@@ -7,6 +7,7 @@ The randomized SVD works on a batch (``b x m x n``) as well as on one matrix, an
 :func:`top_singular_directions_many` stacks modules of one shape so that a model's set-up is a
 few batched matrix products instead of hundreds of small calls (what an accelerator needs).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def exact_top_svd(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     return U.contiguous(), S[..., :k].contiguous(), Vh.contiguous()
 
 
-def cholesky_qr(Y: torch.Tensor, tol: float = 1e-4, passes: int = 2
-                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def cholesky_qr(
+    Y: torch.Tensor, tol: float = 1e-4, passes: int = 2
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``Y = Q R`` by CholeskyQR (Gram matrix, Cholesky, triangular solve: batched products).
 
     After each pass ``|QᵀQ - I|`` is measured; a second pass (CholeskyQR2) runs only when the
@@ -78,8 +80,9 @@ def orthonormal_basis(Y: torch.Tensor, tol: float = 1e-4) -> tuple[torch.Tensor,
     return Q, R
 
 
-def _small_svd(R: torch.Tensor, solver: str, k: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _small_svd(
+    R: torch.Tensor, solver: str, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SVD of the small square ``R`` (``q x q``, batched): ``R = Ur diag(S) Vrh``, S descending.
 
     "eigh": eigenvectors of ``RᵀR`` in fp64 (``RᵀR = Vr S² Vrᵀ``, ``Ur = R Vr / S``); when one
@@ -96,9 +99,14 @@ def _small_svd(R: torch.Tensor, solver: str, k: int
     return torch.linalg.svd(R)
 
 
-def randomized_top_svd(W: torch.Tensor, k: int, oversample: int = 16, niter: int = 4,
-                       seed: int = 0, small: Optional[str] = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def randomized_top_svd(
+    W: torch.Tensor,
+    k: int,
+    oversample: int = 16,
+    niter: int = 4,
+    seed: int = 0,
+    small: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Randomized SVD (Halko, Martinsson, Tropp 2011, Alg. 4.4) with a seeded sketch.
 
     ``W`` is ``m x n`` or a batch ``b x m x n`` (every matrix gets the same sketch, so a batch
@@ -129,8 +137,10 @@ def randomized_top_svd(W: torch.Tensor, k: int, oversample: int = 16, niter: int
 def _check_finite(W: torch.Tensor, name: str) -> None:
     if not torch.isfinite(W).all():
         bad = int((~torch.isfinite(W)).sum())
-        raise SVDInputError(f"{name}: {bad} NaN/Inf value(s) in the weight; SRLoRA's SVD needs a "
-                            "finite weight (check the checkpoint or the model's dtype)")
+        raise SVDInputError(
+            f"{name}: {bad} NaN/Inf value(s) in the weight; SRLoRA's SVD needs a "
+            "finite weight (check the checkpoint or the model's dtype)"
+        )
 
 
 def _method_for(method: str, k: int, oversample: int, m: int, n: int) -> str:
@@ -139,9 +149,15 @@ def _method_for(method: str, k: int, oversample: int, m: int, n: int) -> str:
     return method
 
 
-def top_singular_directions(W: torch.Tensor, k: int, method: str = "auto", oversample: int = 16,
-                            niter: int = 4, seed: int = 0, name: str = "weight"
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular_directions(
+    W: torch.Tensor,
+    k: int,
+    method: str = "auto",
+    oversample: int = 16,
+    niter: int = 4,
+    seed: int = 0,
+    name: str = "weight",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top ``min(k, m, n)`` singular triplets of ``W`` (any float dtype), computed in fp32.
 
     ``method="auto"`` uses the randomized SVD unless its sketch would cover the whole matrix.
@@ -163,11 +179,16 @@ def top_singular_directions(W: torch.Tensor, k: int, method: str = "auto", overs
         return tuple(t.to(W.device) for t in out)  # type: ignore[return-value]
 
 
-def top_singular_directions_many(weights: Sequence[torch.Tensor], ks: Sequence[int],
-                                 method: str = "auto", oversample: int = 16, niter: int = 4,
-                                 seed: int = 0, names: Optional[Sequence[str]] = None,
-                                 batch_bytes: Optional[int] = None
-                                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def top_singular_directions_many(
+    weights: Sequence[torch.Tensor],
+    ks: Sequence[int],
+    method: str = "auto",
+    oversample: int = 16,
+    niter: int = 4,
+    seed: int = 0,
+    names: Optional[Sequence[str]] = None,
+    batch_bytes: Optional[int] = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`top_singular_directions` of every weight, matrices of one shape stacked in batches.
 
     Weights with the same shape, k, device and method go through one batched call, in stacks of
@@ -190,19 +211,21 @@ def top_singular_directions_many(weights: Sequence[torch.Tensor], ks: Sequence[i
         budget = batch_bytes if batch_bytes is not None else BATCH_BYTES.get(device.type, 1 << 30)
         per = max(1, budget // (4 * m * n))
         for c in range(0, len(idx), per):
-            chunk = idx[c:c + per]
+            chunk = idx[c : c + per]
             if meth == "exact" or len(chunk) == 1:
                 for i in chunk:
-                    out[i] = top_singular_directions(weights[i], k, meth, oversample, niter,
-                                                     seed, names[i])
+                    out[i] = top_singular_directions(
+                        weights[i], k, meth, oversample, niter, seed, names[i]
+                    )
                 continue
             Wb = torch.stack([weights[i].detach().to(torch.float32) for i in chunk])
             try:
                 U, S, Vh = randomized_top_svd(Wb, k, oversample, niter, seed)
             except RuntimeError:  # e.g. cusolver failing: one matrix at a time (with fallback)
                 for i in chunk:
-                    out[i] = top_singular_directions(weights[i], k, meth, oversample, niter,
-                                                     seed, names[i])
+                    out[i] = top_singular_directions(
+                        weights[i], k, meth, oversample, niter, seed, names[i]
+                    )
                 continue
             del Wb
             for j, i in enumerate(chunk):

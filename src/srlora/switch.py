@@ -14,6 +14,7 @@ functions with gathered tensors).
 Modules of one state stack, scaling, dtype and device are switched together: one stacked op per
 step instead of one per module (a 112-module Llama is 3 groups).
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
@@ -64,7 +65,8 @@ def switch_groups(modules: list[ModuleState], todo: list[int]) -> list[list[int]
     for i in todo:
         L = modules[i].layer
         key = (id(modules[i].stack), L.scaling) + tuple(
-            (t.dtype, t.device) for t in (L.base_weight, L.lora_A, L.lora_B))
+            (t.dtype, t.device) for t in (L.base_weight, L.lora_A, L.lora_B)
+        )
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
@@ -82,8 +84,15 @@ def young_slots(history: list[dict], idx: list[int]) -> list[list[int]]:
     return [out.get(i, []) for i in idx]
 
 
-def ranking_keys(selection, scores: torch.Tensor, history: list[dict], idx: list[int],
-                 factors: Factors, B=None, A=None) -> torch.Tensor:
+def ranking_keys(
+    selection,
+    scores: torch.Tensor,
+    history: list[dict],
+    idx: list[int],
+    factors: Factors,
+    B=None,
+    A=None,
+) -> torch.Tensor:
     """Step 2's ranking key of modules ``idx`` (one group, ``G x r``; the lowest are fused), per
     the selection strategy; the factors are read only when it needs them."""
     if selection.reads_factors and B is None:
@@ -92,25 +101,38 @@ def ranking_keys(selection, scores: torch.Tensor, history: list[dict], idx: list
     return selection.keys(scores, B, A, young)
 
 
-def check_module(st: ModuleState, B: torch.Tensor, A: torch.Tensor, w_shape: tuple,
-                 k: int) -> None:
+def check_module(st: ModuleState, B: torch.Tensor, A: torch.Tensor, w_shape: tuple, k: int) -> None:
     """Raise before any write if module ``st`` cannot be switched as set up (its factors were
     reshaped or replaced since ``wrap``, or too few directions are left)."""
     (m, n), r = st.stack.shape, st.stack.r
     got = (tuple(B.shape), tuple(A.shape), tuple(w_shape))
     if got != ((m, r), (r, n), (m, n)):
-        raise RuntimeError(f"SRLoRA switch: module {st.layer.name!r} has B {got[0]}, A {got[1]}, "
-                           f"W {got[2]}; set up with B {(m, r)}, A {(r, n)}, W {(m, n)}. Its LoRA "
-                           "factors were replaced or resized after srlora.wrap; nothing was "
-                           "changed")
+        raise RuntimeError(
+            f"SRLoRA switch: module {st.layer.name!r} has B {got[0]}, A {got[1]}, "
+            f"W {got[2]}; set up with B {(m, r)}, A {(r, n)}, W {(m, n)}. Its LoRA "
+            "factors were replaced or resized after srlora.wrap; nothing was "
+            "changed"
+        )
     if st.p + k > st.K:
-        raise RuntimeError(f"SRLoRA switch: module {st.layer.name!r} has {st.K - st.p} unused "
-                           f"directions, {k} needed")
+        raise RuntimeError(
+            f"SRLoRA switch: module {st.layer.name!r} has {st.K - st.p} unused "
+            f"directions, {k} needed"
+        )
 
 
-def plan_group(modules: list[ModuleState], idx: list[int], k: int, B: torch.Tensor,
-               A: torch.Tensor, scores: torch.Tensor, history: list[dict], selection,
-               insertion, grads: Optional[dict], step: int) -> GroupSwitch:
+def plan_group(
+    modules: list[ModuleState],
+    idx: list[int],
+    k: int,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    scores: torch.Tensor,
+    history: list[dict],
+    selection,
+    insertion,
+    grads: Optional[dict],
+    step: int,
+) -> GroupSwitch:
     """Steps 1-2 for one group (``B``, ``A``: copies of its stacked factors; ``scores``: its
     pair scores), and the factors steps 3-4 will write. Reads only."""
     s = modules[idx[0]].layer.scaling
@@ -119,18 +141,52 @@ def plan_group(modules: list[ModuleState], idx: list[int], k: int, B: torch.Tens
     at = (torch.arange(len(idx), device=B.device)[:, None], slots)  # (g, slot) pairs, G x k
     B_low, A_low = B.transpose(1, 2)[at].transpose(1, 2).float(), A[at].float()
     U, S, Vh = next_directions([modules[i] for i in idx], k, B.device)
-    ins = insertion.insert(U, S, Vh, s, B, A, slots,
-                           None if grads is None else [grads.get(i) for i in idx],
-                           [step * 100_003 + i for i in idx])
+    ins = insertion.insert(
+        U,
+        S,
+        Vh,
+        s,
+        B,
+        A,
+        slots,
+        None if grads is None else [grads.get(i) for i in idx],
+        [step * 100_003 + i for i in idx],
+    )
     Bc, Ac = switch_factors(B_low, A_low, ins.B_new, ins.A_new)
-    return GroupSwitch(idx, B, A, at, slots, scores, B_low, A_low, ins.B_new, ins.A_new, Bc, Ac,
-                       ins.U, ins.S, ins.Vh, ins.written, ins.used)
+    return GroupSwitch(
+        idx,
+        B,
+        A,
+        at,
+        slots,
+        scores,
+        B_low,
+        A_low,
+        ins.B_new,
+        ins.A_new,
+        Bc,
+        Ac,
+        ins.U,
+        ins.S,
+        ins.Vh,
+        ins.written,
+        ins.used,
+    )
 
 
-def plan_switch(modules: list[ModuleState], todo: list[int], k: int, factors: Factors,
-                scores: Scores, history: list[dict], selection, insertion,
-                grads: Optional[dict] = None, step: int = 0,
-                w_shapes: Optional[list] = None) -> list[GroupSwitch]:
+def plan_switch(
+    modules: list[ModuleState],
+    todo: list[int],
+    k: int,
+    factors: Factors,
+    scores: Scores,
+    history: list[dict],
+    selection,
+    insertion,
+    grads: Optional[dict] = None,
+    step: int = 0,
+    w_shapes: Optional[list] = None,
+) -> list[GroupSwitch]:
     """Check every module and plan every group; nothing is written. ``factors(idx)``: copies
     of the groups' stacked factors (``G x m x r``, ``G x r x n``); ``scores(idx)``: their pair
     scores; ``w_shapes``: per module the frozen weight's shape (default: its layer's)."""
@@ -141,8 +197,10 @@ def plan_switch(modules: list[ModuleState], todo: list[int], k: int, factors: Fa
             shape = modules[i].layer.shape if w_shapes is None else w_shapes[i]
             check_module(modules[i], B[j], A[j], shape, k)
         plans.append((idx, B, A))
-    return [plan_group(modules, idx, k, B, A, scores(idx), history, selection, insertion,
-                       grads, step) for idx, B, A in plans]
+    return [
+        plan_group(modules, idx, k, B, A, scores(idx), history, selection, insertion, grads, step)
+        for idx, B, A in plans
+    ]
 
 
 @torch.no_grad()
@@ -152,12 +210,13 @@ def apply_group(modules: list[ModuleState], g: GroupSwitch, k: int) -> None:
     if g.written:  # the cache holds what is subtracted: W0 + s*Bd@Ad stays exact
         for j, i in enumerate(g.idx):
             st = modules[i]
-            st.U[:, st.p:st.p + k] = g.U[j].to(st.U.device)
-            st.S[st.p:st.p + k] = g.S[j].to(st.S.device)
-            st.Vh[st.p:st.p + k] = g.Vh[j].to(st.Vh.device)
+            st.U[:, st.p : st.p + k] = g.U[j].to(st.U.device)
+            st.S[st.p : st.p + k] = g.S[j].to(st.S.device)
+            st.Vh[st.p : st.p + k] = g.Vh[j].to(st.Vh.device)
     for j, i in enumerate(g.idx):  # step 3: fuse (and subtract the new pairs): W + s*B@A kept
-        fuse_into_weight(modules[i], k, g.Bc[j], g.Ac[j], g.B_low[j], g.A_low[j],
-                         g.B_new[j], g.A_new[j])
+        fuse_into_weight(
+            modules[i], k, g.Bc[j], g.Ac[j], g.B_low[j], g.A_low[j], g.B_new[j], g.A_new[j]
+        )
     g.B.transpose(1, 2)[g.at] = g.B_new.transpose(1, 2).to(g.B.dtype)  # step 4
     g.A[g.at] = g.A_new.to(g.A.dtype)
 
@@ -183,13 +242,15 @@ def write_ledgers(modules: list[ModuleState], plans: list[GroupSwitch]) -> None:
         off = 0
         for sts, B, A in items:
             nb, na = B.numel(), A.numel()
-            write_ledger(sts, flat[off:off + nb].view(B.shape),
-                         flat[off + nb:off + nb + na].view(A.shape))
+            write_ledger(
+                sts,
+                flat[off : off + nb].view(B.shape),
+                flat[off + nb : off + nb + na].view(A.shape),
+            )
             off += nb + na
 
 
-def apply_switch(modules: list[ModuleState], plans: list[GroupSwitch], k: int,
-                 step: int) -> dict:
+def apply_switch(modules: list[ModuleState], plans: list[GroupSwitch], k: int, step: int) -> dict:
     """Steps 3-4 for every planned group and the ledger; returns the history entry (one host
     sync for the chosen slots and their scores)."""
     for g in plans:
@@ -199,17 +260,22 @@ def apply_switch(modules: list[ModuleState], plans: list[GroupSwitch], k: int,
     order, dev0 = [i for g in plans for i in g.idx], plans[0].slots.device
     low = dict(zip(order, torch.cat([g.slots.to(dev0) for g in plans]).cpu().tolist()))
     sc = dict(zip(order, torch.cat([g.scores.to(dev0) for g in plans]).cpu().tolist()))
-    entry = {"step": step, "modules": todo, "slots": [low[i] for i in todo],
-             "directions": [list(range(modules[i].p - k, modules[i].p)) for i in todo],
-             "scores": [sc[i] for i in todo]}
+    entry = {
+        "step": step,
+        "modules": todo,
+        "slots": [low[i] for i in todo],
+        "directions": [list(range(modules[i].p - k, modules[i].p)) for i in todo],
+        "scores": [sc[i] for i in todo],
+    }
     if plans[0].used is not None:  # insertion="gradient": which modules had a gradient
         used = {i: u for g in plans for i, u in zip(g.idx, g.used)}
         entry["gradient"] = [used[i] for i in todo]
     return entry
 
 
-def reset_importance(importance, names: list[tuple[str, str]], slots: torch.Tensor,
-                     how: str) -> None:
+def reset_importance(
+    importance, names: list[tuple[str, str]], slots: torch.Tensor, how: str
+) -> None:
     """Step 5, the importance of what changed (``SRLoRAConfig.importance_reset``): "module"
     zeroes the whole state of each switched module's A and B, "slots" only the recomposed rows
     of A and columns of B. ``names``: per module (A's name, B's name); ``slots`` G x k."""

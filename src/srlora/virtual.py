@@ -27,6 +27,7 @@ dequantized weight ``deq(Wq)``, the quantized weight stays as it is, and the sid
 PiSSA's residual, so right after set-up the model computes ``deq(Wq)`` exactly as the quantized
 base did (its buffers: the dtype the 4-bit weight was quantized from; float32 for 8-bit).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
@@ -64,13 +65,19 @@ class VirtualSide:
         self.At[:r0] = A0
         self.R = r0
 
-    def write_switch(self, f0: int, B_low: torch.Tensor, A_low: torch.Tensor,
-                     B_new: torch.Tensor, A_new: torch.Tensor) -> None:
+    def write_switch(
+        self,
+        f0: int,
+        B_low: torch.Tensor,
+        A_low: torch.Tensor,
+        B_new: torch.Tensor,
+        A_new: torch.Tensor,
+    ) -> None:
         """One switch's k fused pairs (ledger positions ``f0 .. f0+k-1``) and the k directions
         subtracted with them: rows ``r0 + 2*f0 .. r0 + 2*(f0+k) - 1``, interleaved."""
         k, pos = B_low.shape[1], self.r0 + 2 * f0
-        b = self.Bt[pos:pos + 2 * k].view(k, 2, -1)
-        a = self.At[pos:pos + 2 * k].view(k, 2, -1)
+        b = self.Bt[pos : pos + 2 * k].view(k, 2, -1)
+        a = self.At[pos : pos + 2 * k].view(k, 2, -1)
         b[:, 0], b[:, 1] = B_low.T, B_new.T.neg()
         a[:, 0], a[:, 1] = A_low, A_new
         self.R = pos + 2 * k
@@ -79,12 +86,17 @@ class VirtualSide:
     def rebuild(self, st: "ModuleState") -> None:
         """Rewrite the rows in use from ``st``'s SVD cache, ledger and pointer (after a load)."""
         dev, f, p = self.Bt.device, st.fused(), st.p
-        Bs, As = pissa_factors(st.fetch(st.U[:, :p], dev), st.fetch(st.S[:p], dev),
-                               st.fetch(st.Vh[:p], dev), self.scaling)
-        self.write_init(Bs[:, :self.r0], As[:self.r0])
+        Bs, As = pissa_factors(
+            st.fetch(st.U[:, :p], dev),
+            st.fetch(st.S[:p], dev),
+            st.fetch(st.Vh[:p], dev),
+            self.scaling,
+        )
+        self.write_init(Bs[:, : self.r0], As[: self.r0])
         if f > 0:
-            self.write_switch(0, st.fetch(st.FB, dev), st.fetch(st.FA, dev), Bs[:, self.r0:],
-                              As[self.r0:])
+            self.write_switch(
+                0, st.fetch(st.FB, dev), st.fetch(st.FA, dev), Bs[:, self.r0 :], As[self.r0 :]
+            )
 
     # ------------------------------------------------------------------ forward
     def attach(self, layer: nn.Module) -> None:

@@ -1,4 +1,5 @@
 """``srlora.wrap``: validate, put PEFT's LoRA layers in, and build the controller."""
+
 from __future__ import annotations
 
 import warnings
@@ -21,8 +22,16 @@ from .strategies import virtual_refused
 OWN_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "modules_to_save")
 # the PEFT options that keep "the model after wrap computes what the base computed" with
 # SRLoRA's own PiSSA init (method "srlora" / "pissa"); every other option is refused for them
-SVD_INIT_OPTIONS = ("use_rslora", "fan_in_fan_out", "bias", "layers_to_transform",
-                    "layers_pattern", "exclude_modules", "alpha_pattern", "rank_pattern")
+SVD_INIT_OPTIONS = (
+    "use_rslora",
+    "fan_in_fan_out",
+    "bias",
+    "layers_to_transform",
+    "layers_pattern",
+    "exclude_modules",
+    "alpha_pattern",
+    "rank_pattern",
+)
 
 
 def check_extra_lora_kwargs(config: SRLoRAConfig) -> None:
@@ -37,40 +46,58 @@ def check_extra_lora_kwargs(config: SRLoRAConfig) -> None:
     extra = config.extra_lora_kwargs
     own = [k for k in extra if k in OWN_FIELDS]
     if own:
-        raise ValueError(f"SRLoRAConfig.extra_lora_kwargs: {own} are SRLoRAConfig fields; set "
-                         f"them there (e.g. SRLoRAConfig({own[0]}=...)), not in extra_lora_kwargs")
+        raise ValueError(
+            f"SRLoRAConfig.extra_lora_kwargs: {own} are SRLoRAConfig fields; set "
+            f"them there (e.g. SRLoRAConfig({own[0]}=...)), not in extra_lora_kwargs"
+        )
     if config.method == "lora":
         if extra.get("init_lora_weights", True) is False:
-            raise ValueError("SRLoRAConfig.extra_lora_kwargs: init_lora_weights=False starts the "
-                             "adapter as a random change of the base model; leave it out (or "
-                             "use 'gaussian', 'pissa', 'olora', ...)")
+            raise ValueError(
+                "SRLoRAConfig.extra_lora_kwargs: init_lora_weights=False starts the "
+                "adapter as a random change of the base model; leave it out (or "
+                "use 'gaussian', 'pissa', 'olora', ...)"
+            )
         return
-    refused = [k for k in extra if k not in SVD_INIT_OPTIONS
-               or (k == "rank_pattern" and config.switches and extra[k])]
+    refused = [
+        k
+        for k in extra
+        if k not in SVD_INIT_OPTIONS or (k == "rank_pattern" and config.switches and extra[k])
+    ]
     if refused:
-        why = ("per-module ranks are not supported by SRLoRA's schedule and switch (one r for "
-               "every module)" if refused == ["rank_pattern"] else
-               f"method={config.method!r} initializes the adapter itself (PiSSA) and keeps the "
-               f"model's function at set-up; these PEFT options would change it")
-        raise ValueError(f"SRLoRAConfig.extra_lora_kwargs: {refused} refused: {why}. Accepted "
-                         f"with method={config.method!r}: {list(SVD_INIT_OPTIONS)}"
-                         f"{' (rank_pattern: pissa only)' if config.switches else ''}; "
-                         "method='lora' takes PEFT's other options (use_dora, olora, ...)")
+        why = (
+            "per-module ranks are not supported by SRLoRA's schedule and switch (one r for "
+            "every module)"
+            if refused == ["rank_pattern"]
+            else f"method={config.method!r} initializes the adapter itself (PiSSA) and keeps the "
+            f"model's function at set-up; these PEFT options would change it"
+        )
+        raise ValueError(
+            f"SRLoRAConfig.extra_lora_kwargs: {refused} refused: {why}. Accepted "
+            f"with method={config.method!r}: {list(SVD_INIT_OPTIONS)}"
+            f"{' (rank_pattern: pissa only)' if config.switches else ''}; "
+            "method='lora' takes PEFT's other options (use_dora, olora, ...)"
+        )
 
 
 def lora_config(config: SRLoRAConfig):
     """The peft.LoraConfig behind an SRLoRAConfig (init is SRLoRA's own except for 'lora')."""
     from peft import LoraConfig
 
-    kw = dict(r=config.r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
-              lora_dropout=config.lora_dropout, modules_to_save=config.modules_to_save,
-              init_lora_weights=not config.svd_init)  # PiSSA's init is srlora's own
+    kw = dict(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        target_modules=config.target_modules,
+        lora_dropout=config.lora_dropout,
+        modules_to_save=config.modules_to_save,
+        init_lora_weights=not config.svd_init,
+    )  # PiSSA's init is srlora's own
     kw.update(config.extra_lora_kwargs)
     try:
         return LoraConfig(**kw)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"SRLoRAConfig.extra_lora_kwargs: peft.LoraConfig refused them: "
-                         f"{e}") from None
+        raise ValueError(
+            f"SRLoRAConfig.extra_lora_kwargs: peft.LoraConfig refused them: {e}"
+        ) from None
 
 
 class ModelSnapshot:
@@ -98,8 +125,11 @@ class ModelSnapshot:
 def _targets(model: nn.Module, peft_config) -> list[tuple[str, nn.Module]]:
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    return [(name, mod) for name, mod in model.named_modules()
-            if name and check_target_module_exists(peft_config, name)]
+    return [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if name and check_target_module_exists(peft_config, name)
+    ]
 
 
 def _default_targets(model: nn.Module) -> list[str]:
@@ -107,8 +137,10 @@ def _default_targets(model: nn.Module) -> list[str]:
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in defaults:
-        raise SRLoRAError("SRLoRAConfig.target_modules: required for this model (PEFT has no "
-                          f"default target modules for model type {model_type!r})")
+        raise SRLoRAError(
+            "SRLoRAConfig.target_modules: required for this model (PEFT has no "
+            f"default target modules for model type {model_type!r})"
+        )
     return list(defaults[model_type])
 
 
@@ -120,10 +152,12 @@ def _check_not_wrapped(model: nn.Module) -> None:
         raise SRLoRAError("model is already a PeftModel; pass the base model to srlora.wrap()")
     tuned = next((n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)), None)
     if tuned is not None or hasattr(model, "peft_config"):
-        raise SRLoRAError(f"model already holds PEFT adapter layers (e.g. {tuned!r}): it was "
-                          "wrapped before (srlora.wrap and get_peft_model change the base model in "
-                          "place). Wrap a fresh copy of the base model; a second adapter would "
-                          "re-initialize the first")
+        raise SRLoRAError(
+            f"model already holds PEFT adapter layers (e.g. {tuned!r}): it was "
+            "wrapped before (srlora.wrap and get_peft_model change the base model in "
+            "place). Wrap a fresh copy of the base model; a second adapter would "
+            "re-initialize the first"
+        )
 
 
 def _check_usable_device(config: SRLoRAConfig) -> None:
@@ -134,13 +168,19 @@ def _check_usable_device(config: SRLoRAConfig) -> None:
     try:
         torch.empty(0, device=config.offload_device)
     except (RuntimeError, AssertionError, ValueError) as e:
-        raise ValueError(f"SRLoRAConfig.offload_device: {config.offload_device!r} cannot hold "
-                         f"tensors in this process ({str(e).splitlines()[0]}); use 'cpu' or "
-                         "None (beside the weight)") from None
+        raise ValueError(
+            f"SRLoRAConfig.offload_device: {config.offload_device!r} cannot hold "
+            f"tensors in this process ({str(e).splitlines()[0]}); use 'cpu' or "
+            "None (beside the weight)"
+        ) from None
 
 
-def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
-         svd_fn: Optional[SVDFn] = None):
+def wrap(
+    model: nn.Module,
+    config: SRLoRAConfig,
+    adapter_name: str = "default",
+    svd_fn: Optional[SVDFn] = None,
+):
     """Add an SRLoRA (or LoRA / PiSSA baseline) adapter to ``model``.
 
     Returns ``(peft_model, controller)``: a ``peft.PeftModel`` with PEFT's own LoRA layers
@@ -162,17 +202,22 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
     check_extra_lora_kwargs(config)
     if config.target_modules is None:
         from dataclasses import replace
+
         config = replace(config, target_modules=_default_targets(model))
     if config.switches:
         check_engine_at_wrap(model, config.fusion)  # sharded already, FSDP1, DeepSpeed: refused
     pcfg = lora_config(config)
     targets = _targets(model, pcfg)
-    if any(type(m).__name__ == "Conv1D" for _, m in targets) and \
-            "fan_in_fan_out" not in config.extra_lora_kwargs:
+    if (
+        any(type(m).__name__ == "Conv1D" for _, m in targets)
+        and "fan_in_fan_out" not in config.extra_lora_kwargs
+    ):
         pcfg.fan_in_fan_out = True  # GPT-2's Conv1D stores W transposed
     if not targets:
-        raise SRLoRAError(f"SRLoRAConfig.target_modules = {config.target_modules!r} matches "
-                          f"no module of {type(model).__name__}")
+        raise SRLoRAError(
+            f"SRLoRAConfig.target_modules = {config.target_modules!r} matches "
+            f"no module of {type(model).__name__}"
+        )
     if config.method != "lora":
         no_virtual = virtual_refused(config)
         for name, mod in targets:
@@ -182,24 +227,32 @@ def wrap(model: nn.Module, config: SRLoRAConfig, adapter_name: str = "default",
                     f"({type(mod).__name__}): a quantized weight takes switches only through "
                     f"fusion='virtual', which {', '.join(no_virtual)} refuses "
                     f"(method={config.method!r}). Use method='lora' for QLoRA, or load the "
-                    "model unquantized")
+                    "model unquantized"
+                )
             check_supported(name, mod, config.fusion)
             if config.svd_init and not torch.isfinite(mod.weight.detach()).all():
-                raise SVDInputError(f"target module {name!r}: NaN/Inf in its weight; SRLoRA's "
-                                    "SVD needs a finite weight")
+                raise SVDInputError(
+                    f"target module {name!r}: NaN/Inf in its weight; SRLoRA's "
+                    "SVD needs a finite weight"
+                )
     if svd_fn is None and config.svd_init:
         svd_fn = default_svd_fn(config)  # under torch.distributed: computed once, broadcast
     snapshot = ModelSnapshot(model)
     try:
         with warnings.catch_warnings():  # PEFT reads transformers' deprecated alias; not ours
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore",
+                message="`is_gradient_checkpointing` is deprecated",
+                category=FutureWarning,
+            )
             peft_model = get_peft_model(model, pcfg, adapter_name=adapter_name)
         from peft.tuners.lora import LoraLayer
 
-        layers = [AdaptedLayer(name, mod, adapter_name)
-                  for name, mod in peft_model.named_modules()
-                  if isinstance(mod, LoraLayer) and adapter_name in mod.lora_A]
+        layers = [
+            AdaptedLayer(name, mod, adapter_name)
+            for name, mod in peft_model.named_modules()
+            if isinstance(mod, LoraLayer) and adapter_name in mod.lora_A
+        ]
         if config.method != "lora":
             for L in layers:
                 check_supported(L.name, L.layer.get_base_layer(), config.fusion)

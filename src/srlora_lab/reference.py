@@ -2,6 +2,7 @@
 
 Nothing here is used in training. Shapes: W ``m x n``, B ``m x r``, A ``r x n``, s scaling.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,7 +21,8 @@ def reference_top_svd(W: torch.Tensor, k: int):
 
 
 def reference_importance_step(ibar, ubar, w, g, beta1, beta2):
-    """Element by element: I = |w g|, ibar' = b1 ibar + (1-b1) I, ubar' = b2 ubar + (1-b2)|I-ibar'|."""
+    """Element by element: I = |w g|, ibar' = b1 ibar + (1-b1) I,
+    ubar' = b2 ubar + (1-b2)|I-ibar'|."""
     ibar, ubar = ibar.double().clone(), ubar.double().clone()
     wf, gf = w.double().flatten(), g.double().flatten()
     fi, fu = ibar.view(-1), ubar.view(-1)

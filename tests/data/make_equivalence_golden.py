@@ -2,8 +2,10 @@
 with the code of commit c7bf1de (run once; the test replays the runs with the current code):
 
     git worktree add /work/wt-old c7bf1de
-    cd tests && PYTHONPATH=/work/wt-old/src OMP_NUM_THREADS=1 python3 data/make_equivalence_golden.py
+    cd tests && PYTHONPATH=/work/wt-old/src OMP_NUM_THREADS=1 \
+        python3 data/make_equivalence_golden.py
 """
+
 import json
 import shutil
 import subprocess
@@ -22,8 +24,9 @@ import srlora  # noqa: E402
 
 def main() -> None:
     src = Path(srlora.__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     out = {"commit": commit, "torch": torch.__version__, "runs": {}}
     for name in R.CONFIGS:
         out["runs"][name] = R.run(name)

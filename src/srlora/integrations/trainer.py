@@ -22,6 +22,7 @@ What the Trainer does, and what the callback adds (transformers 5.x ``Trainer.tr
 A resumed run whose fused state cannot be found raises instead of training on a model whose
 base weights do not match its adapter.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -66,8 +67,9 @@ class SRLoRACallback(TrainerCallback):
 
     def __init__(self, controller: SRLoRAController, resume_from: Optional[str] = None):
         if not isinstance(controller, SRLoRAController):
-            raise TypeError(f"SRLoRACallback needs an SRLoRAController, got "
-                            f"{type(controller).__name__}")
+            raise TypeError(
+                f"SRLoRACallback needs an SRLoRAController, got {type(controller).__name__}"
+            )
         self.controller = controller
         self.resume_from = resume_from
 
@@ -75,8 +77,11 @@ class SRLoRACallback(TrainerCallback):
     def _resume_dir(self, args, state) -> Path:
         step = state.global_step
         tried = []
-        for base in (self.resume_from, _trainer_resume_path(),
-                     os.path.join(args.output_dir, f"checkpoint-{step}")):
+        for base in (
+            self.resume_from,
+            _trainer_resume_path(),
+            os.path.join(args.output_dir, f"checkpoint-{step}"),
+        ):
             if base is None:
                 continue
             for cand in (Path(base) / SUBDIR, Path(base)):
@@ -89,14 +94,16 @@ class SRLoRACallback(TrainerCallback):
                 if saved_at != step:
                     raise CheckpointMismatchError(
                         f"SRLoRA state in {cand} was saved at Trainer step {saved_at}, but the "
-                        f"Trainer resumes at step {step}")
+                        f"Trainer resumes at step {step}"
+                    )
                 return cand
         raise CheckpointMismatchError(
             f"resuming at Trainer step {step}, but no SRLoRA state was found (looked in "
             f"{tried}). The Trainer restores only the adapter; without the fused base weights "
             "and the controller state the run cannot continue correctly. Resume from a "
             "checkpoint saved with SRLoRACallback, or pass SRLoRACallback(controller, "
-            "resume_from=<checkpoint dir>)")
+            "resume_from=<checkpoint dir>)"
+        )
 
     def _load(self, directory: Path) -> None:
         ctl = self.controller
@@ -106,16 +113,20 @@ class SRLoRACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         ctl = self.controller
         if model is not None and model is not ctl.model:
-            raise ValueError("SRLoRACallback: the Trainer trains another model than the one "
-                             "the controller adapts (pass the PeftModel from srlora.wrap)")
+            raise ValueError(
+                "SRLoRACallback: the Trainer trains another model than the one "
+                "the controller adapts (pass the PeftModel from srlora.wrap)"
+            )
         if optimizer is None:
             raise ValueError("SRLoRACallback: the Trainer handed no optimizer to on_train_begin")
         if state.global_step > 0:
             self._load(self._resume_dir(args, state))
         elif ctl.global_step != 0:
-            raise ValueError(f"SRLoRACallback: the controller has already counted "
-                             f"{ctl.global_step} optimizer steps but the Trainer starts at step "
-                             "0; wrap a fresh model for a new run, or resume from a checkpoint")
+            raise ValueError(
+                f"SRLoRACallback: the controller has already counted "
+                f"{ctl.global_step} optimizer steps but the Trainer starts at step "
+                "0; wrap a fresh model for a new run, or resume from a checkpoint"
+            )
         ctl.set_total_steps(int(state.max_steps))
         release(ctl)  # the Trainer's (possibly new) optimizer replaces the one this hooked
         ctl.attach(optimizer)
@@ -132,11 +143,18 @@ class SRLoRACallback(TrainerCallback):
         if args.should_save:  # the process(es) the Trainer saves on
             ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if not os.path.isdir(ckpt):
-                raise FileNotFoundError(f"SRLoRACallback: the Trainer's checkpoint {ckpt} does "
-                                        "not exist; cannot add the SRLoRA state to it")
+                raise FileNotFoundError(
+                    f"SRLoRACallback: the Trainer's checkpoint {ckpt} does "
+                    "not exist; cannot add the SRLoRA state to it"
+                )
             ctl = self.controller
-            save_checkpoint(os.path.join(ckpt, SUBDIR), model=ctl.model, controller=ctl,
-                            rng=False, extra={"trainer_global_step": state.global_step})
+            save_checkpoint(
+                os.path.join(ckpt, SUBDIR),
+                model=ctl.model,
+                controller=ctl,
+                rng=False,
+                extra={"trainer_global_step": state.global_step},
+            )
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -146,6 +164,7 @@ class SRLoRACallback(TrainerCallback):
             if not (directory / "manifest.json").is_file():
                 raise CheckpointMismatchError(
                     f"the Trainer reloaded the best adapter from {best}, which holds no SRLoRA "
-                    "state; the model's base weights would not match it")
+                    "state; the model's base weights would not match it"
+                )
             self._load(directory)
         return control

@@ -1,5 +1,6 @@
 """The switch's steps as strategies (docs/extending.md): the registry, the declarations' checks,
 and every built-in variant (importing a variant's file registers it)."""
+
 from __future__ import annotations
 
 # the paper's choice first in each step (it is the field's default); order = names() order
@@ -9,12 +10,32 @@ from . import schedule_fixed, schedule_adaptive  # noqa: F401,I001
 from . import exhaustion_stop, exhaustion_refresh, exhaustion_extend  # noqa: F401,I001
 from . import optimizer_zero, optimizer_keep, optimizer_rewarm, optimizer_prune  # noqa: F401,I001
 from .base import REGISTRY, Strategy, get, names, register
-from .checks import (STEP_FIELDS, check_config, check_optimizer, chosen, fsdp2_refused,
-                     ignored_fields, virtual_refused)
+from .checks import (
+    STEP_FIELDS,
+    check_config,
+    check_optimizer,
+    chosen,
+    fsdp2_refused,
+    ignored_fields,
+    virtual_refused,
+)
 
-__all__ = ["REGISTRY", "Strategy", "get", "names", "register", "STEP_FIELDS", "check_config",
-           "check_optimizer", "chosen", "fsdp2_refused", "ignored_fields", "virtual_refused",
-           "Steps", "resolve"]
+__all__ = [
+    "REGISTRY",
+    "Strategy",
+    "get",
+    "names",
+    "register",
+    "STEP_FIELDS",
+    "check_config",
+    "check_optimizer",
+    "chosen",
+    "fsdp2_refused",
+    "ignored_fields",
+    "virtual_refused",
+    "Steps",
+    "resolve",
+]
 
 
 class Steps:
@@ -26,12 +47,21 @@ class Steps:
         self.exhaustion = get("exhaustion", config.exhaustion)(config)
         self.optimizer = get("optimizer_state", config.optimizer_state)(config)
         self.schedule = get("switch_schedule", config.switch_schedule)(
-            config, n_modules, self.exhaustion.grows)
+            config, n_modules, self.exhaustion.grows
+        )
 
     def needs(self, what: str) -> bool:
         """Does any of the strategies declare ``what`` among its needs?"""
-        return any(what in s.needs for s in (self.selection, self.insertion, self.exhaustion,
-                                             self.optimizer, self.schedule))
+        return any(
+            what in s.needs
+            for s in (
+                self.selection,
+                self.insertion,
+                self.exhaustion,
+                self.optimizer,
+                self.schedule,
+            )
+        )
 
 
 def resolve(config, n_modules: int) -> Steps:

@@ -17,6 +17,7 @@ a registered :class:`Strategy` subclass that declares
 :mod:`srlora.strategies.checks` turns those declarations into the refusals, in one place. The
 core (controller, switch) asks the registry for a field's strategy and never names a variant.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar, Optional
@@ -50,15 +51,21 @@ def register(cls: Optional[type] = None, *, replace: bool = False):
     if not cls.field or not cls.name:
         raise ValueError(f"{cls.__name__}: a strategy needs its field and name")
     if cls.field not in STEP_FIELDS:
-        raise ValueError(f"{cls.__name__}: field {cls.field!r} is not a step of the switch; "
-                         f"subclass the interface of one of {STEP_FIELDS}")
+        raise ValueError(
+            f"{cls.__name__}: field {cls.field!r} is not a step of the switch; "
+            f"subclass the interface of one of {STEP_FIELDS}"
+        )
     have = REGISTRY.get(cls.field, {}).get(cls.name)
-    same = have is not None and (have.__module__, have.__qualname__) == (cls.__module__,
-                                                                         cls.__qualname__)
+    same = have is not None and (have.__module__, have.__qualname__) == (
+        cls.__module__,
+        cls.__qualname__,
+    )
     if have is not None and not replace and not same:  # same: a module imported again
-        raise ValueError(f"{cls.__name__}: {cls.field}={cls.name!r} is already registered "
-                         f"({have.__module__}.{have.__qualname__}); choose another name, or "
-                         "@register(replace=True) to replace it")
+        raise ValueError(
+            f"{cls.__name__}: {cls.field}={cls.name!r} is already registered "
+            f"({have.__module__}.{have.__qualname__}); choose another name, or "
+            "@register(replace=True) to replace it"
+        )
     REGISTRY.setdefault(cls.field, {})[cls.name] = cls
     return cls
 
@@ -72,5 +79,6 @@ def get(field: str, name: str) -> type:
     try:
         return REGISTRY[field][name]
     except KeyError:
-        raise ValueError(f"SRLoRAConfig.{field}: must be one of {names(field)}, got "
-                         f"{name!r}") from None
+        raise ValueError(
+            f"SRLoRAConfig.{field}: must be one of {names(field)}, got {name!r}"
+        ) from None

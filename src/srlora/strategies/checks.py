@@ -3,6 +3,7 @@
 ``check_config``: at construction (and again in ``srlora.wrap``), from the config alone.
 ``check_optimizer`` / ``fsdp2_refused``: when an optimizer is bound or a sharded engine found.
 """
+
 from __future__ import annotations
 
 from .base import REGISTRY, STEP_FIELDS, Strategy, get
@@ -22,8 +23,10 @@ def check_config(config) -> None:
             value = getattr(config, other)
             hit = value is not None if values is None else value in values
             if hit:
-                raise ValueError(f"SRLoRAConfig.{cls.field}: {cls.name!r} {why} (got "
-                                 f"SRLoRAConfig.{other}={value!r})")
+                raise ValueError(
+                    f"SRLoRAConfig.{cls.field}: {cls.name!r} {why} (got "
+                    f"SRLoRAConfig.{other}={value!r})"
+                )
 
 
 def ignored_fields(config, defaults: dict) -> dict[str, str]:
@@ -35,8 +38,11 @@ def ignored_fields(config, defaults: dict) -> dict[str, str]:
         for cls in by_name.values():
             for f in cls.reads:
                 owners.setdefault(f, []).append(f"{cls.field}={cls.name!r}")
-    return {f: " or ".join(o) for f, o in sorted(owners.items())
-            if f not in read and getattr(config, f) != defaults[f]}
+    return {
+        f: " or ".join(o)
+        for f, o in sorted(owners.items())
+        if f not in read and getattr(config, f) != defaults[f]
+    }
 
 
 def needing(config, need: str) -> list[type]:
@@ -51,8 +57,11 @@ def check_optimizer(config, optimizer) -> None:
 
 def virtual_refused(config) -> list[str]:
     """``field='value'`` of every chosen strategy that refuses ``fusion='virtual'``."""
-    return [f"{cls.field}={cls.name!r}" for cls in chosen(config)
-            if "virtual" in (cls.refuses.get("fusion", ((), ""))[0] or ())]
+    return [
+        f"{cls.field}={cls.name!r}"
+        for cls in chosen(config)
+        if "virtual" in (cls.refuses.get("fusion", ((), ""))[0] or ())
+    ]
 
 
 def fsdp2_refused(config) -> list[str]:
@@ -60,6 +69,13 @@ def fsdp2_refused(config) -> list[str]:
     return [f"{cls.field}={cls.name!r}" for cls in chosen(config) if not cls.fsdp2]
 
 
-__all__ = ["Strategy", "check_config", "ignored_fields", "check_optimizer", "fsdp2_refused",
-           "virtual_refused",
-           "chosen", "STEP_FIELDS"]
+__all__ = [
+    "Strategy",
+    "check_config",
+    "ignored_fields",
+    "check_optimizer",
+    "fsdp2_refused",
+    "virtual_refused",
+    "chosen",
+    "STEP_FIELDS",
+]

@@ -2,6 +2,7 @@
 interface. Before a switch, the modules that cannot take ``k`` more directions from their cache
 (``stale``) are given a new block (:meth:`plan` reads only, :meth:`apply` writes the cache), or,
 for a strategy that does not grow the cache, stop switching."""
+
 from __future__ import annotations
 
 from typing import ClassVar

@@ -1,6 +1,7 @@
 """``exhaustion="extend"`` (ReLoRA's unbounded restarts): a module out of slots gets a block of
 ``max(K0 - r, k)`` more, with no directions (zeros: nothing to subtract), and switching
 continues. Only for an insertion that does not read the SVD cache (``insertion="lora"``)."""
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,13 @@ class ExtendExhaustion(Exhaustion):
     name = "extend"
     grows = True
     needs = frozenset({"total_steps"})  # with switch_interval: switches to the end of the run
-    refuses = {"insertion": (("svd", "gradient"), "adds slots without singular directions, "
-                             "which that insertion reads; use exhaustion='refresh' or 'stop'")}
+    refuses = {
+        "insertion": (
+            ("svd", "gradient"),
+            "adds slots without singular directions, "
+            "which that insertion reads; use exhaustion='refresh' or 'stop'",
+        )
+    }
     fsdp2 = False
 
     def can_switch(self, st, k):
@@ -32,9 +38,15 @@ class ExtendExhaustion(Exhaustion):
         for stack in stacks_at_one_pointer(modules, stale):
             st, (m, n), G = stack.members[0], stack.shape, len(stack.members)
             b, dev = extend_size(st, k), stack.U.device
-            plans.append(StackRefresh(stack, st.p, torch.zeros(G, m, b, device=dev),
-                                      torch.zeros(G, b, device=dev),
-                                      torch.zeros(G, b, n, device=dev)))
+            plans.append(
+                StackRefresh(
+                    stack,
+                    st.p,
+                    torch.zeros(G, m, b, device=dev),
+                    torch.zeros(G, b, device=dev),
+                    torch.zeros(G, b, n, device=dev),
+                )
+            )
         return plans
 
     def apply(self, modules, plans):

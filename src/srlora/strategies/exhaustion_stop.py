@@ -1,5 +1,6 @@
 """``exhaustion="stop"`` (the paper): a module whose ``r_target`` directions are used up
 switches no more."""
+
 from __future__ import annotations
 
 from .base import register

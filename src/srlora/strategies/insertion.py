@@ -7,6 +7,7 @@ directions the cache must hold for them. The identity every insertion keeps (so 
 the output and the export stays exact): ``s * B_new @ A_new == U diag(S) Vh`` of the returned
 directions, the product the switch subtracts from the frozen weight.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar, NamedTuple, Optional
@@ -32,8 +33,9 @@ class Insertion(Strategy):
     reads_directions: ClassVar[bool] = True  # reads the SVD cache (else none is computed, and
     # the slots start as PEFT's LoRA init: B zero, A random, nothing subtracted from W)
 
-    def insert(self, U, S, Vh, scaling: float, B, A, slots, grads: Optional[list],
-               seeds: list[int]) -> Inserted:
+    def insert(
+        self, U, S, Vh, scaling: float, B, A, slots, grads: Optional[list], seeds: list[int]
+    ) -> Inserted:
         """The new pairs of one group. ``grads``: per module its weight gradient of the last
         step or None (only for a strategy that needs ``"probe"``); ``seeds``: per module an
         integer that is the same in every process and on resume (for random starts)."""

@@ -2,9 +2,11 @@
 zero and ``A`` kaiming-uniform (``a = sqrt(5)``: uniform in ``+-1/sqrt(n)``), so the new pair
 adds nothing and nothing is subtracted from the frozen weight; the adapter's first slots start
 the same way (PEFT's init, the base weight untouched). No SVD is computed: the cache holds zero
-singular values there (``S = 0``, whose PiSSA product is the zero the switch subtracts), and the ledger of
+singular values there (``S = 0``, whose PiSSA product is the zero the switch subtracts),
+and the ledger of
 fused pairs keeps the export exact. Each new ``A`` is drawn from a generator seeded by
 (``svd_seed``, step, module), so every process and a resumed run draw the same."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +29,12 @@ class LoRAInsertion(Insertion):
     name = "lora"
     reads_directions = False
     fsdp2 = False  # FSDP2 needs fusion="virtual", which this insertion refuses
-    refuses = {"fusion": (("virtual",), "needs fusion='weight' (the side path of "
-                          "fusion='virtual' is built for SVD directions)")}
+    refuses = {
+        "fusion": (
+            ("virtual",),
+            "needs fusion='weight' (the side path of fusion='virtual' is built for SVD directions)",
+        )
+    }
 
     def insert(self, U, S, Vh, scaling, B, A, slots, grads, seeds):
         G, m, k = U.shape

@@ -1,5 +1,6 @@
 """``insertion="svd"`` (the paper): a recomposed slot takes the next unused singular direction
 of the pretrained weight, as a PiSSA pair."""
+
 from __future__ import annotations
 
 from .base import register

@@ -1,6 +1,7 @@
 """Step 5, the optimizer state of a recomposed slot (``SRLoRAConfig.optimizer_state``): the
 interface. ``hit`` is ``G x r`` bool over the layers ``Ls`` of one switch group, true at the
 recomposed slots (rows of A, columns of B)."""
+
 from __future__ import annotations
 
 from typing import ClassVar

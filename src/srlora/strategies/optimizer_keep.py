@@ -1,5 +1,6 @@
 """``optimizer_state="keep"`` (as GaLore): the optimizer state of recomposed slots is left as it
 is; no optimizer needs to be known."""
+
 from __future__ import annotations
 
 from .base import register

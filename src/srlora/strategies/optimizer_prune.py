@@ -5,6 +5,7 @@ quantile of their magnitudes is zeroed, the largest ``1 - PRUNE_RATIO`` kept (Re
 ``optimizer_magnitude_pruning``; its paper prunes 99%). One addition: Adam's first moment is
 also zeroed where its second moment was pruned (:func:`prune_adam_`), else a restarted A, whose
 gradient is zero while its B is, steps by ``m / eps``."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """``optimizer_state="rewarm"``: zero the state as "zero" does, then count each restarted slot's
 Adam bias correction from its own restart (:mod:`srlora.rewarm`). torch Adam/AdamW only."""
+
 from __future__ import annotations
 
 from ..optimizer_state import zero_slots_

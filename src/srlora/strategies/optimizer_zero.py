@@ -1,5 +1,6 @@
 """``optimizer_state="zero"`` (the paper's default, as ReLoRA resets): zero every parameter-shaped
 state tensor (Adam's moments, SGD's momentum, ...) of the recomposed rows of A and columns of B."""
+
 from __future__ import annotations
 
 from ..optimizer_state import zero_slots_

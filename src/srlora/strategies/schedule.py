@@ -4,6 +4,7 @@ The controller asks after every optimizer step (importance updated, step counted
 switch now, and tells the schedule when a switch happened. A schedule whose steps are known
 ahead (``planned``) lets the gradient probe record the step before a switch.
 """
+
 from __future__ import annotations
 
 from typing import Callable, ClassVar, Optional
@@ -27,8 +28,14 @@ class Schedule(Strategy):
         None when they are decided as training goes."""
         raise NotImplementedError
 
-    def decide(self, step: int, total_steps: Optional[int], updated: bool,
-               would_fuse: Callable, switchable: Callable) -> Optional[str]:
+    def decide(
+        self,
+        step: int,
+        total_steps: Optional[int],
+        updated: bool,
+        would_fuse: Callable,
+        switchable: Callable,
+    ) -> Optional[str]:
         """After optimizer step ``step``: the reason to switch now, or None. ``updated``: the
         importance was updated this step; ``would_fuse()``: ``M x k`` the pairs each module's
         switch would fuse now; ``switchable()``: per module, can it still switch."""

@@ -1,5 +1,6 @@
 """``switch_schedule="adaptive"``: the fixed schedule's budget of switches, each fired once the
 pairs' ranking has settled or the training loss has plateaued (:mod:`srlora.schedule`)."""
+
 from __future__ import annotations
 
 from ..schedule import AdaptiveSchedule as Detector
@@ -15,8 +16,13 @@ class AdaptiveSchedule(Schedule):
     reads_loss = True
     reads = frozenset({"adaptive_window", "adaptive_settled", "adaptive_plateau"})
     needs = frozenset({"total_steps"})
-    refuses = {"switch_span": (None, "times its own switches; switch_span shapes the fixed "
-                               "schedule (use switch_schedule='fixed')")}
+    refuses = {
+        "switch_span": (
+            None,
+            "times its own switches; switch_span shapes the fixed "
+            "schedule (use switch_schedule='fixed')",
+        )
+    }
     fsdp2 = False  # reads the whole importance ranking every step
 
     def __init__(self, config, n_modules, unbounded):

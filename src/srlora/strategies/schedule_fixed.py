@@ -1,6 +1,7 @@
 """``switch_schedule="fixed"`` (the paper): switches at ``k * floor(total_steps / (N + 1))``,
 k = 1..N, or ``k * switch_interval``, or within ``switch_span`` of the run
 (:func:`srlora.schedule.fixed_steps`)."""
+
 from __future__ import annotations
 
 from ..schedule import fixed_steps
@@ -18,8 +19,10 @@ class FixedSchedule(Schedule):
 
     def _steps(self, total_steps) -> frozenset:
         if self._cache[0] != total_steps:
-            self._cache = (total_steps, frozenset(fixed_steps(self.config, total_steps,
-                                                              self.unbounded)))
+            self._cache = (
+                total_steps,
+                frozenset(fixed_steps(self.config, total_steps, self.unbounded)),
+            )
         return self._cache[1]
 
     def planned(self, total_steps):

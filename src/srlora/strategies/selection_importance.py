@@ -1,4 +1,5 @@
 """``selection="importance"`` (the paper): the r' pairs of lowest importance score are fused."""
+
 from __future__ import annotations
 
 from .base import register

@@ -1,6 +1,7 @@
 """``selection="normalized"``: the lowest scores divided by the pair's squared scale
 ``(|B_j| |A_j|)^2`` (a pair's score grows with the square of its singular value, so a new,
 smaller direction is not fused for being small)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """``selection="protect"``: as the paper, but a slot written at the module's previous switch is
 fused only when too few older slots are left (a new direction gets one whole interval)."""
+
 from __future__ import annotations
 
 import torch

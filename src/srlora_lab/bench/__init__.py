@@ -16,32 +16,57 @@ against an exact SVD), ``memory`` (one child process per method; ``python -m srl
 runs one), ``run`` (``run_bench``, the whole benchmark) and ``report`` (targets and the
 markdown table).
 """
+
 from .accuracy import pretrained_minilm_weights, svd_accuracy
 from .memory import memory_child, memory_summary, run_memory_child
 from .report import format_report, targets
 from .run import machine_info, run_bench
 from .shapes import (
-                     MEMORY_RATIO_TARGET,
-                     SHAPES,
-                     STEP_RATIO_TARGET,
-                     SVD_SPEEDUP_TARGET,
-                     BenchOptions,
-                     Shape,
-                     build_base_model,
-                     check_device,
-                     ledger_bytes,
-                     lora_config,
-                     loss_of,
-                     make_batch,
-                     resolve_shape,
-                     srlora_config,
-                     svd_cache_bytes,
+    MEMORY_RATIO_TARGET,
+    SHAPES,
+    STEP_RATIO_TARGET,
+    SVD_SPEEDUP_TARGET,
+    BenchOptions,
+    Shape,
+    build_base_model,
+    check_device,
+    ledger_bytes,
+    lora_config,
+    loss_of,
+    make_batch,
+    resolve_shape,
+    srlora_config,
+    svd_cache_bytes,
 )
 from .timing import interleaved_times, setup_times, step_summary, switch_profile
 
-__all__ = ["BenchOptions", "MEMORY_RATIO_TARGET", "SHAPES", "STEP_RATIO_TARGET",
-           "SVD_SPEEDUP_TARGET", "Shape", "build_base_model", "check_device", "format_report",
-           "interleaved_times", "ledger_bytes", "lora_config", "loss_of", "machine_info",
-           "make_batch", "memory_child", "memory_summary", "pretrained_minilm_weights",
-           "resolve_shape", "run_bench", "run_memory_child", "setup_times", "srlora_config",
-           "step_summary", "svd_accuracy", "svd_cache_bytes", "switch_profile", "targets"]
+__all__ = [
+    "BenchOptions",
+    "MEMORY_RATIO_TARGET",
+    "SHAPES",
+    "STEP_RATIO_TARGET",
+    "SVD_SPEEDUP_TARGET",
+    "Shape",
+    "build_base_model",
+    "check_device",
+    "format_report",
+    "interleaved_times",
+    "ledger_bytes",
+    "lora_config",
+    "loss_of",
+    "machine_info",
+    "make_batch",
+    "memory_child",
+    "memory_summary",
+    "pretrained_minilm_weights",
+    "resolve_shape",
+    "run_bench",
+    "run_memory_child",
+    "setup_times",
+    "srlora_config",
+    "step_summary",
+    "svd_accuracy",
+    "svd_cache_bytes",
+    "switch_profile",
+    "targets",
+]

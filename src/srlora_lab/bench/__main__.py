@@ -1,4 +1,5 @@
 """The memory child: ``python -m srlora_lab.bench '<json spec>'`` prints one JSON line."""
+
 import json
 import sys
 

@@ -1,4 +1,5 @@
 """Peak memory, one child process per method (``python -m srlora_lab.bench '<json spec>'``)."""
+
 from __future__ import annotations
 
 import gc
@@ -67,8 +68,10 @@ def memory_child(spec: dict) -> dict:
     """
     from peft import get_peft_model
 
-    shape, device = Shape(**{**spec["shape"], "targets": tuple(spec["shape"]["targets"])}), \
-        check_device(spec["device"])
+    shape, device = (
+        Shape(**{**spec["shape"], "targets": tuple(spec["shape"]["targets"])}),
+        check_device(spec["device"]),
+    )
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     base = build_base_model(shape, device, spec["seed"])
@@ -90,9 +93,12 @@ def memory_child(spec: dict) -> dict:
         for prm in model.parameters():
             prm.requires_grad_(True)
     else:  # switch inside the measured steps, so the peak includes a switch's buffers
-        model, controller = wrap(base, srlora_config(shape, spec["total_steps"],
-                                                     max(1, spec["steps"] // 2),
-                                                     **spec.get("state", {})))
+        model, controller = wrap(
+            base,
+            srlora_config(
+                shape, spec["total_steps"], max(1, spec["steps"] // 2), **spec.get("state", {})
+            ),
+        )
     opt = torch.optim.AdamW(trainable(model), lr=spec["lr"])
     if controller is not None:
         controller.attach(opt)
@@ -107,28 +113,44 @@ def memory_child(spec: dict) -> dict:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = _proc_kib("VmHWM") * 1024
-    return {"method": spec["method"], "base_bytes": base_bytes, "peak_bytes": peak,
-            "switches": controller.num_switches if controller is not None else 0}
+    return {
+        "method": spec["method"],
+        "base_bytes": base_bytes,
+        "peak_bytes": peak,
+        "switches": controller.num_switches if controller is not None else 0,
+    }
 
 
 def run_memory_child(spec: dict, timeout: float = 1800) -> dict:
     """Run :func:`memory_child` in a fresh interpreter (same srlora, same torch)."""
     src = str(Path(__file__).resolve().parents[2])  # the directory holding srlora/
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [src] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [src] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    )
     # glibc raises its mmap threshold after the first large free, and from then on keeps freed
     # tensors in the heap: RSS would count transient set-up buffers as if still alive
     env["MALLOC_MMAP_THRESHOLD_"] = str(MALLOC_MMAP_THRESHOLD)
-    proc = subprocess.run([sys.executable, "-m", "srlora_lab.bench", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "srlora_lab.bench", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"memory child ({spec['method']}) failed with exit code "
-                           f"{proc.returncode}:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"memory child ({spec['method']}) failed with exit code "
+            f"{proc.returncode}:\n{proc.stderr[-3000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def memory_summary(lora: dict, sr: dict, cache_bytes: int, device: torch.device,
-                   ledger: int = 0) -> dict:
+def memory_summary(
+    lora: dict, sr: dict, cache_bytes: int, device: torch.device, ledger: int = 0
+) -> dict:
     """SRLoRA's peak against ``1.03 x`` LoRA's plus the SVD cache allowance.
 
     ``pass`` uses the issue's allowance (SVD cache only); ``pass_with_ledger`` also allows the
@@ -145,9 +167,16 @@ def memory_summary(lora: dict, sr: dict, cache_bytes: int, device: torch.device,
     else:
         lo, sr_b = lora["peak_bytes"] - lora["base_bytes"], sr["peak_bytes"] - sr["base_bytes"]
     allowed = MEMORY_RATIO_TARGET * lo + cache_bytes
-    return {"measure": "cuda max_memory_allocated" if device.type == "cuda"
-            else "RSS peak above the base model",
-            "lora_peak_bytes": lo, "srlora_peak_bytes": sr_b, "ratio": sr_b / lo,
-            "svd_cache_bytes": cache_bytes, "allowed_bytes": allowed,
-            "pass": sr_b <= allowed, "ledger_bytes": ledger,
-            "pass_with_ledger": sr_b <= allowed + ledger}
+    return {
+        "measure": "cuda max_memory_allocated"
+        if device.type == "cuda"
+        else "RSS peak above the base model",
+        "lora_peak_bytes": lo,
+        "srlora_peak_bytes": sr_b,
+        "ratio": sr_b / lo,
+        "svd_cache_bytes": cache_bytes,
+        "allowed_bytes": allowed,
+        "pass": sr_b <= allowed,
+        "ledger_bytes": ledger,
+        "pass_with_ledger": sr_b <= allowed + ledger,
+    }

@@ -1,4 +1,5 @@
 """The whole benchmark for one shape: ``run_bench``."""
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,12 @@ from .timing import interleaved_times, make_runner, setup_times, step_summary, s
 
 # ---------------------------------------------------------------------------------- the benchmark
 def machine_info(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+    info = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
     try:
         import peft
         import transformers
@@ -76,18 +81,22 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: None) -
     setup = setup_times(base, shape, device, total, extra, opts.setup_variants)
 
     lora_model = get_peft_model(copy.deepcopy(base), lora_config(shape))
-    sr_model, controller = wrap(copy.deepcopy(base), srlora_config(shape, total, interval,
-                                                                   **extra))
+    sr_model, controller = wrap(copy.deepcopy(base), srlora_config(shape, total, interval, **extra))
     lora_opt = torch.optim.AdamW(trainable(lora_model), lr=opts.lr)
     sr_opt = torch.optim.AdamW(trainable(sr_model), lr=opts.lr)
     controller.attach(sr_opt)
-    runners = [make_runner("lora", lora_model, lora_opt, shape, ids, device),
-               make_runner("srlora", sr_model, sr_opt, shape, ids, device, controller)]
-    log(f"interleaved steps: {opts.warmup} warm-up + {opts.blocks} x {opts.steps_per_block} "
-        f"timed ...")
+    runners = [
+        make_runner("lora", lora_model, lora_opt, shape, ids, device),
+        make_runner("srlora", sr_model, sr_opt, shape, ids, device, controller),
+    ]
+    log(
+        f"interleaved steps: {opts.warmup} warm-up + {opts.blocks} x {opts.steps_per_block} "
+        f"timed ..."
+    )
     times = interleaved_times(runners, opts.warmup, opts.blocks, opts.steps_per_block, device)
-    steps = step_summary(times["lora"], times["srlora"], runners[1].switch_flags,
-                         runners[1].hook_times)
+    steps = step_summary(
+        times["lora"], times["srlora"], runners[1].switch_flags, runners[1].hook_times
+    )
     steps["switches_total"] = controller.num_switches
     steps["switch_steps"] = controller.switch_steps
     log("every remaining switch, one after another, until the directions run out ...")
@@ -100,33 +109,58 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = lambda s: None) -
     from peft.tuners.tuners_utils import check_target_module_exists
 
     pcfg = lora_config(shape)
-    originals = [mod.weight for name, mod in base.named_modules()
-                 if name and check_target_module_exists(pcfg, name)]
-    svd = svd_accuracy(_spread(originals), shape.r_target, srlora_config(shape, total),
-                       device, shape.r)
+    originals = [
+        mod.weight
+        for name, mod in base.named_modules()
+        if name and check_target_module_exists(pcfg, name)
+    ]
+    svd = svd_accuracy(
+        _spread(originals), shape.r_target, srlora_config(shape, total), device, shape.r
+    )
     svd_pre = None
     if shape.name == "minilm" and (pre := pretrained_minilm_weights()) is not None:
-        svd_pre = svd_accuracy(pre, shape.r_target, srlora_config(shape, total), device,
-                               shape.r)
+        svd_pre = svd_accuracy(pre, shape.r_target, srlora_config(shape, total), device, shape.r)
 
     mem = None
     if opts.memory:
         log("peak memory, one child process per method ...")
-        spec = {"shape": asdict(shape), "device": opts.device, "seed": opts.seed,
-                "steps": opts.memory_steps, "total_steps": total, "lr": opts.lr,
-                "threads": torch.get_num_threads(), "state": extra}
+        spec = {
+            "shape": asdict(shape),
+            "device": opts.device,
+            "seed": opts.seed,
+            "steps": opts.memory_steps,
+            "total_steps": total,
+            "lr": opts.lr,
+            "threads": torch.get_num_threads(),
+            "state": extra,
+        }
         lo = run_memory_child({**spec, "method": "lora"})
         sr = run_memory_child({**spec, "method": "srlora"})
-        mem = memory_summary(lo, sr, svd_cache_bytes(shapes, shape.r_target), device,
-                             ledger_bytes(shapes, shape.r, shape.r_target))
+        mem = memory_summary(
+            lo,
+            sr,
+            svd_cache_bytes(shapes, shape.r_target),
+            device,
+            ledger_bytes(shapes, shape.r, shape.r_target),
+        )
         fu = run_memory_child({**spec, "method": "full"})  # the full fine-tuning yardstick
-        mem["full_peak_bytes"] = fu["peak_bytes"] - (fu["base_bytes"] if device.type != "cuda"
-                                                     else 0)
+        mem["full_peak_bytes"] = fu["peak_bytes"] - (
+            fu["base_bytes"] if device.type != "cuda" else 0
+        )
         mem["full_ratio"] = mem["full_peak_bytes"] / mem["lora_peak_bytes"]
 
-    result = {"shape": asdict(shape), "options": asdict(opts), "machine": machine_info(device),
-              "modules": len(shapes), "switch_interval": interval, "steps": steps,
-              "setup": setup, "svd": svd, "svd_pretrained_minilm": svd_pre, "memory": mem}
+    result = {
+        "shape": asdict(shape),
+        "options": asdict(opts),
+        "machine": machine_info(device),
+        "modules": len(shapes),
+        "switch_interval": interval,
+        "steps": steps,
+        "setup": setup,
+        "svd": svd,
+        "svd_pretrained_minilm": svd_pre,
+        "memory": mem,
+    }
     result["targets"] = targets(result)
     return result
 

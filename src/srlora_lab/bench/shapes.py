@@ -1,5 +1,6 @@
 """What the benchmark measures: the shapes, the options, the models and configurations built
 from them, and the sizes the memory target allows."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -37,16 +38,38 @@ class Shape:
 
 
 SHAPES = {
-    "tiny": Shape("tiny", "bert", 32, 2, 2, 64, 100, ("query", "value"), r=4, r_target=16,
-                  batch=2, seq=8),
-    "minilm": Shape("minilm", "bert", 384, 6, 12, 1536, 30522, ("query", "value"),
-                    batch=8, seq=64),
-    "many-small": Shape("many-small", "bert", 128, 24, 4, 512, 1000,
-                        ("query", "key", "value", "dense"), batch=4, seq=32),
-    "llama-1b": Shape("llama-1b", "llama", 2048, 16, 32, 5632, 32000,
-                      ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                       "down_proj"), r=8, r_target=512, batch=8, seq=512, dtype="bfloat16",
-                      gpu_only=True),
+    "tiny": Shape(
+        "tiny", "bert", 32, 2, 2, 64, 100, ("query", "value"), r=4, r_target=16, batch=2, seq=8
+    ),
+    "minilm": Shape("minilm", "bert", 384, 6, 12, 1536, 30522, ("query", "value"), batch=8, seq=64),
+    "many-small": Shape(
+        "many-small",
+        "bert",
+        128,
+        24,
+        4,
+        512,
+        1000,
+        ("query", "key", "value", "dense"),
+        batch=4,
+        seq=32,
+    ),
+    "llama-1b": Shape(
+        "llama-1b",
+        "llama",
+        2048,
+        16,
+        32,
+        5632,
+        32000,
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        r=8,
+        r_target=512,
+        batch=8,
+        seq=512,
+        dtype="bfloat16",
+        gpu_only=True,
+    ),
 }
 
 
@@ -79,10 +102,12 @@ def check_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device 'cuda' requested but CUDA is not available (torch "
-                         f"{torch.__version__}, built with CUDA {torch.version.cuda}, "
-                         f"{torch.cuda.device_count()} GPU(s) visible); run on a machine with "
-                         "a GPU or use --device cpu")
+        raise ValueError(
+            f"device 'cuda' requested but CUDA is not available (torch "
+            f"{torch.__version__}, built with CUDA {torch.version.cuda}, "
+            f"{torch.cuda.device_count()} GPU(s) visible); run on a machine with "
+            "a GPU or use --device cpu"
+        )
     return torch.device(device)
 
 
@@ -96,8 +121,9 @@ def resolve_shape(opts: BenchOptions) -> Shape:
     for name in ("warmup", "blocks", "steps_per_block", "memory_steps"):
         v = getattr(opts, name)
         if not isinstance(v, int) or v < (0 if name == "warmup" else 1):
-            raise ValueError(f"{name} must be an integer >= {0 if name == 'warmup' else 1}, "
-                             f"got {v!r}")
+            raise ValueError(
+                f"{name} must be an integer >= {0 if name == 'warmup' else 1}, got {v!r}"
+            )
     over = {k: getattr(opts, k) for k in ("r_target", "batch", "seq") if getattr(opts, k)}
     for k, v in over.items():
         if not isinstance(v, int) or v < 1:
@@ -116,20 +142,30 @@ def build_base_model(shape: Shape, device: torch.device, seed: int = 0) -> torch
     if shape.arch == "bert":
         from transformers import BertConfig, BertModel
 
-        cfg = BertConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         intermediate_size=shape.intermediate, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0,
-                         max_position_embeddings=max(512, shape.seq))
+        cfg = BertConfig(
+            vocab_size=shape.vocab,
+            hidden_size=shape.hidden,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads,
+            intermediate_size=shape.intermediate,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            max_position_embeddings=max(512, shape.seq),
+        )
         model = BertModel(cfg, add_pooling_layer=False)
     elif shape.arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                          intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-                          num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
-                          max_position_embeddings=max(2048, shape.seq),
-                          tie_word_embeddings=False)
+        cfg = LlamaConfig(
+            vocab_size=shape.vocab,
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads,
+            num_key_value_heads=shape.heads,
+            max_position_embeddings=max(2048, shape.seq),
+            tie_word_embeddings=False,
+        )
         with torch.device(device):
             model = LlamaForCausalLM(cfg)
     else:  # pragma: no cover - SHAPES holds only the two
@@ -152,26 +188,40 @@ def loss_of(shape: Shape, model: torch.nn.Module, ids: torch.Tensor) -> torch.Te
 def lora_config(shape: Shape, **kw):
     from peft import LoraConfig
 
-    return LoraConfig(r=shape.r, lora_alpha=2 * shape.r, target_modules=list(shape.targets),
-                      lora_dropout=0.0, **kw)
+    return LoraConfig(
+        r=shape.r,
+        lora_alpha=2 * shape.r,
+        target_modules=list(shape.targets),
+        lora_dropout=0.0,
+        **kw,
+    )
 
 
-def srlora_config(shape: Shape, total_steps: int, switch_interval: Optional[int] = None,
-                  **extra) -> SRLoRAConfig:
-    return SRLoRAConfig(r=shape.r, lora_alpha=2 * shape.r, r_target=shape.r_target,
-                        target_modules=list(shape.targets), total_steps=total_steps,
-                        switch_interval=switch_interval, **extra)
+def srlora_config(
+    shape: Shape, total_steps: int, switch_interval: Optional[int] = None, **extra
+) -> SRLoRAConfig:
+    return SRLoRAConfig(
+        r=shape.r,
+        lora_alpha=2 * shape.r,
+        r_target=shape.r_target,
+        target_modules=list(shape.targets),
+        total_steps=total_steps,
+        switch_interval=switch_interval,
+        **extra,
+    )
 
 
 def state_options(opts: BenchOptions) -> dict:
     """The SRLoRAConfig fields that ``--offload``, ``--half-fusion`` and ``--fusion`` set."""
-    return {"offload_device": "cpu" if opts.offload == "cpu" else None,
-            "half_fusion": opts.half_fusion, "fusion": opts.fusion}
+    return {
+        "offload_device": "cpu" if opts.offload == "cpu" else None,
+        "half_fusion": opts.half_fusion,
+        "fusion": opts.fusion,
+    }
 
 
 @contextmanager
-def svd_settings(device_type: str, batch_bytes: Optional[int] = None,
-                 small: Optional[str] = None):
+def svd_settings(device_type: str, batch_bytes: Optional[int] = None, small: Optional[str] = None):
     """Temporarily set srlora.svd's batch size / small solver for ``device_type`` (timing)."""
     from srlora import svd as svd_mod
 

@@ -1,5 +1,6 @@
 """Step, switch and set-up times: interleaved training steps of PEFT LoRA and SRLoRA, each
 later switch, and the adapters' set-up (PEFT LoRA / PiSSA against ``srlora.wrap``)."""
+
 from __future__ import annotations
 
 import copy
@@ -36,8 +37,7 @@ class Runner:
     switch_flags: list = field(default_factory=list)  # per timed step: did a switch happen
 
 
-def make_runner(name: str, model, optimizer, shape: Shape, ids, device, controller=None
-                ) -> Runner:
+def make_runner(name: str, model, optimizer, shape: Shape, ids, device, controller=None) -> Runner:
     def step():
         loss_of(shape, model, ids).backward()
         optimizer.step()
@@ -57,13 +57,15 @@ def make_runner(name: str, model, optimizer, shape: Shape, ids, device, controll
     return runner
 
 
-def interleaved_times(runners: list[Runner], warmup: int, blocks: int, steps_per_block: int,
-                      device: torch.device) -> dict[str, list[list[float]]]:
+def interleaved_times(
+    runners: list[Runner], warmup: int, blocks: int, steps_per_block: int, device: torch.device
+) -> dict[str, list[list[float]]]:
     """Step times (s) per runner and block, the runners alternating A B, B A, A B, ...
 
     Warm-up steps run first (interleaved too) and are dropped. For a runner with a controller,
     records per timed step whether a switch happened in it.
     """
+
     def one(r: Runner) -> float:
         switches = r.controller.num_switches if r.controller is not None else 0
         _sync(device)
@@ -77,7 +79,7 @@ def interleaved_times(runners: list[Runner], warmup: int, blocks: int, steps_per
 
     out: dict[str, list[list[float]]] = {r.name: [] for r in runners}
     for i in range(warmup):
-        for r in (runners if i % 2 == 0 else runners[::-1]):
+        for r in runners if i % 2 == 0 else runners[::-1]:
             one(r)
     for r in runners:
         r.hook_times.clear()
@@ -86,15 +88,19 @@ def interleaved_times(runners: list[Runner], warmup: int, blocks: int, steps_per
         gc.collect()
         block = {r.name: [] for r in runners}
         for i in range(steps_per_block):
-            for r in (runners if i % 2 == 0 else runners[::-1]):
+            for r in runners if i % 2 == 0 else runners[::-1]:
                 block[r.name].append(one(r))
         for r in runners:
             out[r.name].append(block[r.name])
     return out
 
 
-def step_summary(lora_blocks: list[list[float]], sr_blocks: list[list[float]],
-                 switch_flags: list[bool], hook_times: list[float]) -> dict:
+def step_summary(
+    lora_blocks: list[list[float]],
+    sr_blocks: list[list[float]],
+    switch_flags: list[bool],
+    hook_times: list[float],
+) -> dict:
     """Medians, ratios and the controller's share of a step, from interleaved step times.
 
     ``ratio_median``: median of SRLoRA's steps / median of LoRA's.
@@ -157,10 +163,15 @@ def switch_profile(controller, device: torch.device) -> dict:
             break
         times.append(time.perf_counter() - t0)
         pointers.append(max(controller.pointers))
-    return {"switches": len(times), "first_s": times[0] if times else float("nan"),
-            "median_s": _median(times), "last_s": times[-1] if times else float("nan"),
-            "max_s": max(times) if times else float("nan"), "times_s": times,
-            "pointer_after": pointers}
+    return {
+        "switches": len(times),
+        "first_s": times[0] if times else float("nan"),
+        "median_s": _median(times),
+        "last_s": times[-1] if times else float("nan"),
+        "max_s": max(times) if times else float("nan"),
+        "times_s": times,
+        "pointer_after": pointers,
+    }
 
 
 # ---------------------------------------------------------------------------------- set-up / SVD
@@ -172,8 +183,14 @@ def _timed(fn: Callable, device: torch.device):
     return out, time.perf_counter() - t0
 
 
-def setup_times(base: torch.nn.Module, shape: Shape, device: torch.device, total_steps: int,
-                extra: Optional[dict] = None, variants: bool = False) -> dict:
+def setup_times(
+    base: torch.nn.Module,
+    shape: Shape,
+    device: torch.device,
+    total_steps: int,
+    extra: Optional[dict] = None,
+    variants: bool = False,
+) -> dict:
     """Wall time of putting the adapter in: PEFT LoRA, PEFT PiSSA (exact, niter 4), srlora.wrap.
 
     Each starts from a deep copy of ``base`` (the copy is not timed). With ``variants``, also
@@ -182,9 +199,11 @@ def setup_times(base: torch.nn.Module, shape: Shape, device: torch.device, total
     from peft import get_peft_model
 
     out = {}
-    for key, kw in (("peft_lora_init_s", {}), ("peft_pissa_exact_init_s",
-                                                 {"init_lora_weights": "pissa"}),
-                    ("peft_pissa_niter4_init_s", {"init_lora_weights": "pissa_niter_4"})):
+    for key, kw in (
+        ("peft_lora_init_s", {}),
+        ("peft_pissa_exact_init_s", {"init_lora_weights": "pissa"}),
+        ("peft_pissa_niter4_init_s", {"init_lora_weights": "pissa_niter_4"}),
+    ):
         m = copy.deepcopy(base)
         out[key] = _timed(lambda m=m: get_peft_model(m, lora_config(shape, **kw)), device)[1]
         del m
@@ -196,14 +215,15 @@ def setup_times(base: torch.nn.Module, shape: Shape, device: torch.device, total
 
         other = "svd" if SMALL_SOLVER.get(device.type, "svd") == "eigh" else "eigh"
         out["small_solver"] = {"default": SMALL_SOLVER.get(device.type, "svd"), "other": other}
-        runs += [("srlora_wrap_unbatched_s", {"batch_bytes": 0}),
-                 ("srlora_wrap_other_solver_s", {"small": other})]
+        runs += [
+            ("srlora_wrap_unbatched_s", {"batch_bytes": 0}),
+            ("srlora_wrap_other_solver_s", {"small": other}),
+        ]
     for key, settings in runs:
         m = copy.deepcopy(base)
         with svd_settings(device.type, **settings):
             out[key] = _timed(lambda m=m: wrap(m, cfg), device)[1]
         del m
         gc.collect()
-    out["srlora_svd_speedup_vs_pissa_exact"] = (out["peft_pissa_exact_init_s"]
-                                                / out["srlora_wrap_s"])
+    out["srlora_svd_speedup_vs_pissa_exact"] = out["peft_pissa_exact_init_s"] / out["srlora_wrap_s"]
     return out

@@ -4,6 +4,7 @@ Each module ``srlora_lab.cli.<name>`` defines ``register(subparsers)`` (adds its
 ``func``) and holds no training logic: it parses flags and calls into the library.
 Exit codes: 0 success, 2 bad input (before any work starts), 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,11 @@ class UsageError(Exception):
 
 # Library exceptions that mean "the input is bad" (a data file, a model, a checkpoint), never a
 # bug: main() prints them as one line with exit code 2. Anything else keeps its traceback.
-INPUT_ERRORS = (("srlora_lab.experiments.tasks", "DataError"),
-                ("srlora_lab.experiments.models", "ModelError"),
-                ("srlora._errors", "CheckpointMismatchError"))
+INPUT_ERRORS = (
+    ("srlora_lab.experiments.tasks", "DataError"),
+    ("srlora_lab.experiments.models", "ModelError"),
+    ("srlora._errors", "CheckpointMismatchError"),
+)
 
 
 def _is_input_error(e: BaseException) -> bool:
@@ -42,12 +45,17 @@ def load_results(path: str, flag: str) -> dict:
     except OSError as e:
         raise UsageError(f"{flag}: cannot read {path} ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{flag}: {path} is not valid JSON ({e}); not a srlora results "
-                         "file") from None
-    if not (isinstance(results, dict) and isinstance(results.get("runs"), list)
-            and isinstance(results.get("config"), dict)):
-        raise UsageError(f"{flag}: {path} is not a srlora results file (no 'runs' list and "
-                         "'config' mapping)")
+        raise UsageError(
+            f"{flag}: {path} is not valid JSON ({e}); not a srlora results file"
+        ) from None
+    if not (
+        isinstance(results, dict)
+        and isinstance(results.get("runs"), list)
+        and isinstance(results.get("config"), dict)
+    ):
+        raise UsageError(
+            f"{flag}: {path} is not a srlora results file (no 'runs' list and 'config' mapping)"
+        )
     return results
 
 

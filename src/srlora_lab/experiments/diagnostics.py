@@ -26,6 +26,7 @@ Definitions (also in docs/compare.md, "Mechanism diagnostics"):
   rank of Roy & Vetterli (2007); also the number of singular values holding 90% and 99% of the
   energy ``sum(sigma_i^2)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,10 +90,17 @@ def fused_pair_schedule(history: Sequence[dict], initial: Sequence[int]) -> list
         for i, slots, dirs in zip(e["modules"], e["slots"], e["directions"]):
             for slot, d in zip(slots, dirs):  # slot slots[q] receives direction dirs[q]
                 w_switch, w_step = written[i].get(slot, (0, 0))
-                out[i].append({"switch": n, "step": e["step"], "slot": slot,
-                               "direction": slot_dir[i].get(slot), "written": w_step,
-                               "age": e["step"] - w_step,
-                               "new": prev[i] > 0 and w_switch == prev[i]})
+                out[i].append(
+                    {
+                        "switch": n,
+                        "step": e["step"],
+                        "slot": slot,
+                        "direction": slot_dir[i].get(slot),
+                        "written": w_step,
+                        "age": e["step"] - w_step,
+                        "new": prev[i] > 0 and w_switch == prev[i],
+                    }
+                )
                 slot_dir[i][slot] = d
                 written[i][slot] = (n, e["step"])
             prev[i] = n
@@ -120,9 +128,14 @@ def survivors(history: Sequence[dict]) -> dict:
                 fused_next += len(set(slots) & set(seq[k + 1][1]))
             if k > 0:
                 after_first += len(slots)
-    return {"inserted": inserted, "at_risk": at_risk, "fused_next": fused_next,
-            "survived": at_risk - fused_next, "fused_after_first": after_first,
-            "survived_frac": (at_risk - fused_next) / at_risk if at_risk else None}
+    return {
+        "inserted": inserted,
+        "at_risk": at_risk,
+        "fused_next": fused_next,
+        "survived": at_risk - fused_next,
+        "fused_after_first": after_first,
+        "survived_frac": (at_risk - fused_next) / at_risk if at_risk else None,
+    }
 
 
 # ----------------------------------------------------------------------------- moved-ness
@@ -142,16 +155,16 @@ def fused_moved(module, pairs: list[dict], scaling: float) -> list[float]:
     """Moved-ness of each fused pair of one module (``module``: ``controller.modules[i]``)."""
     FB, FA = module.FB, module.FA
     if FB.shape[1] != len(pairs):
-        raise ValueError(f"the ledger holds {FB.shape[1]} fused pairs but the history has "
-                         f"{len(pairs)}")
+        raise ValueError(
+            f"the ledger holds {FB.shape[1]} fused pairs but the history has {len(pairs)}"
+        )
     out = []
     for f, pr in enumerate(pairs):
         d = pr["direction"]
         if d is None:  # a slot left empty at set-up (K < r): no initial product
             out.append(float("nan"))
             continue
-        U, S, Vh = (t.detach().double().cpu() for t in (module.U[:, d], module.S[d],
-                                                        module.Vh[d]))
+        U, S, Vh = (t.detach().double().cpu() for t in (module.U[:, d], module.S[d], module.Vh[d]))
         b0, a0 = pissa_factors(U[:, None], S[None], Vh[None], scaling)
         out.append(pair_moved(FB[:, f].cpu(), FA[f].cpu(), b0[:, 0], a0[0]))
     return out
@@ -182,33 +195,58 @@ def collect(controller, top: int = SPECTRUM_TOP) -> dict:
         sched = fused_pair_schedule(controller.history, initial)
         for i, (L, st, prs) in enumerate(zip(layers, controller.modules, sched)):
             for pr, mv in zip(prs, fused_moved(st, prs, L.scaling)):
-                pairs.append({"m": i, "sw": pr["switch"], "step": pr["step"], "slot": pr["slot"],
-                              "dir": pr["direction"], "age": pr["age"], "new": pr["new"],
-                              "moved": _r(mv)})
+                pairs.append(
+                    {
+                        "m": i,
+                        "sw": pr["switch"],
+                        "step": pr["step"],
+                        "slot": pr["slot"],
+                        "dir": pr["direction"],
+                        "age": pr["age"],
+                        "new": pr["new"],
+                        "moved": _r(mv),
+                    }
+                )
     spectra = []
     for i, L in enumerate(layers):
         Bd, Ad = controller.delta_factors(i)
         sv = spectrum_from_factors(Bd, Ad, L.scaling)
         er = effective_rank(sv)
-        spectra.append({"sv": [_r(float(v)) for v in sv[:top]], "erank": _r(er["erank"]),
-                        "energy90": er["energy90"], "energy99": er["energy99"]})
+        spectra.append(
+            {
+                "sv": [_r(float(v)) for v in sv[:top]],
+                "erank": _r(er["erank"]),
+                "energy90": er["energy90"],
+                "energy99": er["energy99"],
+            }
+        )
     summary: dict = {"method": method, "fused_pairs": len(pairs)}
     if method == "srlora":
         summary.update(survivors(controller.history))
         if pairs:
             ages = torch.tensor([p["age"] for p in pairs], dtype=torch.float64)
-            moved = torch.tensor([p["moved"] for p in pairs if p["moved"] is not None],
-                                 dtype=torch.float64)
-            summary.update({"age_mean": _r(float(ages.mean())),
-                            "age_median": _r(float(ages.median())),
-                            "new_frac": _r(sum(p["new"] for p in pairs) / len(pairs)),
-                            "moved_median": _r(float(moved.median())) if len(moved) else None})
+            moved = torch.tensor(
+                [p["moved"] for p in pairs if p["moved"] is not None], dtype=torch.float64
+            )
+            summary.update(
+                {
+                    "age_mean": _r(float(ages.mean())),
+                    "age_median": _r(float(ages.median())),
+                    "new_frac": _r(sum(p["new"] for p in pairs) / len(pairs)),
+                    "moved_median": _r(float(moved.median())) if len(moved) else None,
+                }
+            )
     if spectra:
         summary["erank_mean"] = _r(sum(s["erank"] for s in spectra) / len(spectra))
         summary["energy90_mean"] = _r(sum(s["energy90"] for s in spectra) / len(spectra))
         summary["energy99_mean"] = _r(sum(s["energy99"] for s in spectra) / len(spectra))
-    return {"modules": [L.name for L in layers], "summary": summary, "pairs": pairs,
-            "spectra": spectra, "spectrum_top": top}
+    return {
+        "modules": [L.name for L in layers],
+        "summary": summary,
+        "pairs": pairs,
+        "spectra": spectra,
+        "spectrum_top": top,
+    }
 
 
 @torch.no_grad()
@@ -223,12 +261,23 @@ def collect_full(model, initial: dict, top: int = SPECTRUM_TOP) -> dict:
         d = (weights[name].weight.detach().double() - w0.double()).reshape(w0.shape[0], -1)
         sv = torch.linalg.svdvals(d).cpu()
         er = effective_rank(sv)
-        spectra.append({"sv": [_r(float(v)) for v in sv[:top]], "erank": _r(er["erank"]),
-                        "energy90": er["energy90"], "energy99": er["energy99"]})
+        spectra.append(
+            {
+                "sv": [_r(float(v)) for v in sv[:top]],
+                "erank": _r(er["erank"]),
+                "energy90": er["energy90"],
+                "energy99": er["energy99"],
+            }
+        )
     summary: dict = {"method": "full", "fused_pairs": 0}
     if spectra:
         summary["erank_mean"] = _r(sum(s["erank"] for s in spectra) / len(spectra))
         summary["energy90_mean"] = _r(sum(s["energy90"] for s in spectra) / len(spectra))
         summary["energy99_mean"] = _r(sum(s["energy99"] for s in spectra) / len(spectra))
-    return {"modules": list(initial), "summary": summary, "pairs": [], "spectra": spectra,
-            "spectrum_top": top}
+    return {
+        "modules": list(initial),
+        "summary": summary,
+        "pairs": [],
+        "spectra": spectra,
+        "spectrum_top": top,
+    }

@@ -11,6 +11,7 @@ Pure functions over the verdict entries and per-seed values (no torch).
   machine, and for each method the fraction of it recovered, ``(method - LoRA(r)) / H``, with a
   paired percentile-bootstrap interval over the seeds (stats.bootstrap_ratio).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -28,9 +29,17 @@ def _find(verdicts: list[dict], task: str, a: str, b: str, metric: str) -> Optio
     for v in verdicts:
         if v["task"] == task and v["metric"] == metric and (v["a"], v["b"]) == (b, a):
             flip = {"better": "worse", "worse": "better"}
-            return {**v, "a": a, "b": b, "mean_a": v["mean_b"], "mean_b": v["mean_a"],
-                    "mean_diff": -v["mean_diff"], "ci_low": -v["ci_high"],
-                    "ci_high": -v["ci_low"], "verdict": flip.get(v["verdict"], v["verdict"])}
+            return {
+                **v,
+                "a": a,
+                "b": b,
+                "mean_a": v["mean_b"],
+                "mean_b": v["mean_a"],
+                "mean_diff": -v["mean_diff"],
+                "ci_low": -v["ci_high"],
+                "ci_high": -v["ci_low"],
+                "verdict": flip.get(v["verdict"], v["verdict"]),
+            }
     return None
 
 
@@ -43,17 +52,37 @@ def confirmatory(declared: list[dict], verdicts: list[dict]) -> list[dict]:
         v = _find(verdicts, d["task"], d["a"], d["b"], d["metric"])
         row = {**d, "n": None, "mean_diff": None, "ci_low": None, "ci_high": None, "p": None}
         if v is not None and v.get("complete"):
-            row.update({k: v.get(k) for k in ("n", "mean_a", "mean_b", "mean_diff", "ci_low",
-                                              "ci_high", "p", "higher_is_better", "verdict")})
+            row.update(
+                {
+                    k: v.get(k)
+                    for k in (
+                        "n",
+                        "mean_a",
+                        "mean_b",
+                        "mean_diff",
+                        "ci_low",
+                        "ci_high",
+                        "p",
+                        "higher_is_better",
+                        "verdict",
+                    )
+                }
+            )
         rows.append(row)
     ps = [r["p"] if r["p"] is not None else float("nan") for r in rows]
     for r, adj in zip(rows, holm(ps)):
         if r["p"] is None:
-            measured = any(v["task"] == r["task"] and {v["a"], v["b"]} == {r["a"], r["b"]}
-                           and v.get("complete") for v in verdicts)
+            measured = any(
+                v["task"] == r["task"]
+                and {v["a"], v["b"]} == {r["a"], r["b"]}
+                and v.get("complete")
+                for v in verdicts
+            )
             # the pair is complete on other metrics: no run records this one (it never will)
-            r.update(p_holm=None, finding=f"not measured: no run records {r['metric']!r}"
-                     if measured else "pending")
+            r.update(
+                p_holm=None,
+                finding=f"not measured: no run records {r['metric']!r}" if measured else "pending",
+            )
             continue
         r["p_holm"] = adj
         if adj < ALPHA:
@@ -94,11 +123,16 @@ def headroom(task: str, spec: dict, values: Values) -> Optional[dict]:
                 continue
             num = [vm[s][0] - lora[s][0] for s in ms]
             den = [full[s][0] - lora[s][0] for s in ms]
-            rows.append({"method": m, "n": len(ms),
-                         "vs_lora": {**paired_interval([vm[s][0] for s in ms],
-                                                       [lora[s][0] for s in ms]),
-                                     "p": paired_p([vm[s][0] for s in ms],
-                                                   [lora[s][0] for s in ms])},
-                         "fraction": bootstrap_ratio(num, den)})
+            rows.append(
+                {
+                    "method": m,
+                    "n": len(ms),
+                    "vs_lora": {
+                        **paired_interval([vm[s][0] for s in ms], [lora[s][0] for s in ms]),
+                        "p": paired_p([vm[s][0] for s in ms], [lora[s][0] for s in ms]),
+                    },
+                    "fraction": bootstrap_ratio(num, den),
+                }
+            )
         out["metrics"][metric] = {"H": H, "methods": rows}
     return out if out["metrics"] else None

@@ -9,6 +9,7 @@ The fingerprint holds what changes the arithmetic: the CPU model and its instruc
 torch's CPU capability (the kernels it dispatches to), the torch and BLAS versions, the thread
 count, and the CUDA device when a run used one. Its ``id`` is a short hash of all of that.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,15 +32,20 @@ def _cpuinfo() -> dict:
         if key == "model name" and out["cpu"] in (platform.processor(), platform.machine()):
             out["cpu"] = val
         elif key in ("flags", "Features") and out["flags_sha"] is None:
-            out["flags_sha"] = hashlib.sha256(" ".join(sorted(val.split())).encode()).hexdigest()[:16]
+            out["flags_sha"] = hashlib.sha256(" ".join(sorted(val.split())).encode()).hexdigest()[
+                :16
+            ]
     return out
 
 
 def _blas(config: str) -> str:
     """BLAS / LAPACK names and the math libraries' versions from ``torch.__config__.show()``."""
-    keep = [ln.strip(" -") for ln in config.splitlines()
-            if not ln.strip().startswith("- Build settings")
-            and any(k in ln for k in ("MKL", "BLAS", "LAPACK", "oneDNN"))]
+    keep = [
+        ln.strip(" -")
+        for ln in config.splitlines()
+        if not ln.strip().startswith("- Build settings")
+        and any(k in ln for k in ("MKL", "BLAS", "LAPACK", "oneDNN"))
+    ]
     keep += re.findall(r"\b(?:BLAS_INFO|LAPACK_INFO)=[^,]*", config)
     return "; ".join(re.sub(r" \(Git Hash [0-9a-f]+\)", "", k) for k in keep)
 
@@ -49,10 +55,13 @@ def machine_fingerprint(threads: Optional[int] = None, device: str = "cpu") -> d
     budget; default torch's current one)."""
     import torch
 
-    fp = {**_cpuinfo(), "torch": torch.__version__,
-          "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-          "blas": _blas(torch.__config__.show()),
-          "threads": int(threads if threads is not None else torch.get_num_threads())}
+    fp = {
+        **_cpuinfo(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "blas": _blas(torch.__config__.show()),
+        "threads": int(threads if threads is not None else torch.get_num_threads()),
+    }
     if device != "cpu" and torch.cuda.is_available():
         fp["cuda_device"] = torch.cuda.get_device_name()
         fp["cuda"] = torch.version.cuda

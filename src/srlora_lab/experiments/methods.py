@@ -12,16 +12,20 @@ harness runs as ``lora`` with PEFT flags (``dora``, ``olora``), or a base follow
 The whole text is the method's name in tables, plots and run folders. Every setting is checked
 by building the SRLoRAConfig, so a bad one is refused before anything runs.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from srlora.config import METHODS as BASE_METHODS  # the library's list of methods
+
 # methods with no adapter, run by the lab only: ``full`` trains every weight (the yardstick)
 FULL = "full"
 LAB_METHODS = (FULL,)
-SHORTHANDS = {"dora": ("lora", {"use_dora": True}),
-              "olora": ("lora", {"init_lora_weights": "olora"})}
+SHORTHANDS = {
+    "dora": ("lora", {"use_dora": True}),
+    "olora": ("lora", {"init_lora_weights": "olora"}),
+}
 HARNESS_FIELDS = ("method", "total_steps", "target_modules", "modules_to_save")
 
 
@@ -69,8 +73,9 @@ def parse_method(text: str) -> tuple[str, str, dict]:
             raise MethodError(f"{name!r}: {base!r} takes no settings (it has no adapter)")
         return name, base, {}
     if base not in BASE_METHODS + tuple(SHORTHANDS):
-        raise MethodError(f"unknown method {base!r} in {name!r}; choose from "
-                          f"{', '.join(all_methods())}")
+        raise MethodError(
+            f"unknown method {base!r} in {name!r}; choose from {', '.join(all_methods())}"
+        )
     config: dict = {}
     if base in SHORTHANDS:
         base, flags = SHORTHANDS[base]
@@ -85,18 +90,23 @@ def parse_method(text: str) -> tuple[str, str, dict]:
             key, _, raw = part.partition("=")
             key = key.strip()
             if key not in fields or key in HARNESS_FIELDS + ("extra_lora_kwargs",):
-                raise MethodError(f"{name!r}: {key!r} is not a setting a method can take "
-                                  "(SRLoRAConfig fields such as gamma, r_target, selection)")
+                raise MethodError(
+                    f"{name!r}: {key!r} is not a setting a method can take "
+                    "(SRLoRAConfig fields such as gamma, r_target, selection)"
+                )
             new = {key: _value(raw.strip())}
         else:
             owners = values.get(part, [])
             if len(owners) != 1:
                 known = ", ".join(sorted(v for v, f in values.items() if len(f) == 1))
                 raise MethodError(
-                    f"{name!r}: {part!r} " + (f"is a value of several fields {owners}: write "
-                                              f"FIELD={part}" if owners else
-                                              f"is not a known setting (values: {known}; or "
-                                              "FIELD=VALUE)"))
+                    f"{name!r}: {part!r} "
+                    + (
+                        f"is a value of several fields {owners}: write FIELD={part}"
+                        if owners
+                        else f"is not a known setting (values: {known}; or FIELD=VALUE)"
+                    )
+                )
             new = {owners[0]: part}
         clash = [k for k in new if k in config and config[k] != new[k]]
         if clash:

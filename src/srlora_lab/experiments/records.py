@@ -15,6 +15,7 @@ text is not JSON, whose hash does not match, or that has a machine fingerprint b
 two were introduced together) is *damaged*: ``--report`` refuses it naming the
 file, ``--resume`` moves it aside (``<file>.damaged``) and runs it again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,21 +68,25 @@ def read_record(path: str) -> dict:
         with open(path) as f:
             rec = json.load(f)
     except json.JSONDecodeError as e:
-        raise RecordError(f"{path}: damaged run record (not valid JSON: {e.msg} at line "
-                          f"{e.lineno})") from None
+        raise RecordError(
+            f"{path}: damaged run record (not valid JSON: {e.msg} at line {e.lineno})"
+        ) from None
     except UnicodeDecodeError as e:
-        raise RecordError(f"{path}: damaged run record (not UTF-8 text: byte {e.start})") \
-            from None
+        raise RecordError(f"{path}: damaged run record (not UTF-8 text: byte {e.start})") from None
     except OSError as e:
         raise RecordError(f"{path}: cannot read the run record ({e.strerror or e})") from None
     if not isinstance(rec, dict):
         raise RecordError(f"{path}: damaged run record (not a JSON object)")
     if "sha256" not in rec and "fingerprint" in rec:  # both came in one change: sealed then
-        raise RecordError(f"{path}: damaged run record (it has a machine fingerprint, so it was "
-                          "written with a sha256, and that is gone)")
+        raise RecordError(
+            f"{path}: damaged run record (it has a machine fingerprint, so it was "
+            "written with a sha256, and that is gone)"
+        )
     if "sha256" in rec and rec["sha256"] != checksum(rec):
-        raise RecordError(f"{path}: run record changed since it was written (its sha256 does "
-                          "not match its content)")
+        raise RecordError(
+            f"{path}: run record changed since it was written (its sha256 does "
+            "not match its content)"
+        )
     return rec
 
 
@@ -114,9 +119,11 @@ class StudyLock:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise RecordError(f"{self.path}: cannot open the study's lock file "
-                              f"({e.strerror or e}); choose a writable --out, or remove what "
-                              "is at that path") from None
+            raise RecordError(
+                f"{self.path}: cannot open the study's lock file "
+                f"({e.strerror or e}); choose a writable --out, or remove what "
+                "is at that path"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -124,8 +131,10 @@ class StudyLock:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             finally:
                 os.close(fd)
-            raise RecordError(f"{os.path.dirname(self.path)}: another srlora study is using this "
-                              f"folder (pid {holder}); wait for it or choose another --out")
+            raise RecordError(
+                f"{os.path.dirname(self.path)}: another srlora study is using this "
+                f"folder (pid {holder}); wait for it or choose another --out"
+            )
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd

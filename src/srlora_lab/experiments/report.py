@@ -16,6 +16,7 @@ and each metric, the per-seed difference method - LoRA on the seeds every method
 and 95% paired t-interval (``stats.paired_interval``). Seeds share data order, head init and
 dropout draws, so pairing removes the seed-to-seed spread the per-method intervals carry.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,38 @@ import numpy as np
 from .stats import paired_interval
 
 # two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (beyond: normal 1.96 approx.)
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+_T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
 
 def t975(df: int) -> float:
@@ -96,21 +126,28 @@ def summarize(runs: list[dict], threshold: Optional[float] = None) -> dict:
     rows = []
     for (method, lr), rs in groups.items():
         reach = [steps_to(r["train_loss"], threshold, window) for r in rs]
-        rows.append({
-            "method": method, "lr": lr, "seeds": [r["seed"] for r in rs],
-            "accuracy": mean_ci([r["final_accuracy"] for r in rs]),
-            "test_loss": mean_ci([r["final_test_loss"] for r in rs
-                                  if r.get("final_test_loss") is not None]),
-            "perplexity": mean_ci([r["final_perplexity"] for r in rs
-                                   if r.get("final_perplexity") is not None]),
-            "val_accuracy": mean_ci([r["val_accuracy"] for r in rs
-                                     if r.get("val_accuracy") is not None]),
-            "loss_auc": mean_ci([loss_auc(r["train_loss"]) for r in rs]),
-            "steps_to_threshold": mean_ci([s for s in reach if s is not None]),
-            "reached": sum(s is not None for s in reach),
-            "wall_time_s": median_range([r["wall_time_s"] for r in rs]),
-            "switches": float(np.mean([r["num_switches"] for r in rs])),
-        })
+        rows.append(
+            {
+                "method": method,
+                "lr": lr,
+                "seeds": [r["seed"] for r in rs],
+                "accuracy": mean_ci([r["final_accuracy"] for r in rs]),
+                "test_loss": mean_ci(
+                    [r["final_test_loss"] for r in rs if r.get("final_test_loss") is not None]
+                ),
+                "perplexity": mean_ci(
+                    [r["final_perplexity"] for r in rs if r.get("final_perplexity") is not None]
+                ),
+                "val_accuracy": mean_ci(
+                    [r["val_accuracy"] for r in rs if r.get("val_accuracy") is not None]
+                ),
+                "loss_auc": mean_ci([loss_auc(r["train_loss"]) for r in rs]),
+                "steps_to_threshold": mean_ci([s for s in reach if s is not None]),
+                "reached": sum(s is not None for s in reach),
+                "wall_time_s": median_range([r["wall_time_s"] for r in rs]),
+                "switches": float(np.mean([r["num_switches"] for r in rs])),
+            }
+        )
     return {"rows": rows, "threshold": threshold, "window": window}
 
 
@@ -126,8 +163,9 @@ _PAIRED = {
 }
 
 
-def paired_vs_lora(results: dict, threshold: Optional[float] = None,
-                   reference: str = "lora") -> Optional[dict]:
+def paired_vs_lora(
+    results: dict, threshold: Optional[float] = None, reference: str = "lora"
+) -> Optional[dict]:
     """Per method other than ``reference``, at each method's selected lr: for every metric the
     per-seed difference (method - reference) over the seeds all methods share, as
     ``stats.paired_interval`` gives it (n, mean_diff, sd, ci_low, ci_high at 95%). A metric a run
@@ -145,18 +183,32 @@ def paired_vs_lora(results: dict, threshold: Optional[float] = None,
     window = default_window(max(len(r["train_loss"]) for r in runs))
     if threshold is None:
         threshold = default_threshold(runs, window)
-    out = {"reference": reference, "seeds": seeds, "conf": 0.95, "threshold": threshold,
-           "window": window, "methods": {}}
+    out = {
+        "reference": reference,
+        "seeds": seeds,
+        "conf": 0.95,
+        "threshold": threshold,
+        "window": window,
+        "methods": {},
+    }
     for method, by_seed in at_best.items():
         if method == reference:
             continue
         entry = {"lr": by_seed[seeds[0]]["lr"] if seeds else None}
         for key, value in _PAIRED.items():
-            pairs = [(value(by_seed[s], threshold, window),
-                      value(at_best[reference][s], threshold, window)) for s in seeds]
+            pairs = [
+                (
+                    value(by_seed[s], threshold, window),
+                    value(at_best[reference][s], threshold, window),
+                )
+                for s in seeds
+            ]
             pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-            entry[key] = _json_safe(paired_interval([a for a, _ in pairs], [b for _, b in pairs],
-                                                    conf=0.95)) if pairs else None
+            entry[key] = (
+                _json_safe(paired_interval([a for a, _ in pairs], [b for _, b in pairs], conf=0.95))
+                if pairs
+                else None
+            )
         out["methods"][method] = entry
     return out
 
@@ -175,8 +227,12 @@ def distinguishable(paired: dict) -> bool:
     for e in paired["methods"].values():
         for k in PAIRED_METRICS:
             iv = e.get(k)
-            if iv and iv.get("ci_low") is not None and iv.get("ci_high") is not None and (
-                    iv["ci_low"] > 0 or iv["ci_high"] < 0):
+            if (
+                iv
+                and iv.get("ci_low") is not None
+                and iv.get("ci_high") is not None
+                and (iv["ci_low"] > 0 or iv["ci_high"] < 0)
+            ):
                 return True
     return False
 
@@ -195,17 +251,33 @@ def _fmt_paired(p, scale=1.0, digits=1) -> str:
 
 
 def _paired_table(paired: dict, order: dict) -> str:
-    head = ["method", "lr", "test acc pp", "test loss", "test ppl", "val acc pp", "loss AUC",
-            "steps to thr", "wall s"]
+    head = [
+        "method",
+        "lr",
+        "test acc pp",
+        "test loss",
+        "test ppl",
+        "val acc pp",
+        "loss AUC",
+        "steps to thr",
+        "wall s",
+    ]
     lines = []
     for method in sorted(paired["methods"], key=lambda m: order.get(m, 99)):
         e = paired["methods"][method]
-        lines.append([method, f"{e['lr']:g}" if e["lr"] is not None else "-",
-                      _fmt_paired(e["accuracy"], 100), _fmt_paired(e.get("test_loss"), 1, 4),
-                      _fmt_paired(e.get("perplexity"), 1, 2),
-                      _fmt_paired(e["val_accuracy"], 100),
-                      _fmt_paired(e["loss_auc"], 1, 3), _fmt_paired(e["steps_to_threshold"], 1, 0),
-                      _fmt_paired(e["wall_time_s"], 1, 1)])
+        lines.append(
+            [
+                method,
+                f"{e['lr']:g}" if e["lr"] is not None else "-",
+                _fmt_paired(e["accuracy"], 100),
+                _fmt_paired(e.get("test_loss"), 1, 4),
+                _fmt_paired(e.get("perplexity"), 1, 2),
+                _fmt_paired(e["val_accuracy"], 100),
+                _fmt_paired(e["loss_auc"], 1, 3),
+                _fmt_paired(e["steps_to_threshold"], 1, 0),
+                _fmt_paired(e["wall_time_s"], 1, 1),
+            ]
+        )
     for col, key in ((5, "val_accuracy"), (4, "perplexity")):  # columns no run has
         if all(paired["methods"][m].get(key) is None for m in paired["methods"]):
             head.pop(col)
@@ -238,18 +310,38 @@ def _fmt(mc, scale=1.0, digits=1) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    head = ["method", "lr", "test acc %", "test loss", "test ppl", "val acc %", "loss AUC",
-            "steps to thr", "wall s: median (range)", "seeds"]
+    head = [
+        "method",
+        "lr",
+        "test acc %",
+        "test loss",
+        "test ppl",
+        "val acc %",
+        "loss AUC",
+        "steps to thr",
+        "wall s: median (range)",
+        "seeds",
+    ]
     lines = []
     nan = (float("nan"), float("nan"))
     for r in rows:
         reach = _fmt(r["steps_to_threshold"], 1, 0)
         if r["reached"] < len(r["seeds"]):
             reach += f" ({r['reached']}/{len(r['seeds'])} reached)"
-        lines.append([r["method"], f"{r['lr']:g}", _fmt(r["accuracy"], 100),
-                      _fmt(r.get("test_loss", nan), 1, 4), _fmt(r.get("perplexity", nan), 1, 2),
-                      _fmt(r["val_accuracy"], 100), _fmt(r["loss_auc"], 1, 3), reach,
-                      _fmt_range(r["wall_time_s"]), str(len(r["seeds"]))])
+        lines.append(
+            [
+                r["method"],
+                f"{r['lr']:g}",
+                _fmt(r["accuracy"], 100),
+                _fmt(r.get("test_loss", nan), 1, 4),
+                _fmt(r.get("perplexity", nan), 1, 2),
+                _fmt(r["val_accuracy"], 100),
+                _fmt(r["loss_auc"], 1, 3),
+                reach,
+                _fmt_range(r["wall_time_s"]),
+                str(len(r["seeds"])),
+            ]
+        )
     # columns no run has: validation (no lr grid), perplexity (not a causal LM), test loss
     for col, key in ((5, "val_accuracy"), (4, "perplexity"), (3, "test_loss")):
         if all(not math.isfinite(r.get(key, nan)[0]) for r in rows):
@@ -269,22 +361,33 @@ def format_report(results: dict, threshold: Optional[float] = None) -> str:
     order = {m: i for i, m in enumerate(results.get("config", {}).get("methods", []))}
     rows = sorted(summ["rows"], key=lambda r: (order.get(r["method"], 99), r["lr"]))
     best_rows = [r for r in rows if best.get(r["method"]) == r["lr"]]
-    out = [f"{results.get('config', {}).get('task', '')}: mean ± 95% t-interval over seeds "
-           "(wall time: median and range); "
-           f"loss threshold {summ['threshold']:.4f} (smoothed over {summ['window']} steps)",
-           _table(best_rows)]
+    out = [
+        f"{results.get('config', {}).get('task', '')}: mean ± 95% t-interval over seeds "
+        "(wall time: median and range); "
+        f"loss threshold {summ['threshold']:.4f} (smoothed over {summ['window']} steps)",
+        _table(best_rows),
+    ]
     paired = paired_vs_lora(results, summ["threshold"])
     if paired is not None and paired["methods"]:
         seeds = ",".join(str(s) for s in paired["seeds"]) or "none"
-        out += ["", f"paired difference against lora (method - lora on the same seed; mean "
-                    f"[95% paired t-interval]; seeds {seeds}; each method at its lr above):",
-                _paired_table(paired, order)]
+        out += [
+            "",
+            f"paired difference against lora (method - lora on the same seed; mean "
+            f"[95% paired t-interval]; seeds {seeds}; each method at its lr above):",
+            _paired_table(paired, order),
+        ]
         if not distinguishable(paired):
-            out += ["", f"Every paired interval holds zero: at {cfg_steps(results)} steps and "
-                        f"{len(paired['seeds'])} seeds the methods are not distinguishable. The "
-                        "longer answer (each method at its validated lr, 5+ paired seeds, "
-                        "corrected for multiplicity): srlora study, docs/study.md."]
+            out += [
+                "",
+                f"Every paired interval holds zero: at {cfg_steps(results)} steps and "
+                f"{len(paired['seeds'])} seeds the methods are not distinguishable. The "
+                "longer answer (each method at its validated lr, 5+ paired seeds, "
+                "corrected for multiplicity): srlora study, docs/study.md.",
+            ]
     if len(rows) > len(best_rows):
-        out += ["", "full learning-rate grid (best lr per method chosen on validation accuracy):",
-                _table(rows)]
+        out += [
+            "",
+            "full learning-rate grid (best lr per method chosen on validation accuracy):",
+            _table(rows),
+        ]
     return "\n".join(out)

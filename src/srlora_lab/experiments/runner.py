@@ -15,6 +15,7 @@ The split's indices are then documents; each run trains and evaluates on their b
 Every record ends with ``diagnostics`` (see :mod:`.diagnostics`): the fused pairs of SRLoRA and
 the singular spectrum of each module's total change, for every method.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,16 @@ from . import diagnostics
 from .fingerprint import machine_fingerprint
 from .models import Bundle
 
-Callback = Callable[[int, torch.nn.Module, "srlora.SRLoRAController", torch.optim.Optimizer,
-                     torch.optim.lr_scheduler.LRScheduler], None]
+Callback = Callable[
+    [
+        int,
+        torch.nn.Module,
+        "srlora.SRLoRAController",
+        torch.optim.Optimizer,
+        torch.optim.lr_scheduler.LRScheduler,
+    ],
+    None,
+]
 
 
 def lr_factor(step: int, steps: int, warmup: float, schedule: str) -> float:
@@ -86,7 +95,7 @@ def evaluate(bundle: Bundle, model, enc, idx: np.ndarray, batch_size: int = 64) 
     order = np.asarray(idx)[np.argsort(enc.lengths[idx], kind="stable")]
     correct, loss_sum, n = 0, 0.0, 0
     for k in range(0, len(order), batch_size):
-        inputs, labels = enc.batch(order[k:k + batch_size])
+        inputs, labels = enc.batch(order[k : k + batch_size])
         loss, c, m = loss_sums(bundle, model, inputs, labels)
         loss_sum, correct, n = loss_sum + loss.item(), correct + c, n + m
     model.train(was_training)
@@ -98,53 +107,88 @@ def evaluate(bundle: Bundle, model, enc, idx: np.ndarray, batch_size: int = 64) 
 
 def _switch_log(controller) -> list[dict]:
     names = [L.name for L in controller.layers]
+
     def log(e: dict) -> dict:
         out = {**e, "modules": [names[i] for i in e["modules"]]}
         if "refreshed" in e:
             out["refreshed"] = [names[i] for i in e["refreshed"]]
         return out
+
     return [log(e) for e in controller.history]
 
 
 def _switch_fields(controller) -> dict:
-    return {"switch_steps": [e["step"] for e in controller.history],
-            "switches": _switch_log(controller), "num_switches": controller.num_switches,
-            "pointers": controller.pointers}
+    return {
+        "switch_steps": [e["step"] for e in controller.history],
+        "switches": _switch_log(controller),
+        "num_switches": controller.num_switches,
+        "pointers": controller.pointers,
+    }
 
 
-def full_model(bundle: Bundle, model: torch.nn.Module, lr: float, head_lr: float,
-               target_modules: list[str]):
+def full_model(
+    bundle: Bundle, model: torch.nn.Module, lr: float, head_lr: float, target_modules: list[str]
+):
     """Full fine-tuning's side of a run: every parameter of ``model`` trains (at ``lr``; the
     task's head at ``head_lr``, as the adapters' head). Returns (model, None, param groups,
     {module name: its weight before training} for the modules adapters would target), the
     last for the spectrum of the change (diagnostics.collect_full)."""
     head = tuple(bundle.head or ())
-    is_head = lambda n: any(n == h or n.startswith(h + ".") or f".{h}." in f".{n}"
-                            for h in head)
+    is_head = lambda n: any(n == h or n.startswith(h + ".") or f".{h}." in f".{n}" for h in head)
     for p in model.parameters():
         p.requires_grad_(True)
     named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if not is_head(n)], "lr": lr},
-              {"params": [p for n, p in named if is_head(n)], "lr": head_lr}]
+    groups = [
+        {"params": [p for n, p in named if not is_head(n)], "lr": lr},
+        {"params": [p for n, p in named if is_head(n)], "lr": head_lr},
+    ]
     suffixes = tuple(target_modules or ())
-    initial = {n: m.weight.detach().clone() for n, m in model.named_modules()
-               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
-               and not is_head(n) and any(n == t or n.endswith("." + t) for t in suffixes)}
+    initial = {
+        n: m.weight.detach().clone()
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.dim() >= 2
+        and not is_head(n)
+        and any(n == t or n.endswith("." + t) for t in suffixes)
+    }
     return model, None, groups, initial
 
 
 FULL = "full"  # the full fine-tuning yardstick: every weight trained, no adapter
 
 
-def adapter_config(bundle: Bundle, *, method: str, r: int, lora_alpha: float, r_target: int,
-                   gamma: float, steps: int, target_modules: Optional[list[str]] = None,
-                   config: Optional[dict] = None) -> "srlora.SRLoRAConfig":
+def adapter_config(
+    bundle: Bundle,
+    *,
+    method: str,
+    r: int,
+    lora_alpha: float,
+    r_target: int,
+    gamma: float,
+    steps: int,
+    target_modules: Optional[list[str]] = None,
+    config: Optional[dict] = None,
+) -> "srlora.SRLoRAConfig":
     """The SRLoRAConfig of one run: the task's settings, then the method's own fields (``config``:
     r, gamma, selection, ...), which override them. Raises as SRLoRAConfig does on a bad field."""
-    return srlora.SRLoRAConfig(**{"method": method, **task_settings(method, {
-        "r": r, "lora_alpha": lora_alpha, "r_target": r_target, "gamma": gamma,
-        "total_steps": steps}), "target_modules": target_modules or bundle.target_modules,
-        "modules_to_save": bundle.head or None, **(config or {})})
+    return srlora.SRLoRAConfig(
+        **{
+            "method": method,
+            **task_settings(
+                method,
+                {
+                    "r": r,
+                    "lora_alpha": lora_alpha,
+                    "r_target": r_target,
+                    "gamma": gamma,
+                    "total_steps": steps,
+                },
+            ),
+            "target_modules": target_modules or bundle.target_modules,
+            "modules_to_save": bundle.head or None,
+            **(config or {}),
+        }
+    )
 
 
 def task_settings(method: str, settings: dict) -> dict:
@@ -152,19 +196,42 @@ def task_settings(method: str, settings: dict) -> dict:
     (``srlora.config.PRESETS``: relora's gamma 1) where the task leaves them at the library's
     default; a task value other than the default still reaches SRLoRAConfig, which refuses it."""
     from srlora.config import PRESETS
+
     fields = srlora.SRLoRAConfig.__dataclass_fields__
     preset = PRESETS.get(method, {})
     return {k: v for k, v in settings.items() if not (k in preset and v == fields[k].default)}
 
 
-def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, steps: int,
-            batch_size: int, r: int = 8, lora_alpha: float = 16.0, r_target: int = 32,
-            gamma: float = 0.5, target_modules: Optional[list[str]] = None,
-            eval_every: int = 25, eval_size: Optional[int] = None, warmup: float = 0.1,
-            schedule: str = "constant", clip: float = 1.0, head_lr: Optional[float] = None,
-            eval_val: bool = True, callback: Optional[Callback] = None, progress: bool = True,
-            desc: str = "", checkpoint_dir: Optional[str] = None, save_every: int = 0,
-            resume_from: Optional[str] = None, config: Optional[dict] = None) -> dict:
+def run_one(
+    bundle: Bundle,
+    enc,
+    split,
+    *,
+    method: str,
+    seed: int,
+    lr: float,
+    steps: int,
+    batch_size: int,
+    r: int = 8,
+    lora_alpha: float = 16.0,
+    r_target: int = 32,
+    gamma: float = 0.5,
+    target_modules: Optional[list[str]] = None,
+    eval_every: int = 25,
+    eval_size: Optional[int] = None,
+    warmup: float = 0.1,
+    schedule: str = "constant",
+    clip: float = 1.0,
+    head_lr: Optional[float] = None,
+    eval_val: bool = True,
+    callback: Optional[Callback] = None,
+    progress: bool = True,
+    desc: str = "",
+    checkpoint_dir: Optional[str] = None,
+    save_every: int = 0,
+    resume_from: Optional[str] = None,
+    config: Optional[dict] = None,
+) -> dict:
     """Train one adapter and return its record (losses per optimizer step, curves, switches).
 
     ``split`` has ``train``/``val``/``test`` index arrays into ``enc`` (for a causal LM: into its
@@ -185,23 +252,35 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
     if method == FULL:
         if config:
             raise ValueError(f"full fine-tuning takes no adapter settings, got {sorted(config)}")
-        model, controller, groups, initial = full_model(bundle, base, lr, head_lr or lr,
-                                                         target_modules or bundle.target_modules)
+        model, controller, groups, initial = full_model(
+            bundle, base, lr, head_lr or lr, target_modules or bundle.target_modules
+        )
         params = [p for g in groups for p in g["params"]]
     else:
-        cfg = adapter_config(bundle, method=method, r=r, lora_alpha=lora_alpha,
-                             r_target=r_target, gamma=gamma, steps=steps,
-                             target_modules=target_modules, config=config)
+        cfg = adapter_config(
+            bundle,
+            method=method,
+            r=r,
+            lora_alpha=lora_alpha,
+            r_target=r_target,
+            gamma=gamma,
+            steps=steps,
+            target_modules=target_modules,
+            config=config,
+        )
         model, controller = srlora.wrap(base, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         lora_ids = {id(p) for L in controller.layers for p in (L.lora_A, L.lora_B)}
-        groups = [{"params": [p for p in params if id(p) in lora_ids], "lr": lr},
-                  {"params": [p for p in params if id(p) not in lora_ids], "lr": head_lr or lr}]
+        groups = [
+            {"params": [p for p in params if id(p) in lora_ids], "lr": lr},
+            {"params": [p for p in params if id(p) not in lora_ids], "lr": head_lr or lr},
+        ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     if controller is not None:
         controller.attach(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, warmup, schedule))
+        optimizer, lambda s: lr_factor(s, steps, warmup, schedule)
+    )
     train, test = _units(bundle, enc, split.train), _units(bundle, enc, split.test)
     if len(train) == 0 or len(test) == 0:
         raise ValueError(f"no {'training' if len(train) == 0 else 'test'} examples")
@@ -215,17 +294,27 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
         raise ValueError("full fine-tuning runs do not checkpoint (resume needs an adapter)")
     if resume_from:
         from . import checkpointing
+
         saved = checkpointing.load(resume_from, model, controller, optimizer, scheduler)
         losses, curve = list(saved.get("losses", [])), list(saved.get("curve", []))
         start = controller.global_step + 1
         if len(losses) != controller.global_step:
-            raise ValueError(f"{resume_from}: holds {len(losses)} losses for step "
-                             f"{controller.global_step}; not a checkpoint of this runner")
+            raise ValueError(
+                f"{resume_from}: holds {len(losses)} losses for step "
+                f"{controller.global_step}; not a checkpoint of this runner"
+            )
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, initial=start - 1, desc=desc or f"{method} seed={seed} lr={lr:g}",
-                   leave=False, dynamic_ncols=True, disable=None)  # None: off when not a TTY
+
+        bar = tqdm(
+            total=steps,
+            initial=start - 1,
+            desc=desc or f"{method} seed={seed} lr={lr:g}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=None,
+        )  # None: off when not a TTY
     t1 = time.perf_counter()
     eval_s = 0.0
     for step in range(start, steps + 1):
@@ -243,8 +332,9 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
         scheduler.step()
         losses.append(float(loss.item()))
         if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"{method} seed={seed} lr={lr:g}: loss is "
-                                     f"{losses[-1]} at step {step}")
+            raise FloatingPointError(
+                f"{method} seed={seed} lr={lr:g}: loss is {losses[-1]} at step {step}"
+            )
         if step % eval_every == 0 or step == steps:
             te = time.perf_counter()
             ev = evaluate(bundle, model, enc, curve_idx)
@@ -252,37 +342,78 @@ def run_one(bundle: Bundle, enc, split, *, method: str, seed: int, lr: float, st
             eval_s += time.perf_counter() - te
         if callback is not None:
             callback(step, model, controller, optimizer, scheduler)
-        if checkpoint_dir and save_every and controller is not None and (
-                step % save_every == 0 or step == steps):
+        if (
+            checkpoint_dir
+            and save_every
+            and controller is not None
+            and (step % save_every == 0 or step == steps)
+        ):
             from . import checkpointing
-            checkpointing.save(checkpoint_dir, step, model, controller, optimizer, scheduler,
-                               {"losses": losses, "curve": curve})
+
+            checkpointing.save(
+                checkpoint_dir,
+                step,
+                model,
+                controller,
+                optimizer,
+                scheduler,
+                {"losses": losses, "curve": curve},
+            )
         if bar is not None:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}",
-                            sw=controller.num_switches if controller is not None else 0)
+            bar.set_postfix(
+                loss=f"{np.mean(losses[-10:]):.3f}",
+                sw=controller.num_switches if controller is not None else 0,
+            )
             bar.update(1)
     if bar is not None:
         bar.close()
     train_s = time.perf_counter() - t1 - eval_s
     test_ev = evaluate(bundle, model, enc, test)
-    val = evaluate(bundle, model, enc, _units(bundle, enc, split.val)) if eval_val else {
-        "accuracy": None, "loss": None, "perplexity": None}
+    val = (
+        evaluate(bundle, model, enc, _units(bundle, enc, split.val))
+        if eval_val
+        else {"accuracy": None, "loss": None, "perplexity": None}
+    )
     td = time.perf_counter()
-    diag = diagnostics.collect(controller) if controller is not None else \
-        diagnostics.collect_full(model, initial)
+    diag = (
+        diagnostics.collect(controller)
+        if controller is not None
+        else diagnostics.collect_full(model, initial)
+    )
     diag_s = time.perf_counter() - td
-    lm = {"final_perplexity": test_ev["perplexity"], "val_perplexity": val["perplexity"],
-          "train_blocks": len(train), "test_blocks": len(test)} if bundle.kind == "lm" else {}
+    lm = (
+        {
+            "final_perplexity": test_ev["perplexity"],
+            "val_perplexity": val["perplexity"],
+            "train_blocks": len(train),
+            "test_blocks": len(test),
+        }
+        if bundle.kind == "lm"
+        else {}
+    )
     return {
-        "method": method, "seed": seed, "lr": lr, "head_lr": head_lr or lr, "steps": len(losses),
+        "method": method,
+        "seed": seed,
+        "lr": lr,
+        "head_lr": head_lr or lr,
+        "steps": len(losses),
         "config": dict(config or {}),
-        "final_accuracy": test_ev["accuracy"], "final_test_loss": test_ev["loss"],
-        "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-        "train_loss": losses, "eval_curve": curve,
-        **(_switch_fields(controller) if controller is not None else
-           {"switch_steps": [], "switches": [], "num_switches": 0, "pointers": []}),
-        "wall_time_s": time.perf_counter() - t0, "train_time_s": train_s, "eval_time_s": eval_s,
-        "setup_time_s": setup_s, "diagnostics_time_s": diag_s,
+        "final_accuracy": test_ev["accuracy"],
+        "final_test_loss": test_ev["loss"],
+        "val_accuracy": val["accuracy"],
+        "val_loss": val["loss"],
+        "train_loss": losses,
+        "eval_curve": curve,
+        **(
+            _switch_fields(controller)
+            if controller is not None
+            else {"switch_steps": [], "switches": [], "num_switches": 0, "pointers": []}
+        ),
+        "wall_time_s": time.perf_counter() - t0,
+        "train_time_s": train_s,
+        "eval_time_s": eval_s,
+        "setup_time_s": setup_s,
+        "diagnostics_time_s": diag_s,
         "trainable_params": sum(p.numel() for p in params),
         "fingerprint": machine_fingerprint(device=str(next(model.parameters()).device.type)),
         "adapted_modules": len(controller.layers) if controller is not None else len(initial),

@@ -4,6 +4,7 @@
 function ``I_x(a, b)`` (Lentz's continued fraction, Numerical Recipes 6.4) and bisection; it
 matches printed t tables to their 3 decimals (tests/test_stats.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,7 @@ def betainc(a: float, b: float, x: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) \
-        + b * math.log1p(-x)
+    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
     front = math.exp(ln)
     if x < (a + 1.0) / (a + b + 2.0):
         return front * _betacf(a, b, x) / a
@@ -94,8 +94,13 @@ def paired_interval(a: Sequence[float], b: Sequence[float], conf: float = 0.95) 
     n = len(d)
     mean = sum(d) / n
     if n < 2:
-        return {"n": n, "mean_diff": mean, "sd": float("nan"), "ci_low": -math.inf,
-                "ci_high": math.inf}
+        return {
+            "n": n,
+            "mean_diff": mean,
+            "sd": float("nan"),
+            "ci_low": -math.inf,
+            "ci_high": math.inf,
+        }
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     half = t_quantile(0.5 + conf / 2.0, n - 1) * sd / math.sqrt(n)
     return {"n": n, "mean_diff": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}
@@ -129,8 +134,9 @@ def holm(ps: Sequence[float]) -> list[float]:
     return out
 
 
-def bootstrap_ratio(num: Sequence[float], den: Sequence[float], reps: int = 10000,
-                    conf: float = 0.95, seed: int = 0) -> dict:
+def bootstrap_ratio(
+    num: Sequence[float], den: Sequence[float], reps: int = 10000, conf: float = 0.95, seed: int = 0
+) -> dict:
     """``mean(num) / mean(den)`` with a paired percentile-bootstrap interval: seeds resampled
     with replacement, the same draw for numerator and denominator (``num[i]``, ``den[i]`` are one
     seed's paired differences). Draws whose denominator mean is 0 are dropped. Deterministic for

@@ -14,6 +14,7 @@ The scheduler hands out jobs in order (the first task's selection, then its fina
 as a method's lr is chosen, then the next task), at most ``jobs`` at a time; with ``jobs > 1``
 they run in spawned worker processes (see study_jobs.init_worker).
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -33,13 +34,16 @@ from .switch_gaps import pair_gaps
 # (median, steps) and how far training moved them (median, relative to their initial product)
 MECHANISM = ("erank_mean", "survived_frac", "age_median", "moved_median")
 
-CRITERION = ("lowest mean validation loss over the selection seeds; ties: higher mean "
-             "validation accuracy, then the smaller lr")
+CRITERION = (
+    "lowest mean validation loss over the selection seeds; ties: higher mean "
+    "validation accuracy, then the smaller lr"
+)
 
 
 def run_file(out: str, task: str, method: str, lr: float, steps: int, seed: int) -> str:
-    return os.path.join(out, "runs", task, method, f"lr={lr_text(lr)}", f"steps={steps}",
-                        f"seed={seed}.json")
+    return os.path.join(
+        out, "runs", task, method, f"lr={lr_text(lr)}", f"steps={steps}", f"seed={seed}.json"
+    )
 
 
 def reuse_runs(spec: dict, out: str, other: str, fingerprint: Optional[str] = None) -> dict:
@@ -66,12 +70,12 @@ def reuse_runs(spec: dict, out: str, other: str, fingerprint: Optional[str] = No
             continue
         for m in spec["methods"]:
             if their_methods.get(m["name"]) != m:
-                skipped["method differs or absent"] = skipped.get("method differs or absent",
-                                                                  0) + 1
+                skipped["method differs or absent"] = skipped.get("method differs or absent", 0) + 1
                 continue
             for lr in task["lrs"][m["name"]]:
-                keys = [(task["selection_steps"], s) for s in spec["selection"]["seeds"]] + \
-                       [(task["steps"], s) for s in spec["final"]["seeds"]]
+                keys = [(task["selection_steps"], s) for s in spec["selection"]["seeds"]] + [
+                    (task["steps"], s) for s in spec["final"]["seeds"]
+                ]
                 for steps, seed in keys:
                     src = run_file(other, task["name"], m["name"], lr, steps, seed)
                     dst = run_file(out, task["name"], m["name"], lr, steps, seed)
@@ -82,9 +86,13 @@ def reuse_runs(spec: dict, out: str, other: str, fingerprint: Optional[str] = No
                             except RecordError:
                                 theirs_fp = "damaged"
                             if theirs_fp != fingerprint:
-                                why = ("made on another machine" if theirs_fp not in
-                                       (None, "damaged") else "damaged" if theirs_fp else
-                                       "no machine fingerprint")
+                                why = (
+                                    "made on another machine"
+                                    if theirs_fp not in (None, "damaged")
+                                    else "damaged"
+                                    if theirs_fp
+                                    else "no machine fingerprint"
+                                )
                                 skipped[why] = skipped.get(why, 0) + 1
                                 continue
                         os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -135,9 +143,15 @@ def compact(rec: dict, out: str, path: str) -> dict:
 class Study:
     """The state of one study in ``out``: which runs are done, the lr choices, the verdicts."""
 
-    def __init__(self, spec: dict, out: str, only: Optional[set] = None,
-                 only_methods: Optional[set] = None, repair: bool = False,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        spec: dict,
+        out: str,
+        only: Optional[set] = None,
+        only_methods: Optional[set] = None,
+        repair: bool = False,
+        log: Callable[[str], None] = print,
+    ):
         self.spec, self.out = spec, out
         # repair: a damaged record is set aside and its run done again (--resume); else it raises
         self.repair, self.log = repair, log
@@ -205,20 +219,37 @@ class Study:
         """The grid's means and the chosen lr, once every selection run of the method is done."""
         grid, rows = task["lrs"][method], []
         for lr in grid:
-            recs = [self.runs.get((task["name"], method, lr, task["selection_steps"], s))
-                    for s in self.spec["selection"]["seeds"]]
+            recs = [
+                self.runs.get((task["name"], method, lr, task["selection_steps"], s))
+                for s in self.spec["selection"]["seeds"]
+            ]
             if any(r is None for r in recs):
                 return None
             ok = [r for r in recs if not r.get("failed")]
             mean = lambda k: (sum(r[k] for r in ok) / len(ok)) if len(ok) == len(recs) else None
-            rows.append({"lr": lr, "mean_val_loss": mean("val_loss"),
-                         "mean_val_accuracy": mean("val_accuracy"),
-                         "failed_seeds": [r["seed"] for r in recs if r.get("failed")]})
+            rows.append(
+                {
+                    "lr": lr,
+                    "mean_val_loss": mean("val_loss"),
+                    "mean_val_accuracy": mean("val_accuracy"),
+                    "failed_seeds": [r["seed"] for r in recs if r.get("failed")],
+                }
+            )
         fine = [r for r in rows if r["mean_val_loss"] is not None]
-        best = min(fine, key=lambda r: (r["mean_val_loss"], -(r["mean_val_accuracy"] or 0.0),
-                                        r["lr"]))["lr"] if fine else None
-        return {"grid": grid, "steps": task["selection_steps"],
-                "seeds": self.spec["selection"]["seeds"], "rows": rows, "chosen": best}
+        best = (
+            min(
+                fine, key=lambda r: (r["mean_val_loss"], -(r["mean_val_accuracy"] or 0.0), r["lr"])
+            )["lr"]
+            if fine
+            else None
+        )
+        return {
+            "grid": grid,
+            "steps": task["selection_steps"],
+            "seeds": self.spec["selection"]["seeds"],
+            "rows": rows,
+            "chosen": best,
+        }
 
     def chosen(self, task: dict, method: str) -> Optional[float]:
         sel = self.selection(task, method)
@@ -229,8 +260,12 @@ class Study:
         out, seen = [], set()
         for task in self._to_run():
             for key in self.all_selection_jobs():
-                if key[0] == task["name"] and self._runs_method(key[1]) \
-                        and key not in self.runs and key not in seen:
+                if (
+                    key[0] == task["name"]
+                    and self._runs_method(key[1])
+                    and key not in self.runs
+                    and key not in seen
+                ):
                     seen.add(key)
                     out.append(key)
             for s in self.spec["final"]["seeds"]:
@@ -255,17 +290,29 @@ class Study:
         """Runs still to do (a final run that is also a selection run counts once), in the
         tasks this session runs."""
         names = {t["name"] for t in self._to_run()}
-        sel = sum(1 for k in self.all_selection_jobs()
-                  if k not in self.runs and k[0] in names and self._runs_method(k[1]))
+        sel = sum(
+            1
+            for k in self.all_selection_jobs()
+            if k not in self.runs and k[0] in names and self._runs_method(k[1])
+        )
         fin = 0
         for task in self._to_run():
-            shared = set(self.spec["selection"]["seeds"]) \
-                if task["selection_steps"] == task["steps"] else set()
+            shared = (
+                set(self.spec["selection"]["seeds"])
+                if task["selection_steps"] == task["steps"]
+                else set()
+            )
             for m in self._methods_to_run():
                 lr = self.chosen(task, m["name"])
-                fin += sum(1 for s in self.spec["final"]["seeds"] if s not in shared and (
-                    lr is None or (task["name"], m["name"], lr, task["steps"], s)
-                    not in self.runs))
+                fin += sum(
+                    1
+                    for s in self.spec["final"]["seeds"]
+                    if s not in shared
+                    and (
+                        lr is None
+                        or (task["name"], m["name"], lr, task["steps"], s) not in self.runs
+                    )
+                )
         return sel + fin
 
     # ------------------------------------------------------------------ results
@@ -306,8 +353,11 @@ class Study:
 
     def paired_values(self, task: dict, method: str, metric: str) -> dict:
         """seed -> (metric value, fingerprint id) of a method's finished final runs."""
-        return {s: (r[metric], r.get("fp")) for s, r in self.final_values(task, method).items()
-                if r.get(metric) is not None}
+        return {
+            s: (r[metric], r.get("fp"))
+            for s, r in self.final_values(task, method).items()
+            if r.get(metric) is not None
+        }
 
     def switch_gaps(self) -> list[dict]:
         """For each pair with one switching method (put on the ``a`` side; both: as given): the
@@ -321,8 +371,9 @@ class Study:
                 if r["file"] not in self._curves:
                     with open(os.path.join(self.out, r["file"])) as f:
                         rec = json.load(f)
-                    self._curves[r["file"]] = {k: rec.get(k)
-                                               for k in ("train_loss", "switch_steps")}
+                    self._curves[r["file"]] = {
+                        k: rec.get(k) for k in ("train_loss", "switch_steps")
+                    }
                 out[s] = self._curves[r["file"]]
             return out
 
@@ -337,26 +388,48 @@ class Study:
                     continue
                 g = pair_gaps(full(ra), full(rb))
                 if g is not None:
-                    out.append({"task": task["name"], "a": a, "b": b,
-                                "lr_a": self.chosen(task, a), "lr_b": self.chosen(task, b), **g})
+                    out.append(
+                        {
+                            "task": task["name"],
+                            "a": a,
+                            "b": b,
+                            "lr_a": self.chosen(task, a),
+                            "lr_b": self.chosen(task, b),
+                            **g,
+                        }
+                    )
         return out
 
     def summary(self, meta: dict, status: str, t0: float) -> dict:
         verdicts = self.verdicts()
-        sel = {t["name"]: {m["name"]: self.selection(t, m["name"]) for m in self.spec["methods"]}
-               for t in self.spec["tasks"]}
+        sel = {
+            t["name"]: {m["name"]: self.selection(t, m["name"]) for m in self.spec["methods"]}
+            for t in self.spec["tasks"]
+        }
         family = confirmatory(self.spec.get("confirmatory") or [], verdicts)
-        heads = [h for t in self.spec["tasks"] for spec_h in self.spec.get("headroom") or []
-                 for h in [headroom(t["name"], spec_h, lambda m, k, t=t:
-                                    self.paired_values(t, m, k))] if h is not None]
-        return {"spec": self.spec, "meta": meta, "status": status,
-                "confirmatory": family, "headroom": heads,
-                "wall_time_s": time.time() - t0, "lr_selection": {"criterion": CRITERION,
-                                                                  "tasks": sel},
-                "runs": sorted(self.runs.values(), key=lambda r: (r["task"], r["name"], r["lr"],
-                                                                   r["steps"], r["seed"])),
-                "verdicts": verdicts, "switch_gaps": self.switch_gaps(),
-                "claims": claims(verdicts, [t["name"] for t in self.spec["tasks"]])}
+        heads = [
+            h
+            for t in self.spec["tasks"]
+            for spec_h in self.spec.get("headroom") or []
+            for h in [headroom(t["name"], spec_h, lambda m, k, t=t: self.paired_values(t, m, k))]
+            if h is not None
+        ]
+        return {
+            "spec": self.spec,
+            "meta": meta,
+            "status": status,
+            "confirmatory": family,
+            "headroom": heads,
+            "wall_time_s": time.time() - t0,
+            "lr_selection": {"criterion": CRITERION, "tasks": sel},
+            "runs": sorted(
+                self.runs.values(),
+                key=lambda r: (r["task"], r["name"], r["lr"], r["steps"], r["seed"]),
+            ),
+            "verdicts": verdicts,
+            "switch_gaps": self.switch_gaps(),
+            "claims": claims(verdicts, [t["name"] for t in self.spec["tasks"]]),
+        }
 
 
 def metrics_of_keys(by_seed: dict) -> list[str]:
@@ -366,8 +439,13 @@ def metrics_of_keys(by_seed: dict) -> list[str]:
     recs = list(by_seed.values())
     if not recs:
         return []
-    extra = sorted(k for k in recs[0] if (k.endswith("_loss") or "perplexity" in k)
-                   and k not in METRICS and isinstance(recs[0][k], (int, float)))
+    extra = sorted(
+        k
+        for k in recs[0]
+        if (k.endswith("_loss") or "perplexity" in k)
+        and k not in METRICS
+        and isinstance(recs[0][k], (int, float))
+    )
     return [k for k in list(METRICS) + extra if all(r.get(k) is not None for r in recs)]
 
 
@@ -413,15 +491,28 @@ def make_pool(jobs: int, threads: int, gpus: int):
         queue = ctx.Queue()
         for k in range(jobs):
             queue.put(k % gpus)
-    return cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
-                                  initializer=study_jobs.init_worker,
-                                  initargs=(threads, queue, os.getpid()))
+    return cf.ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=ctx,
+        initializer=study_jobs.init_worker,
+        initargs=(threads, queue, os.getpid()),
+    )
 
 
-def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
-              device: str = "cpu", gpus: int = 0, log: Callable[[str], None] = print,
-              on_update: Optional[Callable[[dict], None]] = None, progress: bool = False,
-              only: Optional[set] = None, only_methods: Optional[set] = None) -> dict:
+def run_study(
+    spec: dict,
+    out: str,
+    meta: dict,
+    jobs: int = 1,
+    threads: int = 1,
+    device: str = "cpu",
+    gpus: int = 0,
+    log: Callable[[str], None] = print,
+    on_update: Optional[Callable[[dict], None]] = None,
+    progress: bool = False,
+    only: Optional[set] = None,
+    only_methods: Optional[set] = None,
+) -> dict:
     """Run every job not yet done in ``out`` (of the tasks in ``only`` and the methods in
     ``only_methods``, all when None) and
     return the final study.json content (status "finished" once every task is done, else
@@ -449,11 +540,18 @@ def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
                 if key in in_flight.values():
                     continue
                 task, method, lr, steps, seed = key
-                job = {"task": tasks[task], "method": methods[method], "lr": lr, "steps": steps,
-                       "full_records": spec.get("records") == "full",
-                       "seed": seed, "file": study.key_file(key), "device": device,
-                       "progress": progress and jobs == 1,
-                       "desc": f"{task} {method} lr={lr:g} seed={seed}"}
+                job = {
+                    "task": tasks[task],
+                    "method": methods[method],
+                    "lr": lr,
+                    "steps": steps,
+                    "full_records": spec.get("records") == "full",
+                    "seed": seed,
+                    "file": study.key_file(key),
+                    "device": device,
+                    "progress": progress and jobs == 1,
+                    "desc": f"{task} {method} lr={lr:g} seed={seed}",
+                }
                 in_flight[pool.submit(study_jobs.execute, job)] = key
             if not in_flight:
                 break
@@ -465,19 +563,30 @@ def run_study(spec: dict, out: str, meta: dict, jobs: int = 1, threads: int = 1,
                 finished += 1
                 study_jobs.write_json(path, study.summary(meta, "running", t0))
                 left = study.pending_total()
-                what = "FAILED (" + rec.get("error", "")[:60] + ")" if rec.get("failed") else (
-                    f"val loss {rec['val_loss']:.4f}  test acc {100 * rec['final_accuracy']:.2f}"
-                    f"  test loss {rec['final_test_loss']:.4f}  {rec['wall_time_s']:.0f} s"
-                    if rec.get("final_accuracy") is not None else
-                    f"val loss {rec['val_loss']:.4f}  {rec['wall_time_s']:.0f} s")
-                log(f"[{finished} done, {left} left] {key[0]} {key[1]} lr={key[2]:g} "
-                    f"steps={key[3]} seed={key[4]}: {what}")
+                what = (
+                    "FAILED (" + rec.get("error", "")[:60] + ")"
+                    if rec.get("failed")
+                    else (
+                        f"val loss {rec['val_loss']:.4f}  "
+                        f"test acc {100 * rec['final_accuracy']:.2f}"
+                        f"  test loss {rec['final_test_loss']:.4f}  {rec['wall_time_s']:.0f} s"
+                        if rec.get("final_accuracy") is not None
+                        else f"val loss {rec['val_loss']:.4f}  {rec['wall_time_s']:.0f} s"
+                    )
+                )
+                log(
+                    f"[{finished} done, {left} left] {key[0]} {key[1]} lr={key[2]:g} "
+                    f"steps={key[3]} seed={key[4]}: {what}"
+                )
     except BaseException as e:
         for fut in in_flight:
             fut.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else \
-            f"error: {type(e).__name__}: {e}"[:300]
+        status = (
+            "interrupted"
+            if isinstance(e, KeyboardInterrupt)
+            else f"error: {type(e).__name__}: {e}"[:300]
+        )
         study_jobs.write_json(path, study.summary(meta, status, t0))
         raise
     pool.shutdown()

@@ -7,6 +7,7 @@ the run's callback, writes ``<file>`` atomically and returns the record. A run w
 non-finite (a learning rate too large) is recorded as failed, not raised: in the grid that is a
 result.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,24 +29,43 @@ def prepare(task: dict, device: str = "cpu"):
     from .models import ModelError, load_model
 
     try:
-        data = tasks.load_table(task["dataset"]) if task.get("dataset") else \
-            tasks.TASKS[task["name"]].loader()
-        sp = tasks.split(data, task["split_seed"] if task.get("split_seed") is not None else 0,
-                         max_train=task.get("max_train"), max_val=task.get("max_val"),
-                         max_test=task.get("max_test"))
-        bundle = load_model(task["model"], data.kind, len(data.label_names),
-                            task.get("target_modules"))
-        enc = bundle.encode(data, max_len=task.get("max_len") or 64,
-                            image_size=task.get("image_size") or 64)
+        data = (
+            tasks.load_table(task["dataset"])
+            if task.get("dataset")
+            else tasks.TASKS[task["name"]].loader()
+        )
+        sp = tasks.split(
+            data,
+            task["split_seed"] if task.get("split_seed") is not None else 0,
+            max_train=task.get("max_train"),
+            max_val=task.get("max_val"),
+            max_test=task.get("max_test"),
+        )
+        bundle = load_model(
+            task["model"], data.kind, len(data.label_names), task.get("target_modules")
+        )
+        enc = bundle.encode(
+            data, max_len=task.get("max_len") or 64, image_size=task.get("image_size") or 64
+        )
     except (tasks.DataError, ModelError, AssetError) as e:
         raise TaskError(f"task {task['name']!r}: {e}") from None
     if device != "cpu":
         bundle.base.to(device)
         enc = _OnDevice(enc, device)
-    meta = {"data": {"source": data.source, "kind": data.kind, "labels": data.label_names,
-                     "examples": len(data)}, "split": sp.info,
-            "model": {"name": bundle.name, "target_modules": task.get("target_modules")
-                      or bundle.target_modules, "trained_head": bundle.head}}
+    meta = {
+        "data": {
+            "source": data.source,
+            "kind": data.kind,
+            "labels": data.label_names,
+            "examples": len(data),
+        },
+        "split": sp.info,
+        "model": {
+            "name": bundle.name,
+            "target_modules": task.get("target_modules") or bundle.target_modules,
+            "trained_head": bundle.head,
+        },
+    }
     _PREPARED[key] = (bundle, enc, sp, meta)
     return _PREPARED[key]
 
@@ -82,14 +102,23 @@ def check_adapters(task: dict, methods: list[dict], device: str = "cpu") -> None
         if m["method"] == runner.FULL:  # no adapter to fit
             continue
         try:
-            cfg = adapter_config(bundle, method=m["method"], r=task["r"],
-                                 lora_alpha=task["lora_alpha"], r_target=task["r_target"],
-                                 gamma=task["gamma"], steps=task["steps"],
-                                 target_modules=task.get("target_modules"), config=m["config"])
+            cfg = adapter_config(
+                bundle,
+                method=m["method"],
+                r=task["r"],
+                lora_alpha=task["lora_alpha"],
+                r_target=task["r_target"],
+                gamma=task["gamma"],
+                steps=task["steps"],
+                target_modules=task.get("target_modules"),
+                config=m["config"],
+            )
             srlora.wrap(bundle.make(0), cfg)
         except (srlora.SRLoRAError, ValueError, TypeError) as e:
-            raise TaskError(f"task {task['name']!r}, method {m['name']!r}: the adapter does not "
-                            f"fit model {bundle.name!r}: {e}") from None
+            raise TaskError(
+                f"task {task['name']!r}, method {m['name']!r}: the adapter does not "
+                f"fit model {bundle.name!r}: {e}"
+            ) from None
 
 
 def write_json(path: str, obj) -> None:
@@ -113,7 +142,7 @@ def execute(job: dict) -> dict:
     device = job.get("device", "cpu")
     bundle, enc, sp, _ = prepare(task, device)
     steps, every = job["steps"], min(task["eval_every"], job["steps"])
-    val_idx = sp.val[:task["eval_size"]] if task.get("eval_size") else sp.val
+    val_idx = sp.val[: task["eval_size"]] if task.get("eval_size") else sp.val
     val_curve = []
 
     def on_step(step, model, controller, optimizer, scheduler):
@@ -124,22 +153,45 @@ def execute(job: dict) -> dict:
     ident = {"task": task["name"], "name": method["name"]}
     try:
         rec = runner.run_one(
-            bundle, enc, sp, method=method["method"], seed=job["seed"], lr=job["lr"], steps=steps,
-            batch_size=task["batch_size"], r=task["r"], lora_alpha=task["lora_alpha"],
-            r_target=task["r_target"], gamma=task["gamma"],
-            target_modules=task.get("target_modules"), eval_every=every,
-            eval_size=task.get("eval_size"), warmup=task["warmup"] if task.get("warmup")
-            is not None else 0.1, schedule=task.get("schedule") or "constant",
-            head_lr=task.get("head_lr"), eval_val=True, callback=on_step,
-            progress=job.get("progress", False), desc=job.get("desc", ""),
-            config=method["config"])
+            bundle,
+            enc,
+            sp,
+            method=method["method"],
+            seed=job["seed"],
+            lr=job["lr"],
+            steps=steps,
+            batch_size=task["batch_size"],
+            r=task["r"],
+            lora_alpha=task["lora_alpha"],
+            r_target=task["r_target"],
+            gamma=task["gamma"],
+            target_modules=task.get("target_modules"),
+            eval_every=every,
+            eval_size=task.get("eval_size"),
+            warmup=task["warmup"] if task.get("warmup") is not None else 0.1,
+            schedule=task.get("schedule") or "constant",
+            head_lr=task.get("head_lr"),
+            eval_val=True,
+            callback=on_step,
+            progress=job.get("progress", False),
+            desc=job.get("desc", ""),
+            config=method["config"],
+        )
         rec.update(ident, val_curve=val_curve, failed=False)
     except FloatingPointError as e:  # diverged: a result of the lr grid, not a crash
         from .fingerprint import machine_fingerprint
 
-        rec = {**ident, "method": method["method"], "seed": job["seed"], "lr": job["lr"],
-               "steps": steps, "failed": True, "error": str(e), "config": method["config"],
-               "fingerprint": machine_fingerprint(device=device)}
+        rec = {
+            **ident,
+            "method": method["method"],
+            "seed": job["seed"],
+            "lr": job["lr"],
+            "steps": steps,
+            "failed": True,
+            "error": str(e),
+            "config": method["config"],
+            "fingerprint": machine_fingerprint(device=device),
+        }
     from .records import compact_record, seal
 
     rec = seal(rec if job.get("full_records") else compact_record(rec))

@@ -23,6 +23,7 @@ Layout (see docs/study.md)::
       - {name: rt-polarity, steps: 600, lrs: {pissa: [1e-4, 3e-4, 1e-3]}}
       - {name: tiny, dataset: data.csv, model: ./tiny-bert}   # a local dataset and model
 """
+
 from __future__ import annotations
 
 import itertools
@@ -31,17 +32,46 @@ import os
 from typing import Any
 
 # SRLoRAConfig fields the harness sets itself (from the task and the model): HARNESS_FIELDS
-from .methods import (HARNESS_FIELDS, LAB_METHODS, SHORTHANDS, MethodError,
-                      all_methods, parse_method)
+from .methods import HARNESS_FIELDS, LAB_METHODS, SHORTHANDS, MethodError, all_methods, parse_method
 
 # run settings a task entry (or the spec's ``defaults``) may set; see srlora compare --help
-TASK_KEYS = {"steps": int, "batch_size": int, "eval_every": int, "eval_size": int,
-             "max_train": int, "max_val": int, "max_test": int, "max_len": int,
-             "image_size": int, "r": int, "lora_alpha": float, "r_target": int, "gamma": float,
-             "head_lr": float, "warmup": float, "schedule": str, "split_seed": int, "model": str,
-             "target_modules": list}
-TOP_KEYS = ("name", "lrs", "selection", "final", "margins", "pairs", "methods", "tasks",
-            "defaults", "smoke", "description", "confirmatory", "headroom", "records")
+TASK_KEYS = {
+    "steps": int,
+    "batch_size": int,
+    "eval_every": int,
+    "eval_size": int,
+    "max_train": int,
+    "max_val": int,
+    "max_test": int,
+    "max_len": int,
+    "image_size": int,
+    "r": int,
+    "lora_alpha": float,
+    "r_target": int,
+    "gamma": float,
+    "head_lr": float,
+    "warmup": float,
+    "schedule": str,
+    "split_seed": int,
+    "model": str,
+    "target_modules": list,
+}
+TOP_KEYS = (
+    "name",
+    "lrs",
+    "selection",
+    "final",
+    "margins",
+    "pairs",
+    "methods",
+    "tasks",
+    "defaults",
+    "smoke",
+    "description",
+    "confirmatory",
+    "headroom",
+    "records",
+)
 MIN_SELECTION_SEEDS, MIN_LRS, MIN_FINAL_SEEDS = 2, 3, 5
 DEFAULT_MARGINS = {"accuracy": 0.5, "loss_rel": 0.02}
 
@@ -140,13 +170,14 @@ def _method(v: Any, path: str) -> dict:
         _fail(f"{path}.name", f"expected a plain name (no '/'), got {name!r}")
     base = v.get("method", name)
     if base not in all_methods():
-        _fail(f"{path}.method", f"unknown method {base!r} (choose from "
-                                f"{', '.join(all_methods())})")
+        _fail(f"{path}.method", f"unknown method {base!r} (choose from {', '.join(all_methods())})")
     config = {k: x for k, x in v.items() if k not in ("name", "method", "lrs")}
     if base in LAB_METHODS:
         if config:
-            _fail(f"{path}.{sorted(config)[0]}", f"method {base!r} has no adapter: it takes no "
-                                                 "adapter settings")
+            _fail(
+                f"{path}.{sorted(config)[0]}",
+                f"method {base!r} has no adapter: it takes no adapter settings",
+            )
         return {"name": name, "method": base, "config": {}}
     extra = config.get("extra_lora_kwargs", {})
     if not isinstance(extra, dict):
@@ -183,8 +214,10 @@ def _task(v: Any, path: str, defaults: dict, spec_dir: str) -> dict:
     elif name in TASKS:
         base, model = dict(TASKS[name].defaults), TASKS[name].model
     else:
-        _fail(f"{path}.name", f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)} "
-                              "(or give a dataset: file)")
+        _fail(
+            f"{path}.name",
+            f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)} (or give a dataset: file)",
+        )
     base.pop("lr", None), base.pop("seeds", None)
     base["model"] = model
     for key, val in itertools.chain(defaults.items(), v.items()):
@@ -192,12 +225,27 @@ def _task(v: Any, path: str, defaults: dict, spec_dir: str) -> dict:
             continue
         where = f"{path}.{key}" if key in v else f"defaults.{key}"
         typ = TASK_KEYS[key]
-        if val is None and key in ("max_train", "max_val", "max_test", "eval_size", "head_lr",
-                                   "target_modules"):
+        if val is None and key in (
+            "max_train",
+            "max_val",
+            "max_test",
+            "eval_size",
+            "head_lr",
+            "target_modules",
+        ):
             base[key] = None
         elif typ is int:
-            base[key] = _int(val, where, 2 if key == "max_len" else 0 if key == "split_seed"
-                             else 16 if key == "image_size" else 1)
+            base[key] = _int(
+                val,
+                where,
+                2
+                if key == "max_len"
+                else 0
+                if key == "split_seed"
+                else 16
+                if key == "image_size"
+                else 1,
+            )
         elif typ is float:
             if key == "warmup":
                 if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 <= val < 1:
@@ -217,19 +265,29 @@ def _task(v: Any, path: str, defaults: dict, spec_dir: str) -> dict:
             base[key] = val
     if key_model := v.get("model"):
         from .models import BUILTIN
+
         if key_model not in BUILTIN:
-            base["model"] = os.path.normpath(os.path.join(spec_dir, key_model)) \
-                if os.path.exists(os.path.join(spec_dir, key_model)) else key_model
+            base["model"] = (
+                os.path.normpath(os.path.join(spec_dir, key_model))
+                if os.path.exists(os.path.join(spec_dir, key_model))
+                else key_model
+            )
     base.setdefault("target_modules", None)
-    if v.get("lora_alpha") is None and defaults.get("lora_alpha") is None and \
-            ("r" in v or "r" in defaults):
+    if (
+        v.get("lora_alpha") is None
+        and defaults.get("lora_alpha") is None
+        and ("r" in v or "r" in defaults)
+    ):
         base["lora_alpha"] = 2.0 * base["r"]  # as srlora compare: alpha follows a given r
     steps = base["steps"]
     quarter = max(1, steps // 4)
     if base["eval_every"] > quarter:
-        _fail(f"{path}.eval_every", f"{base['eval_every']} is over a quarter of steps={steps}; "
-                                    f"the early held-out loss needs a curve point by step "
-                                    f"{quarter}")
+        _fail(
+            f"{path}.eval_every",
+            f"{base['eval_every']} is over a quarter of steps={steps}; "
+            f"the early held-out loss needs a curve point by step "
+            f"{quarter}",
+        )
     sel = v.get("selection_steps")
     base["selection_steps"] = None if sel is None else _int(sel, f"{path}.selection_steps", 1)
     return {"name": name, "dataset": dataset, **base}
@@ -263,14 +321,20 @@ def parse(raw: Any, spec_dir: str = ".") -> dict:
         if isinstance(rm, dict) and "lrs" in rm:
             shared[m["name"]] = _grid(rm["lrs"], f"methods[{i}].lrs", least[1])
     for i, (t, rt) in enumerate(zip(tasks, raw["tasks"])):
-        own = _lr_table(rt["lrs"], f"tasks[{i}].lrs", names, least[1]) \
-            if isinstance(rt, dict) and "lrs" in rt else {}
+        own = (
+            _lr_table(rt["lrs"], f"tasks[{i}].lrs", names, least[1])
+            if isinstance(rt, dict) and "lrs" in rt
+            else {}
+        )
         t["lrs"] = {}
         for n in names:
             grid = own.get(n) or shared.get(n)
             if grid is None:
-                _fail(f"tasks[{i}].lrs", f"no learning-rate grid for method {n!r} (give lrs: at "
-                                         "the top, in the method or in the task)")
+                _fail(
+                    f"tasks[{i}].lrs",
+                    f"no learning-rate grid for method {n!r} (give lrs: at "
+                    "the top, in the method or in the task)",
+                )
             t["lrs"][n] = grid
 
     sel = _mapping(raw.get("selection"), "selection", ("seeds", "steps_frac"))
@@ -278,15 +342,19 @@ def parse(raw: Any, spec_dir: str = ".") -> dict:
     frac = sel.get("steps_frac", 1.0)
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
         _fail("selection.steps_frac", f"must be in (0, 1], got {frac!r}")
-    selection = {"seeds": _seeds(sel.get("seeds"), "selection.seeds", least[0]),
-                 "steps_frac": float(frac)}
+    selection = {
+        "seeds": _seeds(sel.get("seeds"), "selection.seeds", least[0]),
+        "steps_frac": float(frac),
+    }
     final = {"seeds": _seeds(fin.get("seeds"), "final.seeds", least[2])}
     for t in tasks:
         if t["selection_steps"] is None:
             t["selection_steps"] = max(1, int(round(frac * t["steps"])))
         if t["selection_steps"] > t["steps"]:
-            _fail(f"tasks[{tnames.index(t['name'])}].selection_steps",
-                  f"{t['selection_steps']} is more than the task's steps ({t['steps']})")
+            _fail(
+                f"tasks[{tnames.index(t['name'])}].selection_steps",
+                f"{t['selection_steps']} is more than the task's steps ({t['steps']})",
+            )
     margins = dict(DEFAULT_MARGINS)
     for k, x in _mapping(raw.get("margins", {}) or {}, "margins", tuple(DEFAULT_MARGINS)).items():
         margins[k] = _pos(x, f"margins.{k}")
@@ -309,8 +377,16 @@ def parse(raw: Any, spec_dir: str = ".") -> dict:
     name = raw.get("name", "study")
     if not isinstance(name, str):
         _fail("name", f"expected a string, got {name!r}")
-    out = {"name": name, "smoke": smoke, "methods": methods, "tasks": tasks,
-           "selection": selection, "final": final, "margins": margins, "pairs": pairs}
+    out = {
+        "name": name,
+        "smoke": smoke,
+        "methods": methods,
+        "tasks": tasks,
+        "selection": selection,
+        "final": final,
+        "margins": margins,
+        "pairs": pairs,
+    }
     records = raw.get("records", "compact")
     if records not in ("compact", "full"):
         _fail("records", f"must be compact or full, got {records!r}")
@@ -319,8 +395,9 @@ def parse(raw: Any, spec_dir: str = ".") -> dict:
     if "confirmatory" in raw:
         out["confirmatory"] = _confirmatory(raw["confirmatory"], names, tnames, pairs)
     if "headroom" in raw:
-        out["headroom"] = _headroom(raw["headroom"], names,
-                                    {m["name"]: m["method"] for m in methods})
+        out["headroom"] = _headroom(
+            raw["headroom"], names, {m["name"]: m["method"] for m in methods}
+        )
     return out
 
 
@@ -372,22 +449,32 @@ def _headroom(v: Any, names: list[str], bases: dict) -> list[dict]:
             if h.get(k) not in names:
                 _fail(f"{path}.{k}", f"{h.get(k)!r} is not a method of this spec")
         if bases.get(h["full"]) != "full":
-            _fail(f"{path}.full", f"{h['full']!r} is not full fine-tuning (method: full): the "
-                                  "headroom is measured from it")
+            _fail(
+                f"{path}.full",
+                f"{h['full']!r} is not full fine-tuning (method: full): the "
+                "headroom is measured from it",
+            )
         if bases.get(h["lora"]) == "full":
-            _fail(f"{path}.lora", f"{h['lora']!r} is full fine-tuning; name the adapter the "
-                                  "headroom is measured against")
+            _fail(
+                f"{path}.lora",
+                f"{h['lora']!r} is full fine-tuning; name the adapter the "
+                "headroom is measured against",
+            )
         ms = h.get("methods", [])
         if not isinstance(ms, list) or any(m not in names for m in ms):
             _fail(f"{path}.methods", f"expected a list of this spec's methods, got {ms!r}")
         metrics = h.get("metrics", ["final_test_loss", "final_accuracy"])
-        if not isinstance(metrics, list) or not metrics or \
-                not all(isinstance(m, str) for m in metrics):
+        if (
+            not isinstance(metrics, list)
+            or not metrics
+            or not all(isinstance(m, str) for m in metrics)
+        ):
             _fail(f"{path}.metrics", f"expected a list of metric names, got {metrics!r}")
         for j, m in enumerate(metrics):
             _metric(m, f"{path}.metrics[{j}]")
-        out.append({"full": h["full"], "lora": h["lora"], "methods": list(ms),
-                    "metrics": list(metrics)})
+        out.append(
+            {"full": h["full"], "lora": h["lora"], "methods": list(ms), "metrics": list(metrics)}
+        )
     return out
 
 

