@@ -251,16 +251,19 @@ def finite_modules(ctl: SRLoRAController, todo: list[int]) -> list[int]:
     with a warning naming one; one host sync."""
     if not todo or ctl.importance is None:
         return todo
-    flags = []
+    sums, fits = [], []
     for i in todo:
         L = ctl.layers[i]
-        ok = torch.isfinite(_local(L.lora_A)).all() & torch.isfinite(_local(L.lora_B)).all()
-        for f in "AB":
-            ok = ok & torch.isfinite(_local(ctl.importance.scores(ctl.importance_name(i, f)))).all()
-        fits = _in_range(ctl, i)
-        flags += [ok, ok if fits is None else fits.to(ok.device)]
-    dev = flags[0].device  # one device-side stack, then a single host read below
-    ok = torch.stack([f.to(dev) for f in flags]).to(torch.int32)
+        parts = [_local(L.lora_A), _local(L.lora_B)] + [
+            _local(ctl.importance.scores(ctl.importance_name(i, f))) for f in "AB"
+        ]
+        # a NaN or Inf anywhere makes the fp32 sum non-finite (Inf - Inf is NaN): one op a tensor
+        sums += [t.sum(dtype=torch.float32) for t in parts]
+        fits.append(_in_range(ctl, i))
+    dev = sums[0].device  # one device-side stack, then a single host read below
+    finite = torch.isfinite(torch.stack([x.to(dev) for x in sums]).view(len(todo), 4)).all(1)
+    fit = torch.stack([finite[k] if f is None else f.to(dev) for k, f in enumerate(fits)])
+    ok = torch.stack([finite, fit], 1).to(torch.int32).view(-1)
     if (
         ctl.sharded is not None
         and torch.distributed.is_available()
