@@ -332,7 +332,7 @@ def format_markdown(summary: dict) -> str:
             "",
         ]
     names = [m["name"] if isinstance(m, dict) else m for m in spec["methods"]]
-    if "lora" in names:  # the paper's claims are about SRLoRA against LoRA and PiSSA
+    if "lora" in names and "srlora" in names:  # the paper's claims: SRLoRA vs LoRA and PiSSA
         out += [
             "Claims (SRLoRA against the baselines named in each claim; see docs/study.md):",
             "",
@@ -387,7 +387,7 @@ def format_console(summary: dict) -> str:
     for v in summary["verdicts"]:
         counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
     names = [m["name"] if isinstance(m, dict) else m for m in summary["spec"]["methods"]]
-    head = claims_table(summary) if "lora" in names else pairs_table(summary)
+    head = claims_table(summary) if {"lora", "srlora"} <= set(names) else pairs_table(summary)
     if rule_variants(summary):
         head += "\n\n" + rule_table(summary)
     return "\n".join(
