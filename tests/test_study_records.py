@@ -278,3 +278,31 @@ def test_compare_runs_full_and_refuses_what_it_cannot_do(tiny_dir, tmp_path, cap
     assert "full fine-tuning runs do not checkpoint" in capsys.readouterr().err
     assert main(common + ["--methods", "full:gamma=1", "--out", str(tmp_path / "c3")]) == 2
     assert "takes no settings" in capsys.readouterr().err
+
+
+def test_cpu_model_is_read_once_for_fingerprint_and_hardware(monkeypatch):
+    """The CPU's name has one reader: the fingerprint's and compare's hardware() agree, the
+    first "model name" wins, and a CPU without one (ARM's /proc/cpuinfo) gives None."""
+    from srlora_lab.experiments import compare, fingerprint
+
+    lines = ["processor : 0", "model name : Fancy CPU 9", "flags : b a", "model name : Other"]
+    assert fingerprint.cpu_model(lines) == "Fancy CPU 9"
+    assert fingerprint.cpu_model(["processor : 0", "Features : fp asimd"]) is None
+    monkeypatch.setattr(fingerprint, "_cpuinfo_lines", lambda: lines)
+    monkeypatch.setattr(compare, "cpu_model", fingerprint.cpu_model)
+    info = fingerprint._cpuinfo()
+    assert info["cpu"] == compare.hardware()["cpu"] == "Fancy CPU 9"
+    monkeypatch.setattr(fingerprint, "_cpuinfo_lines", lambda: ["flags : a b"])
+    assert fingerprint._cpuinfo()["flags_sha"] == info["flags_sha"]  # sorted flags, same hash
+
+
+def test_load_done_reads_each_record_once(finished, tiny_dir, monkeypatch):
+    """--resume's load: one read per run file (it was two: a check pass, then a load pass), and
+    every finished run is found."""
+    seen = []
+    real = study.read_record
+    monkeypatch.setattr(study, "read_record", lambda p: seen.append(p) or real(p))
+    spec = json.load(open(os.path.join(finished, "spec.json")))
+    n = study.Study(spec, str(finished)).load_done()
+    assert n == len(_files(finished)) > 0
+    assert sorted(seen) == _files(finished)

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import report, runner
+from .fingerprint import cpu_model
 
 
 @dataclass
@@ -125,13 +126,7 @@ def hardware() -> dict:
         hw["load_average_at_start"] = list(os.getloadavg())
     except OSError:
         pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            hw["cpu"] = next(
-                (l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None
-            )
-    except OSError:
-        pass
+    hw["cpu"] = cpu_model()
     return hw
 
 

@@ -19,22 +19,36 @@ import re
 from typing import Optional
 
 
-def _cpuinfo() -> dict:
-    out = {"cpu": platform.processor() or platform.machine(), "flags_sha": None}
+def _cpuinfo_lines() -> Optional[list[str]]:
     try:
         with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
+            return f.read().splitlines()
     except OSError:
+        return None
+
+
+def cpu_model(lines: Optional[list[str]] = None) -> Optional[str]:
+    """The CPU's model name from /proc/cpuinfo (None where it has none or cannot be read)."""
+    lines = _cpuinfo_lines() if lines is None else lines
+    for line in lines or ():
+        key, _, val = line.partition(":")
+        if key.strip() == "model name":
+            return val.strip()
+    return None
+
+
+def _cpuinfo() -> dict:
+    out = {"cpu": platform.processor() or platform.machine(), "flags_sha": None}
+    lines = _cpuinfo_lines()
+    if lines is None:
         return out
+    out["cpu"] = cpu_model(lines) or out["cpu"]
     for line in lines:
         key, _, val = line.partition(":")
-        key, val = key.strip(), val.strip()
-        if key == "model name" and out["cpu"] in (platform.processor(), platform.machine()):
-            out["cpu"] = val
-        elif key in ("flags", "Features") and out["flags_sha"] is None:
-            out["flags_sha"] = hashlib.sha256(" ".join(sorted(val.split())).encode()).hexdigest()[
-                :16
-            ]
+        if key.strip() in ("flags", "Features"):
+            flags = " ".join(sorted(val.split()))
+            out["flags_sha"] = hashlib.sha256(flags.encode()).hexdigest()[:16]
+            break
     return out
 
 

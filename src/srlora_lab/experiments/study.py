@@ -165,45 +165,42 @@ class Study:
 
     def load_done(self) -> int:
         """Read the run files already in ``out`` (for --resume); returns how many. Every record
-        under ``out/runs`` is checked first: a damaged one raises RecordError, or with
+        under ``out/runs`` is read once and checked: a damaged one raises RecordError, or with
         ``repair`` is moved aside (so its run is done again)."""
-        self._check_files()
+        records = self._read_all()
         n = 0
         for job in self.all_selection_jobs():
-            n += self._load(job)
+            n += self._load(job, records)
         for task in self.spec["tasks"]:
             for m in self.spec["methods"]:
                 lr = self.chosen(task, m["name"])
                 if lr is not None:
                     for s in self.spec["final"]["seeds"]:
-                        n += self._load((task["name"], m["name"], lr, task["steps"], s))
+                        key = (task["name"], m["name"], lr, task["steps"], s)
+                        n += self._load(key, records)
         return n
 
-    def _check_files(self) -> None:
+    def _read_all(self) -> dict:
+        """{path: record} for every sound record under ``out/runs``."""
+        records = {}
         for root, _, files in os.walk(os.path.join(self.out, "runs")):
             for name in sorted(files):
                 if not name.endswith(".json"):
                     continue
                 path = os.path.join(root, name)
                 try:
-                    read_record(path)
+                    records[path] = read_record(path)
                 except RecordError as e:
                     if not self.repair:
                         raise
                     self.log(f"{e}; moved to {set_aside(path)} and run again")
+        return records
 
-    def _load(self, key) -> int:
+    def _load(self, key, records: dict) -> int:
         path = self.key_file(key)
-        if key in self.runs or not os.path.exists(path):
+        if key in self.runs or path not in records:
             return 0
-        try:
-            rec = read_record(path)
-        except RecordError as e:
-            if not self.repair:
-                raise
-            self.log(f"{e}; moved to {set_aside(path)} and run again")
-            return 0
-        self.runs[key] = compact(rec, self.out, path)
+        self.runs[key] = compact(records[path], self.out, path)
         return 1
 
     # ------------------------------------------------------------------ plan
