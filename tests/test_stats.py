@@ -116,3 +116,34 @@ def test_compare_says_when_no_paired_interval_excludes_zero():
     assert not distinguishable(flat)  # wall time is not a quality metric
     flat["methods"]["srlora"] = {"accuracy": iv(-0.05, -0.01)}
     assert distinguishable(flat)
+
+
+def test_headroom_fraction_only_where_full_fine_tuning_is_ahead():
+    """(method - LoRA) / H is reported only where H's interval shows full fine-tuning ahead (below
+    zero for a loss, above for accuracy); over an H that holds zero or points the other way it
+    was a ratio of noise (bbc-lm, two seeds: -4.3 [-5.8, -3.2] from H = 0.004 [-0.005, 0.014])."""
+    from srlora_lab.experiments.family import headroom
+
+    rng = random.Random(7)
+    seeds = list(range(5))
+    lora = {s: 3.6 + rng.gauss(0, 0.01) for s in seeds}
+
+    def run(full_shift):
+        vals = {
+            "full": {s: (lora[s] + full_shift + rng.gauss(0, 0.002), "fp") for s in seeds},
+            "lora": {s: (lora[s], "fp") for s in seeds},
+            "big": {s: (lora[s] + full_shift / 2 + rng.gauss(0, 0.002), "fp") for s in seeds},
+        }
+        spec = {"full": "full", "lora": "lora", "methods": ["big"], "metrics": ["final_test_loss"]}
+        return headroom("t", spec, lambda m, k: vals[m])["metrics"]["final_test_loss"]
+
+    ahead = run(-0.3)  # full fine-tuning 0.3 nats better: a headroom, half of it recovered
+    assert ahead["H"]["full_ahead"] and ahead["H"]["ci_high"] < 0
+    (m,) = ahead["methods"]
+    assert abs(m["fraction"]["ratio"] - 0.5) < 0.05
+    assert m["fraction"]["ci_low"] < m["fraction"]["ratio"] < m["fraction"]["ci_high"]
+    for shift in (0.3, 0.0):  # full behind, or level: no headroom, no fraction
+        e = run(shift)
+        assert not e["H"]["full_ahead"]
+        (m,) = e["methods"]
+        assert m["fraction"] is None and m["vs_lora"]["n"] == 5

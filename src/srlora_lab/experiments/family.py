@@ -9,7 +9,9 @@ Pure functions over the verdict entries and per-seed values (no torch).
   p is below 0.05. Every other verdict of the study is exploratory.
 - **Headroom**: per task, ``H = full - LoRA(r)`` on a metric, paired over seeds made on one
   machine, and for each method the fraction of it recovered, ``(method - LoRA(r)) / H``, with a
-  paired percentile-bootstrap interval over the seeds (stats.bootstrap_ratio).
+  paired percentile-bootstrap interval over the seeds (stats.bootstrap_ratio). The fraction is
+  only defined where full fine-tuning is ahead of LoRA (H's 95% interval excludes zero on the
+  better side); elsewhere it is None with the reason, never a ratio over noise.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from .stats import bootstrap_ratio, holm, paired_interval, paired_p
+from .study_verdicts import metric_info
 
 ALPHA = 0.05
 
@@ -102,6 +105,13 @@ def _paired(*series: dict) -> list:
     return sorted(s for s in common if len({x[s][1] for x in series}) == 1)
 
 
+def full_ahead(H: dict, metric: str) -> bool:
+    """Whether the interval of ``H = full - LoRA`` shows full fine-tuning ahead: above zero for
+    a higher-is-better metric, below zero for a loss. Only then is there a headroom to recover."""
+    higher, _ = metric_info(metric)
+    return bool(H["ci_low"] > 0) if higher else bool(H["ci_high"] < 0)
+
+
 def headroom(task: str, spec: dict, values: Values) -> Optional[dict]:
     """The headroom entry of one task: ``spec`` is ``{full, lora, methods, metrics}``. None when
     the task has no paired full and LoRA runs yet."""
@@ -114,6 +124,7 @@ def headroom(task: str, spec: dict, values: Values) -> Optional[dict]:
         hf = [full[s][0] for s in seeds]
         hl = [lora[s][0] for s in seeds]
         H = {**paired_interval(hf, hl), "p": paired_p(hf, hl), "seeds": seeds}
+        H["full_ahead"] = full_ahead(H, metric)
         rows = []
         for m in spec.get("methods") or []:
             vm = values(m, metric)
@@ -131,7 +142,7 @@ def headroom(task: str, spec: dict, values: Values) -> Optional[dict]:
                         **paired_interval([vm[s][0] for s in ms], [lora[s][0] for s in ms]),
                         "p": paired_p([vm[s][0] for s in ms], [lora[s][0] for s in ms]),
                     },
-                    "fraction": bootstrap_ratio(num, den),
+                    "fraction": bootstrap_ratio(num, den) if H["full_ahead"] else None,
                 }
             )
         out["metrics"][metric] = {"H": H, "methods": rows}

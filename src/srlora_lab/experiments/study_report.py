@@ -286,6 +286,13 @@ def headroom_table(summary: dict) -> str:
                     lines.append(head + f"| {m['method']} | pending | - |")
                     continue
                 d, f = m["vs_lora"], m["fraction"]
+                if f is None:
+                    lines.append(
+                        head + f"| {m['method']} | {_num(d['mean_diff'])} "
+                        f"[{_num(d['ci_low'])}, {_num(d['ci_high'])}] | "
+                        "undefined: full fine-tuning is not ahead of LoRA here |"
+                    )
+                    continue
                 lines.append(
                     head + f"| {m['method']} | {_num(d['mean_diff'])} "
                     f"[{_num(d['ci_low'])}, {_num(d['ci_high'])}] | "
