@@ -28,6 +28,61 @@ class TinyNet(nn.Module):
         return self.head(self.value(torch.tanh(self.query(x))))
 
 
+TINY_TARGETS = ["query", "value"]
+
+
+def tiny_cfg(**kw):
+    """An SRLoRAConfig for TinyNet: r 4 of r_target 12, 12 steps, exact SVD; ``kw`` overrides."""
+    import srlora
+
+    base = dict(
+        r=4,
+        lora_alpha=8,
+        r_target=12,
+        gamma=0.5,
+        target_modules=TINY_TARGETS,
+        total_steps=12,
+        svd_method="exact",
+    )
+    base.update(kw)
+    return srlora.SRLoRAConfig(**base)
+
+
+def fresh_tiny(seed=0):
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def launch_workers(main, out: str, world: int = 2, timeout: float = 300.0) -> dict:
+    """Fork ``world`` ranks of a worker script's ``main(argv)`` (file store under ``out``), wait,
+    assert every rank exited 0. Returns the run: ``out``, each rank's ``report_rank{r}.json`` and
+    ``load(name)`` for the tensors the workers saved."""
+    import json
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    argv = lambda r: [  # noqa: E731
+        f"--rank={r}",
+        f"--world-size={world}",
+        f"--init-method=file://{out}/store",
+        f"--out={out}",
+        "--hard-exit",
+    ]
+    procs = [ctx.Process(target=main, args=(argv(r),)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0] * world, f"worker exit codes {codes} (None: timed out)"
+    load = lambda name: torch.load(os.path.join(out, name), weights_only=False)  # noqa: E731
+    reports = [json.load(open(os.path.join(out, f"report_rank{r}.json"))) for r in range(world)]
+    return {"out": out, "reports": reports, "load": load}
+
+
 @pytest.fixture
 def tiny_net():
     torch.manual_seed(0)

@@ -9,8 +9,6 @@ the switch decisions (which pairs, which directions) must be equal exactly.
 from __future__ import annotations
 
 import dataclasses
-import json
-import multiprocessing as mp
 import os
 
 import peft  # noqa: F401  (imported once here, not in every forked worker)
@@ -18,6 +16,7 @@ import pytest
 import torch
 
 import dist_worker as w
+from conftest import launch_workers
 from example_launch import run_example
 import srlora
 from srlora.distributed import (
@@ -31,42 +30,9 @@ from srlora.distributed import (
 ATOL, RTOL = 1e-6, 1e-5  # fp32; measured worst case 2.4e-7 absolute (tests/dist_worker.py model)
 
 
-def _launch(out: str, world: int = 2, timeout: float = 300.0) -> None:
-    ctx = mp.get_context("fork")
-    init = f"file://{out}/store"
-    procs = [
-        ctx.Process(
-            target=w.main,
-            args=(
-                [
-                    f"--rank={r}",
-                    f"--world-size={world}",
-                    f"--init-method={init}",
-                    f"--out={out}",
-                    "--hard-exit",
-                ],
-            ),
-        )
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0] * world, f"worker exit codes {codes} (None: timed out)"
-
-
 @pytest.fixture(scope="module")
 def run2(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ddp2"))
-    _launch(out)
-    load = lambda name: torch.load(os.path.join(out, name), weights_only=False)  # noqa: E731
-    reports = [json.load(open(os.path.join(out, f"report_rank{r}.json"))) for r in range(2)]
-    return {"out": out, "reports": reports, "load": load}
+    return launch_workers(w.main, str(tmp_path_factory.mktemp("ddp2")), timeout=300.0)
 
 
 def _bitwise_equal(a, b) -> bool:

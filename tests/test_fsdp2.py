@@ -11,8 +11,6 @@ slots, directions) must be equal exactly; across ranks and across the resume, bi
 
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
 import os
 
 import peft  # noqa: F401  (imported once here, not in every forked worker)
@@ -20,6 +18,7 @@ import pytest
 import torch
 
 import fsdp_worker as w
+from conftest import launch_workers
 import srlora
 from srlora import fsdp
 from srlora.engines import check_engine, sharding_reason
@@ -27,41 +26,9 @@ from srlora.engines import check_engine, sharding_reason
 SCALE_TOL = 1e-6
 
 
-def _launch(out: str, world: int = 2, timeout: float = 240.0) -> None:
-    ctx = mp.get_context("fork")
-    procs = [
-        ctx.Process(
-            target=w.main,
-            args=(
-                [
-                    f"--rank={r}",
-                    f"--world-size={world}",
-                    f"--init-method=file://{out}/store",
-                    f"--out={out}",
-                    "--hard-exit",
-                ],
-            ),
-        )
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert codes == [0] * world, f"worker exit codes {codes} (None: timed out)"
-
-
 @pytest.fixture(scope="module")
 def run2(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("fsdp2"))
-    _launch(out)
-    load = lambda name: torch.load(os.path.join(out, name), weights_only=False)  # noqa: E731
-    reports = [json.load(open(os.path.join(out, f"report_rank{r}.json"))) for r in range(2)]
-    return {"out": out, "reports": reports, "load": load}
+    return launch_workers(w.main, str(tmp_path_factory.mktemp("fsdp2")), timeout=240.0)
 
 
 @pytest.fixture(scope="module")

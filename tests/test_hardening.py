@@ -7,31 +7,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import TinyNet, rel
+from conftest import TINY_TARGETS, fresh_tiny, tiny_cfg, rel
 
 import srlora
 from srlora import switch as switch_mod
 
-TARGETS = ["query", "value"]
-
-
-def cfg(**kw):
-    base = dict(
-        r=4,
-        lora_alpha=8,
-        r_target=12,
-        gamma=0.5,
-        target_modules=TARGETS,
-        total_steps=12,
-        svd_method="exact",
-    )
-    base.update(kw)
-    return srlora.SRLoRAConfig(**base)
-
-
-def fresh(seed=0):
-    torch.manual_seed(seed)
-    return TinyNet()
+TARGETS = TINY_TARGETS
+cfg, fresh = tiny_cfg, fresh_tiny
 
 
 def x_batch(seed=1):

@@ -10,30 +10,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import TinyNet
+from conftest import TINY_TARGETS, fresh_tiny, tiny_cfg
 
 import srlora
 
-TARGETS = ["query", "value"]
-
-
-def cfg(**kw):
-    base = dict(
-        r=4,
-        lora_alpha=8,
-        r_target=12,
-        gamma=0.5,
-        target_modules=TARGETS,
-        total_steps=12,
-        svd_method="exact",
-    )
-    base.update(kw)
-    return srlora.SRLoRAConfig(**base)
-
-
-def fresh(seed=0):
-    torch.manual_seed(seed)
-    return TinyNet()
+TARGETS = TINY_TARGETS
+cfg, fresh = tiny_cfg, fresh_tiny
 
 
 def batch(i):
