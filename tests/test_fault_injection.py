@@ -138,7 +138,7 @@ def test_skipped_optimizer_steps_with_non_finite_gradients_still_switch_finitely
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("poison", ["A", "B", "importance"])
+@pytest.mark.parametrize("poison", ["A", "B", "importance", "uncertainty"])
 def test_a_poisoned_module_is_skipped_and_the_others_switch(mode, poison):
     """One module's factor (or its importance state) holds NaN/Inf at a switch: that module is
     skipped with a warning naming it, the other module switches and keeps the output."""
@@ -150,8 +150,10 @@ def test_a_poisoned_module_is_skipped_and_the_others_switch(mode, poison):
         opt.zero_grad()
     bad = ctl.layers[0]
     with torch.no_grad():
-        if poison == "importance":
+        if poison == "importance":  # ibar, the smoothed sensitivity
             ctl.importance.state_of(ctl.importance_name(0, "A"))[0][0, 0] = float("inf")
+        elif poison == "uncertainty":  # ubar, the smoothed uncertainty
+            ctl.importance.state_of(ctl.importance_name(0, "B"))[1][0, 0] = float("nan")
         else:
             getattr(bad, poison)()[0, 0] = float("nan")
     before = frozen_state(ctl)

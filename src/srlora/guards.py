@@ -251,17 +251,20 @@ def finite_modules(ctl: SRLoRAController, todo: list[int]) -> list[int]:
     with a warning naming one; one host sync."""
     if not todo or ctl.importance is None:
         return todo
-    sums, fits = [], []
+    parts, fits = [], []
     for i in todo:
         L = ctl.layers[i]
-        parts = [_local(L.lora_A), _local(L.lora_B)] + [
-            _local(ctl.importance.scores(ctl.importance_name(i, f))) for f in "AB"
+        # the importance state (ibar, ubar) itself, not the scores ibar * ubar: no op to form them
+        parts += [_local(L.lora_A), _local(L.lora_B)] + [
+            _local(v) for f in "AB" for v in ctl.importance.state_of(ctl.importance_name(i, f))
         ]
-        # a NaN or Inf anywhere makes the fp32 sum non-finite (Inf - Inf is NaN): one op a tensor
-        sums += [t.sum(dtype=torch.float32) for t in parts]
         fits.append(_in_range(ctl, i))
-    dev = sums[0].device  # one device-side stack, then a single host read below
-    finite = torch.isfinite(torch.stack([x.to(dev) for x in sums]).view(len(todo), 4)).all(1)
+    # max |x| of every tensor in one foreach op (one fused launch per device and dtype on a GPU):
+    # NaN or Inf anywhere in a tensor makes it non-finite; a finite float16 tensor's stays finite
+    peaks = torch._foreach_norm(parts, ord=float("inf"))
+    dev = peaks[0].device  # one device-side stack, then a single host read below
+    peaks = torch.stack([x.to(dev) for x in peaks])  # promoted to the widest dtype
+    finite = torch.isfinite(peaks).view(len(todo), 6).all(1)
     fit = torch.stack([finite[k] if f is None else f.to(dev) for k, f in enumerate(fits)])
     ok = torch.stack([finite, fit], 1).to(torch.int32).view(-1)
     if (
