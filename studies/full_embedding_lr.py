@@ -8,6 +8,7 @@ spec.json) with every weight at LR but the tied embedding at EMB_LR, and prints 
 loss the study's lr choice reads (exploratory: one seed, not part of any study).
 
     python studies/full_embedding_lr.py 1e-3 1e-4      # EMB_LR LR [STEPS] [SEED]
+    python studies/full_embedding_lr.py --base         # the untrained model's test loss
 """
 
 from __future__ import annotations
@@ -37,11 +38,25 @@ def with_embedding_lr(emb_lr: float):
     return full_model
 
 
+def base_loss(task: dict) -> dict:
+    """The untrained model on the study's whole test part (what every run starts from)."""
+    bundle, enc, split, _ = study_jobs.prepare(task)
+    test = runner._units(bundle, enc, split.test)
+    return runner.evaluate(bundle, bundle.make(0), enc, test)
+
+
 def main(argv: list[str]) -> None:
+    task = next(t for t in json.load(open(SPEC))["tasks"] if t["name"] == "bbc-lm")
+    if argv[:1] == ["--base"]:
+        ev = base_loss(task)
+        print(
+            f"untrained SmolLM2 on bbc-lm's test part: test loss {ev['loss']:.4f}, next-token "
+            f"accuracy {100 * ev['accuracy']:.2f}%, perplexity {ev['perplexity']:.2f}"
+        )
+        return
     emb_lr, lr = float(argv[0]), float(argv[1])
     steps = int(argv[2]) if len(argv) > 2 else 30
     seed = int(argv[3]) if len(argv) > 3 else 100
-    task = next(t for t in json.load(open(SPEC))["tasks"] if t["name"] == "bbc-lm")
     runner.full_model = with_embedding_lr(emb_lr)
     with tempfile.TemporaryDirectory() as d:
         job = {
