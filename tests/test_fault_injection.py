@@ -199,3 +199,21 @@ def test_finite_factors_whose_fusion_overflows_float16_are_skipped(mode):
         assert ctl.switch_now() == 1
     assert ctl.history[-1]["modules"] == [1]
     assert_finite(frozen_state(ctl))
+
+
+def test_peaks_flag_exactly_the_non_finite_tensors_and_take_empty_shards():
+    """The guard's max |x| per tensor: non-finite exactly where a NaN or Inf is; an empty tensor
+    (an FSDP2 rank may hold an empty shard of a rank-2 factor) gives 0, where the infinity norm
+    itself raises; a finite float16 tensor whose 2-norm would overflow stays finite."""
+    from srlora.guards import _peaks
+
+    g = torch.Generator().manual_seed(3)
+    big16 = torch.full((64,), 60000.0, dtype=torch.float16)  # 2-norm 480000: beyond float16
+    parts = [torch.randn(5, 7, generator=g), torch.empty(0, 7), big16, torch.randn(3, generator=g)]
+    parts[3][1] = float("nan")
+    got = _peaks(parts)
+    assert [bool(torch.isfinite(x)) for x in got] == [True, True, True, False]
+    assert float(got[0]) == float(parts[0].abs().max()) and float(got[1]) == 0.0
+    assert float(got[2]) == 60000.0
+    parts[3][1] = float("-inf")
+    assert not torch.isfinite(_peaks(parts)[3])

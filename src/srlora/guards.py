@@ -244,6 +244,15 @@ def _in_range(ctl: SRLoRAController, i: int) -> Optional[torch.Tensor]:
     return bound < big
 
 
+def _peaks(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """max |x| of each tensor (0 for an empty one, e.g. an FSDP2 rank's empty shard), in one
+    foreach op: one fused launch per device and dtype on a GPU. It is non-finite exactly when the
+    tensor holds a NaN or Inf; a finite float16 tensor's stays finite (a norm could overflow)."""
+    full = [t for t in parts if t.numel()]
+    found = iter(torch._foreach_norm(full, ord=float("inf")) if full else ())
+    return [next(found) if t.numel() else t.new_zeros(()) for t in parts]
+
+
 def finite_modules(ctl: SRLoRAController, todo: list[int]) -> list[int]:
     """``todo`` without the modules whose switch would write a non-finite value into the frozen
     weight (or the side path), which the user cannot repair: LoRA factors or importance scores
@@ -259,9 +268,7 @@ def finite_modules(ctl: SRLoRAController, todo: list[int]) -> list[int]:
             _local(v) for f in "AB" for v in ctl.importance.state_of(ctl.importance_name(i, f))
         ]
         fits.append(_in_range(ctl, i))
-    # max |x| of every tensor in one foreach op (one fused launch per device and dtype on a GPU):
-    # NaN or Inf anywhere in a tensor makes it non-finite; a finite float16 tensor's stays finite
-    peaks = torch._foreach_norm(parts, ord=float("inf"))
+    peaks = _peaks(parts)
     dev = peaks[0].device  # one device-side stack, then a single host read below
     peaks = torch.stack([x.to(dev) for x in peaks])  # promoted to the widest dtype
     finite = torch.isfinite(peaks).view(len(todo), 6).all(1)
