@@ -286,18 +286,14 @@ def headroom_table(summary: dict) -> str:
                     lines.append(head + f"| {m['method']} | pending | - |")
                     continue
                 d, f = m["vs_lora"], m["fraction"]
-                if f is None:
-                    lines.append(
-                        head + f"| {m['method']} | {_num(d['mean_diff'])} "
-                        f"[{_num(d['ci_low'])}, {_num(d['ci_high'])}] | "
-                        "undefined: full fine-tuning is not ahead of LoRA here |"
-                    )
-                    continue
+                frac = (
+                    "undefined: full fine-tuning is not ahead of LoRA here"
+                    if f is None
+                    else f"{_num(f['ratio'], 2)} [{_num(f['ci_low'], 2)}, {_num(f['ci_high'], 2)}]"
+                )
                 lines.append(
                     head + f"| {m['method']} | {_num(d['mean_diff'])} "
-                    f"[{_num(d['ci_low'])}, {_num(d['ci_high'])}] | "
-                    f"{_num(f['ratio'], 2)} [{_num(f['ci_low'], 2)}, "
-                    f"{_num(f['ci_high'], 2)}] |"
+                    f"[{_num(d['ci_low'])}, {_num(d['ci_high'])}] | {frac} |"
                 )
     return "\n".join(lines)
 
