@@ -177,6 +177,26 @@ def _r(x: Optional[float], digits: int = 4) -> Optional[float]:
     return float(f"{x:.{digits}g}")
 
 
+def _spectrum_entry(sv: torch.Tensor, top: int) -> dict:
+    """One module's spectrum entry: its top singular values and effective ranks, rounded."""
+    er = effective_rank(sv)
+    return {
+        "sv": [_r(float(v)) for v in sv[:top]],
+        "erank": _r(er["erank"]),
+        "energy90": er["energy90"],
+        "energy99": er["energy99"],
+    }
+
+
+def _spectrum_means(spectra: list[dict]) -> dict:
+    """The modules' mean effective ranks ({} without modules)."""
+    if not spectra:
+        return {}
+    n = len(spectra)
+    keys = ("erank", "energy90", "energy99")
+    return {f"{k}_mean": _r(sum(s[k] for s in spectra) / n) for k in keys}
+
+
 @torch.no_grad()
 def collect(controller, top: int = SPECTRUM_TOP) -> dict:
     """The ``diagnostics`` entry of a run record (compact, JSON-ready).
@@ -211,15 +231,7 @@ def collect(controller, top: int = SPECTRUM_TOP) -> dict:
     for i, L in enumerate(layers):
         Bd, Ad = controller.delta_factors(i)
         sv = spectrum_from_factors(Bd, Ad, L.scaling)
-        er = effective_rank(sv)
-        spectra.append(
-            {
-                "sv": [_r(float(v)) for v in sv[:top]],
-                "erank": _r(er["erank"]),
-                "energy90": er["energy90"],
-                "energy99": er["energy99"],
-            }
-        )
+        spectra.append(_spectrum_entry(sv, top))
     summary: dict = {"method": method, "fused_pairs": len(pairs)}
     if method == "srlora":
         summary.update(survivors(controller.history))
@@ -236,10 +248,7 @@ def collect(controller, top: int = SPECTRUM_TOP) -> dict:
                     "moved_median": _r(float(moved.median())) if len(moved) else None,
                 }
             )
-    if spectra:
-        summary["erank_mean"] = _r(sum(s["erank"] for s in spectra) / len(spectra))
-        summary["energy90_mean"] = _r(sum(s["energy90"] for s in spectra) / len(spectra))
-        summary["energy99_mean"] = _r(sum(s["energy99"] for s in spectra) / len(spectra))
+    summary.update(_spectrum_means(spectra))
     return {
         "modules": [L.name for L in layers],
         "summary": summary,
@@ -260,20 +269,9 @@ def collect_full(model, initial: dict, top: int = SPECTRUM_TOP) -> dict:
     for name, w0 in initial.items():
         d = (weights[name].weight.detach().double() - w0.double()).reshape(w0.shape[0], -1)
         sv = torch.linalg.svdvals(d).cpu()
-        er = effective_rank(sv)
-        spectra.append(
-            {
-                "sv": [_r(float(v)) for v in sv[:top]],
-                "erank": _r(er["erank"]),
-                "energy90": er["energy90"],
-                "energy99": er["energy99"],
-            }
-        )
+        spectra.append(_spectrum_entry(sv, top))
     summary: dict = {"method": "full", "fused_pairs": 0}
-    if spectra:
-        summary["erank_mean"] = _r(sum(s["erank"] for s in spectra) / len(spectra))
-        summary["energy90_mean"] = _r(sum(s["energy90"] for s in spectra) / len(spectra))
-        summary["energy99_mean"] = _r(sum(s["energy99"] for s in spectra) / len(spectra))
+    summary.update(_spectrum_means(spectra))
     return {
         "modules": list(initial),
         "summary": summary,
