@@ -1,6 +1,7 @@
 """Every figure docs/study.md's summary quotes comes from the committed studies: each row of its
 corrected table is a row that studies/corrected_reading.py computes from the study.json files."""
 
+import json
 import os
 import re
 import sys
@@ -38,3 +39,41 @@ def test_the_summary_counts_match_the_families():
     assert sum(r["found"] != "-" for r in paper) == 2 and all(
         r["found"] == "worse" for r in paper if r["found"] != "-"
     )
+
+
+HEADROOM_STUDIES = (
+    "headroom",
+    "headroom-images",
+    "headroom-methods-images",
+    "headroom-methods-text",
+)
+
+
+def _headroom_block() -> str:
+    text = open(os.path.join(ROOT, "docs", "study.md")).read()
+    block = re.search(r"<!-- headroom:begin -->\n(.*?)<!-- headroom:end -->", text, re.S)
+    assert block, "docs/study.md lost its headroom section"
+    return block.group(1)
+
+
+def test_the_headroom_sections_confirmatory_rows_are_the_studies():
+    """Each declared comparison of the headroom studies that has run is quoted in docs/study.md's
+    headroom section on one table row, with its interval (3 decimals) and its Holm p (2
+    significant digits) as the committed study.json computes them, and what was found."""
+    rows = [ln for ln in _headroom_block().splitlines() if ln.startswith("|")]
+    quoted = 0
+    for name in HEADROOM_STUDIES:
+        path = os.path.join(ROOT, "studies", "results", name, "study.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            study = json.load(f)
+        for c in study.get("confirmatory") or []:
+            if c.get("p_holm") is None:
+                continue
+            ci = f"{c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+            holm = f"| {c['p_holm']:.2g} |"
+            hits = [r for r in rows if ci in r and holm in r and c["finding"] in r]
+            assert hits, f"{name}: {c['task']} {c['a']} vs {c['b']}: no row with {ci}, {holm}"
+            quoted += 1
+    assert quoted >= 12
