@@ -36,9 +36,11 @@ def test_the_summary_counts_match_the_families():
     assert f"every variant against the published SRLoRA or PiSSA ({len(variants)})" in text
     assert f"{sum(r['p'] < 0.05 for r in paper)} of {len(paper)} comparisons" in text
     assert f"one of {len(variants)} survives" in text
-    assert sum(r["found"] != "-" for r in paper) == 2 and all(
-        r["found"] == "worse" for r in paper if r["found"] != "-"
-    )
+    # two distinct findings (rt-polarity's is counted twice: paper-claims and its one-machine
+    # replicate in headroom-methods-text), both against SRLoRA
+    found = [r for r in paper if r["found"] != "-"]
+    assert len({(r["task"], r["a"], r["b"], r["metric"]) for r in found}) == 2
+    assert all(r["found"] == "worse" for r in found)
 
 
 HEADROOM_STUDIES = (
